@@ -1,0 +1,1 @@
+"""The agent that runs on every managed host."""

@@ -1,0 +1,276 @@
+"""The agent: one per host. Holds one TLS gRPC stream to a task server and heartbeats over it.
+
+It keeps its `bk_agent_id` (32 hex characters, made once) in its data dir, connects to one of the
+configured task servers, follows redirects to less loaded peers, and fails over to another server with
+jittered exponential backoff (full jitter: no thundering herd when a server with thousands of agents dies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import platform
+import random
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import psutil
+
+from gse import __version__
+from gse.common import rpc
+from gse.common.agentstate import valid_agent_id
+from gse.common.config import ConfigError, LogConfig, MetricsConfig, TLSConfig
+from gse.common.service import Service
+from gse.common.tls import TLSMaterial
+from gse.pb import agent_pb2 as pb
+
+from .relay import SourceRelay
+
+log = logging.getLogger("gse.agent")
+
+CONNECT_METHOD = "/gse.pb.AgentAccess/Connect"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconnectConfig:
+    base_s: float = 1.0        # the first retry waits up to this long (uniformly random)
+    max_s: float = 30.0        # the retry window doubles up to this
+    stable_s: float = 10.0     # a session that lasted this long resets the backoff
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+    data_dir: str = "/var/lib/gse/agent"
+    run_dir: str = "/var/run/gse"
+    servers: tuple[str, ...] = ("127.0.0.1:48668",)
+    cloud_id: int = 0
+    ip: str = ""                 # "" = the bind address, else the address that routes to the first server
+    bind_ip: str = ""            # leave from this local address (several agents on one machine)
+    hostname: str = ""           # "" = the machine's
+    run_mode: int = 1            # 1 agent, 0 proxy
+    heartbeat_interval_s: float = 10.0   # until the task server says otherwise
+    connect_timeout_s: float = 10.0
+    reconnect: ReconnectConfig = ReconnectConfig()
+    tls: TLSConfig = TLSConfig()
+    log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    stop_grace_s: float = 5.0
+
+    def validate(self) -> None:
+        self.tls.require()
+        if not self.servers:
+            raise ConfigError("servers: at least one task server address (host:port) is required")
+        for s in self.servers:
+            host, _, port = s.rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigError(f"servers: '{s}' is not host:port")
+        if self.heartbeat_interval_s <= 0:
+            raise ConfigError("heartbeat_interval_s must be positive")
+
+
+def load_or_create_agent_id(data_dir: str | os.PathLike) -> str:
+    """The agent's identity: made once, kept in `data_dir/agent_id`."""
+    d = Path(data_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "agent_id"
+    if path.exists():
+        agent_id = path.read_text().strip()
+        if not valid_agent_id(agent_id):
+            raise ConfigError(f"{path} does not hold a valid bk_agent_id")
+        return agent_id
+    agent_id = uuid.uuid4().hex
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(agent_id + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return agent_id
+
+
+def route_ip(server: str) -> str:
+    """The local address the kernel would use to reach `server` (no packet is sent)."""
+    host = server.rpartition(":")[0].strip("[]")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+class HostSampler:
+    """The agent's own cpu/mem use and a small snapshot of the host, for heartbeats."""
+
+    def __init__(self):
+        self.proc = psutil.Process()
+        self.proc.cpu_percent(None)
+        psutil.cpu_percent(None)
+
+    def sample(self) -> tuple[float, float, pb.HostSnapshot]:
+        vm = psutil.virtual_memory()
+        try:
+            du = psutil.disk_usage("/")
+            disk_total, disk_used = du.total, du.used
+        except OSError:
+            disk_total = disk_used = 0
+        snap = pb.HostSnapshot(
+            cpu_num=psutil.cpu_count() or 1, mem_size=vm.total, cpu_rate=psutil.cpu_percent(None),
+            mem_rate=vm.percent, load1=os.getloadavg()[0], uptime_s=int(time.time() - psutil.boot_time()),
+            proc_count=len(psutil.pids()), disk_total=disk_total, disk_used=disk_used)
+        return self.proc.cpu_percent(None), self.proc.memory_percent(), snap
+
+
+@dataclasses.dataclass
+class _Outcome:
+    redirect: str | None = None
+    connected_s: float = 0.0
+
+
+class Agent(Service):
+    name = "agent"
+
+    def __init__(self, config: AgentConfig, *args):
+        super().__init__(config, *args)
+        self.tls = TLSMaterial.load(config.tls)
+        self.agent_id = load_or_create_agent_id(config.data_dir)
+        self.boot_id = random.getrandbits(62)
+        self.start_ms = int(time.time() * 1000)
+        self.ip = config.ip or config.bind_ip or route_ip(config.servers[0])
+        self.relay = SourceRelay(config.bind_ip) if config.bind_ip else None
+        self.sampler = HostSampler()
+        self.server: str | None = None        # the task server we are attached to
+        self.parent: tuple[str, int] | None = None
+        self.attached = asyncio.Event()
+        self.sessions = 0
+
+    @property
+    def node_id(self) -> str:
+        return self.agent_id
+
+    def identity(self) -> dict:
+        return {"cloud_id": self.config.cloud_id, "bk_agent_id": self.agent_id}
+
+    def health(self):
+        return self.attached.is_set(), {"service": self.name, "bk_agent_id": self.agent_id, "ip": self.ip,
+                                        "server": self.server}
+
+    def hello(self, redirects: int) -> pb.AgentFrame:
+        c = self.config
+        return pb.AgentFrame(hello=pb.AgentHello(
+            agent_id=self.agent_id, cloud_id=c.cloud_id, ip=self.ip, hostname=c.hostname or socket.gethostname(),
+            os=platform.system().lower(), arch=platform.machine(), version=__version__, run_mode=c.run_mode,
+            start_time_ms=self.start_ms, redirects=redirects, boot_id=self.boot_id))
+
+    async def start(self) -> None:
+        await super().start()
+        Path(self.config.run_dir).mkdir(parents=True, exist_ok=True)
+        if self.relay is not None:
+            await self.relay.start()
+        log.info("agent starting", extra={"bk_agent_id": self.agent_id, "ip": self.ip,
+                                          "servers": list(self.config.servers)})
+
+    async def run(self) -> None:
+        c = self.config
+        servers = list(c.servers)
+        idx = int(self.agent_id[:8], 16) % len(servers) if self.agent_id[:8].isalnum() else 0
+        attempt = 0
+        redirect: str | None = None
+        redirects = 0
+        while True:
+            address = redirect or servers[idx % len(servers)]
+            outcome = await self._session(address, redirects)
+            if outcome.redirect and redirects < 3:
+                redirect, redirects = outcome.redirect, redirects + 1
+                log.info("redirected", extra={"to": redirect})
+                continue
+            redirect, redirects = None, 0
+            if outcome.connected_s >= c.reconnect.stable_s:
+                attempt = 0
+            idx += 1
+            window = min(c.reconnect.max_s, c.reconnect.base_s * (2 ** attempt))
+            attempt += 1
+            await asyncio.sleep(random.uniform(0, window))
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if self.relay is None:
+            return rpc.make_channel(self.tls, address)
+        host, _, port = address.rpartition(":")
+        self.relay.target = (host.strip("[]"), int(port))
+        name = self.tls.server_name or host.strip("[]")
+        return rpc.make_channel(self.tls, self.relay.grpc_target,
+                                [("grpc.ssl_target_name_override", name), ("grpc.default_authority", address)])
+
+    async def _session(self, address: str, redirects: int) -> _Outcome:
+        outcome = _Outcome()
+        channel = self._channel(address)
+        call = channel.stream_stream(CONNECT_METHOD, request_serializer=pb.AgentFrame.SerializeToString,
+                                     response_deserializer=pb.ServerFrame.FromString)()
+        beat: asyncio.Task | None = None
+        started = 0.0
+        try:
+            await call.write(self.hello(redirects))
+            first = await asyncio.wait_for(call.read(), self.config.connect_timeout_s)
+            if first is grpc.aio.EOF:
+                return outcome
+            kind = first.WhichOneof("body")
+            if kind == "redirect":
+                outcome.redirect = first.redirect.address
+                return outcome
+            if kind != "welcome":
+                log.warning("unexpected first frame from server", extra={"kind": kind})
+                return outcome
+            w = first.welcome
+            started = time.monotonic()
+            self.server, self.parent = address, (w.parent_ip, w.parent_port)
+            self.sessions += 1
+            self.attached.set()
+            log.info("attached", extra={"server": address, "node": w.node_id})
+            interval = (w.heartbeat_interval_ms / 1000) or self.config.heartbeat_interval_s
+            beat = asyncio.ensure_future(self._heartbeats(call, interval))
+            while True:
+                frame = await call.read()
+                if frame is grpc.aio.EOF:
+                    break
+                kind = frame.WhichOneof("body")
+                if kind == "redirect":
+                    outcome.redirect = frame.redirect.address
+                    break
+                await self.on_frame(call, frame)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("task server stream failed",
+                        extra={"server": address, "code": exc.code().name, "details": exc.details()})
+        except asyncio.TimeoutError:
+            log.warning("task server did not answer the hello", extra={"server": address})
+        finally:
+            if beat is not None:
+                beat.cancel()
+            if started:
+                outcome.connected_s = time.monotonic() - started
+                self.attached.clear()
+                log.info("detached", extra={"server": address})
+            call.cancel()
+            await channel.close()
+        return outcome
+
+    async def on_frame(self, call, frame: pb.ServerFrame) -> None:
+        """Frames other than Welcome/Redirect (tasks, acks): handled by later layers."""
+        log.debug("unhandled frame", extra={"kind": frame.WhichOneof("body")})
+
+    async def _heartbeats(self, call, interval: float) -> None:
+        seq = 0
+        # The first heartbeat goes at once so that the server has the host snapshot without waiting.
+        while True:
+            cpu, mem, snap = await asyncio.to_thread(self.sampler.sample)
+            seq += 1
+            await call.write(pb.AgentFrame(heartbeat=pb.Heartbeat(seq=seq, cpu_rate=cpu, mem_rate=mem, host=snap)))
+            await asyncio.sleep(interval)
+
+    async def stop(self, grace: float) -> None:
+        if self.relay is not None:
+            await self.relay.stop()
+        await super().stop(grace)

@@ -1,0 +1,1 @@
+"""API server: the HTTP API of spec/gse-api.md (v1 ESB and v2)."""

@@ -1,0 +1,14 @@
+"""python -m gse.apiserver --config FILE"""
+import sys
+
+from gse.common.service import main as _main
+
+from .server import ApiServerConfig, ApiServerService
+
+
+def main() -> int:
+    return _main(ApiServerService, ApiServerConfig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

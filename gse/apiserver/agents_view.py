@@ -1,0 +1,43 @@
+"""Reading agent state for the API: a constant number of dbproxy round trips for any number of hosts."""
+
+from __future__ import annotations
+
+from gse.common import dbclient as db
+from gse.common.agentstate import agent_key, ip_key, parse_host_id
+
+
+class AgentsView:
+    def __init__(self, client: db.DbClient):
+        self.db = client
+
+    async def resolve_hosts(self, hosts: list[tuple[int, str]]) -> dict[tuple[int, str], str]:
+        """(cloud, ip) -> bk_agent_id for the hosts ever seen (one round trip)."""
+        uniq = list(dict.fromkeys(hosts))
+        results = await self.db.execute([db.get(ip_key(c, ip)) for c, ip in uniq])
+        return {h: r.value.decode() for h, r in zip(uniq, results) if r.ok and r.found}
+
+    async def records(self, agent_ids: list[str]) -> dict[str, dict[str, str]]:
+        """bk_agent_id -> its session hash, for the agents ever seen (one round trip)."""
+        uniq = list(dict.fromkeys(agent_ids))
+        results = await self.db.execute([db.hgetall(agent_key(a)) for a in uniq])
+        return {a: db.text_fields(r) for a, r in zip(uniq, results) if r.ok and r.found}
+
+    async def by_hosts(self, hosts: list[tuple[int, str]]) -> dict[tuple[int, str], dict[str, str]]:
+        ids = await self.resolve_hosts(hosts)
+        recs = await self.records(list(ids.values()))
+        return {h: recs[a] for h, a in ids.items() if a in recs}
+
+    async def by_ids(self, requested: list[str]) -> dict[str, dict[str, str]]:
+        """Requested id (either form) -> record; ids never seen are absent. Two round trips at most."""
+        host_forms = {a: parse_host_id(a) for a in requested}
+        hosts = [h for h in host_forms.values() if h is not None]
+        resolved = await self.resolve_hosts(hosts) if hosts else {}
+        real = {}
+        for a in requested:
+            h = host_forms[a]
+            if h is None:
+                real[a] = a
+            elif h in resolved:
+                real[a] = resolved[h]
+        recs = await self.records(list(real.values()))
+        return {a: recs[r] for a, r in real.items() if r in recs}

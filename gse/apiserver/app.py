@@ -1,0 +1,134 @@
+"""The HTTP API (v1 ESB and v2): envelope, auth, routing; endpoint modules register their handlers here.
+
+Every answer is the envelope `{result, code, message, data, request_id}`. Bad input is code 1000400 with a
+message naming the field; missing or wrong credentials HTTP 401 with code 1000401; a dependency that is
+down 503 with 1000503; nothing ever answers with a traceback.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from typing import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import Counter, Histogram
+
+from gse.common.errors import API_BAD_REQUEST, API_INTERNAL, API_NOT_FOUND, OK, GseError, Unauthorized
+
+log = logging.getLogger("gse.apiserver")
+
+REQUESTS = Counter("gse_api_requests_total", "API requests", ["endpoint", "code"])
+LATENCY = Histogram("gse_api_request_seconds", "API request time", ["endpoint"],
+                    buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+
+Handler = Callable[[dict, "Request"], Awaitable[object]]
+
+
+class Reply:
+    """A handler result with a non-zero envelope code (data still returned), e.g. 1000115 'still running'."""
+
+    def __init__(self, data, code: int, message: str):
+        self.data, self.code, self.message = data, code, message
+
+
+class Request:
+    """What a handler knows about the call besides its body."""
+
+    def __init__(self, app_code: str, username: str, request_id: str, path: str):
+        self.app_code, self.username, self.request_id, self.path = app_code, username, request_id, path
+
+
+def envelope(code: int, message: str, data, request_id: str) -> dict:
+    return {"result": code == OK, "code": code, "message": message, "data": data, "request_id": request_id}
+
+
+class Api:
+    def __init__(self, apps: Callable[[], dict[str, str]], max_body: int = 64 * 1024 * 1024):
+        self.apps = apps
+        self.routes: dict[str, tuple[str, Handler]] = {}
+        self.max_body = max_body
+
+    def route(self, path: str, handler: Handler, name: str | None = None) -> None:
+        self.routes[path.rstrip("/")] = (name or path.rstrip("/").rsplit("/", 1)[-1], handler)
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_body)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        return app
+
+    def _auth(self, request: web.Request, body: dict) -> tuple[str, str]:
+        header = request.headers.get("X-Bkapi-Authorization")
+        if header:
+            try:
+                creds = json.loads(header)
+            except ValueError:
+                raise Unauthorized("X-Bkapi-Authorization is not valid JSON") from None
+            if not isinstance(creds, dict):
+                raise Unauthorized("X-Bkapi-Authorization must be a JSON object")
+        else:
+            creds = body
+        code, secret = creds.get("bk_app_code"), creds.get("bk_app_secret")
+        if not isinstance(code, str) or not isinstance(secret, str) or not code:
+            raise Unauthorized("bk_app_code and bk_app_secret are required (X-Bkapi-Authorization header or body)")
+        expected = self.apps().get(code)
+        if expected is None or not hmac.compare_digest(expected.encode(), secret.encode()):
+            raise Unauthorized(f"app '{code}' is unknown or its secret is wrong")
+        user = creds.get("bk_username") or body.get("bk_username") or ""
+        return code, user if isinstance(user, str) else ""
+
+    async def _dispatch(self, request: web.Request) -> web.Response:
+        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        path = request.path.rstrip("/")
+        entry = self.routes.get(path)
+        name = entry[0] if entry else "unknown"
+        t0 = time.perf_counter()
+        status, code = 200, OK
+        try:
+            if entry is None:
+                raise GseError(f"no such endpoint: {request.path}", API_NOT_FOUND)
+            if request.method not in ("POST", "GET"):
+                raise GseError(f"method {request.method} is not allowed; use POST", API_BAD_REQUEST)
+            body = await self._body(request)
+            app_code, user = self._auth(request, body)
+            data = await entry[1](body, Request(app_code, user, request_id, path))
+            if isinstance(data, Reply):
+                code = data.code
+                payload = envelope(data.code, data.message, data.data, request_id)
+            else:
+                payload = envelope(OK, "success", data, request_id)
+        except GseError as exc:
+            code, status = exc.code, exc.http_status
+            if exc.code == API_NOT_FOUND:
+                status = 404
+            payload = envelope(exc.code, exc.message, None, request_id)
+        except web.HTTPRequestEntityTooLarge:
+            code = API_BAD_REQUEST
+            payload = envelope(code, f"request body larger than {self.max_body} bytes", None, request_id)
+        except Exception:  # noqa: BLE001 - logged here, never shown to the caller
+            log.exception("endpoint failed", extra={"endpoint": name, "request_id": request_id})
+            code, status = API_INTERNAL, 500
+            payload = envelope(code, f"internal error; see the server log for request {request_id}", None,
+                               request_id)
+        LATENCY.labels(name).observe(time.perf_counter() - t0)
+        REQUESTS.labels(name, str(code)).inc()
+        return web.json_response(payload, status=status, dumps=_dumps)
+
+    async def _body(self, request: web.Request) -> dict:
+        raw = await request.read()
+        if not raw.strip():
+            return {}
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise GseError(f"request body is not valid JSON: {exc}", API_BAD_REQUEST) from None
+        if not isinstance(body, dict):
+            raise GseError("request body must be a JSON object", API_BAD_REQUEST)
+        return body
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))

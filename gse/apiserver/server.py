@@ -1,0 +1,96 @@
+"""The API server daemon (HTTP, 50002)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from aiohttp import web
+
+from gse.common.config import ConfigError, DbProxyClientConfig
+from gse.common.dbclient import DbClient
+from gse.common.discovery import Discovery
+from gse.common.service import BaseConfig, Service
+from gse.common.tls import TLSMaterial
+
+from .agent_endpoints import AgentEndpoints
+from .agents_view import AgentsView
+from .app import Api
+
+log = logging.getLogger("gse.apiserver")
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiServerConfig(BaseConfig):
+    host: str = "127.0.0.1"
+    port: int = 50002
+    advertise_host: str = ""
+    # bk_app_code -> bk_app_secret. More apps can be added live under <zk root>/config/apps.
+    apps: dict[str, str] = dataclasses.field(default_factory=dict)
+    max_hosts_per_call: int = 5000
+    max_body_bytes: int = 64 * 1024 * 1024
+    dbproxy: DbProxyClientConfig = DbProxyClientConfig()
+
+    def validate(self) -> None:
+        super().validate()
+        if self.max_hosts_per_call < 1:
+            raise ConfigError("max_hosts_per_call must be at least 1")
+
+
+class ApiServerService(Service):
+    name = "apiserver"
+
+    def __init__(self, config: ApiServerConfig, *args):
+        super().__init__(config, *args)
+        self.tls = TLSMaterial.load(config.tls)
+        self.discovery = Discovery(config.zookeeper)
+        self.db = DbClient(self.tls, config.dbproxy.addresses, config.dbproxy.timeout_s)
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+        self.api: Api | None = None
+
+    @property
+    def node_id(self) -> str:
+        return self.config.node_id or f"{self.config.advertise_host or self.config.host}-{self.port}"
+
+    def apps(self) -> dict[str, str]:
+        live = self.discovery.config("apps") or {}
+        merged = dict(self.config.apps)
+        if isinstance(live, dict):
+            merged.update({k: v for k, v in live.items() if isinstance(k, str) and isinstance(v, str)})
+        return merged
+
+    def health(self):
+        ok = self.runner is not None and self.discovery.connected and bool(self.db.addresses)
+        return ok, {"service": self.name, "node_id": self.node_id, "zookeeper": self.discovery.connected,
+                    "dbproxies": self.db.addresses}
+
+    def build_api(self) -> Api:
+        api = Api(self.apps, self.config.max_body_bytes)
+        AgentEndpoints(AgentsView(self.db), self.config.max_hosts_per_call).register(api)
+        return api
+
+    async def start(self) -> None:
+        await super().start()
+        c = self.config
+        await self.discovery.start()
+        await self.discovery.watch_config("apps")
+        if not c.dbproxy.addresses:
+            await self.discovery.watch_service("dbproxy", self.db.on_view)
+        self.api = self.build_api()
+        self.runner = web.AppRunner(self.api.make_app(), access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, c.host, c.port, backlog=1024)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        await self.discovery.register(self.name, self.node_id, {
+            "url": f"http://{c.advertise_host or c.host}:{self.port}",
+            "metrics": f"{c.metrics.host}:{self.ops.port}"})
+        log.info("api server serving", extra={"port": self.port})
+
+    async def stop(self, grace: float) -> None:
+        await self.discovery.stop()
+        if self.runner is not None:
+            await self.runner.cleanup()
+        await self.db.close()
+        await super().stop(grace)

@@ -1,0 +1,1 @@
+"""Code every GSE daemon shares: config, lifecycle, TLS, discovery, the dbproxy client, metrics, logging."""

@@ -1,0 +1,176 @@
+"""The dbproxy client: the only way daemons reach Redis.
+
+A call carries a whole batch of operations (one round trip for any number of keys). Op builders keep call
+sites short: `await db.execute([hset(k, {...}, ttl_ms=...), hgetall(k2)])`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+from typing import Iterable, Mapping
+
+import grpc
+
+from gse.pb import dbproxy_pb2 as pb
+from gse.pb import dbproxy_pb2_grpc as pb_grpc
+
+from .errors import Unavailable
+from .rpc import make_channel
+from .tls import TLSMaterial
+
+log = logging.getLogger("gse.dbclient")
+
+Op = pb.Op
+K = pb.Op.Kind
+
+
+def _b(v) -> bytes:
+    if isinstance(v, bytes):
+        return v
+    if isinstance(v, str):
+        return v.encode()
+    if isinstance(v, bool):
+        return b"1" if v else b"0"
+    return str(v).encode()
+
+
+def get(key: str) -> Op:
+    return Op(kind=K.GET, key=key)
+
+
+def set_(key: str, value, ttl_ms: int = 0) -> Op:
+    return Op(kind=K.SET, key=key, value=_b(value), ttl_ms=ttl_ms)
+
+
+def delete(key: str) -> Op:
+    return Op(kind=K.DEL, key=key)
+
+
+def hset(key: str, fields: Mapping[str, object], ttl_ms: int = 0) -> Op:
+    return Op(kind=K.HSET, key=key, fields={k: _b(v) for k, v in fields.items()}, ttl_ms=ttl_ms)
+
+
+def hgetall(key: str) -> Op:
+    return Op(kind=K.HGETALL, key=key)
+
+
+def hmget(key: str, names: Iterable[str]) -> Op:
+    return Op(kind=K.HMGET, key=key, names=list(names))
+
+
+def hdel(key: str, names: Iterable[str]) -> Op:
+    return Op(kind=K.HDEL, key=key, names=list(names))
+
+
+def expire(key: str, ttl_ms: int) -> Op:
+    return Op(kind=K.EXPIRE, key=key, ttl_ms=ttl_ms)
+
+
+def sadd(key: str, members: Iterable, ttl_ms: int = 0) -> Op:
+    return Op(kind=K.SADD, key=key, members=[_b(m) for m in members], ttl_ms=ttl_ms)
+
+
+def srem(key: str, members: Iterable) -> Op:
+    return Op(kind=K.SREM, key=key, members=[_b(m) for m in members])
+
+
+def smembers(key: str) -> Op:
+    return Op(kind=K.SMEMBERS, key=key)
+
+
+def rpush(key: str, members: Iterable, ttl_ms: int = 0) -> Op:
+    return Op(kind=K.RPUSH, key=key, members=[_b(m) for m in members], ttl_ms=ttl_ms)
+
+
+def lrange(key: str, start: int = 0, stop: int = -1) -> Op:
+    return Op(kind=K.LRANGE, key=key, start=start, stop=stop)
+
+
+def incrby(key: str, amount: int = 1, ttl_ms: int = 0) -> Op:
+    return Op(kind=K.INCRBY, key=key, integer=amount, ttl_ms=ttl_ms)
+
+
+def append(key: str, value, ttl_ms: int = 0) -> Op:
+    return Op(kind=K.APPEND, key=key, value=_b(value), ttl_ms=ttl_ms)
+
+
+def getrange(key: str, start: int, stop: int) -> Op:
+    return Op(kind=K.GETRANGE, key=key, start=start, stop=stop)
+
+
+def strlen(key: str) -> Op:
+    return Op(kind=K.STRLEN, key=key)
+
+
+def exists(key: str) -> Op:
+    return Op(kind=K.EXISTS, key=key)
+
+
+def text_fields(result: pb.Result) -> dict[str, str]:
+    return {k: v.decode("utf-8", "replace") for k, v in result.fields.items()}
+
+
+class DbClient:
+    """Talks to any dbproxy of the cluster; fails over between them on transport errors."""
+
+    RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+
+    def __init__(self, tls: TLSMaterial, addresses: Iterable[str] = (), timeout_s: float = 5.0):
+        self.tls = tls
+        self.timeout_s = timeout_s
+        self._addresses: list[str] = list(addresses)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._rr = itertools.count(random.randrange(1000))
+
+    def set_addresses(self, addresses: Iterable[str]) -> None:
+        new = list(addresses)
+        for addr in list(self._channels):
+            if addr not in new:
+                ch = self._channels.pop(addr)
+                asyncio.ensure_future(ch.close())
+        self._addresses = new
+
+    def on_view(self, view: Mapping[str, dict]) -> None:
+        """Discovery callback: use the dbproxies registered in ZooKeeper."""
+        addrs = sorted(info["address"] for info in view.values() if info.get("address"))
+        if addrs:
+            self.set_addresses(addrs)
+
+    @property
+    def addresses(self) -> list[str]:
+        return list(self._addresses)
+
+    def _stub(self, addr: str) -> pb_grpc.DbProxyStub:
+        ch = self._channels.get(addr)
+        if ch is None:
+            ch = self._channels[addr] = make_channel(self.tls, addr)
+        return pb_grpc.DbProxyStub(ch)
+
+    async def execute(self, ops: list[Op]) -> list[pb.Result]:
+        if not ops:
+            return []
+        addrs = self._addresses
+        if not addrs:
+            raise Unavailable("no dbproxy is known")
+        start = next(self._rr)
+        last: Exception | None = None
+        req = pb.BatchRequest(ops=ops)
+        for i in range(len(addrs)):
+            addr = addrs[(start + i) % len(addrs)]
+            try:
+                reply = await self._stub(addr).Execute(req, timeout=self.timeout_s)
+                return list(reply.results)
+            except grpc.aio.AioRpcError as exc:
+                last = exc
+                if exc.code() not in self.RETRYABLE:
+                    raise Unavailable(f"dbproxy {addr}: {exc.code().name}: {exc.details()}") from None
+                log.warning("dbproxy call failed; trying another", extra={"address": addr, "code": exc.code().name})
+        raise Unavailable(f"no dbproxy answered: {last.code().name if isinstance(last, grpc.aio.AioRpcError) else last}")
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()

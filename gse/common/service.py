@@ -1,0 +1,218 @@
+"""One service lifecycle for every daemon.
+
+`start()` binds and registers; `run()` supervises the daemon's tasks; `stop(grace)` is idempotent and
+bounded. SIGTERM/SIGINT stop gracefully, SIGHUP reloads the config file. systemd hears READY=1 only after
+`start()` returned, that is once the ports are bound and the ZooKeeper node exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
+
+from .config import ConfigError, LogConfig, MetricsConfig, TLSConfig, ZooKeeperConfig, load_config
+from .logs import setup_logging
+
+log = logging.getLogger("gse.service")
+
+STOP_BOUND_S = 15.0
+
+UP = Gauge("gse_up", "1 while the daemon is serving", ["service"])
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseConfig:
+    """Sections every server daemon has."""
+    node_id: str = ""          # "" = <hostname>-<main port>
+    log: LogConfig = LogConfig()
+    tls: TLSConfig = TLSConfig()
+    zookeeper: ZooKeeperConfig = ZooKeeperConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    stop_grace_s: float = 5.0
+
+    def validate(self) -> None:
+        self.tls.require()
+
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd about our state (READY=1, STOPPING=1, RELOADING=1, STATUS=...). No-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+        return True
+    except OSError as exc:
+        log.warning("sd_notify failed", extra={"error": str(exc)})
+        return False
+
+
+class OpsServer:
+    """The operations HTTP endpoint: `/metrics` for Prometheus and `/healthz` for people and harnesses."""
+
+    def __init__(self, cfg: MetricsConfig, health):
+        self.cfg = cfg
+        self.health = health
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.cfg.host, self.cfg.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def _metrics(self, request):
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, request):
+        ok, detail = self.health()
+        return web.json_response({"ok": ok, **detail}, status=200 if ok else 503)
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+class Service:
+    """Base of every daemon. Subclasses implement `start`, `run` and `stop` and call the base versions."""
+
+    name = "service"
+
+    def __init__(self, config: Any, config_path: str | None = None, overrides: tuple = ()):
+        self.config = config
+        self.config_path = config_path
+        self.overrides = overrides
+        self.ops = OpsServer(config.metrics, self.health) if hasattr(config, "metrics") else None
+        self._stopped = False
+
+    @property
+    def node_id(self) -> str:
+        return self.config.node_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    def health(self) -> tuple[bool, dict]:
+        return True, {"service": self.name, "node_id": self.node_id}
+
+    async def start(self) -> None:
+        if self.ops is not None:
+            await self.ops.start()
+        UP.labels(self.name).set(1)
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+    async def stop(self, grace: float) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        UP.labels(self.name).set(0)
+        if self.ops is not None:
+            await self.ops.stop()
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config file; the log level applies at once, `apply_reload` does the rest."""
+        try:
+            new = load_config(type(self.config), self.config_path, self.overrides, env_prefix=self.name)
+        except ConfigError as exc:
+            log.error("reload refused: %s", exc)
+            return
+        logging.getLogger().setLevel(new.log.level.upper())
+        await self.apply_reload(new)
+        self.config = new
+        log.info("configuration reloaded")
+
+    async def apply_reload(self, new_config: Any) -> None:
+        pass
+
+
+def parse_args(prog: str, argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog)
+    p.add_argument("--config", "-c", help="YAML configuration file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one configuration key (dotted path), may repeat")
+    return p.parse_args(argv)
+
+
+def main(service_cls, config_cls, argv=None) -> int:
+    """Entry point shared by every daemon: `python -m gse.<daemon> --config FILE`."""
+    name = service_cls.name
+    args = parse_args(f"gse-{name}", argv)
+    try:
+        config = load_config(config_cls, args.config, tuple(args.set), env_prefix=name)
+    except ConfigError as exc:
+        print(f"gse-{name}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(name, config.log.level, config.log.format)
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency; run on asyncio's loop without it
+        pass
+    service = service_cls(config, args.config, tuple(args.set))
+    try:
+        return asyncio.run(serve(service))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def serve(service: Service) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reloads: set[asyncio.Task] = set()
+
+    def on_hup():
+        sd_notify("RELOADING=1")
+        t = loop.create_task(service.reload())
+        reloads.add(t)
+        t.add_done_callback(lambda _t: (reloads.discard(_t), sd_notify("READY=1")))
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    try:
+        await service.start()
+    except Exception:
+        log.exception("start failed")
+        await asyncio.wait_for(service.stop(0), STOP_BOUND_S)
+        return 1
+    sd_notify("READY=1")
+    log.info("ready", extra={"node_id": service.node_id})
+    runner = loop.create_task(service.run())
+    stopper = loop.create_task(stop.wait())
+    done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if runner in done and not runner.cancelled() and runner.exception() is not None:
+        log.error("service failed", exc_info=runner.exception())
+        code = 1
+    sd_notify("STOPPING=1")
+    log.info("stopping")
+    grace = getattr(service.config, "stop_grace_s", 5.0)
+    runner.cancel()
+    stopper.cancel()
+    try:
+        await asyncio.wait_for(service.stop(grace), min(STOP_BOUND_S, grace + 5.0))
+    except asyncio.TimeoutError:
+        log.error("stop did not finish within its bound")
+        code = code or 1
+    log.info("stopped")
+    return code

@@ -1,0 +1,1 @@
+"""dbproxy: the only door to Redis (sharded, replicated, batched)."""

@@ -1,0 +1,127 @@
+"""The dbproxy daemon: a gRPC service (58859) in front of the Redis nodes, registered in ZooKeeper."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from gse.common import rpc
+from gse.common.config import ConfigError
+from gse.common.discovery import Discovery
+from gse.common.service import BaseConfig, Service
+from gse.common.tls import TLSMaterial
+from gse.pb import dbproxy_pb2 as pb
+from gse.pb import dbproxy_pb2_grpc as pb_grpc
+
+from .store import ShardedStore
+
+log = logging.getLogger("gse.dbproxy")
+
+OPS = Counter("gse_dbproxy_ops_total", "Operations executed")
+BATCHES = Histogram("gse_dbproxy_batch_seconds", "Time to execute one batch",
+                    buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+HEALTHY = Gauge("gse_dbproxy_redis_healthy", "1 while a Redis node answers", ["node"])
+
+
+@dataclasses.dataclass(frozen=True)
+class DbProxyConfig(BaseConfig):
+    host: str = "127.0.0.1"
+    port: int = 58859
+    advertise_host: str = ""           # "" = host
+    redis: tuple[str, ...] = ("127.0.0.1:6379",)
+    redis_password: str = ""
+    replicas: int = 2
+    key_prefix: str = ""
+    warmup_s: float = 30.0
+    probe_interval_s: float = 1.0
+    redis_timeout_s: float = 2.0
+    max_batch: int = 100_000
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.redis:
+            raise ConfigError("redis: at least one node (host:port) is required")
+        for addr in self.redis:
+            host, _, port = addr.rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigError(f"redis: '{addr}' is not host:port")
+        if self.replicas < 1:
+            raise ConfigError("replicas must be at least 1")
+
+
+class DbProxyServicer(pb_grpc.DbProxyServicer):
+    def __init__(self, store: ShardedStore, max_batch: int):
+        self.store = store
+        self.max_batch = max_batch
+
+    async def Execute(self, request, context):
+        import grpc
+        if len(request.ops) > self.max_batch:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"batch of {len(request.ops)} ops exceeds max_batch {self.max_batch}")
+        t0 = time.perf_counter()
+        results = await self.store.execute(request.ops)
+        BATCHES.observe(time.perf_counter() - t0)
+        OPS.inc(len(request.ops))
+        return pb.BatchReply(results=results)
+
+
+class DbProxyService(Service):
+    name = "dbproxy"
+
+    def __init__(self, config: DbProxyConfig, *args):
+        super().__init__(config, *args)
+        self.tls = TLSMaterial.load(config.tls)
+        self.store: ShardedStore | None = None
+        self.server = None
+        self.port = 0
+        self.discovery = Discovery(config.zookeeper)
+
+    @property
+    def node_id(self) -> str:
+        return self.config.node_id or f"{self.config.advertise_host or self.config.host}-{self.port}"
+
+    def health(self):
+        healthy = self.store.healthy_count() if self.store else 0
+        ok = healthy > 0 and self.discovery.connected
+        return ok, {"service": self.name, "node_id": self.node_id, "redis_healthy": healthy,
+                    "zookeeper": self.discovery.connected}
+
+    async def start(self) -> None:
+        await super().start()
+        c = self.config
+        self.store = ShardedStore(list(c.redis), c.replicas, c.key_prefix, c.warmup_s, c.redis_password,
+                                  c.redis_timeout_s)
+        await self.store.probe()
+        self.server = rpc.make_server(self.tls)
+        pb_grpc.add_DbProxyServicer_to_server(DbProxyServicer(self.store, c.max_batch), self.server)
+        health = rpc.add_health(self.server)
+        self.port = rpc.bind(self.server, self.tls, c.host, c.port)
+        await self.server.start()
+        await rpc.set_serving(health, True)
+        await self.discovery.start()
+        await self.discovery.register(self.name, self.node_id, {
+            "address": f"{c.advertise_host or c.host}:{self.port}",
+            "metrics": f"{c.metrics.host}:{self.ops.port}",
+            "redis": list(c.redis), "replicas": c.replicas,
+        })
+        log.info("dbproxy serving", extra={"port": self.port, "redis": list(c.redis), "replicas": c.replicas})
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.probe_interval_s)
+            await self.store.probe()
+            for node in self.store.nodes.values():
+                HEALTHY.labels(node.address).set(1 if node.healthy else 0)
+
+    async def stop(self, grace: float) -> None:
+        await self.discovery.stop()          # leave ZooKeeper first so that clients go elsewhere
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self.store is not None:
+            await self.store.close()
+        await super().stop(grace)

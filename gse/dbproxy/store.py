@@ -1,0 +1,320 @@
+"""Sharded, replicated execution of operation batches over several Redis nodes.
+
+Keys are placed on a consistent-hash ring (virtual nodes per Redis node); each key lives on the first R
+distinct nodes clockwise from its hash. A batch is split by node and sent as one pipeline per node, all
+nodes at once. Writes go to every healthy replica and succeed when at least one took them; reads go to the
+first healthy, warmed-up replica and fall back to the next one if that node fails mid-batch. A node that
+comes back takes writes at once but serves reads only after `warmup_s`, so that it is not read while it
+still lacks what was written during its absence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, TimeoutError as RedisTimeoutError
+
+from gse.pb import dbproxy_pb2 as pb
+
+log = logging.getLogger("gse.dbproxy")
+
+K = pb.Op.Kind
+READS = {K.GET, K.HGETALL, K.HMGET, K.SMEMBERS, K.LRANGE, K.GETRANGE, K.STRLEN, K.EXISTS}
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
+
+
+def _hash(s: str) -> int:
+    return zlib.crc32(s.encode())
+
+
+class Ring:
+    def __init__(self, nodes: list[str], vnodes: int = 160):
+        points = sorted((_hash(f"{n}#{i}"), n) for n in nodes for i in range(vnodes))
+        self._keys = [p[0] for p in points]
+        self._nodes = [p[1] for p in points]
+        self.size = len(set(nodes))
+
+    def replicas(self, key: str, r: int) -> list[str]:
+        r = min(r, self.size)
+        i = bisect.bisect(self._keys, _hash(key))
+        out: list[str] = []
+        n = len(self._nodes)
+        while len(out) < r:
+            node = self._nodes[i % n]
+            if node not in out:
+                out.append(node)
+            i += 1
+        return out
+
+
+@dataclass
+class Node:
+    address: str
+    client: aioredis.Redis
+    healthy: bool = True
+    readable_at: float = 0.0   # monotonic time from which reads may go here
+    failures: int = 0
+
+    @property
+    def readable(self) -> bool:
+        return self.healthy and time.monotonic() >= self.readable_at
+
+
+@dataclass
+class _Plan:
+    """Commands queued for one node, with where each result goes."""
+    node: Node
+    pipe: object
+    slots: list = field(default_factory=list)   # (op index, commands queued for it, is_read)
+
+
+class ShardedStore:
+    def __init__(self, addresses: list[str], replicas: int = 2, key_prefix: str = "", warmup_s: float = 30.0,
+                 password: str = "", timeout_s: float = 2.0):
+        if not addresses:
+            raise ValueError("at least one redis node is required")
+        self.replicas = max(1, replicas)
+        self.prefix = key_prefix
+        self.warmup_s = warmup_s
+        self.nodes: dict[str, Node] = {}
+        for addr in addresses:
+            host, _, port = addr.rpartition(":")
+            client = aioredis.Redis(host=host or "127.0.0.1", port=int(port), password=password or None,
+                                    socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                    max_connections=64, health_check_interval=0)
+            self.nodes[addr] = Node(addr, client)
+        self.ring = Ring(list(self.nodes))
+        self.ops_total = 0
+
+    async def close(self) -> None:
+        for node in self.nodes.values():
+            await node.client.aclose()
+
+    # ---- health -----------------------------------------------------------------------------------
+
+    def _mark_down(self, node: Node, exc: Exception) -> None:
+        if node.healthy:
+            log.warning("redis node down", extra={"node": node.address, "error": repr(exc)})
+        node.healthy = False
+        node.failures += 1
+
+    async def probe(self) -> None:
+        """Ping every node; a node that answers again becomes writable now and readable after warm-up."""
+        async def one(node: Node):
+            try:
+                await node.client.ping()
+            except TRANSIENT + (RedisError,) as exc:
+                self._mark_down(node, exc)
+                return
+            if not node.healthy:
+                node.healthy = True
+                node.readable_at = time.monotonic() + self.warmup_s
+                log.info("redis node back; reads resume after warm-up",
+                         extra={"node": node.address, "warmup_s": self.warmup_s})
+        await asyncio.gather(*(one(n) for n in self.nodes.values()))
+
+    def healthy_count(self) -> int:
+        return sum(1 for n in self.nodes.values() if n.healthy)
+
+    # ---- execution --------------------------------------------------------------------------------
+
+    def _read_order(self, replicas: list[str]) -> list[Node]:
+        nodes = [self.nodes[a] for a in replicas]
+        ready = [n for n in nodes if n.readable]
+        warming = [n for n in nodes if n.healthy and not n.readable]
+        return ready + warming
+
+    async def execute(self, ops) -> list[pb.Result]:
+        self.ops_total += len(ops)
+        results = [pb.Result() for _ in ops]
+        write_acks = [0] * len(ops)
+        write_errors: dict[int, str] = {}
+        pending_reads: dict[int, list[Node]] = {}
+        plans: dict[str, _Plan] = {}
+
+        def plan_for(node: Node) -> _Plan:
+            p = plans.get(node.address)
+            if p is None:
+                p = plans[node.address] = _Plan(node, node.client.pipeline(transaction=False))
+            return p
+
+        for i, op in enumerate(ops):
+            try:
+                _check(op)
+            except ValueError as exc:
+                results[i].error = str(exc)
+                continue
+            replicas = self.ring.replicas(op.key, self.replicas)
+            if op.kind in READS:
+                order = self._read_order(replicas)
+                if not order:
+                    results[i].error = "no healthy replica for key"
+                    continue
+                pending_reads[i] = order[1:]
+                p = plan_for(order[0])
+                p.slots.append((i, _queue(p.pipe, op, self.prefix), True))
+            else:
+                targets = [self.nodes[a] for a in replicas if self.nodes[a].healthy]
+                if not targets:
+                    results[i].error = "no healthy replica for key"
+                    continue
+                for node in targets:
+                    p = plan_for(node)
+                    p.slots.append((i, _queue(p.pipe, op, self.prefix), False))
+
+        while plans:
+            outcomes = await asyncio.gather(*(self._run(p) for p in plans.values()))
+            retry: dict[str, _Plan] = {}
+            for plan, replies in zip(plans.values(), outcomes):
+                if isinstance(replies, Exception):
+                    for i, _n, is_read in plan.slots:
+                        if is_read:
+                            fallback = [n for n in pending_reads.get(i, []) if n.healthy]
+                            if fallback:
+                                pending_reads[i] = fallback[1:]
+                                node = fallback[0]
+                                rp = retry.get(node.address)
+                                if rp is None:
+                                    rp = retry[node.address] = _Plan(node, node.client.pipeline(transaction=False))
+                                rp.slots.append((i, _queue(rp.pipe, ops[i], self.prefix), True))
+                            else:
+                                results[i].error = f"redis unavailable: {replies!r}"
+                        else:
+                            write_errors.setdefault(i, f"redis unavailable: {replies!r}")
+                    continue
+                pos = 0
+                for i, n, is_read in plan.slots:
+                    chunk = replies[pos:pos + n]
+                    pos += n
+                    err = next((c for c in chunk if isinstance(c, Exception)), None)
+                    if err is not None:
+                        if is_read:
+                            results[i].error = str(err)
+                        else:
+                            write_errors.setdefault(i, str(err))
+                        continue
+                    if is_read:
+                        _fill(results[i], ops[i], chunk[0])
+                        results[i].ok = True
+                    else:
+                        if write_acks[i] == 0:
+                            _fill(results[i], ops[i], chunk[0])
+                        write_acks[i] += 1
+            plans = retry
+
+        for i, op in enumerate(ops):
+            if op.kind not in READS and not results[i].error:
+                if write_acks[i] > 0:
+                    results[i].ok = True
+                else:
+                    results[i].error = write_errors.get(i, "write not applied")
+        return results
+
+    async def _run(self, plan: _Plan):
+        try:
+            return await plan.pipe.execute(raise_on_error=False)
+        except TRANSIENT as exc:
+            self._mark_down(plan.node, exc)
+            return exc
+        except RedisError as exc:
+            return exc
+
+
+def _check(op) -> None:
+    if not op.key:
+        raise ValueError("op has no key")
+    if op.kind == K.HSET and not op.fields:
+        raise ValueError("HSET needs fields")
+    if op.kind in (K.SADD, K.SREM, K.RPUSH) and not op.members:
+        raise ValueError(f"{K.Name(op.kind)} needs members")
+    if op.kind in (K.HMGET, K.HDEL) and not op.names:
+        raise ValueError(f"{K.Name(op.kind)} needs names")
+    if op.kind == K.EXPIRE and op.ttl_ms <= 0:
+        raise ValueError("EXPIRE needs ttl_ms > 0")
+
+
+def _queue(pipe, op, prefix: str) -> int:
+    """Queue the Redis commands for one op; returns how many were queued."""
+    key = prefix + op.key
+    k = op.kind
+    ttl = op.ttl_ms
+    if k == K.GET:
+        pipe.get(key)
+    elif k == K.SET:
+        pipe.set(key, op.value, px=ttl if ttl > 0 else None)
+        return 1
+    elif k == K.DEL:
+        pipe.delete(key)
+    elif k == K.HSET:
+        pipe.hset(key, mapping=dict(op.fields))
+    elif k == K.HGETALL:
+        pipe.hgetall(key)
+    elif k == K.HMGET:
+        pipe.hmget(key, list(op.names))
+    elif k == K.HDEL:
+        pipe.hdel(key, *op.names)
+    elif k == K.EXPIRE:
+        pipe.pexpire(key, ttl)
+        return 1
+    elif k == K.SADD:
+        pipe.sadd(key, *op.members)
+    elif k == K.SREM:
+        pipe.srem(key, *op.members)
+    elif k == K.SMEMBERS:
+        pipe.smembers(key)
+    elif k == K.RPUSH:
+        pipe.rpush(key, *op.members)
+    elif k == K.LRANGE:
+        pipe.lrange(key, op.start, op.stop)
+    elif k == K.INCRBY:
+        pipe.incrby(key, op.integer)
+    elif k == K.APPEND:
+        pipe.append(key, op.value)
+    elif k == K.GETRANGE:
+        pipe.getrange(key, op.start, op.stop)
+    elif k == K.STRLEN:
+        pipe.strlen(key)
+    elif k == K.EXISTS:
+        pipe.exists(key)
+    else:
+        raise ValueError(f"unknown op kind {k}")
+    if ttl > 0 and k in (K.HSET, K.SADD, K.RPUSH, K.INCRBY, K.APPEND):
+        pipe.pexpire(key, ttl)
+        return 2
+    return 1
+
+
+def _fill(result: pb.Result, op, reply) -> None:
+    k = op.kind
+    if k in (K.GET, K.GETRANGE):
+        if reply is not None:
+            result.found = True
+            result.value = reply
+    elif k == K.HGETALL:
+        if reply:
+            result.found = True
+            for name, value in reply.items():
+                result.fields[name.decode() if isinstance(name, bytes) else name] = value
+    elif k == K.HMGET:
+        for v in reply:
+            result.present.append(v is not None)
+            result.values.append(v if v is not None else b"")
+        result.found = any(result.present)
+    elif k == K.SMEMBERS:
+        result.values.extend(sorted(reply))
+        result.found = bool(reply)
+    elif k == K.LRANGE:
+        result.values.extend(reply)
+        result.found = bool(reply)
+    elif k in (K.DEL, K.HDEL, K.SADD, K.SREM, K.RPUSH, K.INCRBY, K.APPEND, K.STRLEN, K.EXISTS):
+        result.integer = int(reply)
+        result.found = bool(reply) if k in (K.EXISTS, K.STRLEN) else True
+    elif k == K.HSET:
+        result.integer = int(reply)

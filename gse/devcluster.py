@@ -1,0 +1,370 @@
+"""A real GSE cluster on one machine: ZooKeeper and Redis from the system packages, the daemons as processes.
+
+Used by `gse dev up` and by the test harness. Everything lives under one directory (configs, data, logs,
+certificates) and listens on free loopback ports, so several clusters can run side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from gse.common.tls import init_certs
+
+ZK_CLASSPATH = "/usr/share/java/zookeeper.jar:/usr/share/java/zookeeper-jute.jar:/usr/share/java/*:/etc/zookeeper/conf"
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred, timeout: float, what: str, interval: float = 0.05, proc: "Proc | None" = None):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = pred()
+        except Exception:  # noqa: BLE001 - not ready yet
+            value = None
+        if value:
+            return value
+        if proc is not None and proc.popen.poll() is not None:
+            raise ClusterError(f"{proc.name} exited with {proc.popen.returncode} while waiting for {what}\n"
+                               f"{proc.log_tail()}")
+        if time.monotonic() > deadline:
+            raise ClusterError(f"timed out after {timeout}s waiting for {what}"
+                               + (f"\n{proc.log_tail()}" if proc else ""))
+        time.sleep(interval)
+
+
+@dataclass
+class Proc:
+    name: str
+    kind: str
+    popen: subprocess.Popen
+    log_path: Path
+    info: dict = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return f"(no log at {self.log_path})"
+        return f"--- last lines of {self.log_path} ---\n" + "\n".join(text)
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.pid, sig)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if not self.alive():
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.alive():
+            self.popen.kill()
+            self.popen.wait(10)
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=1) as r:
+        return r.status == 200
+
+
+def _zk_ok(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+        s.sendall(b"ruok")
+        return s.recv(16) == b"imok"
+
+
+def _redis_ok(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+        s.sendall(b"PING\r\n")
+        return s.recv(16).startswith(b"+PONG")
+
+
+class Cluster:
+    """Starts and tracks the processes of one local cluster under `base`."""
+
+    def __init__(self, base: str | os.PathLike, *, zk_root: str = "/gse", key_prefix: str = "",
+                 app_code: str = "gse-dev", app_secret: str | None = None, log_format: str = "text",
+                 heartbeat_interval_s: float = 10.0, heartbeat_misses: int = 3, zk_session_timeout_s: float = 10.0):
+        self.base = Path(base).resolve()
+        self.base.mkdir(parents=True, exist_ok=True)
+        (self.base / "logs").mkdir(exist_ok=True)
+        (self.base / "conf").mkdir(exist_ok=True)
+        self.zk_root = zk_root
+        self.key_prefix = key_prefix
+        self.app_code = app_code
+        self.app_secret = app_secret or os.urandom(12).hex()
+        self.log_format = log_format
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_misses = heartbeat_misses
+        self.zk_session_timeout_s = zk_session_timeout_s
+        self.certs_dir = init_certs(self.base / "certs")
+        self.procs: list[Proc] = []
+        self.zookeeper: str | None = None
+        self.redis: list[str] = []
+        self.dbproxies: list[Proc] = []
+        self.taskservers: list[Proc] = []
+        self.apiservers: list[Proc] = []
+        self.agents: list[Proc] = []
+
+    # ---- infrastructure ---------------------------------------------------------------------------
+
+    def start_zookeeper(self, port: int | None = None, name: str = "zookeeper") -> Proc:
+        if not Path("/usr/share/java/zookeeper.jar").exists():
+            raise ClusterError("ZooKeeper is not installed (apt-get install zookeeper; 'make setup' does it)")
+        port = port or free_port()
+        d = self.base / name
+        (d / "data").mkdir(parents=True, exist_ok=True)
+        cfg = d / "zoo.cfg"
+        cfg.write_text(f"tickTime=500\ninitLimit=10\nsyncLimit=5\ndataDir={d / 'data'}\nclientPort={port}\n"
+                       "clientPortAddress=127.0.0.1\nadmin.enableServer=false\nmaxClientCnxns=0\n"
+                       "minSessionTimeout=1000\nmaxSessionTimeout=60000\n4lw.commands.whitelist=ruok,srvr,mntr,cons\n")
+        cmd = ["java", "-Xmx256m", "-Dzookeeper.log.dir=" + str(d), "-Dzookeeper.root.logger=WARN,CONSOLE",
+               "-cp", ZK_CLASSPATH, "org.apache.zookeeper.server.quorum.QuorumPeerMain", str(cfg)]
+        proc = self._spawn(name, "zookeeper", cmd, {"port": port})
+        wait_for(lambda: _zk_ok(port), 60, "zookeeper", proc=proc)
+        self.zookeeper = f"127.0.0.1:{port}"
+        return proc
+
+    def start_redis(self, port: int | None = None, name: str | None = None) -> Proc:
+        if not shutil.which("redis-server"):
+            raise ClusterError("redis-server is not installed (apt-get install redis-server; 'make setup' does it)")
+        port = port or free_port()
+        name = name or f"redis-{port}"
+        d = self.base / name
+        d.mkdir(parents=True, exist_ok=True)
+        cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--dir", str(d), "--daemonize", "no", "--protected-mode", "yes", "--maxclients", "10000"]
+        proc = self._spawn(name, "redis", cmd, {"port": port})
+        wait_for(lambda: _redis_ok(port), 30, name, proc=proc)
+        addr = f"127.0.0.1:{port}"
+        if addr not in self.redis:
+            self.redis.append(addr)
+        return proc
+
+    # ---- daemons ----------------------------------------------------------------------------------
+
+    def _common(self, metrics_port: int) -> dict:
+        return {
+            "log": {"level": "info", "format": self.log_format},
+            "tls": {"ca": str(self.certs_dir / "ca.crt"), "cert": str(self.certs_dir / "server.crt"),
+                    "key": str(self.certs_dir / "server.key")},
+            "zookeeper": {"hosts": self.zookeeper, "root": self.zk_root,
+                          "session_timeout_s": self.zk_session_timeout_s},
+            "metrics": {"host": "127.0.0.1", "port": metrics_port},
+        }
+
+    def _daemon(self, kind: str, name: str, config: dict, extra: dict | None = None) -> Proc:
+        path = self.base / "conf" / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        cmd = [sys.executable, "-m", f"gse.{kind}", "--config", str(path)]
+        info = {"config": str(path), "metrics_port": config["metrics"]["port"], **(extra or {})}
+        proc = self._spawn(name, kind, cmd, info)
+        return proc
+
+    def wait_healthy(self, proc: Proc, timeout: float = 30.0) -> Proc:
+        port = proc.info["metrics_port"]
+        wait_for(lambda: _http_ok(f"http://127.0.0.1:{port}/healthz"), timeout, f"{proc.name} to be healthy",
+                 proc=proc)
+        return proc
+
+    def start_dbproxy(self, replicas: int = 2, name: str | None = None, wait: bool = True, **overrides) -> Proc:
+        if self.zookeeper is None or not self.redis:
+            raise ClusterError("start ZooKeeper and Redis first")
+        port, mport = free_port(), free_port()
+        name = name or f"dbproxy-{len(self.dbproxies) + 1}"
+        cfg = {**self._common(mport), "host": "127.0.0.1", "port": port, "redis": list(self.redis),
+               "replicas": replicas, "key_prefix": self.key_prefix, **overrides}
+        proc = self._daemon("dbproxy", name, cfg, {"address": f"127.0.0.1:{port}"})
+        self.dbproxies.append(proc)
+        return self.wait_healthy(proc) if wait else proc
+
+    def start_taskserver(self, name: str | None = None, wait: bool = True, port: int | None = None,
+                         **overrides) -> Proc:
+        port, mport = port or free_port(), free_port()
+        name = name or f"taskserver-{len(self.taskservers) + 1}"
+        cfg = {**self._common(mport), "host": "127.0.0.1", "agent_port": port,
+               "heartbeat_interval_s": self.heartbeat_interval_s, "heartbeat_misses": self.heartbeat_misses,
+               **overrides}
+        proc = self._daemon("taskserver", name, cfg, {"address": f"127.0.0.1:{port}"})
+        self.taskservers.append(proc)
+        return self.wait_healthy(proc) if wait else proc
+
+    def start_apiserver(self, name: str | None = None, wait: bool = True, **overrides) -> Proc:
+        port, mport = free_port(), free_port()
+        name = name or f"apiserver-{len(self.apiservers) + 1}"
+        cfg = {**self._common(mport), "host": "127.0.0.1", "port": port,
+               "apps": {self.app_code: self.app_secret}, **overrides}
+        proc = self._daemon("apiserver", name, cfg, {"url": f"http://127.0.0.1:{port}"})
+        self.apiservers.append(proc)
+        return self.wait_healthy(proc) if wait else proc
+
+    def agent_config(self, index: int, ip: str, servers: list[str] | None = None, certs: str = "agent",
+                     **overrides) -> dict:
+        d = self.base / "agents" / f"agent-{index}"
+        return {
+            "data_dir": str(d / "data"), "run_dir": str(d / "run"),
+            "servers": servers or [p.info["address"] for p in self.taskservers],
+            "cloud_id": 0, "ip": ip, "bind_ip": ip,
+            "heartbeat_interval_s": self.heartbeat_interval_s,
+            "reconnect": {"base_s": 0.5, "max_s": 5.0},
+            "tls": {"ca": str(self.certs_dir / "ca.crt"), "cert": str(self.certs_dir / f"{certs}.crt"),
+                    "key": str(self.certs_dir / f"{certs}.key")},
+            "log": {"level": "info", "format": self.log_format},
+            "metrics": {"host": "127.0.0.1", "port": free_port()},
+            **overrides,
+        }
+
+    def start_agent(self, index: int | None = None, ip: str | None = None, wait: bool = True,
+                    config: dict | None = None, **overrides) -> Proc:
+        index = len(self.agents) + 1 if index is None else index
+        ip = ip or f"127.0.0.{10 + index}"
+        cfg = config or self.agent_config(index, ip, **overrides)
+        name = f"agent-{index}"
+        proc = self._daemon("agent", name, cfg, {"ip": ip, "data_dir": cfg["data_dir"], "run_dir": cfg["run_dir"],
+                                                 "bk_cloud_id": cfg.get("cloud_id", 0)})
+        self.agents.append(proc)
+        if wait:
+            self.wait_healthy(proc)
+        proc.info["bk_agent_id"] = self.agent_id_of(proc, timeout=15)
+        return proc
+
+    def agent_id_of(self, proc: Proc, timeout: float = 15.0) -> str:
+        path = Path(proc.info["data_dir"]) / "agent_id"
+        return wait_for(lambda: path.exists() and path.read_text().strip(), timeout, f"{proc.name} agent id",
+                        proc=proc)
+
+    def restart(self, proc: Proc, wait: bool = True) -> Proc:
+        """Start the same daemon again with the same config (after it was stopped or killed)."""
+        proc.stop()
+        cmd = proc.popen.args
+        new = self._spawn(proc.name, proc.kind, cmd, dict(proc.info))
+        for group in (self.dbproxies, self.taskservers, self.apiservers, self.agents):
+            if proc in group:
+                group[group.index(proc)] = new
+        if proc in self.procs:
+            self.procs.remove(proc)
+        if wait and "metrics_port" in new.info:
+            self.wait_healthy(new)
+        return new
+
+    def _spawn(self, name: str, kind: str, cmd: list[str], info: dict) -> Proc:
+        log_path = self.base / "logs" / f"{name}.log"
+        out = open(log_path, "ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("NOTIFY_SOCKET", None)
+        popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True, env=env, cwd=str(self.base))
+        out.close()
+        proc = Proc(name, kind, popen, log_path, info)
+        self.procs.append(proc)
+        return proc
+
+    # ---- whole cluster ----------------------------------------------------------------------------
+
+    def api_url(self) -> str:
+        return self.apiservers[0].info["url"]
+
+    def up(self, agents: int = 3, taskservers: int = 2, redis_nodes: int = 2) -> None:
+        self.start_zookeeper()
+        for _ in range(redis_nodes):
+            self.start_redis()
+        self.start_dbproxy(replicas=min(2, redis_nodes))
+        for _ in range(taskservers):
+            self.start_taskserver()
+        self.start_apiserver()
+        procs = [self.start_agent(wait=False) for _ in range(agents)]
+        for p in procs:
+            self.wait_healthy(p)
+
+    def describe(self) -> dict:
+        return {
+            "api_url": self.api_url() if self.apiservers else None,
+            "app_code": self.app_code,
+            "app_secret": self.app_secret,
+            "zookeeper": self.zookeeper,
+            "zookeeper_root": self.zk_root,
+            "redis": list(self.redis),
+            "certs_dir": str(self.certs_dir),
+            "dbproxies": [{"address": p.info["address"], "pid": p.pid} for p in self.dbproxies],
+            "taskservers": [{"address": p.info["address"], "pid": p.pid, "metrics_port": p.info["metrics_port"]}
+                            for p in self.taskservers],
+            "apiservers": [{"url": p.info["url"], "pid": p.pid} for p in self.apiservers],
+            "agents": [{"bk_agent_id": p.info.get("bk_agent_id", ""), "ip": p.info["ip"],
+                        "bk_cloud_id": p.info["bk_cloud_id"], "pid": p.pid, "data_dir": p.info["data_dir"],
+                        "run_dir": p.info["run_dir"]} for p in self.agents],
+            "processes": [{"name": p.name, "kind": p.kind, "pid": p.pid} for p in self.procs if p.alive()],
+            "logs_dir": str(self.base / "logs"),
+        }
+
+    def write_description(self) -> Path:
+        path = self.base / "cluster.json"
+        path.write_text(json.dumps(self.describe(), indent=2) + "\n")
+        return path
+
+    def stop(self) -> None:
+        """Stop everything: agents first, infrastructure last."""
+        order = {"agent": 0, "apiserver": 1, "taskserver": 2, "dbproxy": 3, "redis": 4, "zookeeper": 5}
+        for p in sorted(self.procs, key=lambda p: order.get(p.kind, 1)):
+            p.stop()
+
+    def logs(self, lines: int = 30) -> str:
+        return "\n".join(p.log_tail(lines) for p in self.procs)
+
+
+def stop_from_description(path: str | os.PathLike, timeout: float = 15.0) -> int:
+    """`gse dev down`: stop what a detached `gse dev up` started, from its cluster.json."""
+    desc = json.loads(Path(path).read_text())
+    order = {"agent": 0, "apiserver": 1, "taskserver": 2, "dbproxy": 3, "redis": 4, "zookeeper": 5}
+    procs = sorted(desc.get("processes", []), key=lambda p: order.get(p["kind"], 1))
+    stopped = 0
+    for p in procs:
+        try:
+            os.kill(p["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(p["pid"], 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            try:
+                os.kill(p["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        stopped += 1
+    return stopped

@@ -1,0 +1,14 @@
+"""python -m gse.taskserver --config FILE"""
+import sys
+
+from gse.common.service import main as _main
+
+from .server import TaskServerConfig, TaskServerService
+
+
+def main() -> int:
+    return _main(TaskServerService, TaskServerConfig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

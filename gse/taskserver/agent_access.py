@@ -1,0 +1,198 @@
+"""Agent access (48668): one long-lived bidirectional stream per agent.
+
+The agent opens the stream with its hello; the server answers Welcome (or Redirect to a less loaded
+peer), then the agent heartbeats. Outgoing frames are serialized once by whoever sends them and written
+as bytes (the response serializer is the identity), so a broadcast costs one serialization for all
+targets. A disconnected agent is written offline at once; a silent one is cut after `heartbeat_misses`
+intervals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from prometheus_client import Counter, Gauge
+
+from gse.common.agentstate import RUNNING, UNKNOWN, now_ms, valid_agent_id
+from gse.common.rpc import identity
+from gse.pb import agent_pb2 as pb
+
+from .session_store import SessionStore
+
+log = logging.getLogger("gse.taskserver.access")
+
+SESSIONS = Gauge("gse_taskserver_agent_sessions", "Agent streams held")
+ATTACHES = Counter("gse_taskserver_agent_attach_total", "Agent hellos accepted")
+REDIRECTS = Counter("gse_taskserver_agent_redirect_total", "Agents sent to a less loaded peer")
+REFUSED = Counter("gse_taskserver_agent_refused_total", "Agent streams refused", ["reason"])
+HEARTBEATS = Counter("gse_taskserver_heartbeat_total", "Heartbeats received")
+
+_CLOSE = object()
+
+
+@dataclass(eq=False)
+class AgentSession:
+    agent_id: str
+    cloud_id: int
+    ip: str
+    boot_id: int
+    peer: str
+    connected_at: float
+    last_seen: float
+    task: asyncio.Task | None = None
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    closed: bool = False
+
+    def send(self, frame_bytes: bytes) -> None:
+        """Queue a serialized ServerFrame for this agent (never blocks)."""
+        if not self.closed:
+            self.queue.put_nowait(frame_bytes)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.queue.put_nowait(_CLOSE)
+
+
+class AgentAccess:
+    SERVICE = "gse.pb.AgentAccess"
+
+    def __init__(self, node_id: str, parent_ip: str, parent_port: int, store: SessionStore, *,
+                 heartbeat_interval_s: float, heartbeat_misses: int, hello_timeout_s: float, balancer=None):
+        self.node_id = node_id
+        self.parent_ip = parent_ip
+        self.parent_port = parent_port
+        self.store = store
+        self.hb_interval_s = heartbeat_interval_s
+        self.hb_misses = heartbeat_misses
+        self.hello_timeout_s = hello_timeout_s
+        self.balancer = balancer
+        self.sessions: dict[str, AgentSession] = {}
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(self.SERVICE, {
+            "Connect": grpc.stream_stream_rpc_method_handler(
+                self.connect, request_deserializer=pb.AgentFrame.FromString, response_serializer=identity),
+        })
+
+    @property
+    def load(self) -> int:
+        return len(self.sessions)
+
+    def deadline_ms(self, at_ms: int) -> int:
+        return at_ms + int(self.hb_interval_s * 1000 * self.hb_misses) + 1000
+
+    # ---- one agent stream -------------------------------------------------------------------------
+
+    async def connect(self, request_iterator, context):
+        try:
+            first = await asyncio.wait_for(request_iterator.__anext__(), self.hello_timeout_s)
+        except (asyncio.TimeoutError, StopAsyncIteration):
+            REFUSED.labels("no_hello").inc()
+            return
+        if first.WhichOneof("body") != "hello":
+            REFUSED.labels("bad_hello").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be a hello")
+        hello = first.hello
+        if not valid_agent_id(hello.agent_id):
+            REFUSED.labels("bad_agent_id").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bk_agent_id must be 1-64 printable characters")
+
+        if self.balancer is not None and hello.redirects == 0:
+            target = self.balancer.redirect_target(hello.cloud_id, self.load + 1)
+            if target is not None:
+                REDIRECTS.inc()
+                yield pb.ServerFrame(redirect=pb.Redirect(address=target, reason="balance")).SerializeToString()
+                return
+
+        now = time.monotonic()
+        session = AgentSession(hello.agent_id, hello.cloud_id, hello.ip, hello.boot_id, context.peer(), now, now,
+                               task=asyncio.current_task())
+        old = self.sessions.get(hello.agent_id)
+        if old is not None:
+            old.close()  # the same agent reconnected: the newer stream wins
+            if old.task is not None:
+                old.task.cancel()
+        self.sessions[hello.agent_id] = session
+        SESSIONS.set(len(self.sessions))
+        ATTACHES.inc()
+        at = now_ms()
+        self.store.announce(hello.agent_id, hello.cloud_id, hello.ip, {
+            "agent_id": hello.agent_id, "cloud_id": hello.cloud_id, "ip": hello.ip, "hostname": hello.hostname,
+            "os": hello.os, "arch": hello.arch, "version": hello.version, "run_mode": hello.run_mode,
+            "start_time": hello.start_time_ms, "boot_id": hello.boot_id, "online": 1, "node": self.node_id,
+            "parent_ip": self.parent_ip, "parent_port": self.parent_port, "connect_time": at, "report_time": at,
+            "deadline": self.deadline_ms(at), "status_code": RUNNING, "peer": session.peer,
+        })
+        yield pb.ServerFrame(welcome=pb.Welcome(
+            node_id=self.node_id, heartbeat_interval_ms=int(self.hb_interval_s * 1000),
+            parent_ip=self.parent_ip, parent_port=self.parent_port)).SerializeToString()
+
+        reader = asyncio.ensure_future(self._read(session, request_iterator))
+        try:
+            while True:
+                item = await session.queue.get()
+                if item is _CLOSE:
+                    break
+                yield item
+        finally:
+            reader.cancel()
+            session.closed = True
+            if self.sessions.get(session.agent_id) is session:
+                del self.sessions[session.agent_id]
+                SESSIONS.set(len(self.sessions))
+                at = now_ms()
+                self.store.update(session.agent_id, {"online": 0, "status_code": UNKNOWN,
+                                                     "disconnect_time": at, "last_status_code": RUNNING})
+
+    async def _read(self, session: AgentSession, request_iterator) -> None:
+        try:
+            async for frame in request_iterator:
+                session.last_seen = time.monotonic()
+                kind = frame.WhichOneof("body")
+                if kind == "heartbeat":
+                    self._heartbeat(session, frame.heartbeat)
+        except (asyncio.CancelledError, grpc.aio.AioRpcError):
+            pass
+        except Exception:  # noqa: BLE001 - a broken frame ends this agent's stream, never the server
+            log.exception("agent stream failed", extra={"agent_id": session.agent_id})
+        finally:
+            session.close()
+
+    def _heartbeat(self, session: AgentSession, hb) -> None:
+        HEARTBEATS.inc()
+        at = now_ms()
+        h = hb.host
+        self.store.update(session.agent_id, {
+            "report_time": at, "deadline": self.deadline_ms(at), "online": 1,
+            "cpu_rate": round(hb.cpu_rate, 2), "mem_rate": round(hb.mem_rate, 2),
+            "host_cpu_rate": round(h.cpu_rate, 2), "host_mem_rate": round(h.mem_rate, 2),
+            "cpu_num": h.cpu_num, "mem_size": h.mem_size, "load1": round(h.load1, 2), "uptime_s": h.uptime_s,
+            "proc_count": h.proc_count, "disk_total": h.disk_total, "disk_used": h.disk_used,
+        })
+
+    # ---- housekeeping -----------------------------------------------------------------------------
+
+    async def sweep_loop(self) -> None:
+        """Cut agents that stayed silent for `heartbeat_misses` intervals."""
+        while True:
+            await asyncio.sleep(max(0.2, self.hb_interval_s / 2))
+            limit = time.monotonic() - self.hb_interval_s * self.hb_misses
+            for s in [s for s in self.sessions.values() if s.last_seen < limit]:
+                log.info("agent silent; closing its session", extra={"agent_id": s.agent_id})
+                s.close()
+
+    def redirect(self, sessions: list[AgentSession], address: str, reason: str) -> None:
+        frame = pb.ServerFrame(redirect=pb.Redirect(address=address, reason=reason)).SerializeToString()
+        for s in sessions:
+            s.send(frame)
+            s.close()
+        REDIRECTS.inc(len(sessions))
+
+    def close_all(self) -> None:
+        for s in list(self.sessions.values()):
+            s.close()

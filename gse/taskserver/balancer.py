@@ -1,0 +1,75 @@
+"""Balancing agents across task servers by connection count, within an area.
+
+Every task server publishes its load (agents held) in its ZooKeeper node. A hello arriving at a server
+that holds clearly more than its least loaded peer is redirected there; a server that holds clearly more
+than the average sheds some agents every round (a peer that just joined fills up this way). Redirects
+issued since the last load figure of a peer count towards that peer's load, so a burst of hellos does not
+all land on the same peer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("gse.taskserver.balance")
+
+
+class Balancer:
+    def __init__(self, node_id: str, area: int, *, slack: int, ratio: float, enabled: bool = True):
+        self.node_id = node_id
+        self.area = area
+        self.slack = slack
+        self.ratio = ratio
+        self.enabled = enabled
+        self.peers: dict[str, dict] = {}
+        self._sent: dict[str, int] = {}     # redirects to a peer since its last load figure
+
+    def on_view(self, view: dict[str, dict]) -> None:
+        for node_id, info in view.items():
+            old = self.peers.get(node_id)
+            if old is None or old.get("load") != info.get("load"):
+                self._sent.pop(node_id, None)
+        self.peers = {k: v for k, v in view.items() if k != self.node_id and v.get("area", 0) == self.area}
+
+    def _margin(self, load: int) -> float:
+        return max(self.slack, load * self.ratio)
+
+    def _estimated(self) -> list[tuple[int, str, str]]:
+        return sorted((int(info.get("load", 0)) + self._sent.get(nid, 0), nid, info["agent_address"])
+                      for nid, info in self.peers.items() if info.get("agent_address"))
+
+    def redirect_target(self, cloud_id: int, my_load: int) -> str | None:
+        if not self.enabled or cloud_id != self.area:
+            return None
+        peers = self._estimated()
+        if not peers:
+            return None
+        load, nid, address = peers[0]
+        if load + self._margin(my_load) < my_load:
+            self._sent[nid] = self._sent.get(nid, 0) + 1
+            return address
+        return None
+
+    def shed_plan(self, my_load: int, max_shed: int) -> list[tuple[str, int]]:
+        """How many agents to send to which peers this round: [(address, count)]."""
+        if not self.enabled:
+            return []
+        peers = self._estimated()
+        if not peers:
+            return []
+        total = my_load + sum(p[0] for p in peers)
+        avg = total / (len(peers) + 1)
+        excess = int(my_load - avg - self._margin(my_load) / 2)
+        if excess <= 0 or my_load - peers[0][0] <= self._margin(my_load):
+            return []
+        excess = min(excess, max_shed)
+        plan = []
+        for load, nid, address in peers:
+            room = int(avg - load)
+            if room <= 0 or excess <= 0:
+                continue
+            n = min(room, excess)
+            plan.append((address, n))
+            self._sent[nid] = self._sent.get(nid, 0) + n
+            excess -= n
+        return plan

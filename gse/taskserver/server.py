@@ -1,0 +1,150 @@
+"""The task server daemon: agent access point (48668), session keeper, balancer."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+
+from gse.common import rpc
+from gse.common.config import ConfigError, DbProxyClientConfig
+from gse.common.dbclient import DbClient
+from gse.common.discovery import Discovery
+from gse.common.service import BaseConfig, Service
+from gse.common.tls import TLSMaterial
+
+from .agent_access import AgentAccess
+from .balancer import Balancer
+from .session_store import SessionStore
+
+log = logging.getLogger("gse.taskserver")
+
+
+@dataclasses.dataclass(frozen=True)
+class BalanceConfig:
+    enabled: bool = True
+    slack: int = 50                 # never balance over a difference smaller than this many agents
+    ratio: float = 0.1              # ... or than this share of the local load
+    rebalance_interval_s: float = 30.0
+    max_shed_per_round: int = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskServerConfig(BaseConfig):
+    host: str = "127.0.0.1"
+    agent_port: int = 48668
+    advertise_host: str = ""            # what agents and peers dial; "" = host
+    area: int = 0                       # the bk_cloud_id this server serves
+    heartbeat_interval_s: float = 10.0
+    heartbeat_misses: int = 3
+    hello_timeout_s: float = 10.0
+    session_ttl_s: float = 7 * 86400
+    session_flush_interval_s: float = 0.05
+    load_report_interval_s: float = 2.0
+    balance: BalanceConfig = BalanceConfig()
+    dbproxy: DbProxyClientConfig = DbProxyClientConfig()
+
+    def validate(self) -> None:
+        super().validate()
+        if self.heartbeat_interval_s <= 0:
+            raise ConfigError("heartbeat_interval_s must be positive")
+        if self.heartbeat_misses < 1:
+            raise ConfigError("heartbeat_misses must be at least 1")
+
+
+class TaskServerService(Service):
+    name = "taskserver"
+
+    def __init__(self, config: TaskServerConfig, *args):
+        super().__init__(config, *args)
+        self.tls = TLSMaterial.load(config.tls)
+        self.discovery = Discovery(config.zookeeper)
+        self.db = DbClient(self.tls, config.dbproxy.addresses, config.dbproxy.timeout_s)
+        self.agent_server = None
+        self.agent_port = 0
+        self.access: AgentAccess | None = None
+        self.store: SessionStore | None = None
+        self.balancer: Balancer | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def advertise(self) -> str:
+        return self.config.advertise_host or self.config.host
+
+    @property
+    def node_id(self) -> str:
+        return self.config.node_id or f"{self.advertise}-{self.agent_port or self.config.agent_port}"
+
+    def health(self):
+        ok = self.access is not None and self.discovery.connected and bool(self.db.addresses)
+        return ok, {"service": self.name, "node_id": self.node_id, "agents": self.access.load if self.access else 0,
+                    "zookeeper": self.discovery.connected, "dbproxies": self.db.addresses}
+
+    def _registration(self) -> dict:
+        return {"agent_address": f"{self.advertise}:{self.agent_port}", "area": self.config.area,
+                "load": self.access.load if self.access else 0, "metrics": f"{self.config.metrics.host}:{self.ops.port}"}
+
+    async def start(self) -> None:
+        await super().start()
+        c = self.config
+        await self.discovery.start()
+        if not c.dbproxy.addresses:
+            await self.discovery.watch_service("dbproxy", self.db.on_view)
+        self.store = SessionStore(self.db, int(c.session_ttl_s * 1000), c.session_flush_interval_s)
+        self.agent_server = rpc.make_server(self.tls)
+        self.agent_port = rpc.bind(self.agent_server, self.tls, c.host, c.agent_port)
+        self.balancer = Balancer(self.node_id, c.area, slack=c.balance.slack, ratio=c.balance.ratio,
+                                 enabled=c.balance.enabled)
+        self.access = AgentAccess(self.node_id, self.advertise, self.agent_port, self.store,
+                                  heartbeat_interval_s=c.heartbeat_interval_s, heartbeat_misses=c.heartbeat_misses,
+                                  hello_timeout_s=c.hello_timeout_s, balancer=self.balancer)
+        self.agent_server.add_generic_rpc_handlers((self.access.handler(),))
+        health = rpc.add_health(self.agent_server)
+        await self.agent_server.start()
+        await rpc.set_serving(health, True)
+        await self.discovery.watch_service(self.name, self.balancer.on_view)
+        await self.discovery.register(self.name, self.node_id, self._registration())
+        log.info("task server serving", extra={"agent_port": self.agent_port, "node_id": self.node_id})
+
+    async def run(self) -> None:
+        self._tasks = [asyncio.ensure_future(t) for t in (
+            self.store.run(), self.access.sweep_loop(), self._report_load(), self._rebalance(),
+            self.discovery.refresh_loop(self.config.load_report_interval_s))]
+        await asyncio.gather(*self._tasks)
+
+    async def _report_load(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.load_report_interval_s)
+            await self.discovery.update(self.name, self.node_id, self._registration())
+
+    async def _rebalance(self) -> None:
+        c = self.config.balance
+        while True:
+            await asyncio.sleep(c.rebalance_interval_s)
+            plan = self.balancer.shed_plan(self.access.load, c.max_shed_per_round)
+            if not plan:
+                continue
+            # Shed the most recently attached agents: long-lived sessions stay where they are.
+            newest = sorted(self.access.sessions.values(), key=lambda s: s.connected_at, reverse=True)
+            pos = 0
+            for address, n in plan:
+                self.access.redirect(newest[pos:pos + n], address, "rebalance")
+                pos += n
+            log.info("rebalanced agents to peers", extra={"plan": plan})
+
+    async def apply_reload(self, new: TaskServerConfig) -> None:
+        b = new.balance
+        self.balancer.slack, self.balancer.ratio, self.balancer.enabled = b.slack, b.ratio, b.enabled
+
+    async def stop(self, grace: float) -> None:
+        await self.discovery.stop()
+        for t in self._tasks:
+            t.cancel()
+        if self.access is not None:
+            self.access.close_all()
+        if self.agent_server is not None:
+            await self.agent_server.stop(grace)
+        if self.store is not None:
+            await self.store.drain()
+        await self.db.close()
+        await super().stop(grace)
