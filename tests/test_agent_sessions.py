@@ -1,0 +1,184 @@
+"""Agents attach, heartbeat, go offline, fail over and get balanced: real daemons, real ZooKeeper and Redis."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from conftest import HEARTBEAT_S, api_for, start_agents
+
+from gse.devcluster import wait_for
+
+
+def test_agents_attach_alive_in_all_four_calls(cluster, api):
+    agents = start_agents(cluster, 3)
+    ids = [p.info["bk_agent_id"] for p in agents]
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    api.wait_alive(ids)
+
+    hosts = [{"ip": p.info["ip"], "bk_cloud_id": 0} for p in agents]
+    status = api.call("/api/c/compapi/v2/gse/get_agent_status", {"hosts": hosts})
+    assert status["result"] is True and status["code"] == 0
+    for p in agents:
+        assert status["data"][f"0:{p.info['ip']}"] == {"ip": p.info["ip"], "bk_cloud_id": 0, "bk_agent_alive": 1}
+
+    info = api.call("/api/c/compapi/v2/gse/get_agent_info", {"hosts": hosts})["data"]
+    ts_ports = {int(t.info["address"].rsplit(":", 1)[1]) for t in cluster.taskservers}
+    for p in agents:
+        entry = info[f"0:{p.info['ip']}"]
+        assert entry["version"] and entry["parent_ip"] == "127.0.0.1" and entry["parent_port"] in ts_ports
+
+    states = api.states(ids)
+    assert {s["status_code"] for s in states.values()} == {2}
+    assert all(s["run_mode"] == 1 and s["report_time"] > 0 for s in states.values())
+
+    # Both addressing forms work in v2 calls.
+    host_form = f"0:{agents[0].info['ip']}"
+    infos = api.infos([ids[1], host_form])
+    assert infos[host_form]["bk_host_ip"] == agents[0].info["ip"]
+    assert infos[ids[1]]["code"] == 0 and infos[ids[1]]["status"] == "running"
+    assert infos[ids[1]]["cpu_num"] >= 1 and infos[ids[1]]["mem_size"] > 0
+    assert infos[ids[1]]["bk_os_type"] == "linux"
+
+
+def test_agent_identity_survives_restart(cluster, api):
+    (agent,) = start_agents(cluster, 1)
+    first = agent.info["bk_agent_id"]
+    agent = cluster.restart(agent)
+    assert cluster.agent_id_of(agent) == first
+    api.wait_alive([first])
+
+
+def test_unknown_agents_omitted_or_not_found(cluster, api):
+    (agent,) = start_agents(cluster, 1)
+    aid = agent.info["bk_agent_id"]
+    api.wait_alive([aid])
+    r = api.call("/api/v2/cluster/list_agent_state", {"agent_id_list": [aid, "f" * 32]})
+    assert [d["bk_agent_id"] for d in r["data"]] == [aid]
+    r = api.call("/api/v2/cluster/list_agent_state", {"agent_id_list": ["e" * 32, "0:10.255.0.1"]})
+    assert r["code"] == 1011003 and r["result"] is False and r["data"] == []
+    r = api.call("/api/c/compapi/v2/gse/get_agent_status", {"hosts": [{"ip": "10.255.0.1", "bk_cloud_id": 0}]})
+    assert r["data"]["0:10.255.0.1"]["bk_agent_alive"] == 0
+
+
+def test_killed_agent_offline_at_once(cluster, api):
+    agents = start_agents(cluster, 2)
+    ids = [p.info["bk_agent_id"] for p in agents]
+    api.wait_alive(ids)
+    t0 = time.monotonic()
+    agents[0].kill()
+    api.wait_alive([ids[0]], timeout=5, alive=False)
+    # The stream ends with the process: no heartbeat bound is needed to notice.
+    assert time.monotonic() - t0 < HEARTBEAT_S * 3
+    assert api.states([ids[1]])[ids[1]]["status_code"] == 2
+
+
+def test_silent_agent_offline_after_missed_heartbeats(cluster, api):
+    (agent,) = start_agents(cluster, 1)
+    aid = agent.info["bk_agent_id"]
+    api.wait_alive([aid])
+    agent.signal(signal.SIGSTOP)        # the TCP connection stays open; only the heartbeats stop
+    try:
+        t0 = time.monotonic()
+        api.wait_alive([aid], timeout=HEARTBEAT_S * 3 + 6, alive=False)
+        assert time.monotonic() - t0 >= HEARTBEAT_S * 1.5   # not cut before heartbeats were really missed
+    finally:
+        agent.signal(signal.SIGCONT)
+    api.wait_alive([aid], timeout=20)
+
+
+def test_taskserver_killed_agents_reattach_elsewhere(cluster, api):
+    agents = start_agents(cluster, 4)
+    ids = [p.info["bk_agent_id"] for p in agents]
+    api.wait_alive(ids)
+    before = api.infos(ids)
+    victim = cluster.taskservers[0]
+    victim_port = int(victim.info["address"].rsplit(":", 1)[1])
+    survivor_port = int(cluster.taskservers[1].info["address"].rsplit(":", 1)[1])
+    moved = [i for i in ids if before[i]["parent_port"] == victim_port]
+    if not moved:  # all landed on the other server: kill that one instead
+        victim, victim_port, survivor_port = cluster.taskservers[1], survivor_port, victim_port
+        moved = ids
+    victim.kill()
+
+    def reattached():
+        infos = api.infos(ids)
+        return infos if all(infos[i]["status_code"] == 2 and infos[i]["parent_port"] == survivor_port
+                            for i in ids) else None
+
+    infos = wait_for(reattached, 30, "agents to reattach to the surviving task server", interval=0.2)
+    assert {infos[i]["parent_port"] for i in moved} == {survivor_port}
+
+
+def test_redirect_to_less_loaded_peer(make_cluster):
+    c = make_cluster()
+    c.start_dbproxy()
+    fast = {"balance": {"slack": 1, "ratio": 0.0, "rebalance_interval_s": 1.0}, "load_report_interval_s": 0.5}
+    first = c.start_taskserver(**fast)
+    c.start_apiserver()
+    api = api_for(c)
+    # Every agent only knows the first server.
+    agents = [c.start_agent(wait=False, servers=[first.info["address"]]) for _ in range(6)]
+    for p in agents:
+        c.wait_healthy(p)
+    ids = [p.info["bk_agent_id"] for p in agents]
+    api.wait_alive(ids)
+    second = c.start_taskserver(**fast)
+    second_port = int(second.info["address"].rsplit(":", 1)[1])
+
+    def balanced():
+        infos = api.infos(ids)
+        on_second = sum(1 for i in ids if infos[i]["parent_port"] == second_port and infos[i]["status_code"] == 2)
+        return on_second if on_second >= 2 and all(infos[i]["status_code"] == 2 for i in ids) else None
+
+    on_second = wait_for(balanced, 30, "agents shed to the new task server", interval=0.2)
+    assert 2 <= on_second <= 4
+
+
+def test_wrong_ca_agent_refused(cluster, api, tmp_path):
+    from gse.common.tls import init_certs
+
+    foreign = init_certs(tmp_path / "foreign")
+    (good,) = start_agents(cluster, 1)
+    cfg = cluster.agent_config(90, "127.0.0.90")
+    cfg["tls"] = {"ca": str(cluster.certs_dir / "ca.crt"), "cert": str(foreign / "agent.crt"),
+                  "key": str(foreign / "agent.key")}
+    bad = cluster.start_agent(index=90, ip="127.0.0.90", wait=False, config=cfg)
+    bad_id = cluster.agent_id_of(bad)
+    api.wait_alive([good.info["bk_agent_id"]])
+    time.sleep(3)
+    assert bad.alive()
+    assert bad_id not in api.states([bad_id, good.info["bk_agent_id"]])
+    assert "task server stream failed" in bad.log_path.read_text()
+
+
+def test_wrong_ca_client_refused_at_handshake(cluster, tmp_path):
+    import asyncio
+
+    import grpc
+
+    from gse.common.dbclient import DbClient, get
+    from gse.common.errors import Unavailable
+    from gse.common.tls import TLSMaterial, init_certs
+
+    foreign = init_certs(tmp_path / "foreign")
+    ca = (cluster.certs_dir / "ca.crt").read_bytes()
+    good = TLSMaterial(ca, (cluster.certs_dir / "client.crt").read_bytes(), (cluster.certs_dir / "client.key").read_bytes())
+    bad = TLSMaterial(ca, (foreign / "client.crt").read_bytes(), (foreign / "client.key").read_bytes())
+    addr = cluster.dbproxies[0].info["address"]
+
+    async def probe(tls):
+        client = DbClient(tls, [addr], timeout_s=3)
+        try:
+            return await client.execute([get("x")])
+        finally:
+            await client.close()
+
+    assert len(asyncio.run(probe(good))) == 1
+    try:
+        asyncio.run(probe(bad))
+    except Unavailable as exc:
+        assert "UNAVAILABLE" in str(exc) or "DEADLINE" in str(exc)
+    else:
+        raise AssertionError("a client certificate from another CA was accepted")
+    assert grpc  # imported for the status names in the message
