@@ -1,0 +1,1 @@
+"""Alarm: the elected leader reports agents whose heartbeat timed out (not built yet)."""

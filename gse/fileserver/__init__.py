@@ -1,0 +1,1 @@
+"""File server: BitTorrent tracker and transfer scoping for file distribution."""

@@ -1,0 +1,1 @@
+"""Process manager: plugin/service registration and operations on hosts (not built yet)."""

@@ -1,0 +1,1 @@
+"""Proxy (PA): agent access and transit for a cloud area (not built yet)."""
