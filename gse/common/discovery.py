@@ -18,7 +18,7 @@ import logging
 from typing import Any, Awaitable, Callable
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import NoNodeError, NodeExistsError
+from kazoo.exceptions import KazooException, NoNodeError, NodeExistsError
 from kazoo.protocol.states import KazooState
 from kazoo.retry import KazooRetry
 
@@ -174,11 +174,15 @@ class Discovery:
         if self._registrations.get(path) == data:
             return
         self._registrations[path] = data
-        if self.connected:
+        if not self.connected:
+            return          # applied by _restore() once connected again
+        try:
             try:
                 await self._aio(self.zk.set_async(path, data))
             except NoNodeError:
                 await self._create_ephemeral(path, data)
+        except KazooException as exc:
+            log.debug("registration update deferred", extra={"path": path, "error": repr(exc)})
 
     async def unregister(self, service: str, node_id: str) -> None:
         path = self.path(service, node_id)
@@ -186,8 +190,8 @@ class Discovery:
         if self.connected:
             try:
                 await self._aio(self.zk.delete_async(path))
-            except NoNodeError:
-                pass
+            except KazooException:
+                pass        # gone already, or goes with the session
 
     # ---- service watches --------------------------------------------------------------------------
 

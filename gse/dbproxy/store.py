@@ -18,6 +18,8 @@ import zlib
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, TimeoutError as RedisTimeoutError
 
@@ -88,7 +90,10 @@ class ShardedStore:
             host, _, port = addr.rpartition(":")
             client = aioredis.Redis(host=host or "127.0.0.1", port=int(port), password=password or None,
                                     socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                    max_connections=64, health_check_interval=0)
+                                    max_connections=64, health_check_interval=0,
+                                    # Fail fast: a dead node is skipped and probed, never retried inline
+                                    # (retrying would stall every batch that touches it).
+                                    retry=Retry(NoBackoff(), 0))
             self.nodes[addr] = Node(addr, client)
         self.ring = Ring(list(self.nodes))
         self.ops_total = 0
@@ -219,7 +224,11 @@ class ShardedStore:
 
     async def _run(self, plan: _Plan):
         try:
-            return await plan.pipe.execute(raise_on_error=False)
+            replies = await plan.pipe.execute(raise_on_error=False)
+            lost = next((r for r in replies if isinstance(r, TRANSIENT)), None)
+            if lost is not None:
+                raise lost
+            return replies
         except TRANSIENT as exc:
             self._mark_down(plan.node, exc)
             return exc
