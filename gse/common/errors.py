@@ -42,3 +42,4 @@ class NotFound(GseError):
 class Unavailable(GseError):
     """A dependency (dbproxy, a task server) cannot be reached right now."""
     code = API_UNAVAILABLE
+    http_status = 503

@@ -33,7 +33,7 @@ UP = Gauge("gse_up", "1 while the daemon is serving", ["service"])
 @dataclasses.dataclass(frozen=True)
 class BaseConfig:
     """Sections every server daemon has."""
-    node_id: str = ""          # "" = <hostname>-<main port>
+    node_id: str = ""          # "" = <advertised host>-<main port>
     log: LogConfig = LogConfig()
     tls: TLSConfig = TLSConfig()
     zookeeper: ZooKeeperConfig = ZooKeeperConfig()
@@ -42,6 +42,9 @@ class BaseConfig:
 
     def validate(self) -> None:
         self.tls.require()
+        host = getattr(self, "host", "")
+        if host in ("0.0.0.0", "::", "") and not getattr(self, "advertise_host", "x"):
+            raise ConfigError(f"host is {host or 'empty'}: set advertise_host to the address peers and agents dial")
 
 
 def sd_notify(state: str) -> bool:

@@ -34,7 +34,7 @@ class DbProxyConfig(BaseConfig):
     advertise_host: str = ""           # "" = host
     redis: tuple[str, ...] = ("127.0.0.1:6379",)
     redis_password: str = ""
-    replicas: int = 2
+    replicas: int = 1
     key_prefix: str = ""
     warmup_s: float = 30.0
     probe_interval_s: float = 1.0
@@ -49,8 +49,8 @@ class DbProxyConfig(BaseConfig):
             host, _, port = addr.rpartition(":")
             if not host or not port.isdigit():
                 raise ConfigError(f"redis: '{addr}' is not host:port")
-        if self.replicas < 1:
-            raise ConfigError("replicas must be at least 1")
+        if not 1 <= self.replicas <= len(self.redis):
+            raise ConfigError(f"replicas must be between 1 and the number of redis nodes ({len(self.redis)})")
 
 
 class DbProxyServicer(pb_grpc.DbProxyServicer):
