@@ -214,7 +214,7 @@ class Cluster:
                          **overrides) -> Proc:
         port, mport = port or free_port(), free_port()
         name = name or f"taskserver-{len(self.taskservers) + 1}"
-        cfg = {**self._common(mport), "host": "127.0.0.1", "agent_port": port,
+        cfg = {**self._common(mport), "host": "127.0.0.1", "agent_port": port, "task_port": free_port(),
                "heartbeat_interval_s": self.heartbeat_interval_s, "heartbeat_misses": self.heartbeat_misses,
                **overrides}
         proc = self._daemon("taskserver", name, cfg, {"address": f"127.0.0.1:{port}"})

@@ -16,6 +16,9 @@ from gse.common.tls import TLSMaterial
 from .agent_endpoints import AgentEndpoints
 from .agents_view import AgentsView
 from .app import Api
+from .command_guard import CommandGuard
+from .task_endpoints import TaskEndpoints
+from .taskservers import TaskServers
 
 log = logging.getLogger("gse.apiserver")
 
@@ -29,6 +32,9 @@ class ApiServerConfig(BaseConfig):
     apps: dict[str, str] = dataclasses.field(default_factory=dict)
     max_hosts_per_call: int = 5000
     max_body_bytes: int = 64 * 1024 * 1024
+    result_ttl_s: float = 86400              # task records written by the API server
+    offline_grace_s: float = 30.0            # an unfinished item of an agent offline this long reads as 117
+    taskserver_timeout_s: float = 10.0
     dbproxy: DbProxyClientConfig = DbProxyClientConfig()
 
     def validate(self) -> None:
@@ -48,6 +54,8 @@ class ApiServerService(Service):
         self.runner: web.AppRunner | None = None
         self.port = 0
         self.api: Api | None = None
+        self.taskservers = TaskServers(self.tls, config.taskserver_timeout_s)
+        self.guard = CommandGuard()
 
     @property
     def node_id(self) -> str:
@@ -67,7 +75,12 @@ class ApiServerService(Service):
 
     def build_api(self) -> Api:
         api = Api(self.apps, self.config.max_body_bytes)
-        AgentEndpoints(AgentsView(self.db), self.config.max_hosts_per_call).register(api)
+        c = self.config
+        view = AgentsView(self.db)
+        AgentEndpoints(view, c.max_hosts_per_call).register(api)
+        TaskEndpoints(view, self.taskservers, self.guard, max_hosts=c.max_hosts_per_call,
+                      result_ttl_ms=int(c.result_ttl_s * 1000),
+                      offline_grace_ms=int(c.offline_grace_s * 1000)).register(api)
         return api
 
     async def start(self) -> None:
@@ -75,6 +88,8 @@ class ApiServerService(Service):
         c = self.config
         await self.discovery.start()
         await self.discovery.watch_config("apps")
+        await self.discovery.watch_config("command_rules", self.guard.apply_config)
+        await self.discovery.watch_service("taskserver", self.taskservers.on_view)
         if not c.dbproxy.addresses:
             await self.discovery.watch_service("dbproxy", self.db.on_view)
         self.api = self.build_api()
@@ -93,4 +108,5 @@ class ApiServerService(Service):
         if self.runner is not None:
             await self.runner.cleanup()
         await self.db.close()
+        await self.taskservers.close()
         await super().stop(grace)

@@ -101,6 +101,10 @@ def getrange(key: str, start: int, stop: int) -> Op:
     return Op(kind=K.GETRANGE, key=key, start=start, stop=stop)
 
 
+def setrange(key: str, offset: int, value, ttl_ms: int = 0) -> Op:
+    return Op(kind=K.SETRANGE, key=key, start=offset, value=_b(value), ttl_ms=ttl_ms)
+
+
 def strlen(key: str) -> Op:
     return Op(kind=K.STRLEN, key=key)
 

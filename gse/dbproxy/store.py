@@ -245,6 +245,8 @@ def _check(op) -> None:
         raise ValueError(f"{K.Name(op.kind)} needs members")
     if op.kind in (K.HMGET, K.HDEL) and not op.names:
         raise ValueError(f"{K.Name(op.kind)} needs names")
+    if op.kind == K.SETRANGE and op.start < 0:
+        raise ValueError("SETRANGE needs start >= 0")
     if op.kind == K.EXPIRE and op.ttl_ms <= 0:
         raise ValueError("EXPIRE needs ttl_ms > 0")
 
@@ -292,9 +294,11 @@ def _queue(pipe, op, prefix: str) -> int:
         pipe.strlen(key)
     elif k == K.EXISTS:
         pipe.exists(key)
+    elif k == K.SETRANGE:
+        pipe.setrange(key, op.start, op.value)
     else:
         raise ValueError(f"unknown op kind {k}")
-    if ttl > 0 and k in (K.HSET, K.SADD, K.RPUSH, K.INCRBY, K.APPEND):
+    if ttl > 0 and k in (K.HSET, K.SADD, K.RPUSH, K.INCRBY, K.APPEND, K.SETRANGE):
         pipe.pexpire(key, ttl)
         return 2
     return 1
@@ -322,7 +326,7 @@ def _fill(result: pb.Result, op, reply) -> None:
     elif k == K.LRANGE:
         result.values.extend(reply)
         result.found = bool(reply)
-    elif k in (K.DEL, K.HDEL, K.SADD, K.SREM, K.RPUSH, K.INCRBY, K.APPEND, K.STRLEN, K.EXISTS):
+    elif k in (K.DEL, K.HDEL, K.SADD, K.SREM, K.RPUSH, K.INCRBY, K.APPEND, K.STRLEN, K.EXISTS, K.SETRANGE):
         result.integer = int(reply)
         result.found = bool(reply) if k in (K.EXISTS, K.STRLEN) else True
     elif k == K.HSET:

@@ -1,6 +1,7 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -65,13 +66,121 @@ class Heartbeat(_message.Message):
     host: HostSnapshot
     def __init__(self, seq: _Optional[int] = ..., cpu_rate: _Optional[float] = ..., mem_rate: _Optional[float] = ..., host: _Optional[_Union[HostSnapshot, _Mapping]] = ...) -> None: ...
 
+class TaskScript(_message.Message):
+    __slots__ = ("name", "store_dir", "content")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STORE_DIR_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    store_dir: str
+    content: bytes
+    def __init__(self, name: _Optional[str] = ..., store_dir: _Optional[str] = ..., content: _Optional[bytes] = ...) -> None: ...
+
+class AtomicTask(_message.Message):
+    __slots__ = ("atomic_task_id", "command", "timeout_seconds", "depends_on")
+    ATOMIC_TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEPENDS_ON_FIELD_NUMBER: _ClassVar[int]
+    atomic_task_id: int
+    command: str
+    timeout_seconds: int
+    depends_on: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, atomic_task_id: _Optional[int] = ..., command: _Optional[str] = ..., timeout_seconds: _Optional[int] = ..., depends_on: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TaskRequest(_message.Message):
+    __slots__ = ("task_id", "user", "scripts", "atomic_tasks", "created_ms", "max_output_bytes")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    SCRIPTS_FIELD_NUMBER: _ClassVar[int]
+    ATOMIC_TASKS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    user: str
+    scripts: _containers.RepeatedCompositeFieldContainer[TaskScript]
+    atomic_tasks: _containers.RepeatedCompositeFieldContainer[AtomicTask]
+    created_ms: int
+    max_output_bytes: int
+    def __init__(self, task_id: _Optional[str] = ..., user: _Optional[str] = ..., scripts: _Optional[_Iterable[_Union[TaskScript, _Mapping]]] = ..., atomic_tasks: _Optional[_Iterable[_Union[AtomicTask, _Mapping]]] = ..., created_ms: _Optional[int] = ..., max_output_bytes: _Optional[int] = ...) -> None: ...
+
+class TerminateTask(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
+class TaskOutput(_message.Message):
+    __slots__ = ("task_id", "atomic_task_id", "offset", "data")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ATOMIC_TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    atomic_task_id: int
+    offset: int
+    data: bytes
+    def __init__(self, task_id: _Optional[str] = ..., atomic_task_id: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class TaskItemResult(_message.Message):
+    __slots__ = ("task_id", "atomic_task_id", "status", "error_code", "error_msg", "start_time_ms", "end_time_ms", "exit_code", "has_exit_code", "output_size", "truncated", "final")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ATOMIC_TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MSG_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    HAS_EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    atomic_task_id: int
+    status: int
+    error_code: int
+    error_msg: str
+    start_time_ms: int
+    end_time_ms: int
+    exit_code: int
+    has_exit_code: bool
+    output_size: int
+    truncated: bool
+    final: bool
+    def __init__(self, task_id: _Optional[str] = ..., atomic_task_id: _Optional[int] = ..., status: _Optional[int] = ..., error_code: _Optional[int] = ..., error_msg: _Optional[str] = ..., start_time_ms: _Optional[int] = ..., end_time_ms: _Optional[int] = ..., exit_code: _Optional[int] = ..., has_exit_code: _Optional[bool] = ..., output_size: _Optional[int] = ..., truncated: _Optional[bool] = ..., final: _Optional[bool] = ...) -> None: ...
+
+class TaskReport(_message.Message):
+    __slots__ = ("outputs", "results")
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    outputs: _containers.RepeatedCompositeFieldContainer[TaskOutput]
+    results: _containers.RepeatedCompositeFieldContainer[TaskItemResult]
+    def __init__(self, outputs: _Optional[_Iterable[_Union[TaskOutput, _Mapping]]] = ..., results: _Optional[_Iterable[_Union[TaskItemResult, _Mapping]]] = ...) -> None: ...
+
+class ItemRef(_message.Message):
+    __slots__ = ("task_id", "atomic_task_id")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ATOMIC_TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    atomic_task_id: int
+    def __init__(self, task_id: _Optional[str] = ..., atomic_task_id: _Optional[int] = ...) -> None: ...
+
+class ResultAck(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ItemRef]
+    def __init__(self, items: _Optional[_Iterable[_Union[ItemRef, _Mapping]]] = ...) -> None: ...
+
 class AgentFrame(_message.Message):
-    __slots__ = ("hello", "heartbeat")
+    __slots__ = ("hello", "heartbeat", "report")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
     hello: AgentHello
     heartbeat: Heartbeat
-    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    report: TaskReport
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., report: _Optional[_Union[TaskReport, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("node_id", "heartbeat_interval_ms", "parent_ip", "parent_port")
@@ -94,9 +203,15 @@ class Redirect(_message.Message):
     def __init__(self, address: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ServerFrame(_message.Message):
-    __slots__ = ("welcome", "redirect")
+    __slots__ = ("welcome", "redirect", "task", "terminate", "ack")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     REDIRECT_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    TERMINATE_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     redirect: Redirect
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ...) -> None: ...
+    task: TaskRequest
+    terminate: TerminateTask
+    ack: ResultAck
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., task: _Optional[_Union[TaskRequest, _Mapping]] = ..., terminate: _Optional[_Union[TerminateTask, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ...) -> None: ...

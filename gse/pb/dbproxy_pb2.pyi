@@ -29,6 +29,7 @@ class Op(_message.Message):
         GETRANGE: _ClassVar[Op.Kind]
         STRLEN: _ClassVar[Op.Kind]
         EXISTS: _ClassVar[Op.Kind]
+        SETRANGE: _ClassVar[Op.Kind]
     GET: Op.Kind
     SET: Op.Kind
     DEL: Op.Kind
@@ -47,6 +48,7 @@ class Op(_message.Message):
     GETRANGE: Op.Kind
     STRLEN: Op.Kind
     EXISTS: Op.Kind
+    SETRANGE: Op.Kind
     class FieldsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 import grpc
 from prometheus_client import Counter, Gauge
 
-from gse.common.agentstate import RUNNING, UNKNOWN, now_ms, valid_agent_id
+from gse.common import dbclient as db
+from gse.common.agentstate import AGENTS_SET, RUNNING, UNKNOWN, agent_key, ip_key, now_ms, valid_agent_id
 from gse.common.rpc import identity
 from gse.pb import agent_pb2 as pb
 
-from .session_store import SessionStore
+from .batch_writer import BatchWriter
 
 log = logging.getLogger("gse.taskserver.access")
 
@@ -61,12 +62,16 @@ class AgentSession:
 class AgentAccess:
     SERVICE = "gse.pb.AgentAccess"
 
-    def __init__(self, node_id: str, parent_ip: str, parent_port: int, store: SessionStore, *,
-                 heartbeat_interval_s: float, heartbeat_misses: int, hello_timeout_s: float, balancer=None):
+    def __init__(self, node_id: str, parent_ip: str, parent_port: int, writer: BatchWriter, *,
+                 session_ttl_ms: int, heartbeat_interval_s: float, heartbeat_misses: int, hello_timeout_s: float,
+                 balancer=None, on_report=None, on_attach=None):
         self.node_id = node_id
         self.parent_ip = parent_ip
         self.parent_port = parent_port
-        self.store = store
+        self.writer = writer
+        self.ttl_ms = session_ttl_ms
+        self.on_report = on_report          # (session, TaskReport) -> None
+        self.on_attach = on_attach          # (session) -> None
         self.hb_interval_s = heartbeat_interval_s
         self.hb_misses = heartbeat_misses
         self.hello_timeout_s = hello_timeout_s
@@ -121,16 +126,20 @@ class AgentAccess:
         SESSIONS.set(len(self.sessions))
         ATTACHES.inc()
         at = now_ms()
-        self.store.announce(hello.agent_id, hello.cloud_id, hello.ip, {
+        self.writer.add([db.set_(ip_key(hello.cloud_id, hello.ip), hello.agent_id, self.ttl_ms),
+                         db.sadd(AGENTS_SET, [hello.agent_id], self.ttl_ms)])
+        self.writer.hset(agent_key(hello.agent_id), {
             "agent_id": hello.agent_id, "cloud_id": hello.cloud_id, "ip": hello.ip, "hostname": hello.hostname,
             "os": hello.os, "arch": hello.arch, "version": hello.version, "run_mode": hello.run_mode,
             "start_time": hello.start_time_ms, "boot_id": hello.boot_id, "online": 1, "node": self.node_id,
             "parent_ip": self.parent_ip, "parent_port": self.parent_port, "connect_time": at, "report_time": at,
             "deadline": self.deadline_ms(at), "status_code": RUNNING, "peer": session.peer,
-        })
+        }, self.ttl_ms)
         yield pb.ServerFrame(welcome=pb.Welcome(
             node_id=self.node_id, heartbeat_interval_ms=int(self.hb_interval_s * 1000),
             parent_ip=self.parent_ip, parent_port=self.parent_port)).SerializeToString()
+        if self.on_attach is not None:
+            self.on_attach(session)
 
         reader = asyncio.ensure_future(self._read(session, request_iterator))
         try:
@@ -146,8 +155,9 @@ class AgentAccess:
                 del self.sessions[session.agent_id]
                 SESSIONS.set(len(self.sessions))
                 at = now_ms()
-                self.store.update(session.agent_id, {"online": 0, "status_code": UNKNOWN,
-                                                     "disconnect_time": at, "last_status_code": RUNNING})
+                self.writer.hset(agent_key(session.agent_id), {
+                    "online": 0, "status_code": UNKNOWN, "disconnect_time": at, "last_status_code": RUNNING},
+                    self.ttl_ms)
 
     async def _read(self, session: AgentSession, request_iterator) -> None:
         try:
@@ -156,6 +166,8 @@ class AgentAccess:
                 kind = frame.WhichOneof("body")
                 if kind == "heartbeat":
                     self._heartbeat(session, frame.heartbeat)
+                elif kind == "report" and self.on_report is not None:
+                    self.on_report(session, frame.report)
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass
         except Exception:  # noqa: BLE001 - a broken frame ends this agent's stream, never the server
@@ -167,13 +179,13 @@ class AgentAccess:
         HEARTBEATS.inc()
         at = now_ms()
         h = hb.host
-        self.store.update(session.agent_id, {
+        self.writer.hset(agent_key(session.agent_id), {
             "report_time": at, "deadline": self.deadline_ms(at), "online": 1,
             "cpu_rate": round(hb.cpu_rate, 2), "mem_rate": round(hb.mem_rate, 2),
             "host_cpu_rate": round(h.cpu_rate, 2), "host_mem_rate": round(h.mem_rate, 2),
             "cpu_num": h.cpu_num, "mem_size": h.mem_size, "load1": round(h.load1, 2), "uptime_s": h.uptime_s,
             "proc_count": h.proc_count, "disk_total": h.disk_total, "disk_used": h.disk_used,
-        })
+        }, self.ttl_ms)
 
     # ---- housekeeping -----------------------------------------------------------------------------
 

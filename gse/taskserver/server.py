@@ -12,10 +12,12 @@ from gse.common.dbclient import DbClient
 from gse.common.discovery import Discovery
 from gse.common.service import BaseConfig, Service
 from gse.common.tls import TLSMaterial
+from gse.pb import taskserver_pb2_grpc as task_pb_grpc
 
 from .agent_access import AgentAccess
 from .balancer import Balancer
-from .session_store import SessionStore
+from .batch_writer import BatchWriter
+from .tasks import ResultRecorder, TaskService
 
 log = logging.getLogger("gse.taskserver")
 
@@ -33,12 +35,14 @@ class BalanceConfig:
 class TaskServerConfig(BaseConfig):
     host: str = "127.0.0.1"
     agent_port: int = 48668
+    task_port: int = 48669              # internal task API (the API server dispatches here)
     advertise_host: str = ""            # what agents and peers dial; "" = host
     area: int = 0                       # the bk_cloud_id this server serves
     heartbeat_interval_s: float = 10.0
     heartbeat_misses: int = 3
     hello_timeout_s: float = 10.0
     session_ttl_s: float = 7 * 86400
+    result_ttl_s: float = 86400         # task results and output
     session_flush_interval_s: float = 0.05
     load_report_interval_s: float = 2.0
     balance: BalanceConfig = BalanceConfig()
@@ -61,9 +65,11 @@ class TaskServerService(Service):
         self.discovery = Discovery(config.zookeeper)
         self.db = DbClient(self.tls, config.dbproxy.addresses, config.dbproxy.timeout_s)
         self.agent_server = None
+        self.task_server = None
         self.agent_port = 0
+        self.task_port = 0
         self.access: AgentAccess | None = None
-        self.store: SessionStore | None = None
+        self.writer: BatchWriter | None = None
         self.balancer: Balancer | None = None
         self._tasks: list[asyncio.Task] = []
 
@@ -81,7 +87,8 @@ class TaskServerService(Service):
                     "zookeeper": self.discovery.connected, "dbproxies": self.db.addresses}
 
     def _registration(self) -> dict:
-        return {"agent_address": f"{self.advertise}:{self.agent_port}", "area": self.config.area,
+        return {"agent_address": f"{self.advertise}:{self.agent_port}",
+                "task_address": f"{self.advertise}:{self.task_port}", "area": self.config.area,
                 "load": self.access.load if self.access else 0, "metrics": f"{self.config.metrics.host}:{self.ops.port}"}
 
     async def start(self) -> None:
@@ -90,25 +97,33 @@ class TaskServerService(Service):
         await self.discovery.start()
         if not c.dbproxy.addresses:
             await self.discovery.watch_service("dbproxy", self.db.on_view)
-        self.store = SessionStore(self.db, int(c.session_ttl_s * 1000), c.session_flush_interval_s)
+        self.writer = BatchWriter(self.db, c.session_flush_interval_s)
         self.agent_server = rpc.make_server(self.tls)
         self.agent_port = rpc.bind(self.agent_server, self.tls, c.host, c.agent_port)
         self.balancer = Balancer(self.node_id, c.area, slack=c.balance.slack, ratio=c.balance.ratio,
                                  enabled=c.balance.enabled)
-        self.access = AgentAccess(self.node_id, self.advertise, self.agent_port, self.store,
-                                  heartbeat_interval_s=c.heartbeat_interval_s, heartbeat_misses=c.heartbeat_misses,
-                                  hello_timeout_s=c.hello_timeout_s, balancer=self.balancer)
+        self.access = AgentAccess(self.node_id, self.advertise, self.agent_port, self.writer,
+                                  session_ttl_ms=int(c.session_ttl_s * 1000), heartbeat_interval_s=c.heartbeat_interval_s, heartbeat_misses=c.heartbeat_misses,
+                                  hello_timeout_s=c.hello_timeout_s, balancer=self.balancer,
+                                  on_report=ResultRecorder(self.writer, int(c.result_ttl_s * 1000)).on_report)
         self.agent_server.add_generic_rpc_handlers((self.access.handler(),))
         health = rpc.add_health(self.agent_server)
+        self.task_server = rpc.make_server(self.tls)
+        self.task_port = rpc.bind(self.task_server, self.tls, c.host, c.task_port)
+        task_pb_grpc.add_TaskServiceServicer_to_server(TaskService(self.access), self.task_server)
+        task_health = rpc.add_health(self.task_server)
         await self.agent_server.start()
+        await self.task_server.start()
         await rpc.set_serving(health, True)
+        await rpc.set_serving(task_health, True)
         await self.discovery.watch_service(self.name, self.balancer.on_view)
         await self.discovery.register(self.name, self.node_id, self._registration())
-        log.info("task server serving", extra={"agent_port": self.agent_port, "node_id": self.node_id})
+        log.info("task server serving",
+                 extra={"agent_port": self.agent_port, "task_port": self.task_port, "node_id": self.node_id})
 
     async def run(self) -> None:
         self._tasks = [asyncio.ensure_future(t) for t in (
-            self.store.run(), self.access.sweep_loop(), self._report_load(), self._rebalance(),
+            self.writer.run(), self.access.sweep_loop(), self._report_load(), self._rebalance(),
             self.discovery.refresh_loop(self.config.load_report_interval_s))]
         await asyncio.gather(*self._tasks)
 
@@ -118,8 +133,8 @@ class TaskServerService(Service):
             await self.discovery.update(self.name, self.node_id, self._registration())
 
     async def _rebalance(self) -> None:
-        c = self.config.balance
         while True:
+            c = self.config.balance          # read every round: SIGHUP changes apply
             await asyncio.sleep(c.rebalance_interval_s)
             plan = self.balancer.shed_plan(self.access.load, c.max_shed_per_round)
             if not plan:
@@ -142,9 +157,11 @@ class TaskServerService(Service):
             t.cancel()
         if self.access is not None:
             self.access.close_all()
+        if self.task_server is not None:
+            await self.task_server.stop(grace)
         if self.agent_server is not None:
             await self.agent_server.stop(grace)
-        if self.store is not None:
-            await self.store.drain()
+        if self.writer is not None:
+            await self.writer.drain()
         await self.db.close()
         await super().stop(grace)

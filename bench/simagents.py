@@ -1,0 +1,205 @@
+"""Simulated agents: many agents in one process, speaking the real agent protocol over real mutual TLS.
+
+Each simulated agent has its own bk_agent_id and leaves from its own 127.x.y.z address (through the same
+source-address relay the real agent uses), holds one stream to a task server, heartbeats like a real
+agent (a fixed host snapshot instead of sampling the host), follows redirects and reconnects with
+full-jitter backoff. Run several of these processes to hold more agents than one process may open files.
+
+    python bench/simagents.py --servers 127.0.0.1:48668 --certs DIR --count 1000 --first 0 --tag ab12
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import os
+import random
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import grpc  # noqa: E402
+
+from gse.agent.relay import SourceRelay  # noqa: E402
+from gse.common import rpc  # noqa: E402
+from gse.common.rpc import identity  # noqa: E402
+from gse.common.tls import TLSMaterial  # noqa: E402
+from gse.pb import agent_pb2 as pb  # noqa: E402
+
+CONNECT = "/gse.pb.AgentAccess/Connect"
+BASE_IP = int(ipaddress.ip_address("127.64.0.0"))
+
+
+def agent_id(tag: str, i: int) -> str:
+    return f"{tag}{i:0{32 - len(tag)}x}"
+
+
+def agent_ip(i: int) -> str:
+    return str(ipaddress.ip_address(BASE_IP + i + 1))
+
+
+class Stats:
+    def __init__(self):
+        self.attached = 0
+        self.connects = 0
+        self.redirects = 0
+        self.failures = 0
+
+
+class SimAgent:
+    def __init__(self, i: int, tag: str, servers: list[str], tls: TLSMaterial, stats: Stats,
+                 heartbeat_s: float, use_relay: bool):
+        self.i = i
+        self.id = agent_id(tag, i)
+        self.ip = agent_ip(i)
+        self.servers = servers
+        self.tls = tls
+        self.stats = stats
+        self.heartbeat_s = heartbeat_s
+        self.relay = SourceRelay(self.ip) if use_relay else None
+        self.server: str | None = None
+        self.hello_fields = dict(agent_id=self.id, cloud_id=0, ip=self.ip, hostname=f"sim-{i}", os="linux",
+                                 arch="x86_64", version="0.1.0-sim", run_mode=1,
+                                 start_time_ms=int(time.time() * 1000), boot_id=random.getrandbits(62))
+        snap = pb.HostSnapshot(cpu_num=2, mem_size=8 << 30, cpu_rate=3.0, mem_rate=40.0, load1=0.1,
+                               uptime_s=3600, proc_count=100, disk_total=100 << 30, disk_used=10 << 30)
+        self.heartbeat = pb.AgentFrame(heartbeat=pb.Heartbeat(seq=1, cpu_rate=0.1, mem_rate=0.2,
+                                                              host=snap)).SerializeToString()
+
+    def hello(self, redirects: int) -> bytes:
+        return pb.AgentFrame(hello=pb.AgentHello(redirects=redirects, **self.hello_fields)).SerializeToString()
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        if self.relay is None:
+            return rpc.make_channel(self.tls, address)
+        host, _, port = address.rpartition(":")
+        self.relay.target = (host, int(port))
+        return rpc.make_channel(self.tls, self.relay.grpc_target,
+                                [("grpc.ssl_target_name_override", host), ("grpc.default_authority", address)])
+
+    async def run(self) -> None:
+        if self.relay is not None:
+            await self.relay.start()
+        idx = self.i % len(self.servers)
+        attempt, redirect, redirects = 0, None, 0
+        while True:
+            address = redirect or self.servers[idx % len(self.servers)]
+            went, connected_s = await self.session(address, redirects)
+            if went and redirects < 3:
+                redirect, redirects = went, redirects + 1
+                continue
+            redirect, redirects = None, 0
+            if connected_s > 10:
+                attempt = 0
+            idx += 1
+            await asyncio.sleep(random.uniform(0, min(30.0, 1.0 * 2 ** attempt)))
+            attempt += 1
+
+    async def session(self, address: str, redirects: int) -> tuple[str | None, float]:
+        channel = self.channel(address)
+        call = channel.stream_stream(CONNECT, request_serializer=identity,
+                                     response_deserializer=pb.ServerFrame.FromString)()
+        self.stats.connects += 1
+        started = 0.0
+        beat = None
+        try:
+            await call.write(self.hello(redirects))
+            first = await asyncio.wait_for(call.read(), 30)
+            if first is grpc.aio.EOF:
+                return None, 0.0
+            if first.WhichOneof("body") == "redirect":
+                self.stats.redirects += 1
+                return first.redirect.address, 0.0
+            started = time.monotonic()
+            self.server = address
+            self.stats.attached += 1
+            interval = first.welcome.heartbeat_interval_ms / 1000 or self.heartbeat_s
+            beat = asyncio.ensure_future(self.beat(call, interval))
+            while True:
+                frame = await call.read()
+                if frame is grpc.aio.EOF:
+                    break
+                if frame.WhichOneof("body") == "redirect":
+                    return frame.redirect.address, time.monotonic() - started
+                await self.on_frame(call, frame)
+        except (grpc.aio.AioRpcError, asyncio.TimeoutError):
+            self.stats.failures += 1
+        finally:
+            if beat is not None:
+                beat.cancel()
+            if started:
+                self.stats.attached -= 1
+            call.cancel()
+            await channel.close()
+        return None, (time.monotonic() - started) if started else 0.0
+
+    async def beat(self, call, interval: float) -> None:
+        await asyncio.sleep(random.uniform(0, interval))     # spread heartbeats over the interval
+        while True:
+            await call.write(self.heartbeat)
+            await asyncio.sleep(interval)
+
+    async def on_frame(self, call, frame) -> None:
+        """Task frames are answered by later layers (the swarm)."""
+
+
+async def main_async(args) -> None:
+    tls = TLSMaterial((open(f"{args.certs}/ca.crt", "rb").read()), open(f"{args.certs}/agent.crt", "rb").read(),
+                      open(f"{args.certs}/agent.key", "rb").read())
+    stats = Stats()
+    servers = args.servers.split(",")
+    agents = [SimAgent(i, args.tag, servers, tls, stats, args.heartbeat, not args.no_relay)
+              for i in range(args.first, args.first + args.count)]
+    tasks = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    # Ramp up at a bounded rate: a burst of thousands of new channels in one process gets RPCs cancelled.
+    for n, a in enumerate(agents):
+        tasks.append(asyncio.ensure_future(a.run()))
+        if n % args.ramp_batch == args.ramp_batch - 1:
+            await asyncio.sleep(args.ramp_pause)
+        if stop.is_set():
+            break
+
+    async def report():
+        while True:
+            print(json.dumps({"t": round(time.time(), 3), "attached": stats.attached, "connects": stats.connects,
+                              "redirects": stats.redirects, "failures": stats.failures}), flush=True)
+            await asyncio.sleep(args.report_s)
+
+    reporter = asyncio.ensure_future(report())
+    await stop.wait()
+    reporter.cancel()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--servers", required=True, help="comma-separated task server addresses")
+    p.add_argument("--certs", required=True, help="directory with ca.crt, agent.crt, agent.key")
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--first", type=int, default=0, help="index of the first agent (ids and ips derive from it)")
+    p.add_argument("--tag", default="5e", help="hex prefix of the agent ids")
+    p.add_argument("--heartbeat", type=float, default=10.0)
+    p.add_argument("--ramp-batch", type=int, default=50)
+    p.add_argument("--ramp-pause", type=float, default=0.05)
+    p.add_argument("--report-s", type=float, default=1.0)
+    p.add_argument("--no-relay", action="store_true", help="connect from 127.0.0.1 instead of per-agent addresses")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(main_async(parse()))

@@ -1,0 +1,298 @@
+"""Script execution endpoints (v2 task API): async_execute_script, get_execute_script_result,
+async_terminate_execute_script, served at both /api/v2/task/<name> and /api/v2/task/extensions/<name>.
+
+Dispatch is one call per task server holding targets (agents grouped by server and run-as user), never one
+per agent; agents that are offline get error 117 at once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+
+from gse.common import dbclient as db
+from gse.common.agentstate import is_alive, now_ms
+from gse.common.errors import API_RUNNING, BadRequest, GseError
+from gse.common import taskstate as ts
+from gse.pb import agent_pb2 as apb
+
+from . import validate as v
+from .agents_view import AgentsView
+from .app import Api, Reply
+from .command_guard import CommandGuard
+from .taskservers import TaskServers
+
+BLOCKED = 1000403      # refused by a high-risk command rule (decision: its own code, distinct from bad input)
+
+
+@dataclass
+class Target:
+    requested: str         # the id as the caller wrote it
+    agent_id: str          # the real bk_agent_id ("" when never seen)
+    container: str
+    user: str
+    record: dict | None
+
+
+class TaskEndpoints:
+    def __init__(self, view: AgentsView, servers: TaskServers, guard: CommandGuard, *, max_hosts: int,
+                 result_ttl_ms: int, offline_grace_ms: int, default_limit: int = 10 * 1024 * 1024):
+        self.view = view
+        self.db = view.db
+        self.servers = servers
+        self.guard = guard
+        self.max_hosts = max_hosts
+        self.ttl = result_ttl_ms
+        self.offline_grace_ms = offline_grace_ms
+        self.default_limit = default_limit
+
+    def register(self, api: Api) -> None:
+        for prefix in ("/api/v2/task", "/api/v2/task/extensions"):
+            api.route(f"{prefix}/async_execute_script", self.async_execute_script)
+            api.route(f"{prefix}/get_execute_script_result", self.get_execute_script_result)
+            api.route(f"{prefix}/async_terminate_execute_script", self.async_terminate_execute_script)
+
+    # ---- request parsing --------------------------------------------------------------------------
+
+    def _agents(self, body: dict) -> list[tuple[str, str, str]]:
+        out, seen = [], set()
+        for i, a in enumerate(v.lst(body, "agents", max_len=self.max_hosts)):
+            where = f"agents[{i}]."
+            if not isinstance(a, dict):
+                raise BadRequest(f"'agents[{i}]' must be an object with bk_agent_id and user")
+            aid = v.agent_ids({"bk_agent_id": [v.string(a, "bk_agent_id", where=where, max_len=64)]}, "bk_agent_id")[0]
+            user = v.string(a, "user", required=False, default="root", where=where, max_len=64) or "root"
+            container = v.string(a, "bk_container_id", required=False, where=where, max_len=128)
+            if (aid, container) in seen:
+                raise BadRequest(f"'agents[{i}].bk_agent_id' {aid} is listed twice")
+            seen.add((aid, container))
+            out.append((aid, container, user))
+        return out
+
+    def _scripts(self, body: dict) -> list[apb.TaskScript]:
+        out = []
+        for i, s in enumerate(v.lst(body, "scripts", required=False, non_empty=False)):
+            where = f"scripts[{i}]."
+            if not isinstance(s, dict):
+                raise BadRequest(f"'scripts[{i}]' must be an object")
+            name = v.string(s, "script_name", where=where, max_len=255)
+            if "/" in name or name in (".", ".."):
+                raise BadRequest(f"'{where}script_name' must be a plain file name, not a path")
+            store = v.string(s, "script_store_dir", where=where)
+            if not os.path.isabs(store) or ".." in store.split("/"):
+                raise BadRequest(f"'{where}script_store_dir' must be an absolute path without '..'")
+            content = v.string(s, "script_content", required=False, where=where, max_len=16 * 1024 * 1024)
+            out.append(apb.TaskScript(name=name, store_dir=store, content=content.encode()))
+        return out
+
+    def _atomic(self, body: dict) -> list[apb.AtomicTask]:
+        tasks: dict[int, apb.AtomicTask] = {}
+        for i, t in enumerate(v.lst(body, "atomic_tasks", max_len=1000)):
+            where = f"atomic_tasks[{i}]."
+            if not isinstance(t, dict):
+                raise BadRequest(f"'atomic_tasks[{i}]' must be an object")
+            tid = v.integer(t, "atomic_task_id", where=where, minimum=0, maximum=2**31 - 1)
+            if tid in tasks:
+                raise BadRequest(f"'{where}atomic_task_id' {tid} is used twice")
+            cmd = v.string(t, "command", where=where, max_len=1024 * 1024)
+            timeout = v.integer(t, "timeout_seconds", required=False, default=0, where=where, minimum=0,
+                                maximum=30 * 86400)
+            tasks[tid] = apb.AtomicTask(atomic_task_id=tid, command=cmd, timeout_seconds=timeout)
+        for i, r in enumerate(v.lst(body, "atomic_tasks_relations", required=False, non_empty=False)):
+            where = f"atomic_tasks_relations[{i}]."
+            if not isinstance(r, dict):
+                raise BadRequest(f"'atomic_tasks_relations[{i}]' must be an object")
+            tid = v.integer(r, "atomic_task_id", where=where)
+            if tid not in tasks:
+                raise BadRequest(f"'{where}atomic_task_id' {tid} is not one of the atomic_tasks")
+            deps = v.lst(r, "atomic_task_id_idx", required=False, non_empty=False)
+            for j, d in enumerate(deps):
+                if isinstance(d, bool) or not isinstance(d, int) or d not in tasks:
+                    raise BadRequest(f"'{where}atomic_task_id_idx[{j}]' is not one of the atomic_tasks")
+                if d == tid:
+                    raise BadRequest(f"'{where}atomic_task_id_idx[{j}]': a task cannot depend on itself")
+            tasks[tid].depends_on.extend(d for d in deps if d not in tasks[tid].depends_on)
+        _check_acyclic(tasks)
+        return list(tasks.values())
+
+    # ---- endpoints --------------------------------------------------------------------------------
+
+    async def async_execute_script(self, body: dict, _req):
+        agents = self._agents(body)
+        scripts = self._scripts(body)
+        atomic = self._atomic(body)
+        texts = [t.command for t in atomic] + [s.content.decode("utf-8", "replace") for s in scripts]
+        blocked, warnings = self.guard.check(texts)
+        if blocked is not None:
+            raise GseError(f"refused by high-risk command rule '{blocked.name}' ({blocked.severity}): "
+                           f"{blocked.message}", BLOCKED)
+        task_id = ts.new_task_id()
+        targets = await self._resolve([a for a, _c, _u in agents], agents)
+        at = now_ms()
+        warning_text = "; ".join(f"{w.name}: {w.message}" for w in warnings)
+        meta = {"kind": "script", "created": at, "atomic_ids": ",".join(str(t.atomic_task_id) for t in atomic),
+                "agents": len(targets), "warnings": warning_text}
+        ops = [db.hset(ts.task_key(task_id), meta, self.ttl)]
+        by_node_user: dict[tuple[str, str], list[str]] = defaultdict(list)
+        offline = []
+        for t in targets:
+            if t.record is not None and is_alive(t.record, at):
+                by_node_user[(t.record.get("node", ""), t.user)].append(t.agent_id)
+            else:
+                offline.append(t)
+        for t in targets:
+            alive = t not in offline
+            for a in atomic:
+                fields = {"status": ts.DISPATCHED, "error_code": ts.E_RUNNING, "error_msg": "",
+                          "dispatch_time": at, "warning": warning_text} if alive else \
+                    {"status": ts.FAILED, "error_code": ts.E_AGENT_OFFLINE, "error_msg": "agent is offline",
+                     "end_time": at, "warning": warning_text}
+                ops.append(db.hset(ts.item_key(task_id, t.agent_id or t.requested, a.atomic_task_id), fields, self.ttl))
+        await self._write(ops)
+        failures = []
+        by_user: dict[str, dict[str, list[str]]] = defaultdict(dict)
+        for (node, user), ids in by_node_user.items():
+            by_user[user][node] = ids
+        for user, by_node in by_user.items():
+            frame = apb.ServerFrame(task=apb.TaskRequest(task_id=task_id, user=user, scripts=scripts,
+                                                         atomic_tasks=atomic, created_ms=at)).SerializeToString()
+            failures += await self.servers.dispatch(frame, by_node)
+        if failures:
+            end = now_ms()
+            await self._write([db.hset(ts.item_key(task_id, aid, a.atomic_task_id),
+                                       {"status": ts.FAILED, "error_code": code, "error_msg": msg, "end_time": end},
+                                       self.ttl)
+                               for aid, code, msg in failures for a in atomic])
+        return {"result": {"task_id": task_id}}
+
+    async def get_execute_script_result(self, body: dict, _req):
+        task_id = self._task_id(body)
+        wanted = []
+        for i, at in enumerate(v.lst(body, "agent_tasks", max_len=self.max_hosts)):
+            where = f"agent_tasks[{i}]."
+            if not isinstance(at, dict):
+                raise BadRequest(f"'agent_tasks[{i}]' must be an object")
+            aid = v.agent_ids({"x": [v.string(at, "bk_agent_id", where=where, max_len=64)]}, "x")[0]
+            container = v.string(at, "bk_container_id", required=False, where=where, max_len=128)
+            for j, item in enumerate(v.lst(at, "atomic_tasks", required=False, non_empty=False)):
+                w2 = f"{where}atomic_tasks[{j}]."
+                if not isinstance(item, dict):
+                    raise BadRequest(f"'{where}atomic_tasks[{j}]' must be an object")
+                wanted.append((aid, container, v.integer(item, "atomic_task_id", where=w2, minimum=0),
+                               v.integer(item, "offset", required=False, default=0, where=w2, minimum=0),
+                               v.integer(item, "limit", required=False, default=0, where=w2, minimum=0)))
+        meta = await self._meta(task_id)
+        if not wanted:      # no atomic tasks named: every atomic task of the task, whole output
+            ids = [int(x) for x in meta.get("atomic_ids", "").split(",") if x]
+            for i, at in enumerate(body["agent_tasks"]):
+                aid = at["bk_agent_id"]
+                for tid in ids:
+                    wanted.append((aid, at.get("bk_container_id", "") or "", tid, 0, 0))
+        targets = {t.requested: t for t in await self._resolve(list(dict.fromkeys(w[0] for w in wanted)))}
+        ops = []
+        for aid, _c, tid, off, limit in wanted:
+            real = targets[aid].agent_id or aid
+            limit = limit or self.default_limit
+            ops.append(db.hgetall(ts.item_key(task_id, real, tid)))
+            ops.append(db.getrange(ts.output_key(task_id, real, tid), off, off + limit - 1))
+        res = await self.db.execute(ops)
+        at_ms = now_ms()
+        out, running = [], False
+        for n, (aid, container, tid, _off, _limit) in enumerate(wanted):
+            item, screen = res[2 * n], res[2 * n + 1]
+            f = db.text_fields(item) if item.ok and item.found else None
+            entry = {"bk_agent_id": aid, "bk_container_id": container, "atomic_task_id": tid}
+            if f is None:
+                entry.update(status=ts.FAILED, error_code=ts.E_FAILED,
+                             error_msg="this agent and atomic task are not part of the task", start_time=0,
+                             end_time=0, script_exit_code=0, tag="", screen="")
+                out.append(entry)
+                continue
+            status = int(f.get("status", 0))
+            code = int(f.get("error_code", 0))
+            msg = f.get("error_msg", "")
+            if status not in ts.FINAL_STATUSES:
+                record = targets[aid].record
+                gone = record is None or (not is_alive(record, at_ms) and
+                                          at_ms - int(record.get("deadline", 0) or 0) > self.offline_grace_ms)
+                if gone:
+                    code, msg = ts.E_AGENT_OFFLINE, "agent went offline before reporting a result"
+                else:
+                    code, running = ts.E_RUNNING, True
+            entry.update(status=status, error_code=code, error_msg=msg, start_time=int(f.get("start_time", 0)),
+                         end_time=int(f.get("end_time", 0)), script_exit_code=int(f.get("exit_code", 0)), tag="",
+                         screen=screen.value.decode("utf-8", "replace") if screen.ok else "")
+            if f.get("warning"):
+                entry["warning"] = f["warning"]
+            if f.get("truncated") == "1":
+                entry["truncated"] = True
+            out.append(entry)
+        if running:
+            return Reply({"result": out}, API_RUNNING, "task is still running")
+        return {"result": out}
+
+    async def async_terminate_execute_script(self, body: dict, _req):
+        task_id = self._task_id(body)
+        await self._meta(task_id)
+        ids = []
+        for i, a in enumerate(v.lst(body, "agents", max_len=self.max_hosts)):
+            if not isinstance(a, dict):
+                raise BadRequest(f"'agents[{i}]' must be an object with bk_agent_id")
+            ids.append(v.agent_ids({"x": [v.string(a, "bk_agent_id", where=f"agents[{i}].", max_len=64)]}, "x")[0])
+        by_node: dict[str, list[str]] = defaultdict(list)
+        at = now_ms()
+        for t in await self._resolve(ids):
+            if t.record is not None and is_alive(t.record, at):
+                by_node[t.record.get("node", "")].append(t.agent_id)
+        await self.servers.terminate(task_id, by_node)
+        return {"result": {"task_id": task_id}}
+
+    # ---- helpers ----------------------------------------------------------------------------------
+
+    def _task_id(self, body: dict) -> str:
+        task_id = v.string(body, "task_id", max_len=128)
+        if not ts.valid_task_id(task_id):
+            raise BadRequest("'task_id' is not a task id")
+        return task_id
+
+    async def _meta(self, task_id: str) -> dict:
+        (r,) = await self.db.execute([db.hgetall(ts.task_key(task_id))])
+        if not (r.ok and r.found):
+            raise BadRequest(f"'task_id' {task_id} is unknown (or its results expired)")
+        return db.text_fields(r)
+
+    async def _resolve(self, requested: list[str], agents=None) -> list[Target]:
+        records = await self.view.by_ids(requested)
+        users = {a: (c, u) for a, c, u in agents} if agents else {}
+        out = []
+        for r in requested:
+            rec = records.get(r)
+            c, u = users.get(r, ("", "root"))
+            out.append(Target(r, rec.get("agent_id", "") if rec else "", c, u, rec))
+        return out
+
+    async def _write(self, ops) -> None:
+        for i in range(0, len(ops), 20_000):
+            res = await self.db.execute(ops[i:i + 20_000])
+            bad = [r.error for r in res if not r.ok]
+            if bad:
+                raise GseError(f"storing task state failed: {bad[0]}")
+
+
+def _check_acyclic(tasks: dict[int, apb.AtomicTask]) -> None:
+    state: dict[int, int] = {}
+
+    def visit(t: int, path: list[int]) -> None:
+        if state.get(t) == 2:
+            return
+        if state.get(t) == 1:
+            cycle = path[path.index(t):] + [t]
+            raise BadRequest(f"'atomic_tasks_relations' has a cycle: {' -> '.join(map(str, cycle))}")
+        state[t] = 1
+        for d in tasks[t].depends_on:
+            visit(d, path + [t])
+        state[t] = 2
+
+    for t in tasks:
+        visit(t, [])

@@ -1,0 +1,46 @@
+"""Where task results live in Redis (through dbproxy).
+
+  gse:task:<task_id>                          hash: kind, created, atomic ids, warnings, agents count
+  gse:ti:<task_id>:<bk_agent_id>:<atomic_id>  hash: one item (status, error_code, times, exit code, ...)
+  gse:to:<task_id>:<bk_agent_id>:<atomic_id>  string: the item's output (written at offsets)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+# Script status codes.
+DISPATCHED, RUNNING, SUCCESS, TIMEOUT, STOPPED, FAILED, AGENT_RESTARTED = range(7)
+FINAL_STATUSES = {SUCCESS, TIMEOUT, STOPPED, FAILED, AGENT_RESTARTED}
+
+# Item error codes.
+E_DONE = 0
+E_RUNNING = 115
+E_AGENT_OFFLINE = 117
+E_TIMEOUT = 120
+E_USER_NOT_FOUND = 122
+E_TERMINATED = 126
+E_FAILED = 65535
+
+DEFAULT_TTL_MS = 24 * 3600 * 1000
+
+
+def task_key(task_id: str) -> str:
+    return f"gse:task:{task_id}"
+
+
+def item_key(task_id: str, agent_id: str, atomic_id: int) -> str:
+    return f"gse:ti:{task_id}:{agent_id}:{atomic_id}"
+
+
+def output_key(task_id: str, agent_id: str, atomic_id: int) -> str:
+    return f"gse:to:{task_id}:{agent_id}:{atomic_id}"
+
+
+def new_task_id(kind: str = "GSETASK") -> str:
+    return f"{kind}:{time.strftime('%Y%m%d%H%M%S', time.gmtime())}:{os.urandom(8).hex()}"
+
+
+def valid_task_id(text: str) -> bool:
+    return 0 < len(text) <= 128 and text.isprintable() and " " not in text

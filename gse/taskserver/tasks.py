@@ -1,0 +1,95 @@
+"""Tasks on the task server: the internal task API (48669) and the recording of what agents report.
+
+Dispatch takes one serialized frame and a list of agents: the frame is written as is to every target held
+here (one serialization for all). Reports from agents (output chunks, item results) are written through
+the batch writer; a final result is acknowledged to its agent only once it is stored, and the agent keeps
+it until then.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from prometheus_client import Counter
+
+from gse.common import dbclient as db
+from gse.common.taskstate import E_AGENT_OFFLINE, item_key, output_key
+from gse.pb import agent_pb2 as apb
+from gse.pb import taskserver_pb2 as pb
+from gse.pb import taskserver_pb2_grpc as pb_grpc
+
+from .agent_access import AgentAccess, AgentSession
+from .batch_writer import BatchWriter
+
+log = logging.getLogger("gse.taskserver.tasks")
+
+DISPATCHED = Counter("gse_taskserver_task_dispatched_total", "Task frames written to agents")
+RESULTS = Counter("gse_taskserver_task_results_total", "Item results received from agents", ["final"])
+OUTPUT_BYTES = Counter("gse_taskserver_task_output_bytes_total", "Task output bytes received")
+
+
+class TaskService(pb_grpc.TaskServiceServicer):
+    def __init__(self, access: AgentAccess):
+        self.access = access
+
+    def _send(self, frame: bytes, agent_ids) -> pb.DispatchReply:
+        failures = []
+        sessions = self.access.sessions
+        for aid in agent_ids:
+            s = sessions.get(aid)
+            if s is None or s.closed:
+                failures.append(pb.AgentFailure(agent_id=aid, code=E_AGENT_OFFLINE,
+                                                message="agent is not attached to this task server"))
+            else:
+                s.send(frame)
+        DISPATCHED.inc(len(agent_ids) - len(failures))
+        return pb.DispatchReply(failures=failures)
+
+    async def Dispatch(self, request, context):
+        try:
+            apb.ServerFrame.FromString(request.frame)
+        except Exception:  # noqa: BLE001 - protobuf raises DecodeError; anything else is as bad
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "frame is not a ServerFrame")
+        return self._send(request.frame, request.agent_ids)
+
+    async def Terminate(self, request, context):
+        frame = apb.ServerFrame(terminate=apb.TerminateTask(task_id=request.task_id)).SerializeToString()
+        return self._send(frame, request.agent_ids)
+
+
+class ResultRecorder:
+    """Writes agents' task reports; acknowledges final results once stored."""
+
+    def __init__(self, writer: BatchWriter, ttl_ms: int):
+        self.writer = writer
+        self.ttl_ms = ttl_ms
+
+    def on_report(self, session: AgentSession, report) -> None:
+        aid = session.agent_id
+        ttl = self.ttl_ms
+        ops = []
+        for out in report.outputs:
+            OUTPUT_BYTES.inc(len(out.data))
+            ops.append(db.setrange(output_key(out.task_id, aid, out.atomic_task_id), out.offset, out.data, ttl))
+        if ops:
+            self.writer.add(ops)
+        finals = []
+        for r in report.results:
+            fields = {"status": r.status, "error_code": r.error_code, "error_msg": r.error_msg,
+                      "output_size": r.output_size, "truncated": int(r.truncated), "node": session.agent_id}
+            if r.start_time_ms:
+                fields["start_time"] = r.start_time_ms
+            if r.end_time_ms:
+                fields["end_time"] = r.end_time_ms
+            if r.has_exit_code:
+                fields["exit_code"] = r.exit_code
+            del fields["node"]
+            self.writer.hset(item_key(r.task_id, aid, r.atomic_task_id), fields, ttl)
+            if r.final:
+                finals.append(apb.ItemRef(task_id=r.task_id, atomic_task_id=r.atomic_task_id))
+        RESULTS.labels("1").inc(len(finals))
+        RESULTS.labels("0").inc(len(report.results) - len(finals))
+        if finals:
+            ack = apb.ServerFrame(ack=apb.ResultAck(items=finals)).SerializeToString()
+            self.writer.written().add_done_callback(lambda _f: session.send(ack))
