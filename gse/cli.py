@@ -1,4 +1,4 @@
-"""`gse`: the operator's command. `gse certs init`, `gse dev up|down`."""
+"""`gse`: the operator's command. `gse certs init`, `gse dev up|down`, `gse run`."""
 
 from __future__ import annotations
 
@@ -123,6 +123,121 @@ def cmd_dev_down(args) -> int:
     return 0
 
 
+class Api:
+    """Where the CLI finds the API: flags, else the local cluster's cluster.json."""
+
+    def __init__(self, args):
+        url, code, secret = args.api_url, args.app_code, args.app_secret
+        if not url:
+            desc = Path(args.dir) / "cluster.json"
+            if not desc.exists():
+                raise SystemExit(f"gse: no --api-url given and no cluster description at {desc}")
+            d = json.loads(desc.read_text())
+            url, code, secret = d["api_url"], code or d["app_code"], secret or d["app_secret"]
+        if not code or not secret:
+            raise SystemExit("gse: --app-code and --app-secret are required with --api-url")
+        self.url, self.code, self.secret = url, code, secret
+
+    def call(self, path: str, body: dict) -> dict:
+        return api_call(self.url, self.code, self.secret, path, body, timeout=60)
+
+
+def resolve_targets(api: Api, spec: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Targets (agent ids, cloud:ip, `all`, globs over ips) -> (agent id list, id -> label)."""
+    import fnmatch
+
+    from gse.common.agentstate import parse_host_id
+
+    wanted: list[str] = []
+    labels: dict[str, str] = {}
+    listing = None
+    for item in (t for s in spec for t in s.split(",") if t):
+        if item == "all" or any(ch in item for ch in "*?["):
+            if listing is None:
+                r = api.call("/api/v2/cluster/list_agents", {})
+                if r.get("code") != 0:
+                    raise SystemExit(f"gse: cannot list agents: {r.get('message')}")
+                listing = r["data"]
+            for a in listing:
+                label = f"{a['bk_cloud_id']}:{a['bk_host_ip']}"
+                if item == "all" or fnmatch.fnmatch(a["bk_host_ip"], item) or fnmatch.fnmatch(label, item):
+                    if a["bk_agent_id"] not in labels:
+                        wanted.append(a["bk_agent_id"])
+                        labels[a["bk_agent_id"]] = label
+        elif item not in labels:
+            wanted.append(item)
+            labels[item] = item if parse_host_id(item) else item[:12]
+    return wanted, labels
+
+
+def cmd_run(args) -> int:
+    """Run one command on many hosts, print output as it arrives, then a summary."""
+    api = Api(args)
+    command = " ".join(args.command).strip()
+    if not command:
+        raise SystemExit("gse run: no command given (put it after --)")
+    ids, labels = resolve_targets(api, args.targets)
+    if not ids:
+        print("gse run: no target matched", file=sys.stderr)
+        return 2
+    r = api.call("/api/v2/task/async_execute_script", {
+        "agents": [{"bk_agent_id": i, "user": args.user} for i in ids],
+        "atomic_tasks": [{"atomic_task_id": 0, "command": command, "timeout_seconds": args.timeout}]})
+    if r.get("code") != 0:
+        print(f"gse run: refused: {r.get('message')}", file=sys.stderr)
+        return 2
+    task_id = r["data"]["result"]["task_id"]
+    printed = {i: 0 for i in ids}
+    partial = {i: b"" for i in ids}
+    done: dict[str, dict] = {}
+    width = max(len(v) for v in labels.values())
+    while len(done) < len(ids):
+        pending = [i for i in ids if i not in done]
+        body = {"task_id": task_id, "agent_tasks": [
+            {"bk_agent_id": i, "atomic_tasks": [{"atomic_task_id": 0, "offset": printed[i], "limit": 65536}]}
+            for i in pending]}
+        res = api.call("/api/v2/task/get_execute_script_result", body)
+        if res.get("code") not in (0, 1000115):
+            print(f"gse run: {res.get('message')}", file=sys.stderr)
+            return 2
+        for item in res["data"]["result"]:
+            aid = item["bk_agent_id"]
+            chunk = item.get("screen", "").encode()
+            printed[aid] += len(chunk)
+            text = partial[aid] + chunk
+            *lines, partial[aid] = text.split(b"\n")
+            for line in lines:
+                print(f"{labels[aid]:<{width}} | {line.decode('utf-8', 'replace')}", flush=True)
+            if item["error_code"] != 115 and len(chunk) < 65536:
+                if partial[aid]:
+                    print(f"{labels[aid]:<{width}} | {partial[aid].decode('utf-8', 'replace')}", flush=True)
+                done[aid] = item
+        if len(done) < len(ids):
+            time.sleep(0.2)
+    summary = {"ok": [], "failed": [], "timed out": [], "offline": []}
+    for aid in ids:
+        item = done[aid]
+        if item["error_code"] == 0 and item["status"] == 2:
+            summary["ok"].append(aid)
+        elif item["error_code"] == 117:
+            summary["offline"].append(aid)
+        elif item["error_code"] == 120:
+            summary["timed out"].append(aid)
+        else:
+            summary["failed"].append(aid)
+            reason = item.get("error_msg") or f"exit {item.get('script_exit_code')}"
+            print(f"{labels[aid]:<{width}} ! {reason}", file=sys.stderr)
+    print("summary: " + ", ".join(f"{k} {len(v)}" for k, v in summary.items()) + f" (task {task_id})")
+    return 0 if len(summary["ok"]) == len(ids) else 1
+
+
+def _api_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", default=".gse-dev", help="local cluster dir whose cluster.json names the API")
+    p.add_argument("--api-url", default="")
+    p.add_argument("--app-code", default="")
+    p.add_argument("--app-secret", default="")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gse", description="GSE operator command")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -146,11 +261,25 @@ def build_parser() -> argparse.ArgumentParser:
     down = dev.add_parser("down", help="stop a detached local cluster")
     down.add_argument("--dir", default=".gse-dev")
     down.set_defaults(func=cmd_dev_down)
+
+    run = sub.add_parser("run", help="run a command on many hosts",
+                         usage="gse run [--user U] [--timeout S] TARGETS... -- COMMAND...")
+    run.add_argument("--user", default="root")
+    run.add_argument("--timeout", type=int, default=600, help="seconds; 0 = no limit")
+    _api_flags(run)
+    run.add_argument("targets", nargs="+", help="agent ids, cloud:ip, 'all', or a glob over ips (comma or space separated)")
+    run.set_defaults(func=cmd_run)
     return p
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, command = argv[:i], argv[i + 1:]
     args = build_parser().parse_args(argv)
+    args.command = command
     return args.func(args)
 
 

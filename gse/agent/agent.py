@@ -29,7 +29,9 @@ from gse.common.service import Service
 from gse.common.tls import TLSMaterial
 from gse.pb import agent_pb2 as pb
 
+from .executor import Pools
 from .relay import SourceRelay
+from .tasks import TaskManager
 
 log = logging.getLogger("gse.agent")
 
@@ -41,6 +43,20 @@ class ReconnectConfig:
     base_s: float = 1.0        # the first retry waits up to this long (uniformly random)
     max_s: float = 30.0        # the retry window doubles up to this
     stable_s: float = 10.0     # a session that lasted this long resets the backoff
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    pool_script: int = 16          # scripts running at once
+    pool_file: int = 8             # file operations at once
+    pool_proc: int = 8             # process operations at once
+    queue_limit: int = 256         # waiting tasks per kind beyond the pool; more is refused as busy
+    max_output_bytes: int = 10 * 1024 * 1024    # per item; beyond it the output is truncated and says so
+    kill_grace_s: float = 3.0      # TERM, then KILL after this long
+
+    def validate(self) -> None:
+        if min(self.pool_script, self.pool_file, self.pool_proc) < 1 or self.queue_limit < 0:
+            raise ConfigError("tasks: pools must be at least 1 and queue_limit not negative")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +72,7 @@ class AgentConfig:
     heartbeat_interval_s: float = 10.0   # until the task server says otherwise
     connect_timeout_s: float = 10.0
     reconnect: ReconnectConfig = ReconnectConfig()
+    tasks: TaskConfig = TaskConfig()
     tls: TLSConfig = TLSConfig()
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -71,6 +88,10 @@ class AgentConfig:
                 raise ConfigError(f"servers: '{s}' is not host:port")
         if self.heartbeat_interval_s <= 0:
             raise ConfigError("heartbeat_interval_s must be positive")
+        if self.run_mode not in (0, 1):
+            raise ConfigError("run_mode must be 1 (agent) or 0 (proxy)")
+        if self.cloud_id < 0:
+            raise ConfigError("cloud_id must not be negative")
 
 
 def load_or_create_agent_id(data_dir: str | os.PathLike) -> str:
@@ -147,6 +168,19 @@ class Agent(Service):
         self.parent: tuple[str, int] | None = None
         self.attached = asyncio.Event()
         self.sessions = 0
+        self._out: asyncio.Queue | None = None      # frames to the current task server
+        t = config.tasks
+        self.tasks = TaskManager(config.data_dir, self.send,
+                                 Pools({"script": t.pool_script, "file": t.pool_file, "proc": t.pool_proc},
+                                       {"script": t.queue_limit, "file": t.queue_limit, "proc": t.queue_limit}),
+                                 t.max_output_bytes, t.kill_grace_s)
+
+    def send(self, frame: pb.AgentFrame) -> bool:
+        """Queue a frame to the task server; False while not attached (the caller keeps what it sent)."""
+        if self._out is None:
+            return False
+        self._out.put_nowait(frame)
+        return True
 
     @property
     def node_id(self) -> str:
@@ -171,6 +205,9 @@ class Agent(Service):
         Path(self.config.run_dir).mkdir(parents=True, exist_ok=True)
         if self.relay is not None:
             await self.relay.start()
+        recovered = self.tasks.recover()
+        if recovered:
+            log.info("task results kept across a restart", extra={"items": recovered})
         log.info("agent starting", extra={"bk_agent_id": self.agent_id, "ip": self.ip,
                                           "servers": list(self.config.servers)})
 
@@ -211,6 +248,7 @@ class Agent(Service):
         call = channel.stream_stream(CONNECT_METHOD, request_serializer=pb.AgentFrame.SerializeToString,
                                      response_deserializer=pb.ServerFrame.FromString)()
         beat: asyncio.Task | None = None
+        writer: asyncio.Task | None = None
         started = 0.0
         try:
             await call.write(self.hello(redirects))
@@ -231,7 +269,10 @@ class Agent(Service):
             self.attached.set()
             log.info("attached", extra={"server": address, "node": w.node_id})
             interval = (w.heartbeat_interval_ms / 1000) or self.config.heartbeat_interval_s
-            beat = asyncio.ensure_future(self._heartbeats(call, interval))
+            self._out = asyncio.Queue()
+            writer = asyncio.ensure_future(self._write(call, self._out))
+            beat = asyncio.ensure_future(self._heartbeats(interval))
+            self.tasks.on_attach()
             while True:
                 frame = await call.read()
                 if frame is grpc.aio.EOF:
@@ -247,8 +288,10 @@ class Agent(Service):
         except asyncio.TimeoutError:
             log.warning("task server did not answer the hello", extra={"server": address})
         finally:
-            if beat is not None:
-                beat.cancel()
+            self._out = None
+            for t in (beat, writer):
+                if t is not None:
+                    t.cancel()
             if started:
                 outcome.connected_s = time.monotonic() - started
                 self.attached.clear()
@@ -258,19 +301,35 @@ class Agent(Service):
         return outcome
 
     async def on_frame(self, call, frame: pb.ServerFrame) -> None:
-        """Frames other than Welcome/Redirect (tasks, acks): handled by later layers."""
-        log.debug("unhandled frame", extra={"kind": frame.WhichOneof("body")})
+        kind = frame.WhichOneof("body")
+        if kind == "task":
+            self.tasks.on_task(frame.task)
+        elif kind == "terminate":
+            self.tasks.on_terminate(frame.terminate.task_id)
+        elif kind == "ack":
+            self.tasks.on_ack(frame.ack)
+        else:
+            log.debug("unhandled frame", extra={"kind": kind})
 
-    async def _heartbeats(self, call, interval: float) -> None:
+    async def _write(self, call, queue: asyncio.Queue) -> None:
+        """The one writer of the stream: heartbeats and reports are queued, never written concurrently."""
+        try:
+            while True:
+                await call.write(await queue.get())
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            log.debug("stream write ended", extra={"error": repr(exc)})
+
+    async def _heartbeats(self, interval: float) -> None:
         seq = 0
         # The first heartbeat goes at once so that the server has the host snapshot without waiting.
         while True:
             cpu, mem, snap = await asyncio.to_thread(self.sampler.sample)
             seq += 1
-            await call.write(pb.AgentFrame(heartbeat=pb.Heartbeat(seq=seq, cpu_rate=cpu, mem_rate=mem, host=snap)))
+            self.send(pb.AgentFrame(heartbeat=pb.Heartbeat(seq=seq, cpu_rate=cpu, mem_rate=mem, host=snap)))
             await asyncio.sleep(interval)
 
     async def stop(self, grace: float) -> None:
+        await self.tasks.stop()
         if self.relay is not None:
             await self.relay.stop()
         await super().stop(grace)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from gse.common.agentstate import STATUS_TEXT, UNKNOWN, is_alive, now_ms, status_code
+from gse.common import dbclient as db
+from gse.common.agentstate import AGENTS_SET, STATUS_TEXT, UNKNOWN, is_alive, now_ms, status_code
 from gse.common.errors import AGENT_NOT_FOUND
 
 from . import validate as v
@@ -37,6 +38,7 @@ class AgentEndpoints:
         api.route(f"{V1}/get_agent_info", self.get_agent_info)
         api.route(f"{V2}/list_agent_state", self.list_agent_state)
         api.route(f"{V2}/list_agent_info", self.list_agent_info)
+        api.route(f"{V2}/list_agents", self.list_agents)
 
     async def get_agent_status(self, body: dict, _req) -> dict:
         hosts = v.hosts(body, max_len=self.max_hosts)
@@ -100,3 +102,24 @@ class AgentEndpoints:
         if all(d["code"] == AGENT_NOT_FOUND for d in data):
             return Reply(data, AGENT_NOT_FOUND, "none of the agents was found")
         return data
+
+    async def list_agents(self, body: dict, _req):
+        """Extension (not in the published API): every agent the cluster knows, for operator tools.
+        Optional `only_alive` (bool). Two dbproxy round trips whatever the count."""
+        only_alive = body.get("only_alive", False) is True
+        (members,) = await self.view.db.execute([db.smembers(AGENTS_SET)])
+        ids = [m.decode() for m in members.values] if members.ok else []
+        records = await self.view.records(ids)
+        at = now_ms()
+        out = []
+        for a in ids:
+            f = records.get(a)
+            if f is None:
+                continue
+            code = status_code(f, at)
+            if only_alive and code != 2:
+                continue
+            out.append({"bk_agent_id": a, "bk_cloud_id": _int(f, "cloud_id"), "bk_host_ip": f.get("ip", ""),
+                        "hostname": f.get("hostname", ""), "status_code": code,
+                        "parent_ip": f.get("parent_ip", ""), "parent_port": _int(f, "parent_port")})
+        return sorted(out, key=lambda d: (d["bk_cloud_id"], d["bk_host_ip"], d["bk_agent_id"]))

@@ -1,0 +1,705 @@
+"""The agent's task executor: runs one script task (scripts plus dependent atomic commands) on this host.
+
+A `TaskRun` writes the task's scripts, then runs its atomic tasks in dependency order, each as `/bin/sh -c COMMAND`
+in its own session and process group, as the task's user and with that user's login environment. Every change of an
+item (started, new output, ended) is handed to `on_update` as an `ItemUpdate`; output is coalesced, bounded and
+streamed while the command runs. `Pools` bounds how many tasks of each kind the agent runs at once.
+
+Decisions the issue left open:
+
+- A malformed task (duplicate atomic task ids, a dependency cycle, a relation naming an unknown atomic task, a
+  negative timeout) is not raised from the constructor: `run()` ends every item failed (5 / 65535) with a message
+  saying what is wrong, so the caller reports it like any other failure.
+- Processes are started with `subprocess.Popen` from the event loop thread (what asyncio's own subprocess transport
+  does), not with `asyncio.create_subprocess_exec`: uvloop, which the daemons install, refuses `user=`, `group=` and
+  `extra_groups=`, and a `preexec_fn` that switches credentials is unsafe in a process with gRPC threads. Exit is
+  watched with a pidfd (a waiter thread on kernels without one); output is read through `loop.connect_read_pipe`.
+- The login environment is built without PAM: a clean environment (HOME, USER, LOGNAME, SHELL, PATH, and LANG if
+  the agent has it), then /etc/profile and the user's profile are sourced (bash users: the first of ~/.bash_profile,
+  ~/.bash_login, ~/.profile, sourced by bash; everyone else: ~/.profile, sourced by /bin/sh and skipped if it does
+  not parse, because a syntax error in a sourced file kills a POSIX shell). Their output is discarded. The command
+  then runs as `/bin/sh -c COMMAND` with cwd = HOME (or / when HOME is missing).
+- When a command's main process exits normally, whatever it left running in its process group (`daemon &`) is left
+  alone, so jobs can start services; output is still read for up to `_DRAIN_AFTER_EXIT_S` after the exit, then the
+  pipe is closed. On timeout and terminate the whole process group is killed (SIGTERM, SIGKILL after kill_grace_s).
+- A process that died of signal N reports exit_code 128 + N, as a shell would.
+- Items that end without running report start_time_ms == end_time_ms == the time they ended.
+- Orphans left by a killed command are reparented to init. Where init does not reap (the agent is PID 1, or a
+  container's PID 1 is not an init), call `enable_child_subreaper()` once at agent start: orphans then come back to
+  the agent and `TaskRun` reaps its own process groups with `waitpid(-pgid)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import pwd
+import shlex
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+
+from gse.common.errors import API_UNAVAILABLE, GseError
+
+log = logging.getLogger(__name__)
+
+# Script status of an atomic task (spec section 4).
+STATUS_DISPATCHED = 0
+STATUS_RUNNING = 1
+STATUS_SUCCESS = 2
+STATUS_TIMEOUT = 3
+STATUS_STOPPED = 4
+STATUS_FAILED = 5
+STATUS_AGENT_RESTARTED = 6
+
+# Error codes of an atomic task (spec section 4); ERR_OTHER is any other agent-side failure.
+ERR_DONE = 0
+ERR_RUNNING = 115
+ERR_AGENT_OFFLINE = 117
+ERR_TIMEOUT = 120
+ERR_USER_NOT_FOUND = 122
+ERR_TERMINATED = 126
+ERR_OTHER = 65535
+
+FINAL_STATUSES = frozenset({STATUS_SUCCESS, STATUS_TIMEOUT, STATUS_STOPPED, STATUS_FAILED, STATUS_AGENT_RESTARTED})
+
+DEFAULT_MAX_OUTPUT_BYTES = 10 * 1024 * 1024
+_FLUSH_INTERVAL_S = 0.05       # output is reported at most this often ...
+_FLUSH_BYTES = 64 * 1024       # ... unless this much is pending
+_READ_CHUNK = 64 * 1024
+_DRAIN_AFTER_EXIT_S = 2.0      # how long output is still read after the command's main process exited
+_POLL_S = 0.02                 # how often a dying process group is checked
+_REAP_WAIT_S = 1.0             # how long to wait for a SIGKILLed group to disappear
+
+_ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_USER_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+# `$0` is the command. Profiles are sourced with their output discarded and stdin closed; a profile that does not
+# parse is skipped (a syntax error in a sourced file ends a POSIX shell).
+_SH_LOGIN = (
+    'for f in /etc/profile "$HOME/.profile"; do '
+    '[ -r "$f" ] && /bin/sh -n "$f" && . "$f"; '
+    'done >/dev/null 2>&1 </dev/null; '
+    'exec /bin/sh -c "$0"'
+)
+# bash's login order; bash survives syntax errors in sourced files.
+_BASH_LOGIN = (
+    '{ [ -r /etc/profile ] && . /etc/profile; '
+    'if [ -r "$HOME/.bash_profile" ]; then . "$HOME/.bash_profile"; '
+    'elif [ -r "$HOME/.bash_login" ]; then . "$HOME/.bash_login"; '
+    'elif [ -r "$HOME/.profile" ]; then . "$HOME/.profile"; fi; '
+    '} >/dev/null 2>&1 </dev/null; '
+    'exec /bin/sh -c "$0"'
+)
+
+_WINDOWS_PROGRAMS = frozenset({"cmd", "cmd.exe", "powershell", "powershell.exe", "pwsh", "pwsh.exe"})
+_WINDOWS_SUFFIXES = (".bat", ".cmd", ".ps1")
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+@dataclass
+class AtomicTask:
+    """One command of a task; timeout_seconds 0 means no limit."""
+
+    atomic_task_id: int
+    command: str
+    timeout_seconds: int
+
+
+@dataclass
+class Script:
+    """A script written to `store_dir/name` (mode 0755, owned by the run-as user) before any command runs."""
+
+    name: str
+    store_dir: str
+    content: str
+
+
+@dataclass
+class ItemUpdate:
+    """The state of one atomic task when it changed, with the output produced since the previous update."""
+
+    atomic_task_id: int
+    status: int
+    error_code: int
+    error_msg: str = ""
+    start_time_ms: int = 0
+    end_time_ms: int = 0
+    exit_code: int | None = None
+    output_chunk: bytes = b""
+    truncated: bool = False
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+class Busy(GseError):
+    """The waiting queue of a pool is full: the agent refuses more work of that kind for now."""
+
+    code = API_UNAVAILABLE
+
+    def __init__(self, kind: str, queue_limit: int):
+        super().__init__(f"agent busy: {kind} queue is full ({queue_limit} waiting)")
+        self.kind = kind
+        self.queue_limit = queue_limit
+
+
+def enable_child_subreaper(enabled: bool = True) -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux prctl); True when the kernel accepted it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, int(enabled), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+class _Pool:
+    """A bounded FIFO semaphore that refuses new waiters beyond queue_limit."""
+
+    def __init__(self, kind: str, size: int, queue_limit: int):
+        self.kind = kind
+        self.size = size
+        self.queue_limit = queue_limit
+        self.in_use = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for fut in self._waiters if not fut.done())
+
+    async def acquire(self) -> None:
+        if self.in_use < self.size and not self.waiting:
+            self.in_use += 1
+            return
+        if self.waiting >= self.queue_limit:
+            raise Busy(self.kind, self.queue_limit)
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut  # release() hands its slot over: in_use already counts us
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # the slot was handed to us as we were cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.in_use -= 1
+
+
+class Pools:
+    """Separate bounded concurrency pools per task kind; `async with pools.slot("script"):` runs within one."""
+
+    DEFAULT_SIZES: Mapping[str, int] = {"script": 16, "file": 8, "proc": 8}
+    DEFAULT_QUEUE_LIMIT = 256
+
+    def __init__(self, sizes: Mapping[str, int] | None = None, queue_limits: Mapping[str, int] | None = None):
+        sizes = dict(self.DEFAULT_SIZES if sizes is None else sizes)
+        queue_limits = dict(queue_limits or {})
+        unknown = sorted(set(queue_limits) - set(sizes))
+        if unknown:
+            raise ValueError(f"queue limits for unknown pool kinds: {', '.join(unknown)}")
+        self._pools: dict[str, _Pool] = {}
+        for kind, size in sizes.items():
+            limit = queue_limits.get(kind, self.DEFAULT_QUEUE_LIMIT)
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(f"pool {kind!r}: size must be a positive integer, got {size!r}")
+            if not isinstance(limit, int) or limit < 0:
+                raise ValueError(f"pool {kind!r}: queue limit must be a non-negative integer, got {limit!r}")
+            self._pools[kind] = _Pool(kind, size, limit)
+
+    def _pool(self, kind: str) -> _Pool:
+        try:
+            return self._pools[kind]
+        except KeyError:
+            raise ValueError(f"unknown pool kind {kind!r}") from None
+
+    @contextlib.asynccontextmanager
+    async def slot(self, kind: str) -> AsyncIterator[None]:
+        """Hold one slot of `kind` for the block; waits in FIFO order, raises Busy at once if the queue is full."""
+        pool = self._pool(kind)
+        await pool.acquire()
+        try:
+            yield
+        finally:
+            pool.release()
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per kind: size, in_use, waiting, queue_limit (for metrics and agent info)."""
+        return {kind: {"size": p.size, "in_use": p.in_use, "waiting": p.waiting, "queue_limit": p.queue_limit}
+                for kind, p in self._pools.items()}
+
+
+@dataclass(frozen=True)
+class _RunAs:
+    """The resolved run-as user."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+    shell: str
+
+    @classmethod
+    def lookup(cls, name: str) -> _RunAs:
+        """Resolve a user name through the system's user database; KeyError when it is unknown."""
+        pw = pwd.getpwnam(name)
+        return cls(name=pw.pw_name, uid=pw.pw_uid, gid=pw.pw_gid, groups=tuple(os.getgrouplist(pw.pw_name, pw.pw_gid)),
+                   home=pw.pw_dir or "/", shell=pw.pw_shell or "/bin/sh")
+
+    def environment(self) -> dict[str, str]:
+        env = {"HOME": self.home, "USER": self.name, "LOGNAME": self.name, "SHELL": self.shell,
+               "PATH": _ROOT_PATH if self.uid == 0 else _USER_PATH}
+        if "LANG" in os.environ:
+            env["LANG"] = os.environ["LANG"]
+        return env
+
+    def argv(self, command: str) -> list[str]:
+        """Run `command` under /bin/sh after sourcing the login profiles the way the user's login shell would."""
+        if os.path.basename(self.shell) == "bash" and os.access(self.shell, os.X_OK):
+            return [self.shell, "-c", _BASH_LOGIN, command]
+        return ["/bin/sh", "-c", _SH_LOGIN, command]
+
+    def credentials(self) -> dict:
+        """Popen arguments that switch to this user (in C, in the child: safe with threads)."""
+        euid = os.geteuid()
+        if euid == 0:
+            return {"user": self.uid, "group": self.gid, "extra_groups": list(self.groups)}
+        if euid == self.uid:
+            return {}
+        raise PermissionError(f"the agent does not run as root and cannot run commands as {self.name!r}")
+
+
+def windows_only_program(command: str) -> str | None:
+    """The program of `command` when it only exists on Windows (.bat/.cmd/.ps1, cmd, powershell, pwsh), else None."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        words = command.split()
+    for word in words:
+        name, sep, _ = word.partition("=")
+        if sep and name.isidentifier():
+            continue  # a leading VAR=value assignment
+        base = word.replace("\\", "/").rsplit("/", 1)[-1].lower()
+        if base in _WINDOWS_PROGRAMS or base.endswith(_WINDOWS_SUFFIXES):
+            return word
+        return None
+    return None
+
+
+def _write_scripts(scripts: list[Script], run_as: _RunAs) -> None:
+    """Write each script atomically (temp file, then rename) with mode 0755, owned by the run-as user."""
+    chown = os.geteuid() == 0 or os.geteuid() == run_as.uid
+    for script in scripts:
+        name, store_dir = script.name, script.store_dir
+        if not name or "/" in name or "\0" in name or name in (".", ".."):
+            raise ValueError(f"invalid script name {name!r}")
+        if not store_dir or not os.path.isabs(store_dir):
+            raise ValueError(f"script store dir {store_dir!r} of {name!r} is not an absolute path")
+        path = os.path.join(store_dir, name)
+        try:
+            os.makedirs(store_dir, mode=0o755, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=store_dir, prefix=f".{name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(script.content.encode("utf-8"))
+                    os.fchmod(f.fileno(), 0o755)
+                    if chown:
+                        os.fchown(f.fileno(), run_as.uid, run_as.gid)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except OSError as exc:
+            raise OSError(f"writing script {path} failed: {exc.strerror or exc}") from exc
+        except UnicodeError as exc:
+            raise ValueError(f"writing script {path} failed: {exc}") from exc
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _exit_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _reap_group(pgid: int) -> None:
+    """Reap exited members of a process group that are our children (orphans, when we are a subreaper)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-pgid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _watch_exit(proc: subprocess.Popen) -> asyncio.Future[int]:
+    """A future with the process's return code once it exited and was reaped."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[int] = loop.create_future()
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    if pidfd is not None:
+        def on_exit() -> None:
+            rc = proc.poll()
+            if rc is None:
+                return
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            if not fut.done():
+                fut.set_result(rc)
+        loop.add_reader(pidfd, on_exit)
+    else:  # kernels before 5.3
+        def set_result(rc: int) -> None:
+            if not fut.done():
+                fut.set_result(rc)
+
+        def wait() -> None:
+            rc = proc.wait()
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(set_result, rc)
+        threading.Thread(target=wait, name=f"executor-wait-{proc.pid}", daemon=True).start()
+    return fut
+
+
+class _OutputReader(asyncio.Protocol):
+    """Feeds a command's output pipe to its item; `closed` resolves at end of file or when the pipe is closed."""
+
+    def __init__(self, on_data: Callable[[bytes], None]):
+        self._on_data = on_data
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self._on_data(data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class _Item:
+    """The run state of one atomic task."""
+
+    def __init__(self, task: AtomicTask, deps: list[int]):
+        self.task = task
+        self.deps = deps
+        self.status = STATUS_DISPATCHED
+        self.ended = asyncio.Event()
+        self.start_ms = 0
+        self.reported = 0
+        self.truncated = False
+        self.pending = bytearray()
+        self.flush_timer: asyncio.TimerHandle | None = None
+
+
+class TaskRun:
+    """One script task on this host: writes its scripts, then runs its atomic tasks in dependency order.
+
+    `run()` returns once every item ended; `terminate()` ends running items and those not started yet (4 / 126).
+    A malformed task (cycle, unknown or duplicate id, negative timeout) ends all items failed (5 / 65535).
+    """
+
+    def __init__(self, task_id: str, user: str, scripts: list[Script], atomic_tasks: list[AtomicTask],
+                 relations: dict[int, list[int]], on_update: Callable[[ItemUpdate], None],
+                 max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES, kill_grace_s: float = 3.0):
+        if max_output_bytes < 0:
+            raise ValueError("max_output_bytes must not be negative")
+        if kill_grace_s < 0:
+            raise ValueError("kill_grace_s must not be negative")
+        self.task_id = task_id
+        self.user = user or "root"
+        self.scripts = list(scripts)
+        self.atomic_tasks = list(atomic_tasks)
+        self.relations = {int(k): [int(d) for d in v] for k, v in (relations or {}).items()}
+        self.on_update = on_update
+        self.max_output_bytes = max_output_bytes
+        self.kill_grace_s = kill_grace_s
+        self._items: dict[int, _Item] = {}
+        for task in self.atomic_tasks:
+            self._items.setdefault(task.atomic_task_id, _Item(task, self.relations.get(task.atomic_task_id, [])))
+        self._stop = asyncio.Event()
+        self._started = False
+
+    # --- public -------------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run the whole task; returns when every item has ended (each got a final ItemUpdate)."""
+        if self._started:
+            raise RuntimeError(f"task {self.task_id} already ran")
+        self._started = True
+        problem = self._validate()
+        if problem:
+            log.warning("task %s refused: %s", self.task_id, problem)
+            self._end_all(STATUS_FAILED, ERR_OTHER, problem)
+            return
+        if self._stop.is_set():
+            self._end_all(STATUS_STOPPED, ERR_TERMINATED, "terminated before start")
+            return
+        try:
+            run_as = _RunAs.lookup(self.user)
+        except KeyError:
+            self._end_all(STATUS_FAILED, ERR_USER_NOT_FOUND, f"user {self.user} not found")
+            return
+        try:
+            credentials = run_as.credentials()
+            await asyncio.to_thread(_write_scripts, self.scripts, run_as)
+        except (OSError, ValueError) as exc:
+            self._end_all(STATUS_FAILED, ERR_OTHER, str(exc))
+            return
+        await asyncio.gather(*(self._run_item(item, run_as, credentials) for item in self._items.values()))
+
+    def terminate(self) -> None:
+        """End running items (process group killed, 4 / 126); items not started yet end 4 / 126 without running.
+
+        Idempotent; call it from the event loop's thread (use `loop.call_soon_threadsafe` from elsewhere).
+        """
+        self._stop.set()
+
+    # --- validation ---------------------------------------------------------------------------------------------
+
+    def _validate(self) -> str | None:
+        ids = [t.atomic_task_id for t in self.atomic_tasks]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            return f"duplicate atomic task ids: {dupes}"
+        for task in self.atomic_tasks:
+            if task.timeout_seconds < 0:
+                return f"atomic task {task.atomic_task_id}: negative timeout {task.timeout_seconds}"
+        for tid, deps in self.relations.items():
+            if tid not in self._items:
+                return f"relations name unknown atomic task {tid}"
+            for dep in deps:
+                if dep not in self._items:
+                    return f"atomic task {tid} depends on unknown atomic task {dep}"
+        cycle = self._find_cycle()
+        if cycle:
+            return f"dependency cycle among atomic tasks: {' -> '.join(map(str, cycle))}"
+        return None
+
+    def _find_cycle(self) -> list[int] | None:
+        state: dict[int, int] = {}  # 1 visiting, 2 done
+        path: list[int] = []
+
+        def visit(node: int) -> list[int] | None:
+            state[node] = 1
+            path.append(node)
+            for dep in self._items[node].deps:
+                if state.get(dep) == 1:
+                    return path[path.index(dep):] + [dep]
+                if dep not in state:
+                    found = visit(dep)
+                    if found:
+                        return found
+            path.pop()
+            state[node] = 2
+            return None
+
+        for tid in self._items:
+            if tid not in state:
+                found = visit(tid)
+                if found:
+                    return found
+        return None
+
+    # --- items --------------------------------------------------------------------------------------------------
+
+    async def _run_item(self, item: _Item, run_as: _RunAs, credentials: dict) -> None:
+        if item.deps:
+            deps_ended = asyncio.ensure_future(self._deps_ended(item))
+            stopped = asyncio.ensure_future(self._stop.wait())
+            try:
+                await asyncio.wait({deps_ended, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                deps_ended.cancel()
+                stopped.cancel()
+        if self._stop.is_set():
+            self._end(item, STATUS_STOPPED, ERR_TERMINATED, "terminated before start")
+            return
+        for dep in item.deps:
+            if self._items[dep].status != STATUS_SUCCESS:
+                self._end(item, STATUS_FAILED, ERR_OTHER, f"dependency {dep} did not succeed")
+                return
+        program = windows_only_program(item.task.command)
+        if program:
+            self._end(item, STATUS_FAILED, ERR_OTHER, f"not supported on this OS: {program} needs Windows")
+            return
+        await self._execute(item, run_as, credentials)
+
+    async def _deps_ended(self, item: _Item) -> None:
+        for dep in item.deps:
+            await self._items[dep].ended.wait()
+
+    async def _execute(self, item: _Item, run_as: _RunAs, credentials: dict) -> None:
+        loop = asyncio.get_running_loop()
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        try:
+            proc = subprocess.Popen(
+                run_as.argv(item.task.command), stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
+                cwd=run_as.home if os.path.isdir(run_as.home) else "/", env=run_as.environment(),
+                start_new_session=True, close_fds=True, **credentials)
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            os.close(read_fd)
+            self._end(item, STATUS_FAILED, ERR_OTHER, f"cannot start command: {exc}")
+            return
+        finally:
+            os.close(write_fd)
+        pgid = proc.pid
+        exited = _watch_exit(proc)
+        item.status = STATUS_RUNNING
+        item.start_ms = _now_ms()
+        self._emit(item, STATUS_RUNNING, ERR_RUNNING, "running")
+        transport = None
+        try:
+            transport, reader = await loop.connect_read_pipe(
+                lambda: _OutputReader(lambda data: self._on_output(item, data)), os.fdopen(read_fd, "rb", 0))
+            stopped = asyncio.ensure_future(self._stop.wait())
+            timeout = item.task.timeout_seconds or None
+            try:
+                done, _ = await asyncio.wait({exited, stopped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopped.cancel()
+            ending = None
+            if exited not in done:
+                ending = (STATUS_STOPPED, ERR_TERMINATED, "terminated") if stopped in done else \
+                    (STATUS_TIMEOUT, ERR_TIMEOUT, f"timed out after {item.task.timeout_seconds} s")
+                await self._kill_group(pgid, exited)
+            returncode = await exited
+            _reap_group(pgid)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(reader.closed), _DRAIN_AFTER_EXIT_S)
+        except BaseException:
+            _signal_group(pgid, signal.SIGKILL)  # cancelled (agent stopping): leave nothing running
+            if transport is not None:
+                transport.close()
+            raise
+        transport.close()
+        exit_code = _exit_code(returncode)
+        if ending is None:
+            if returncode == 0:
+                ending = (STATUS_SUCCESS, ERR_DONE, "")
+            elif returncode < 0:
+                ending = (STATUS_FAILED, ERR_DONE, f"killed by signal {signal.Signals(-returncode).name}"
+                          if -returncode in signal.valid_signals() else f"killed by signal {-returncode}")
+            else:
+                ending = (STATUS_FAILED, ERR_DONE, f"exited with code {returncode}")
+        self._end(item, *ending, exit_code=exit_code)
+
+    async def _kill_group(self, pgid: int, exited: asyncio.Future[int]) -> None:
+        """SIGTERM the process group, SIGKILL it after the grace period; returns once it is gone (bounded)."""
+        _signal_group(pgid, signal.SIGTERM)
+        if await self._group_gone(pgid, exited, self.kill_grace_s):
+            return
+        _signal_group(pgid, signal.SIGKILL)
+        if not await self._group_gone(pgid, exited, _REAP_WAIT_S):
+            log.warning("task %s: process group %d still exists after SIGKILL (unreaped zombies?)", self.task_id, pgid)
+
+    @staticmethod
+    async def _group_gone(pgid: int, exited: asyncio.Future[int], within: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            if exited.done():  # only once the leader is reaped: waitpid(-pgid) must not steal it from Popen
+                _reap_group(pgid)
+                if not _group_exists(pgid):
+                    return True
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            await asyncio.sleep(min(_POLL_S, remaining))
+
+    # --- output and updates -------------------------------------------------------------------------------------
+
+    def _on_output(self, item: _Item, data: bytes) -> None:
+        if item.truncated or item.status != STATUS_RUNNING:
+            return  # beyond the bound: keep draining the pipe, drop the bytes
+        room = self.max_output_bytes - item.reported
+        if len(data) > room:
+            item.pending += data[:room]
+            item.reported += room
+            item.truncated = True
+            item.pending += f"\n[output truncated at {self.max_output_bytes} bytes]\n".encode()
+        else:
+            item.pending += data
+            item.reported += len(data)
+        if len(item.pending) >= _FLUSH_BYTES or item.truncated:
+            self._flush(item)
+        elif item.flush_timer is None:
+            item.flush_timer = asyncio.get_running_loop().call_later(_FLUSH_INTERVAL_S, self._flush, item)
+
+    def _flush(self, item: _Item) -> None:
+        if item.flush_timer is not None:
+            item.flush_timer.cancel()
+            item.flush_timer = None
+        if item.pending and item.status == STATUS_RUNNING:
+            self._emit(item, STATUS_RUNNING, ERR_RUNNING, "running")
+
+    def _emit(self, item: _Item, status: int, error_code: int, error_msg: str,
+              end_ms: int = 0, exit_code: int | None = None) -> None:
+        chunk = bytes(item.pending)
+        item.pending.clear()
+        update = ItemUpdate(atomic_task_id=item.task.atomic_task_id, status=status, error_code=error_code,
+                            error_msg=error_msg, start_time_ms=item.start_ms, end_time_ms=end_ms,
+                            exit_code=exit_code, output_chunk=chunk, truncated=item.truncated)
+        try:
+            self.on_update(update)
+        except Exception:
+            log.exception("task %s: on_update failed for atomic task %d", self.task_id, item.task.atomic_task_id)
+
+    def _end(self, item: _Item, status: int, error_code: int, error_msg: str, exit_code: int | None = None) -> None:
+        if item.flush_timer is not None:
+            item.flush_timer.cancel()
+            item.flush_timer = None
+        end_ms = _now_ms()
+        if not item.start_ms:
+            item.start_ms = end_ms
+        item.status = status
+        self._emit(item, status, error_code, error_msg, end_ms=end_ms, exit_code=exit_code)
+        item.ended.set()
+        log.debug("task %s atomic task %d ended: status %d error %d %s", self.task_id, item.task.atomic_task_id,
+                  status, error_code, error_msg)
+
+    def _end_all(self, status: int, error_code: int, error_msg: str) -> None:
+        for item in self._items.values():
+            if not item.ended.is_set():
+                self._end(item, status, error_code, error_msg)

@@ -1,0 +1,220 @@
+"""Tasks on the agent: run what the task server sends, stream output back, keep results until acknowledged.
+
+Every item's output is kept (bounded by the executor) until its final result is acknowledged; output goes
+up as chunks at byte offsets, so after a reconnect the whole output can be sent again and lands on the same
+bytes. A journal in the data dir records the tasks in flight: after a restart, finished but unacknowledged
+results are sent again and items that were still running are reported as status 6 (agent restarted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from prometheus_client import Counter
+
+from gse.common import taskstate as ts
+from gse.pb import agent_pb2 as pb
+
+from .executor import AtomicTask, Busy, ItemUpdate, Pools, Script, TaskRun
+
+log = logging.getLogger("gse.agent.tasks")
+
+TASKS = Counter("gse_agent_tasks_total", "Tasks received", ["outcome"])
+CHUNK = 1024 * 1024
+
+
+@dataclass
+class Item:
+    task_id: str
+    atomic_id: int
+    out: bytearray = field(default_factory=bytearray)
+    sent: int = 0
+    result: pb.TaskItemResult | None = None
+    dirty: bool = False
+
+    @property
+    def final(self) -> bool:
+        return self.result is not None and self.result.final
+
+
+class TaskManager:
+    def __init__(self, data_dir: str, send: Callable[[pb.AgentFrame], bool], pools: Pools,
+                 max_output_bytes: int = 10 * 1024 * 1024, kill_grace_s: float = 3.0, flush_s: float = 0.05):
+        self.journal_dir = Path(data_dir) / "tasks"
+        self.journal_dir.mkdir(parents=True, exist_ok=True)
+        self.send = send                    # returns False while not attached
+        self.pools = pools
+        self.max_output = max_output_bytes
+        self.kill_grace_s = kill_grace_s
+        self.flush_s = flush_s
+        self.items: dict[tuple[str, int], Item] = {}
+        self.runs: dict[str, TaskRun] = {}
+        self._flush_scheduled = False
+        self._tasks: set[asyncio.Task] = set()
+
+    # ---- journal ----------------------------------------------------------------------------------
+
+    def _journal_path(self, task_id: str) -> Path:
+        return self.journal_dir / (task_id.replace("/", "_").replace(":", "_") + ".json")
+
+    def _journal(self, task_id: str) -> None:
+        items = {str(a): (it.result.SerializeToString().hex() if it.final else None)
+                 for (t, a), it in self.items.items() if t == task_id}
+        path = self._journal_path(task_id)
+        if not items:
+            path.unlink(missing_ok=True)
+            return
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"task_id": task_id, "items": items}))
+        os.replace(tmp, path)
+
+    def recover(self) -> int:
+        """After a restart: resend finished results, report unfinished items as lost to the restart."""
+        n = 0
+        now = int(time.time() * 1000)
+        for path in self.journal_dir.glob("*.json"):
+            try:
+                doc = json.loads(path.read_text())
+                task_id = doc["task_id"]
+                for atomic, blob in doc["items"].items():
+                    item = Item(task_id, int(atomic))
+                    if blob:
+                        item.result = pb.TaskItemResult.FromString(bytes.fromhex(blob))
+                    else:
+                        item.result = pb.TaskItemResult(
+                            task_id=task_id, atomic_task_id=int(atomic), status=ts.AGENT_RESTARTED,
+                            error_code=ts.E_FAILED, error_msg="the agent restarted while this ran",
+                            end_time_ms=now, final=True)
+                    item.dirty = True
+                    self.items[(task_id, int(atomic))] = item
+                    n += 1
+                self._journal(task_id)
+            except (OSError, ValueError, KeyError) as exc:
+                log.error("unreadable task journal; dropped", extra={"path": str(path), "error": repr(exc)})
+                path.unlink(missing_ok=True)
+        return n
+
+    # ---- from the server --------------------------------------------------------------------------
+
+    def on_task(self, req: pb.TaskRequest) -> None:
+        if req.task_id in self.runs:
+            return      # sent twice (a dispatch retried): already running
+        atomic = [AtomicTask(t.atomic_task_id, t.command, t.timeout_seconds) for t in req.atomic_tasks]
+        for a in atomic:
+            self.items.setdefault((req.task_id, a.atomic_task_id), Item(req.task_id, a.atomic_task_id))
+        self._journal(req.task_id)
+        scripts = [Script(s.name, s.store_dir, s.content.decode("utf-8", "surrogateescape")) for s in req.scripts]
+        relations = {t.atomic_task_id: list(t.depends_on) for t in req.atomic_tasks if t.depends_on}
+        try:
+            run = TaskRun(req.task_id, req.user or "root", scripts, atomic, relations,
+                          on_update=lambda u, tid=req.task_id: self._on_update(tid, u),
+                          max_output_bytes=req.max_output_bytes or self.max_output, kill_grace_s=self.kill_grace_s)
+        except ValueError as exc:
+            self._fail_all(req.task_id, atomic, str(exc))
+            TASKS.labels("refused").inc()
+            return
+        self.runs[req.task_id] = run
+        t = asyncio.ensure_future(self._run(req.task_id, run, atomic))
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def _run(self, task_id: str, run: TaskRun, atomic) -> None:
+        try:
+            async with self.pools.slot("script"):
+                await run.run()
+            TASKS.labels("ran").inc()
+        except Busy as exc:
+            TASKS.labels("busy").inc()
+            self._fail_all(task_id, atomic, f"agent busy: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a failed run must end its items, never the agent
+            log.exception("task run failed", extra={"task_id": task_id})
+            self._fail_all(task_id, atomic, f"agent error: {exc!r}")
+        finally:
+            self.runs.pop(task_id, None)
+
+    def on_terminate(self, task_id: str) -> None:
+        run = self.runs.get(task_id)
+        if run is not None:
+            run.terminate()
+
+    def on_ack(self, ack: pb.ResultAck) -> None:
+        touched = set()
+        for ref in ack.items:
+            item = self.items.get((ref.task_id, ref.atomic_task_id))
+            if item is not None and item.final:
+                del self.items[(ref.task_id, ref.atomic_task_id)]
+                touched.add(ref.task_id)
+        for task_id in touched:
+            self._journal(task_id)
+
+    def on_attach(self) -> None:
+        """A new session: send every kept output from the start and every kept result again."""
+        for item in self.items.values():
+            item.sent = 0
+            item.dirty = item.result is not None
+        self._schedule()
+
+    # ---- to the server ----------------------------------------------------------------------------
+
+    def _fail_all(self, task_id: str, atomic, message: str) -> None:
+        now = int(time.time() * 1000)
+        for a in atomic:
+            self._on_update(task_id, ItemUpdate(a.atomic_task_id, ts.FAILED, ts.E_FAILED, message, now, now,
+                                                None, b"", False))
+
+    def _on_update(self, task_id: str, u: ItemUpdate) -> None:
+        item = self.items.get((task_id, u.atomic_task_id))
+        if item is None:
+            item = self.items[(task_id, u.atomic_task_id)] = Item(task_id, u.atomic_task_id)
+        if u.output_chunk:
+            item.out += u.output_chunk
+        final = u.status in ts.FINAL_STATUSES
+        item.result = pb.TaskItemResult(
+            task_id=task_id, atomic_task_id=u.atomic_task_id, status=u.status, error_code=u.error_code,
+            error_msg=u.error_msg, start_time_ms=u.start_time_ms or 0, end_time_ms=u.end_time_ms or 0,
+            exit_code=u.exit_code if u.exit_code is not None else 0, has_exit_code=u.exit_code is not None,
+            output_size=len(item.out), truncated=u.truncated, final=final)
+        item.dirty = True
+        if final:
+            self._journal(task_id)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_later(self.flush_s, self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        report = pb.TaskReport()
+        size = 0
+        for item in self.items.values():
+            while item.sent < len(item.out) and size < 4 * CHUNK:
+                data = bytes(item.out[item.sent:item.sent + CHUNK])
+                report.outputs.append(pb.TaskOutput(task_id=item.task_id, atomic_task_id=item.atomic_id,
+                                                    offset=item.sent, data=data))
+                item.sent += len(data)
+                size += len(data)
+            if item.dirty and item.result is not None and item.sent >= len(item.out):
+                report.results.append(item.result)
+                item.dirty = False
+        if not report.outputs and not report.results:
+            return
+        if not self.send(pb.AgentFrame(report=report)):
+            # Not attached: everything goes again from the start on the next attach.
+            return
+        if any(it.sent < len(it.out) or it.dirty for it in self.items.values()):
+            self._schedule()
+
+    async def stop(self) -> None:
+        for run in self.runs.values():
+            run.terminate()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=10)

@@ -1,0 +1,338 @@
+"""Task execution end to end: API -> task server -> real agents running real processes -> results."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from kazoo.client import KazooClient
+
+from conftest import ApiClient, _new_cluster, api_for, start_agents
+
+from gse.devcluster import wait_for
+
+RUN = "/api/v2/task/async_execute_script"
+RESULT = "/api/v2/task/get_execute_script_result"
+TERMINATE = "/api/v2/task/async_terminate_execute_script"
+
+
+@pytest.fixture(scope="module")
+def user():
+    """A real unprivileged user with a login profile, removed afterwards."""
+    name = f"gsetask{uuid.uuid4().hex[:6]}"
+    subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], check=True)
+    home = pwd.getpwnam(name).pw_dir
+    with open(f"{home}/.profile", "w") as f:
+        f.write("export GSE_PROFILE_MARK=from-profile\n")
+    yield name
+    subprocess.run(["pkill", "-KILL", "-u", name], check=False)
+    subprocess.run(["userdel", "-r", name], check=False, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def tc(infra, tmp_path_factory):
+    """One cluster for the tests that do not kill daemons: two task servers, three agents."""
+    c = _new_cluster(tmp_path_factory.mktemp("tasks"), infra)
+    c.start_dbproxy()
+    c.start_taskserver()
+    c.start_taskserver()
+    c.start_apiserver()
+    agents = start_agents(c, 3, tasks={"max_output_bytes": 65536})
+    api = api_for(c)
+    api.wait_alive([a.info["bk_agent_id"] for a in agents])
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def tapi(tc) -> ApiClient:
+    return api_for(tc)
+
+
+def ids(c) -> list[str]:
+    return [a.info["bk_agent_id"] for a in c.agents]
+
+
+def submit(api, agent_ids, commands, user="root", scripts=(), relations=(), timeout=30, path=RUN) -> str:
+    body = {"agents": [{"bk_agent_id": a, "user": user} for a in agent_ids],
+            "scripts": list(scripts),
+            "atomic_tasks": [{"atomic_task_id": i, "command": c, "timeout_seconds": timeout}
+                             for i, c in enumerate(commands)],
+            "atomic_tasks_relations": [{"atomic_task_id": t, "atomic_task_id_idx": d} for t, d in relations]}
+    r = api.call(path, body)
+    assert r["code"] == 0, r
+    return r["data"]["result"]["task_id"]
+
+
+def results(api, task_id, agent_ids, n_atomic, path=RESULT, offset=0, limit=0) -> dict:
+    body = {"task_id": task_id, "agent_tasks": [
+        {"bk_agent_id": a, "atomic_tasks": [{"atomic_task_id": i, "offset": offset, "limit": limit}
+                                            for i in range(n_atomic)]} for a in agent_ids]}
+    return api.call(path, body)
+
+
+def wait_done(api, task_id, agent_ids, n_atomic, timeout=60) -> dict[tuple[str, int], dict]:
+    def done():
+        r = results(api, task_id, agent_ids, n_atomic)
+        return r if r["code"] == 0 else None
+    r = wait_for(done, timeout, f"task {task_id} to finish", interval=0.1)
+    return {(d["bk_agent_id"], d["atomic_task_id"]): d for d in r["data"]["result"]}
+
+
+def test_dependency_order_and_failure_propagation(tc, tapi, tmp_path):
+    a = ids(tc)[0]
+    log = tmp_path / "order.log"
+    cmds = [f"sleep 0.3; echo first >> {log}", f"echo second >> {log}", f"echo third >> {log}; exit 4",
+            f"echo never >> {log}", f"echo independent"]
+    tid = submit(tapi, [a], cmds, relations=[(1, [0]), (2, [1]), (3, [2, 0])])
+    res = wait_done(tapi, tid, [a], 5)
+    assert log.read_text().split() == ["first", "second", "third"]
+    assert [res[(a, i)]["status"] for i in range(5)] == [2, 2, 5, 5, 2]
+    assert res[(a, 2)]["script_exit_code"] == 4 and res[(a, 2)]["error_code"] == 0
+    assert res[(a, 3)]["error_code"] == 65535 and "dependency" in res[(a, 3)]["error_msg"]
+    assert res[(a, 4)]["screen"] == "independent\n"
+    assert res[(a, 1)]["start_time"] >= res[(a, 0)]["end_time"]
+
+
+def test_scripts_written_and_run_everywhere(tc, tapi, tmp_path):
+    store = str(tmp_path / "scripts")
+    scripts = [{"script_name": "a.sh", "script_store_dir": store, "script_content": "#!/bin/sh\necho sh:$1\n"},
+               {"script_name": "b.py", "script_store_dir": store,
+                "script_content": "#!/usr/bin/env python3\nimport sys; print('py', sys.version_info[0])\n"}]
+    tid = submit(tapi, ids(tc), [f"{store}/a.sh x", f"python3 {store}/b.py", f"stat -c %a {store}/a.sh"],
+                 scripts=scripts)
+    res = wait_done(tapi, tid, ids(tc), 3)
+    for a in ids(tc):
+        assert res[(a, 0)]["screen"] == "sh:x\n" and res[(a, 1)]["screen"] == "py 3\n"
+        assert res[(a, 2)]["screen"] == "755\n"
+
+
+def test_run_as_user_with_login_environment(tc, tapi, user):
+    a = ids(tc)[1]
+    tid = submit(tapi, [a], ["id -un; id -u; echo HOME=$HOME USER=$USER LOGNAME=$LOGNAME SHELL=$SHELL; "
+                             "echo MARK=$GSE_PROFILE_MARK; echo PATH=$PATH; pwd"], user=user)
+    out = wait_done(tapi, tid, [a], 1)[(a, 0)]
+    assert out["status"] == 2, out
+    lines = out["screen"].splitlines()
+    pw = pwd.getpwnam(user)
+    assert lines[0] == user and lines[1] == str(pw.pw_uid)
+    assert lines[2] == f"HOME={pw.pw_dir} USER={user} LOGNAME={user} SHELL=/bin/sh"
+    assert lines[3] == "MARK=from-profile"
+    assert lines[4].startswith("PATH=/") and lines[5] == pw.pw_dir
+
+
+def test_unknown_user_runs_nothing(tc, tapi, tmp_path):
+    marker = tmp_path / "ran"
+    a = ids(tc)[0]
+    tid = submit(tapi, [a], [f"touch {marker}"], user="no_such_user_gse")
+    res = wait_done(tapi, tid, [a], 1)[(a, 0)]
+    assert res["error_code"] == 122 and res["status"] == 5
+    assert not marker.exists()
+
+
+def test_timeout_kills_whole_tree(tc, tapi, user):
+    a = ids(tc)[2]
+    tag = f"gsetree{uuid.uuid4().hex[:8]}"
+    cmd = (f"sh -c 'trap \"\" TERM; sleep 300; echo {tag}' & "
+           f"sh -c 'sh -c \"sleep 301 # {tag}\" & wait' & "
+           f"echo started; sleep 302 # {tag}")
+    t0 = time.monotonic()
+    tid = submit(tapi, [a], [cmd], user=user, timeout=2)
+    res = wait_done(tapi, tid, [a], 1, timeout=30)[(a, 0)]
+    assert res["status"] == 3 and res["error_code"] == 120
+    assert time.monotonic() - t0 < 15
+    assert "started" in res["screen"]
+    survivors = subprocess.run(["pgrep", "-f", tag], capture_output=True, text=True).stdout.split()
+    assert survivors == []
+
+
+def test_terminate_mid_run(tc, tapi, user, tmp_path):
+    a = ids(tc)[0]
+    marker = tmp_path / "after"
+    tid = submit(tapi, [a], ["echo begin; sleep 60", f"touch {marker}"], user=user, relations=[(1, [0])])
+    wait_for(lambda: "begin" in results(tapi, tid, [a], 1)["data"]["result"][0]["screen"], 15, "running")
+    r = tapi.call(TERMINATE, {"task_id": tid, "agents": [{"bk_agent_id": a}]})
+    assert r["code"] == 0
+    res = wait_done(tapi, tid, [a], 2, timeout=20)
+    assert res[(a, 0)]["error_code"] == 126 and res[(a, 0)]["status"] == 4
+    assert res[(a, 1)]["error_code"] == 126
+    assert not marker.exists()
+
+
+def test_output_streams_before_the_end_and_pages(tc, tapi):
+    a = ids(tc)[1]
+    tid = submit(tapi, [a], ["echo one; sleep 2; echo two"])
+    seen = wait_for(lambda: (r := results(tapi, tid, [a], 1)) and r["code"] == 1000115 and
+                    r["data"]["result"][0]["screen"] == "one\n" and r, 10, "output while running")
+    assert seen["data"]["result"][0]["status"] in (0, 1) and seen["data"]["result"][0]["error_code"] == 115
+    wait_done(tapi, tid, [a], 1)
+    r = results(tapi, tid, [a], 1, offset=4, limit=2)["data"]["result"][0]
+    assert r["screen"] == "tw"
+
+
+def test_output_bound(tc, tapi):
+    a = ids(tc)[2]
+    tid = submit(tapi, [a], ["head -c 300000 /dev/zero | tr '\\0' x; echo; echo end"])
+    res = wait_done(tapi, tid, [a], 1)[(a, 0)]
+    assert res["status"] == 2 and res.get("truncated") is True
+    assert 65536 <= len(res["screen"]) < 66000 and "truncated" in res["screen"][-100:]
+
+
+def test_offline_target_answered_at_once(tc, tapi):
+    t0 = time.monotonic()
+    tid = submit(tapi, [ids(tc)[0], "0:10.254.0.9", "b" * 32], ["echo hi"])
+    res = wait_done(tapi, tid, [ids(tc)[0], "0:10.254.0.9", "b" * 32], 1, timeout=10)
+    assert res[("0:10.254.0.9", 0)]["error_code"] == 117 and res[("b" * 32, 0)]["error_code"] == 117
+    assert res[(ids(tc)[0], 0)]["status"] == 2
+    assert time.monotonic() - t0 < 5
+
+
+def test_both_path_forms_and_cloud_ip_targets(tc, tapi):
+    a = tc.agents[0]
+    host = f"0:{a.info['ip']}"
+    ext_run = "/api/v2/task/extensions/async_execute_script"
+    tid = submit(tapi, [host], ["echo via-ext"], path=ext_run)
+    def done():
+        r = results(tapi, tid, [host], 1, path="/api/v2/task/extensions/get_execute_script_result/")
+        return r if r["code"] == 0 else None
+    r = wait_for(done, 20, "extensions path result")
+    assert r["data"]["result"][0]["screen"] == "via-ext\n" and r["data"]["result"][0]["bk_agent_id"] == host
+
+
+def test_windows_only_command_refused_clearly(tc, tapi):
+    a = ids(tc)[0]
+    tid = submit(tapi, [a], ["powershell -Command Get-Date", "C:\\run.bat"])
+    res = wait_done(tapi, tid, [a], 2)
+    for i in range(2):
+        assert res[(a, i)]["status"] == 5 and "not supported" in res[(a, i)]["error_msg"]
+
+
+def test_blocked_command_never_reaches_an_agent(tc, tapi, tmp_path):
+    marker = tmp_path / "marker"
+    body = {"agents": [{"bk_agent_id": ids(tc)[0], "user": "root"}],
+            "atomic_tasks": [{"atomic_task_id": 0, "command": f"touch {marker}; false && rm -rf /"}]}
+    r = tapi.call(RUN, body)
+    assert r["code"] == 1000403 and "rm-root" in r["message"] and r["result"] is False
+    body["atomic_tasks"][0]["command"] = f"touch {marker}"
+    body["scripts"] = [{"script_name": "x.sh", "script_store_dir": str(tmp_path),
+                        "script_content": "#!/bin/sh\nfalse && mkfs.ext4 /dev/sdz\n"}]
+    r = tapi.call(RUN, body)
+    assert r["code"] == 1000403 and "mkfs" in r["message"]
+    time.sleep(0.5)
+    assert not marker.exists()
+
+
+def test_live_warn_rule_recorded_on_every_item(tc, tapi):
+    zk = KazooClient(hosts=tc.zookeeper, timeout=5)
+    zk.start(10)
+    try:
+        path = f"{tc.zk_root}/config/command_rules"
+        zk.ensure_path(path)
+        zk.set(path, b'{"include_defaults": true, "rules": [{"name": "loud-echo", "pattern": "echo WARNME",'
+                     b' "severity": "warn", "message": "noisy"}]}')
+        def warned():
+            r = tapi.call(RUN, {"agents": [{"bk_agent_id": a} for a in ids(tc)],
+                                "atomic_tasks": [{"atomic_task_id": 0, "command": "echo WARNME"}]})
+            return r["data"]["result"]["task_id"] if r["code"] == 0 else None
+        tid = warned()
+        res = wait_done(tapi, tid, ids(tc), 1)
+        if not all("loud-echo" in d.get("warning", "") for d in res.values()):
+            time.sleep(1)                        # the rule had not reached the API server yet
+            tid = warned()
+            res = wait_done(tapi, tid, ids(tc), 1)
+        assert all("loud-echo" in d.get("warning", "") and d["status"] == 2 for d in res.values())
+        zk.set(path, b'{"include_defaults": true, "rules": [{"name": "no-echo", "pattern": "echo BLOCKME",'
+                     b' "severity": "block", "message": "no"}]}')
+        wait_for(lambda: tapi.call(RUN, {"agents": [{"bk_agent_id": ids(tc)[0]}], "atomic_tasks": [
+            {"atomic_task_id": 0, "command": "echo BLOCKME"}]})["code"] == 1000403, 10, "live block rule")
+    finally:
+        zk.delete(f"{tc.zk_root}/config/command_rules")
+        zk.stop()
+        zk.close()
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"atomic_tasks": [{"atomic_task_id": 0, "command": "true"}]}, "agents"),
+    ({"agents": [{"bk_agent_id": "a" * 32}]}, "atomic_tasks"),
+    ({"agents": [{"bk_agent_id": "a" * 32}], "atomic_tasks": [{"atomic_task_id": "x", "command": "true"}]},
+     "atomic_tasks[0].atomic_task_id"),
+    ({"agents": [{"bk_agent_id": "a" * 32}], "atomic_tasks": [{"atomic_task_id": 0}]}, "atomic_tasks[0].command"),
+    ({"agents": [{"bk_agent_id": "a" * 32}], "atomic_tasks": [{"atomic_task_id": 0, "command": "true"},
+                                                            {"atomic_task_id": 1, "command": "true"}],
+      "atomic_tasks_relations": [{"atomic_task_id": 0, "atomic_task_id_idx": [1]},
+                                 {"atomic_task_id": 1, "atomic_task_id_idx": [0]}]}, "cycle"),
+    ({"agents": [{"bk_agent_id": "a" * 32}], "atomic_tasks": [{"atomic_task_id": 0, "command": "true"}],
+      "scripts": [{"script_name": "../x", "script_store_dir": "/tmp", "script_content": ""}]}, "script_name"),
+])
+def test_malformed_task_requests(tapi, body, field):
+    r = tapi.call(RUN, body)
+    assert r["code"] == 1000400 and field in r["message"], r
+
+
+def test_unknown_task_id(tapi):
+    r = tapi.call(RESULT, {"task_id": "GSETASK:nope", "agent_tasks": [{"bk_agent_id": "a" * 32}]})
+    assert r["code"] == 1000400 and "unknown" in r["message"]
+    r = tapi.call(TERMINATE, {"task_id": 5, "agents": []})
+    assert r["code"] == 1000400 and "task_id" in r["message"]
+
+
+def test_gse_run_cli(tc, tmp_path):
+    env = {**os.environ}
+    args = [sys.executable, "-m", "gse.cli", "run", "--api-url", tc.api_url(), "--app-code", tc.app_code,
+            "--app-secret", tc.app_secret]
+    ok = subprocess.run(args + ["all", "--", "echo", "hi-from-$(hostname)"], capture_output=True, text=True,
+                        timeout=60, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.count("| hi-from-") == 3 and "ok 3" in ok.stdout
+    ip = tc.agents[1].info["ip"]
+    glob = "*." + ip.rsplit(".", 1)[1]          # matches this agent's address only
+    bad = subprocess.run(args + [glob, "--", "exit 7"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "ok 0, failed 1," in bad.stdout
+    assert bad.stderr.strip() == f"0:{ip} ! exited with code 7"
+
+
+# ---- tests that kill daemons get their own cluster ---------------------------------------------------
+
+def test_agent_killed_mid_task_reports_restarted(make_cluster, user):
+    c = make_cluster()
+    c.start_dbproxy()
+    c.start_taskserver()
+    c.start_apiserver()
+    api = api_for(c)
+    (agent,) = start_agents(c, 1)
+    a = agent.info["bk_agent_id"]
+    api.wait_alive([a])
+    tid = submit(api, [a], ["echo start; sleep 30", "echo quick"], user=user)
+    wait_for(lambda: "start" in results(api, tid, [a], 1)["data"]["result"][0]["screen"], 15, "running")
+    agent.kill()
+    subprocess.run(["pkill", "-KILL", "-u", user], check=False)
+    agent = c.restart(agent)
+    res = wait_done(api, tid, [a], 2, timeout=30)
+    assert res[(a, 0)]["status"] == 6 and res[(a, 0)]["error_code"] != 0
+    assert res[(a, 1)]["status"] == 2 and res[(a, 1)]["screen"] == "quick\n"
+
+
+def test_result_delivered_after_reconnect_to_another_task_server(make_cluster):
+    c = make_cluster()
+    c.start_dbproxy()
+    c.start_taskserver()
+    c.start_taskserver()
+    c.start_apiserver()
+    api = api_for(c)
+    (agent,) = start_agents(c, 1)
+    a = agent.info["bk_agent_id"]
+    api.wait_alive([a])
+    port = api.infos([a])[a]["parent_port"]
+    holder = next(t for t in c.taskservers if t.info["address"].endswith(f":{port}"))
+    tid = submit(api, [a], ["echo before; sleep 3; echo after"])
+    wait_for(lambda: "before" in results(api, tid, [a], 1)["data"]["result"][0]["screen"], 15, "running")
+    holder.kill()
+    res = wait_done(api, tid, [a], 1, timeout=40)[(a, 0)]
+    assert res["status"] == 2 and res["screen"] == "before\nafter\n"
+    assert api.infos([a])[a]["parent_port"] != port
