@@ -62,6 +62,8 @@ class SimAgent:
         self.heartbeat_s = heartbeat_s
         self.relay = SourceRelay(self.ip) if use_relay else None
         self.server: str | None = None
+        self.write_lock = asyncio.Lock()
+        self.tasks_done = 0
         self.hello_fields = dict(agent_id=self.id, cloud_id=0, ip=self.ip, hostname=f"sim-{i}", os="linux",
                                  arch="x86_64", version="0.1.0-sim", run_mode=1,
                                  start_time_ms=int(time.time() * 1000), boot_id=random.getrandbits(62))
@@ -140,11 +142,30 @@ class SimAgent:
     async def beat(self, call, interval: float) -> None:
         await asyncio.sleep(random.uniform(0, interval))     # spread heartbeats over the interval
         while True:
-            await call.write(self.heartbeat)
+            async with self.write_lock:
+                await call.write(self.heartbeat)
             await asyncio.sleep(interval)
 
     async def on_frame(self, call, frame) -> None:
-        """Task frames are answered by later layers (the swarm)."""
+        """Answer a task in-process: `echo X` prints X, anything else succeeds silently. No fork: the
+        figure measured is the control plane's, not the host's."""
+        if frame.WhichOneof("body") != "task":
+            return
+        task = frame.task
+        now = int(time.time() * 1000)
+        report = pb.TaskReport()
+        for t in task.atomic_tasks:
+            out = (t.command[5:] + "\n").encode() if t.command.startswith("echo ") else b""
+            if out:
+                report.outputs.append(pb.TaskOutput(task_id=task.task_id, atomic_task_id=t.atomic_task_id,
+                                                    offset=0, data=out))
+            report.results.append(pb.TaskItemResult(
+                task_id=task.task_id, atomic_task_id=t.atomic_task_id, status=2, error_code=0,
+                start_time_ms=now, end_time_ms=now, exit_code=0, has_exit_code=True, output_size=len(out),
+                final=True))
+        async with self.write_lock:
+            await call.write(pb.AgentFrame(report=report).SerializeToString())
+        self.tasks_done += 1
 
 
 async def main_async(args) -> None:

@@ -56,7 +56,7 @@ class TaskManager:
         self.flush_s = flush_s
         self.items: dict[tuple[str, int], Item] = {}
         self.runs: dict[str, TaskRun] = {}
-        self._flush_scheduled = False
+        self._flush_handle: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task] = set()
 
     # ---- journal ----------------------------------------------------------------------------------
@@ -184,15 +184,20 @@ class TaskManager:
         item.dirty = True
         if final:
             self._journal(task_id)
-        self._schedule()
+        self._schedule(now=final)
 
-    def _schedule(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_later(self.flush_s, self.flush)
+    def _schedule(self, now: bool = False) -> None:
+        """Output is coalesced for `flush_s`; a final result goes on the next loop turn."""
+        loop = asyncio.get_running_loop()
+        if now:
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
+            self._flush_handle = loop.call_soon(self.flush)
+        elif self._flush_handle is None:
+            self._flush_handle = loop.call_later(self.flush_s, self.flush)
 
     def flush(self) -> None:
-        self._flush_scheduled = False
+        self._flush_handle = None
         report = pb.TaskReport()
         size = 0
         for item in self.items.values():

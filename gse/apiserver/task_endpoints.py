@@ -7,12 +7,13 @@ per agent; agents that are offline get error 117 at once.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections import defaultdict
 from dataclasses import dataclass
 
 from gse.common import dbclient as db
-from gse.common.agentstate import is_alive, now_ms
+from gse.common.agentstate import is_alive, now_ms, parse_host_id
 from gse.common.errors import API_RUNNING, BadRequest, GseError
 from gse.common import taskstate as ts
 from gse.pb import agent_pb2 as apb
@@ -22,6 +23,9 @@ from .agents_view import AgentsView
 from .app import Api, Reply
 from .command_guard import CommandGuard
 from .taskservers import TaskServers
+
+# What dispatch and result reads need of an agent's session record.
+SESSION_FIELDS = ("online", "deadline", "node")
 
 BLOCKED = 1000403      # refused by a high-risk command rule (decision: its own code, distinct from bad input)
 
@@ -135,29 +139,37 @@ class TaskEndpoints:
                 "agents": len(targets), "warnings": warning_text}
         ops = [db.hset(ts.task_key(task_id), meta, self.ttl)]
         by_node_user: dict[tuple[str, str], list[str]] = defaultdict(list)
-        offline = []
-        for t in targets:
+        offline: set[int] = set()
+        for n, t in enumerate(targets):
             if t.record is not None and is_alive(t.record, at):
                 by_node_user[(t.record.get("node", ""), t.user)].append(t.agent_id)
             else:
-                offline.append(t)
-        for t in targets:
-            alive = t not in offline
+                offline.add(n)
+        # Items of reachable agents get only fields that results never write (no status), so that this
+        # write may land before or after the agents' results: an item without a status reads as dispatched.
+        for n, t in enumerate(targets):
+            alive = n not in offline
             for a in atomic:
-                fields = {"status": ts.DISPATCHED, "error_code": ts.E_RUNNING, "error_msg": "",
-                          "dispatch_time": at, "warning": warning_text} if alive else \
+                fields = {"dispatch_time": at, "warning": warning_text} if alive else \
                     {"status": ts.FAILED, "error_code": ts.E_AGENT_OFFLINE, "error_msg": "agent is offline",
                      "end_time": at, "warning": warning_text}
                 ops.append(db.hset(ts.item_key(task_id, t.agent_id or t.requested, a.atomic_task_id), fields, self.ttl))
-        await self._write(ops)
-        failures = []
         by_user: dict[str, dict[str, list[str]]] = defaultdict(dict)
         for (node, user), ids in by_node_user.items():
             by_user[user][node] = ids
+        dispatches = []
         for user, by_node in by_user.items():
             frame = apb.ServerFrame(task=apb.TaskRequest(task_id=task_id, user=user, scripts=scripts,
                                                          atomic_tasks=atomic, created_ms=at)).SerializeToString()
-            failures += await self.servers.dispatch(frame, by_node)
+            dispatches.append(self.servers.dispatch(frame, by_node))
+        written, *dispatched = await asyncio.gather(self._write(ops), *dispatches, return_exceptions=True)
+        if isinstance(written, Exception):
+            raise written
+        failures = []
+        for d in dispatched:
+            if isinstance(d, Exception):
+                raise d
+            failures += d
         if failures:
             end = now_ms()
             await self._write([db.hset(ts.item_key(task_id, aid, a.atomic_task_id),
@@ -189,19 +201,25 @@ class TaskEndpoints:
                 aid = at["bk_agent_id"]
                 for tid in ids:
                     wanted.append((aid, at.get("bk_container_id", "") or "", tid, 0, 0))
-        targets = {t.requested: t for t in await self._resolve(list(dict.fromkeys(w[0] for w in wanted)))}
+        requested = list(dict.fromkeys(w[0] for w in wanted))
+        real = await self._real_ids(requested)
         ops = []
         for aid, _c, tid, off, limit in wanted:
-            real = targets[aid].agent_id or aid
             limit = limit or self.default_limit
-            ops.append(db.hgetall(ts.item_key(task_id, real, tid)))
-            ops.append(db.getrange(ts.output_key(task_id, real, tid), off, off + limit - 1))
+            ops.append(db.hgetall(ts.item_key(task_id, real[aid], tid)))
+            ops.append(db.getrange(ts.output_key(task_id, real[aid], tid), off, off + limit - 1))
         res = await self.db.execute(ops)
+        items = [db.text_fields(res[2 * n]) if res[2 * n].ok and res[2 * n].found else None
+                 for n in range(len(wanted))]
+        # Only agents with unfinished items are looked up: an agent gone for good must not keep a caller
+        # polling forever.
+        unfinished = {real[w[0]] for w, f in zip(wanted, items)
+                      if f is not None and int(f.get("status", ts.DISPATCHED)) not in ts.FINAL_STATUSES}
+        records = await self.view.records(list(unfinished), SESSION_FIELDS) if unfinished else {}
         at_ms = now_ms()
         out, running = [], False
         for n, (aid, container, tid, _off, _limit) in enumerate(wanted):
-            item, screen = res[2 * n], res[2 * n + 1]
-            f = db.text_fields(item) if item.ok and item.found else None
+            f, screen = items[n], res[2 * n + 1]
             entry = {"bk_agent_id": aid, "bk_container_id": container, "atomic_task_id": tid}
             if f is None:
                 entry.update(status=ts.FAILED, error_code=ts.E_FAILED,
@@ -209,11 +227,11 @@ class TaskEndpoints:
                              end_time=0, script_exit_code=0, tag="", screen="")
                 out.append(entry)
                 continue
-            status = int(f.get("status", 0))
-            code = int(f.get("error_code", 0))
+            status = int(f.get("status", ts.DISPATCHED))
+            code = int(f.get("error_code", ts.E_RUNNING))
             msg = f.get("error_msg", "")
             if status not in ts.FINAL_STATUSES:
-                record = targets[aid].record
+                record = records.get(real[aid])
                 gone = record is None or (not is_alive(record, at_ms) and
                                           at_ms - int(record.get("deadline", 0) or 0) > self.offline_grace_ms)
                 if gone:
@@ -262,8 +280,14 @@ class TaskEndpoints:
             raise BadRequest(f"'task_id' {task_id} is unknown (or its results expired)")
         return db.text_fields(r)
 
+    async def _real_ids(self, requested: list[str]) -> dict[str, str]:
+        """Requested id -> bk_agent_id; cloud:ip forms resolved (one round trip, only if there are any)."""
+        hosts = {r: h for r in requested if (h := parse_host_id(r)) is not None}
+        resolved = await self.view.resolve_hosts(list(hosts.values())) if hosts else {}
+        return {r: resolved.get(hosts[r], r) if r in hosts else r for r in requested}
+
     async def _resolve(self, requested: list[str], agents=None) -> list[Target]:
-        records = await self.view.by_ids(requested)
+        records = await self.view.by_ids(requested, SESSION_FIELDS)
         users = {a: (c, u) for a, c, u in agents} if agents else {}
         out = []
         for r in requested:

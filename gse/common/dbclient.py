@@ -24,7 +24,29 @@ from .tls import TLSMaterial
 log = logging.getLogger("gse.dbclient")
 
 Op = pb.Op
-K = pb.Op.Kind
+
+
+class K:
+    """Op kinds as plain ints (protobuf's enum wrapper resolves attributes slowly, per call)."""
+    GET = pb.Op.Kind.Value("GET")
+    SET = pb.Op.Kind.Value("SET")
+    DEL = pb.Op.Kind.Value("DEL")
+    HSET = pb.Op.Kind.Value("HSET")
+    HGETALL = pb.Op.Kind.Value("HGETALL")
+    HMGET = pb.Op.Kind.Value("HMGET")
+    HDEL = pb.Op.Kind.Value("HDEL")
+    EXPIRE = pb.Op.Kind.Value("EXPIRE")
+    SADD = pb.Op.Kind.Value("SADD")
+    SREM = pb.Op.Kind.Value("SREM")
+    SMEMBERS = pb.Op.Kind.Value("SMEMBERS")
+    RPUSH = pb.Op.Kind.Value("RPUSH")
+    LRANGE = pb.Op.Kind.Value("LRANGE")
+    INCRBY = pb.Op.Kind.Value("INCRBY")
+    APPEND = pb.Op.Kind.Value("APPEND")
+    GETRANGE = pb.Op.Kind.Value("GETRANGE")
+    STRLEN = pb.Op.Kind.Value("STRLEN")
+    EXISTS = pb.Op.Kind.Value("EXISTS")
+    SETRANGE = pb.Op.Kind.Value("SETRANGE")
 
 
 def _b(v) -> bytes:

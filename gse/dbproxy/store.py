@@ -12,28 +12,45 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import hashlib
 import logging
 import time
-import zlib
 from dataclasses import dataclass, field
-
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, TimeoutError as RedisTimeoutError
 
 from gse.pb import dbproxy_pb2 as pb
 
+from .resp import ConnectionLost, RedisReplyError, RespConnection, encode
+
 log = logging.getLogger("gse.dbproxy")
 
-K = pb.Op.Kind
-READS = {K.GET, K.HGETALL, K.HMGET, K.SMEMBERS, K.LRANGE, K.GETRANGE, K.STRLEN, K.EXISTS}
-TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
+# Plain ints: attribute access on protobuf's enum wrapper goes through __getattr__ and cost more than
+# encoding the commands themselves.
+GET = pb.Op.Kind.Value("GET")
+SET = pb.Op.Kind.Value("SET")
+DEL = pb.Op.Kind.Value("DEL")
+HSET = pb.Op.Kind.Value("HSET")
+HGETALL = pb.Op.Kind.Value("HGETALL")
+HMGET = pb.Op.Kind.Value("HMGET")
+HDEL = pb.Op.Kind.Value("HDEL")
+EXPIRE = pb.Op.Kind.Value("EXPIRE")
+SADD = pb.Op.Kind.Value("SADD")
+SREM = pb.Op.Kind.Value("SREM")
+SMEMBERS = pb.Op.Kind.Value("SMEMBERS")
+RPUSH = pb.Op.Kind.Value("RPUSH")
+LRANGE = pb.Op.Kind.Value("LRANGE")
+INCRBY = pb.Op.Kind.Value("INCRBY")
+APPEND = pb.Op.Kind.Value("APPEND")
+GETRANGE = pb.Op.Kind.Value("GETRANGE")
+STRLEN = pb.Op.Kind.Value("STRLEN")
+EXISTS = pb.Op.Kind.Value("EXISTS")
+SETRANGE = pb.Op.Kind.Value("SETRANGE")
+READS = frozenset({GET, HGETALL, HMGET, SMEMBERS, LRANGE, GETRANGE, STRLEN, EXISTS})
+TRANSIENT = (ConnectionLost, OSError, asyncio.TimeoutError)
 
 
 def _hash(s: str) -> int:
-    return zlib.crc32(s.encode())
+    # blake2b spreads near-identical names (vnodes "host:port#i", keys "prefix:N") evenly; crc32 did not.
+    return int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "big")
 
 
 class Ring:
@@ -59,7 +76,7 @@ class Ring:
 @dataclass
 class Node:
     address: str
-    client: aioredis.Redis
+    client: RespConnection
     healthy: bool = True
     readable_at: float = 0.0   # monotonic time from which reads may go here
     failures: int = 0
@@ -73,7 +90,7 @@ class Node:
 class _Plan:
     """Commands queued for one node, with where each result goes."""
     node: Node
-    pipe: object
+    pipe: list = field(default_factory=list)    # encoded commands
     slots: list = field(default_factory=list)   # (op index, commands queued for it, is_read)
 
 
@@ -88,19 +105,15 @@ class ShardedStore:
         self.nodes: dict[str, Node] = {}
         for addr in addresses:
             host, _, port = addr.rpartition(":")
-            client = aioredis.Redis(host=host or "127.0.0.1", port=int(port), password=password or None,
-                                    socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                    max_connections=64, health_check_interval=0,
-                                    # Fail fast: a dead node is skipped and probed, never retried inline
-                                    # (retrying would stall every batch that touches it).
-                                    retry=Retry(NoBackoff(), 0))
-            self.nodes[addr] = Node(addr, client)
+            # Fail fast: a dead node is skipped and probed, never retried inline (retrying would stall
+            # every batch that touches it).
+            self.nodes[addr] = Node(addr, RespConnection(host or "127.0.0.1", int(port), password, timeout_s))
         self.ring = Ring(list(self.nodes))
         self.ops_total = 0
 
     async def close(self) -> None:
         for node in self.nodes.values():
-            await node.client.aclose()
+            await node.client.close()
 
     # ---- health -----------------------------------------------------------------------------------
 
@@ -114,8 +127,10 @@ class ShardedStore:
         """Ping every node; a node that answers again becomes writable now and readable after warm-up."""
         async def one(node: Node):
             try:
-                await node.client.ping()
-            except TRANSIENT + (RedisError,) as exc:
+                (reply,) = await node.client.pipeline([PING])
+                if isinstance(reply, RedisReplyError):
+                    raise ConnectionLost(f"PING answered {reply}")
+            except TRANSIENT as exc:
                 self._mark_down(node, exc)
                 return
             if not node.healthy:
@@ -147,7 +162,7 @@ class ShardedStore:
         def plan_for(node: Node) -> _Plan:
             p = plans.get(node.address)
             if p is None:
-                p = plans[node.address] = _Plan(node, node.client.pipeline(transaction=False))
+                p = plans[node.address] = _Plan(node)
             return p
 
         for i, op in enumerate(ops):
@@ -187,7 +202,7 @@ class ShardedStore:
                                 node = fallback[0]
                                 rp = retry.get(node.address)
                                 if rp is None:
-                                    rp = retry[node.address] = _Plan(node, node.client.pipeline(transaction=False))
+                                    rp = retry[node.address] = _Plan(node)
                                 rp.slots.append((i, _queue(rp.pipe, ops[i], self.prefix), True))
                             else:
                                 results[i].error = f"redis unavailable: {replies!r}"
@@ -198,7 +213,7 @@ class ShardedStore:
                 for i, n, is_read in plan.slots:
                     chunk = replies[pos:pos + n]
                     pos += n
-                    err = next((c for c in chunk if isinstance(c, Exception)), None)
+                    err = next((c for c in chunk if isinstance(c, RedisReplyError)), None)
                     if err is not None:
                         if is_read:
                             results[i].error = str(err)
@@ -224,110 +239,95 @@ class ShardedStore:
 
     async def _run(self, plan: _Plan):
         try:
-            replies = await plan.pipe.execute(raise_on_error=False)
-            lost = next((r for r in replies if isinstance(r, TRANSIENT)), None)
-            if lost is not None:
-                raise lost
-            return replies
+            return await plan.node.client.pipeline(plan.pipe)
         except TRANSIENT as exc:
             self._mark_down(plan.node, exc)
-            return exc
-        except RedisError as exc:
             return exc
 
 
 def _check(op) -> None:
     if not op.key:
         raise ValueError("op has no key")
-    if op.kind == K.HSET and not op.fields:
+    if op.kind == HSET and not op.fields:
         raise ValueError("HSET needs fields")
-    if op.kind in (K.SADD, K.SREM, K.RPUSH) and not op.members:
-        raise ValueError(f"{K.Name(op.kind)} needs members")
-    if op.kind in (K.HMGET, K.HDEL) and not op.names:
-        raise ValueError(f"{K.Name(op.kind)} needs names")
-    if op.kind == K.SETRANGE and op.start < 0:
+    if op.kind in (SADD, SREM, RPUSH) and not op.members:
+        raise ValueError(f"{pb.Op.Kind.Name(op.kind)} needs members")
+    if op.kind in (HMGET, HDEL) and not op.names:
+        raise ValueError(f"{pb.Op.Kind.Name(op.kind)} needs names")
+    if op.kind == SETRANGE and op.start < 0:
         raise ValueError("SETRANGE needs start >= 0")
-    if op.kind == K.EXPIRE and op.ttl_ms <= 0:
+    if op.kind == EXPIRE and op.ttl_ms <= 0:
         raise ValueError("EXPIRE needs ttl_ms > 0")
 
 
-def _queue(pipe, op, prefix: str) -> int:
+PING = encode(b"PING")
+_NAMES = {k: pb.Op.Kind.Name(k).encode() for k in pb.Op.Kind.values()}
+
+
+def _queue(pipe: list, op, prefix: str) -> int:
     """Queue the Redis commands for one op; returns how many were queued."""
-    key = prefix + op.key
+    key = (prefix + op.key).encode()
     k = op.kind
     ttl = op.ttl_ms
-    if k == K.GET:
-        pipe.get(key)
-    elif k == K.SET:
-        pipe.set(key, op.value, px=ttl if ttl > 0 else None)
+    if k == SET:
+        pipe.append(encode(b"SET", key, op.value, b"PX", ttl) if ttl > 0 else encode(b"SET", key, op.value))
         return 1
-    elif k == K.DEL:
-        pipe.delete(key)
-    elif k == K.HSET:
-        pipe.hset(key, mapping=dict(op.fields))
-    elif k == K.HGETALL:
-        pipe.hgetall(key)
-    elif k == K.HMGET:
-        pipe.hmget(key, list(op.names))
-    elif k == K.HDEL:
-        pipe.hdel(key, *op.names)
-    elif k == K.EXPIRE:
-        pipe.pexpire(key, ttl)
+    if k == EXPIRE:
+        pipe.append(encode(b"PEXPIRE", key, ttl))
         return 1
-    elif k == K.SADD:
-        pipe.sadd(key, *op.members)
-    elif k == K.SREM:
-        pipe.srem(key, *op.members)
-    elif k == K.SMEMBERS:
-        pipe.smembers(key)
-    elif k == K.RPUSH:
-        pipe.rpush(key, *op.members)
-    elif k == K.LRANGE:
-        pipe.lrange(key, op.start, op.stop)
-    elif k == K.INCRBY:
-        pipe.incrby(key, op.integer)
-    elif k == K.APPEND:
-        pipe.append(key, op.value)
-    elif k == K.GETRANGE:
-        pipe.getrange(key, op.start, op.stop)
-    elif k == K.STRLEN:
-        pipe.strlen(key)
-    elif k == K.EXISTS:
-        pipe.exists(key)
-    elif k == K.SETRANGE:
-        pipe.setrange(key, op.start, op.value)
+    if k in (GET, DEL, HGETALL, SMEMBERS, STRLEN, EXISTS):
+        pipe.append(encode(_NAMES[k], key))
+    elif k == HSET:
+        args = [b"HSET", key]
+        for name, value in op.fields.items():
+            args.append(name.encode())
+            args.append(value)
+        pipe.append(encode(*args))
+    elif k in (HMGET, HDEL):
+        pipe.append(encode(_NAMES[k], key, *(n.encode() for n in op.names)))
+    elif k in (SADD, SREM, RPUSH):
+        pipe.append(encode(_NAMES[k], key, *op.members))
+    elif k in (LRANGE, GETRANGE):
+        pipe.append(encode(_NAMES[k], key, op.start, op.stop))
+    elif k == INCRBY:
+        pipe.append(encode(b"INCRBY", key, op.integer))
+    elif k == APPEND:
+        pipe.append(encode(b"APPEND", key, op.value))
+    elif k == SETRANGE:
+        pipe.append(encode(b"SETRANGE", key, op.start, op.value))
     else:
         raise ValueError(f"unknown op kind {k}")
-    if ttl > 0 and k in (K.HSET, K.SADD, K.RPUSH, K.INCRBY, K.APPEND, K.SETRANGE):
-        pipe.pexpire(key, ttl)
+    if ttl > 0 and k in (HSET, SADD, RPUSH, INCRBY, APPEND, SETRANGE):
+        pipe.append(encode(b"PEXPIRE", key, ttl))
         return 2
     return 1
 
 
 def _fill(result: pb.Result, op, reply) -> None:
     k = op.kind
-    if k in (K.GET, K.GETRANGE):
+    if k in (GET, GETRANGE):
         if reply is not None:
             result.found = True
             result.value = reply
-    elif k == K.HGETALL:
+    elif k == HGETALL:
         if reply:
             result.found = True
-            for name, value in reply.items():
-                result.fields[name.decode() if isinstance(name, bytes) else name] = value
-    elif k == K.HMGET:
+            fields = result.fields
+            for i in range(0, len(reply), 2):
+                fields[reply[i].decode()] = reply[i + 1]
+    elif k == HMGET:
         for v in reply:
             result.present.append(v is not None)
             result.values.append(v if v is not None else b"")
         result.found = any(result.present)
-    elif k == K.SMEMBERS:
+    elif k == SMEMBERS:
         result.values.extend(sorted(reply))
         result.found = bool(reply)
-    elif k == K.LRANGE:
+    elif k == LRANGE:
         result.values.extend(reply)
         result.found = bool(reply)
-    elif k in (K.DEL, K.HDEL, K.SADD, K.SREM, K.RPUSH, K.INCRBY, K.APPEND, K.STRLEN, K.EXISTS, K.SETRANGE):
+    elif k in (DEL, HDEL, SADD, SREM, RPUSH, INCRBY, APPEND, STRLEN, EXISTS, SETRANGE):
         result.integer = int(reply)
-        result.found = bool(reply) if k in (K.EXISTS, K.STRLEN) else True
-    elif k == K.HSET:
+        result.found = bool(reply) if k in (EXISTS, STRLEN) else True
+    elif k == HSET:
         result.integer = int(reply)

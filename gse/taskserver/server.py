@@ -43,7 +43,7 @@ class TaskServerConfig(BaseConfig):
     hello_timeout_s: float = 10.0
     session_ttl_s: float = 7 * 86400
     result_ttl_s: float = 86400         # task results and output
-    session_flush_interval_s: float = 0.05
+    flush_interval_s: float = 0.01      # least time between two batch writes to dbproxy (group commit)
     load_report_interval_s: float = 2.0
     balance: BalanceConfig = BalanceConfig()
     dbproxy: DbProxyClientConfig = DbProxyClientConfig()
@@ -97,7 +97,7 @@ class TaskServerService(Service):
         await self.discovery.start()
         if not c.dbproxy.addresses:
             await self.discovery.watch_service("dbproxy", self.db.on_view)
-        self.writer = BatchWriter(self.db, c.session_flush_interval_s)
+        self.writer = BatchWriter(self.db, c.flush_interval_s)
         self.agent_server = rpc.make_server(self.tls)
         self.agent_port = rpc.bind(self.agent_server, self.tls, c.host, c.agent_port)
         self.balancer = Balancer(self.node_id, c.area, slack=c.balance.slack, ratio=c.balance.ratio,
