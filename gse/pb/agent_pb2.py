@@ -22,47 +22,48 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from gse.pb import data_pb2 as gse_dot_pb_dot_data__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12gse/pb/agent.proto\x12\x06gse.pb\"\xb1\x01\n\x0cHostSnapshot\x12\x0f\n\x07\x63pu_num\x18\x01 \x01(\x05\x12\x10\n\x08mem_size\x18\x02 \x01(\x03\x12\x10\n\x08\x63pu_rate\x18\x03 \x01(\x01\x12\x10\n\x08mem_rate\x18\x04 \x01(\x01\x12\r\n\x05load1\x18\x05 \x01(\x01\x12\x10\n\x08uptime_s\x18\x06 \x01(\x03\x12\x12\n\nproc_count\x18\x07 \x01(\x05\x12\x12\n\ndisk_total\x18\x08 \x01(\x03\x12\x11\n\tdisk_used\x18\t \x01(\x03\"\xc6\x01\n\nAgentHello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08\x63loud_id\x18\x02 \x01(\x05\x12\n\n\x02ip\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\n\n\x02os\x18\x05 \x01(\t\x12\x0c\n\x04\x61rch\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x10\n\x08run_mode\x18\x08 \x01(\x05\x12\x15\n\rstart_time_ms\x18\t \x01(\x03\x12\x11\n\tredirects\x18\n \x01(\x05\x12\x0f\n\x07\x62oot_id\x18\x0b \x01(\x03\"`\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x10\n\x08\x63pu_rate\x18\x02 \x01(\x01\x12\x10\n\x08mem_rate\x18\x03 \x01(\x01\x12\"\n\x04host\x18\x04 \x01(\x0b\x32\x14.gse.pb.HostSnapshot\">\n\nTaskScript\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tstore_dir\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\"b\n\nAtomicTask\x12\x16\n\x0e\x61tomic_task_id\x18\x01 \x01(\x05\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x05\x12\x12\n\ndepends_on\x18\x04 \x03(\x05\"\xa9\x01\n\x0bTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12#\n\x07scripts\x18\x03 \x03(\x0b\x32\x12.gse.pb.TaskScript\x12(\n\x0c\x61tomic_tasks\x18\x04 \x03(\x0b\x32\x12.gse.pb.AtomicTask\x12\x12\n\ncreated_ms\x18\x05 \x01(\x03\x12\x18\n\x10max_output_bytes\x18\x06 \x01(\x03\" \n\rTerminateTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"S\n\nTaskOutput\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61tomic_task_id\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xfd\x01\n\x0eTaskItemResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61tomic_task_id\x18\x02 \x01(\x05\x12\x0e\n\x06status\x18\x03 \x01(\x05\x12\x12\n\nerror_code\x18\x04 \x01(\x05\x12\x11\n\terror_msg\x18\x05 \x01(\t\x12\x15\n\rstart_time_ms\x18\x06 \x01(\x03\x12\x13\n\x0b\x65nd_time_ms\x18\x07 \x01(\x03\x12\x11\n\texit_code\x18\x08 \x01(\x05\x12\x15\n\rhas_exit_code\x18\t \x01(\x08\x12\x13\n\x0boutput_size\x18\n \x01(\x03\x12\x11\n\ttruncated\x18\x0b \x01(\x08\x12\r\n\x05\x66inal\x18\x0c \x01(\x08\"Z\n\nTaskReport\x12#\n\x07outputs\x18\x01 \x03(\x0b\x32\x12.gse.pb.TaskOutput\x12\'\n\x07results\x18\x02 \x03(\x0b\x32\x16.gse.pb.TaskItemResult\"2\n\x07ItemRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61tomic_task_id\x18\x02 \x01(\x05\"+\n\tResultAck\x12\x1e\n\x05items\x18\x01 \x03(\x0b\x32\x0f.gse.pb.ItemRef\"\x87\x01\n\nAgentFrame\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.gse.pb.AgentHelloH\x00\x12&\n\theartbeat\x18\x02 \x01(\x0b\x32\x11.gse.pb.HeartbeatH\x00\x12$\n\x06report\x18\x03 \x01(\x0b\x32\x12.gse.pb.TaskReportH\x00\x42\x06\n\x04\x62ody\"a\n\x07Welcome\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\x12\x11\n\tparent_ip\x18\x03 \x01(\t\x12\x13\n\x0bparent_port\x18\x04 \x01(\x05\"+\n\x08Redirect\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xd2\x01\n\x0bServerFrame\x12\"\n\x07welcome\x18\x01 \x01(\x0b\x32\x0f.gse.pb.WelcomeH\x00\x12$\n\x08redirect\x18\x02 \x01(\x0b\x32\x10.gse.pb.RedirectH\x00\x12#\n\x04task\x18\x03 \x01(\x0b\x32\x13.gse.pb.TaskRequestH\x00\x12*\n\tterminate\x18\x04 \x01(\x0b\x32\x15.gse.pb.TerminateTaskH\x00\x12 \n\x03\x61\x63k\x18\x05 \x01(\x0b\x32\x11.gse.pb.ResultAckH\x00\x42\x06\n\x04\x62ody2E\n\x0b\x41gentAccess\x12\x36\n\x07\x43onnect\x12\x12.gse.pb.AgentFrame\x1a\x13.gse.pb.ServerFrame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12gse/pb/agent.proto\x12\x06gse.pb\x1a\x11gse/pb/data.proto\"\xb1\x01\n\x0cHostSnapshot\x12\x0f\n\x07\x63pu_num\x18\x01 \x01(\x05\x12\x10\n\x08mem_size\x18\x02 \x01(\x03\x12\x10\n\x08\x63pu_rate\x18\x03 \x01(\x01\x12\x10\n\x08mem_rate\x18\x04 \x01(\x01\x12\r\n\x05load1\x18\x05 \x01(\x01\x12\x10\n\x08uptime_s\x18\x06 \x01(\x03\x12\x12\n\nproc_count\x18\x07 \x01(\x05\x12\x12\n\ndisk_total\x18\x08 \x01(\x03\x12\x11\n\tdisk_used\x18\t \x01(\x03\"\xc6\x01\n\nAgentHello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08\x63loud_id\x18\x02 \x01(\x05\x12\n\n\x02ip\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\n\n\x02os\x18\x05 \x01(\t\x12\x0c\n\x04\x61rch\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x10\n\x08run_mode\x18\x08 \x01(\x05\x12\x15\n\rstart_time_ms\x18\t \x01(\x03\x12\x11\n\tredirects\x18\n \x01(\x05\x12\x0f\n\x07\x62oot_id\x18\x0b \x01(\x03\"`\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x10\n\x08\x63pu_rate\x18\x02 \x01(\x01\x12\x10\n\x08mem_rate\x18\x03 \x01(\x01\x12\"\n\x04host\x18\x04 \x01(\x0b\x32\x14.gse.pb.HostSnapshot\">\n\nTaskScript\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tstore_dir\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\"b\n\nAtomicTask\x12\x16\n\x0e\x61tomic_task_id\x18\x01 \x01(\x05\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x05\x12\x12\n\ndepends_on\x18\x04 \x03(\x05\"\xa9\x01\n\x0bTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12#\n\x07scripts\x18\x03 \x03(\x0b\x32\x12.gse.pb.TaskScript\x12(\n\x0c\x61tomic_tasks\x18\x04 \x03(\x0b\x32\x12.gse.pb.AtomicTask\x12\x12\n\ncreated_ms\x18\x05 \x01(\x03\x12\x18\n\x10max_output_bytes\x18\x06 \x01(\x03\" \n\rTerminateTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"S\n\nTaskOutput\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61tomic_task_id\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xfd\x01\n\x0eTaskItemResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61tomic_task_id\x18\x02 \x01(\x05\x12\x0e\n\x06status\x18\x03 \x01(\x05\x12\x12\n\nerror_code\x18\x04 \x01(\x05\x12\x11\n\terror_msg\x18\x05 \x01(\t\x12\x15\n\rstart_time_ms\x18\x06 \x01(\x03\x12\x13\n\x0b\x65nd_time_ms\x18\x07 \x01(\x03\x12\x11\n\texit_code\x18\x08 \x01(\x05\x12\x15\n\rhas_exit_code\x18\t \x01(\x08\x12\x13\n\x0boutput_size\x18\n \x01(\x03\x12\x11\n\ttruncated\x18\x0b \x01(\x08\x12\r\n\x05\x66inal\x18\x0c \x01(\x08\"Z\n\nTaskReport\x12#\n\x07outputs\x18\x01 \x03(\x0b\x32\x12.gse.pb.TaskOutput\x12\'\n\x07results\x18\x02 \x03(\x0b\x32\x16.gse.pb.TaskItemResult\"2\n\x07ItemRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61tomic_task_id\x18\x02 \x01(\x05\"+\n\tResultAck\x12\x1e\n\x05items\x18\x01 \x03(\x0b\x32\x0f.gse.pb.ItemRef\"\xb4\x01\n\nAgentFrame\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.gse.pb.AgentHelloH\x00\x12&\n\theartbeat\x18\x02 \x01(\x0b\x32\x11.gse.pb.HeartbeatH\x00\x12$\n\x06report\x18\x03 \x01(\x0b\x32\x12.gse.pb.TaskReportH\x00\x12+\n\x0cplugin_reply\x18\x04 \x01(\x0b\x32\x13.gse.pb.PluginReplyH\x00\x42\x06\n\x04\x62ody\"a\n\x07Welcome\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\x12\x11\n\tparent_ip\x18\x03 \x01(\t\x12\x13\n\x0bparent_port\x18\x04 \x01(\x05\"+\n\x08Redirect\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xb3\x02\n\x0bServerFrame\x12\"\n\x07welcome\x18\x01 \x01(\x0b\x32\x0f.gse.pb.WelcomeH\x00\x12$\n\x08redirect\x18\x02 \x01(\x0b\x32\x10.gse.pb.RedirectH\x00\x12#\n\x04task\x18\x03 \x01(\x0b\x32\x13.gse.pb.TaskRequestH\x00\x12*\n\tterminate\x18\x04 \x01(\x0b\x32\x15.gse.pb.TerminateTaskH\x00\x12 \n\x03\x61\x63k\x18\x05 \x01(\x0b\x32\x11.gse.pb.ResultAckH\x00\x12.\n\x0c\x64\x61ta_servers\x18\x06 \x01(\x0b\x32\x16.gse.pb.DataServerViewH\x00\x12/\n\x0eplugin_message\x18\x07 \x01(\x0b\x32\x15.gse.pb.PluginMessageH\x00\x42\x06\n\x04\x62ody2E\n\x0b\x41gentAccess\x12\x36\n\x07\x43onnect\x12\x12.gse.pb.AgentFrame\x1a\x13.gse.pb.ServerFrame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gse.pb.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HOSTSNAPSHOT']._serialized_start=31
-  _globals['_HOSTSNAPSHOT']._serialized_end=208
-  _globals['_AGENTHELLO']._serialized_start=211
-  _globals['_AGENTHELLO']._serialized_end=409
-  _globals['_HEARTBEAT']._serialized_start=411
-  _globals['_HEARTBEAT']._serialized_end=507
-  _globals['_TASKSCRIPT']._serialized_start=509
-  _globals['_TASKSCRIPT']._serialized_end=571
-  _globals['_ATOMICTASK']._serialized_start=573
-  _globals['_ATOMICTASK']._serialized_end=671
-  _globals['_TASKREQUEST']._serialized_start=674
-  _globals['_TASKREQUEST']._serialized_end=843
-  _globals['_TERMINATETASK']._serialized_start=845
-  _globals['_TERMINATETASK']._serialized_end=877
-  _globals['_TASKOUTPUT']._serialized_start=879
-  _globals['_TASKOUTPUT']._serialized_end=962
-  _globals['_TASKITEMRESULT']._serialized_start=965
-  _globals['_TASKITEMRESULT']._serialized_end=1218
-  _globals['_TASKREPORT']._serialized_start=1220
-  _globals['_TASKREPORT']._serialized_end=1310
-  _globals['_ITEMREF']._serialized_start=1312
-  _globals['_ITEMREF']._serialized_end=1362
-  _globals['_RESULTACK']._serialized_start=1364
-  _globals['_RESULTACK']._serialized_end=1407
-  _globals['_AGENTFRAME']._serialized_start=1410
-  _globals['_AGENTFRAME']._serialized_end=1545
-  _globals['_WELCOME']._serialized_start=1547
-  _globals['_WELCOME']._serialized_end=1644
-  _globals['_REDIRECT']._serialized_start=1646
-  _globals['_REDIRECT']._serialized_end=1689
-  _globals['_SERVERFRAME']._serialized_start=1692
-  _globals['_SERVERFRAME']._serialized_end=1902
-  _globals['_AGENTACCESS']._serialized_start=1904
-  _globals['_AGENTACCESS']._serialized_end=1973
+  _globals['_HOSTSNAPSHOT']._serialized_start=50
+  _globals['_HOSTSNAPSHOT']._serialized_end=227
+  _globals['_AGENTHELLO']._serialized_start=230
+  _globals['_AGENTHELLO']._serialized_end=428
+  _globals['_HEARTBEAT']._serialized_start=430
+  _globals['_HEARTBEAT']._serialized_end=526
+  _globals['_TASKSCRIPT']._serialized_start=528
+  _globals['_TASKSCRIPT']._serialized_end=590
+  _globals['_ATOMICTASK']._serialized_start=592
+  _globals['_ATOMICTASK']._serialized_end=690
+  _globals['_TASKREQUEST']._serialized_start=693
+  _globals['_TASKREQUEST']._serialized_end=862
+  _globals['_TERMINATETASK']._serialized_start=864
+  _globals['_TERMINATETASK']._serialized_end=896
+  _globals['_TASKOUTPUT']._serialized_start=898
+  _globals['_TASKOUTPUT']._serialized_end=981
+  _globals['_TASKITEMRESULT']._serialized_start=984
+  _globals['_TASKITEMRESULT']._serialized_end=1237
+  _globals['_TASKREPORT']._serialized_start=1239
+  _globals['_TASKREPORT']._serialized_end=1329
+  _globals['_ITEMREF']._serialized_start=1331
+  _globals['_ITEMREF']._serialized_end=1381
+  _globals['_RESULTACK']._serialized_start=1383
+  _globals['_RESULTACK']._serialized_end=1426
+  _globals['_AGENTFRAME']._serialized_start=1429
+  _globals['_AGENTFRAME']._serialized_end=1609
+  _globals['_WELCOME']._serialized_start=1611
+  _globals['_WELCOME']._serialized_end=1708
+  _globals['_REDIRECT']._serialized_start=1710
+  _globals['_REDIRECT']._serialized_end=1753
+  _globals['_SERVERFRAME']._serialized_start=1756
+  _globals['_SERVERFRAME']._serialized_end=2063
+  _globals['_AGENTACCESS']._serialized_start=2065
+  _globals['_AGENTACCESS']._serialized_end=2134
 # @@protoc_insertion_point(module_scope)

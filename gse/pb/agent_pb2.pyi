@@ -1,3 +1,4 @@
+from gse.pb import data_pb2 as _data_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -173,14 +174,16 @@ class ResultAck(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[ItemRef, _Mapping]]] = ...) -> None: ...
 
 class AgentFrame(_message.Message):
-    __slots__ = ("hello", "heartbeat", "report")
+    __slots__ = ("hello", "heartbeat", "report", "plugin_reply")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
+    PLUGIN_REPLY_FIELD_NUMBER: _ClassVar[int]
     hello: AgentHello
     heartbeat: Heartbeat
     report: TaskReport
-    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., report: _Optional[_Union[TaskReport, _Mapping]] = ...) -> None: ...
+    plugin_reply: _data_pb2.PluginReply
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., report: _Optional[_Union[TaskReport, _Mapping]] = ..., plugin_reply: _Optional[_Union[_data_pb2.PluginReply, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("node_id", "heartbeat_interval_ms", "parent_ip", "parent_port")
@@ -203,15 +206,19 @@ class Redirect(_message.Message):
     def __init__(self, address: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ServerFrame(_message.Message):
-    __slots__ = ("welcome", "redirect", "task", "terminate", "ack")
+    __slots__ = ("welcome", "redirect", "task", "terminate", "ack", "data_servers", "plugin_message")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     REDIRECT_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     TERMINATE_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
+    DATA_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    PLUGIN_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     redirect: Redirect
     task: TaskRequest
     terminate: TerminateTask
     ack: ResultAck
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., task: _Optional[_Union[TaskRequest, _Mapping]] = ..., terminate: _Optional[_Union[TerminateTask, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ...) -> None: ...
+    data_servers: _data_pb2.DataServerView
+    plugin_message: _data_pb2.PluginMessage
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., task: _Optional[_Union[TaskRequest, _Mapping]] = ..., terminate: _Optional[_Union[TerminateTask, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., data_servers: _Optional[_Union[_data_pb2.DataServerView, _Mapping]] = ..., plugin_message: _Optional[_Union[_data_pb2.PluginMessage, _Mapping]] = ...) -> None: ...
