@@ -136,6 +136,7 @@ class Cluster:
         self.dbproxies: list[Proc] = []
         self.taskservers: list[Proc] = []
         self.apiservers: list[Proc] = []
+        self.fileservers: list[Proc] = []
         self.agents: list[Proc] = []
 
     # ---- infrastructure ---------------------------------------------------------------------------
@@ -230,6 +231,16 @@ class Cluster:
         self.apiservers.append(proc)
         return self.wait_healthy(proc) if wait else proc
 
+    def start_fileserver(self, name: str | None = None, wait: bool = True, **overrides) -> Proc:
+        port, tport, mport = free_port(), free_port(), free_port()
+        name = name or f"fileserver-{len(self.fileservers) + 1}"
+        cfg = {**self._common(mport), "host": "127.0.0.1", "port": port, "tracker_port": tport,
+               "data_dir": str(self.base / name), "announce_interval_s": 2, **overrides}
+        proc = self._daemon("fileserver", name, cfg, {"address": f"127.0.0.1:{port}",
+                                                      "tracker_url": f"http://127.0.0.1:{tport}/announce"})
+        self.fileservers.append(proc)
+        return self.wait_healthy(proc) if wait else proc
+
     def agent_config(self, index: int, ip: str, servers: list[str] | None = None, certs: str = "agent",
                      **overrides) -> dict:
         d = self.base / "agents" / f"agent-{index}"
@@ -270,7 +281,7 @@ class Cluster:
         proc.stop()
         cmd = proc.popen.args
         new = self._spawn(proc.name, proc.kind, cmd, dict(proc.info))
-        for group in (self.dbproxies, self.taskservers, self.apiservers, self.agents):
+        for group in (self.dbproxies, self.taskservers, self.apiservers, self.fileservers, self.agents):
             if proc in group:
                 group[group.index(proc)] = new
         if proc in self.procs:
@@ -303,6 +314,7 @@ class Cluster:
         self.start_dbproxy(replicas=min(2, redis_nodes))
         for _ in range(taskservers):
             self.start_taskserver()
+        self.start_fileserver()
         self.start_apiserver()
         procs = [self.start_agent(wait=False) for _ in range(agents)]
         for p in procs:
@@ -321,6 +333,8 @@ class Cluster:
             "taskservers": [{"address": p.info["address"], "pid": p.pid, "metrics_port": p.info["metrics_port"]}
                             for p in self.taskservers],
             "apiservers": [{"url": p.info["url"], "pid": p.pid} for p in self.apiservers],
+            "fileservers": [{"address": p.info["address"], "tracker_url": p.info["tracker_url"], "pid": p.pid}
+                            for p in self.fileservers],
             "agents": [{"bk_agent_id": p.info.get("bk_agent_id", ""), "ip": p.info["ip"],
                         "bk_cloud_id": p.info["bk_cloud_id"], "pid": p.pid, "data_dir": p.info["data_dir"],
                         "run_dir": p.info["run_dir"]} for p in self.agents],
@@ -335,7 +349,8 @@ class Cluster:
 
     def stop(self) -> None:
         """Stop everything: agents first, infrastructure last."""
-        order = {"agent": 0, "apiserver": 1, "taskserver": 2, "dbproxy": 3, "redis": 4, "zookeeper": 5}
+        order = {"agent": 0, "apiserver": 1, "taskserver": 2, "fileserver": 2, "dbproxy": 3, "redis": 4,
+                 "zookeeper": 5}
         for p in sorted(self.procs, key=lambda p: order.get(p.kind, 1)):
             p.stop()
 
@@ -346,7 +361,8 @@ class Cluster:
 def stop_from_description(path: str | os.PathLike, timeout: float = 15.0) -> int:
     """`gse dev down`: stop what a detached `gse dev up` started, from its cluster.json."""
     desc = json.loads(Path(path).read_text())
-    order = {"agent": 0, "apiserver": 1, "taskserver": 2, "dbproxy": 3, "redis": 4, "zookeeper": 5}
+    order = {"agent": 0, "apiserver": 1, "taskserver": 2, "fileserver": 2, "dbproxy": 3, "redis": 4,
+             "zookeeper": 5}
     procs = sorted(desc.get("processes", []), key=lambda p: order.get(p["kind"], 1))
     stopped = 0
     for p in procs:

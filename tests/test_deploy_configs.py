@@ -17,6 +17,7 @@ from gse.agent.agent import AgentConfig
 from gse.apiserver.server import ApiServerConfig
 from gse.common.config import load_config
 from gse.dbproxy.server import DbProxyConfig
+from gse.fileserver.server import FileServerConfig
 from gse.taskserver.server import TaskServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +29,7 @@ CONFIGS = {
     "taskserver": TaskServerConfig,
     "dbproxy": DbProxyConfig,
     "apiserver": ApiServerConfig,
+    "fileserver": FileServerConfig,
 }
 
 # spec section 6

@@ -30,6 +30,7 @@ from gse.common.tls import TLSMaterial
 from gse.pb import agent_pb2 as pb
 
 from .executor import Pools
+from .files import FileManager
 from .relay import SourceRelay
 from .tasks import TaskManager
 
@@ -60,6 +61,18 @@ class TaskConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FileConfig:
+    bt_port: int = 60020            # BitTorrent listen port (the next free one up to bt_port_max)
+    bt_port_max: int = 60030
+    bt_stall_s: float = 20.0        # no BitTorrent progress for this long: switch to direct mode
+    bt_max_hash_failures: int = 8   # ... or this many pieces failed their hash check
+
+    def validate(self) -> None:
+        if not 0 < self.bt_port <= self.bt_port_max < 65536:
+            raise ConfigError("files: need 0 < bt_port <= bt_port_max < 65536")
+
+
+@dataclasses.dataclass(frozen=True)
 class AgentConfig:
     data_dir: str = "/var/lib/gse/agent"
     run_dir: str = "/var/run/gse"
@@ -73,6 +86,7 @@ class AgentConfig:
     connect_timeout_s: float = 10.0
     reconnect: ReconnectConfig = ReconnectConfig()
     tasks: TaskConfig = TaskConfig()
+    files: FileConfig = FileConfig()
     tls: TLSConfig = TLSConfig()
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -174,6 +188,7 @@ class Agent(Service):
                                  Pools({"script": t.pool_script, "file": t.pool_file, "proc": t.pool_proc},
                                        {"script": t.queue_limit, "file": t.queue_limit, "proc": t.queue_limit}),
                                  t.max_output_bytes, t.kill_grace_s)
+        self.files = FileManager(self, config.data_dir, config.files)
 
     def send(self, frame: pb.AgentFrame) -> bool:
         """Queue a frame to the task server; False while not attached (the caller keeps what it sent)."""
@@ -208,6 +223,9 @@ class Agent(Service):
         recovered = self.tasks.recover()
         if recovered:
             log.info("task results kept across a restart", extra={"items": recovered})
+        resumed = self.files.recover()
+        if resumed:
+            log.info("file transfers taken up again after a restart", extra={"transfers": resumed})
         log.info("agent starting", extra={"bk_agent_id": self.agent_id, "ip": self.ip,
                                           "servers": list(self.config.servers)})
 
@@ -273,6 +291,7 @@ class Agent(Service):
             writer = asyncio.ensure_future(self._write(call, self._out))
             beat = asyncio.ensure_future(self._heartbeats(interval))
             self.tasks.on_attach()
+            self.files.on_attach()
             while True:
                 frame = await call.read()
                 if frame is grpc.aio.EOF:
@@ -308,6 +327,15 @@ class Agent(Service):
             self.tasks.on_terminate(frame.terminate.task_id)
         elif kind == "ack":
             self.tasks.on_ack(frame.ack)
+            self.files.on_ack(frame.ack.items)
+        elif kind == "file_source":
+            self.files.on_source(frame.file_source)
+        elif kind == "file_target":
+            self.files.on_target(frame.file_target)
+        elif kind == "upload_request":
+            self.files.on_upload_request(frame.upload_request)
+        elif kind == "end_transfer":
+            self.files.on_end(frame.end_transfer)
         else:
             log.debug("unhandled frame", extra={"kind": kind})
 
@@ -330,6 +358,7 @@ class Agent(Service):
 
     async def stop(self, grace: float) -> None:
         await self.tasks.stop()
+        await self.files.stop()
         if self.relay is not None:
             await self.relay.stop()
         await super().stop(grace)

@@ -33,10 +33,10 @@ class TaskServers:
             ch = self._channels[address] = make_channel(self.tls, address)
         return pb_grpc.TaskServiceStub(ch)
 
-    async def _call(self, node: str, method: str, request) -> list[tuple[str, int, str]]:
+    async def _call(self, node: str, method: str, request, ids=None) -> list[tuple[str, int, str]]:
         """Failures as (agent id, code, message); an unreachable server fails every agent it was given."""
         address = self.nodes.get(node)
-        ids = list(request.agent_ids)
+        ids = list(request.agent_ids) if ids is None else ids
         if address is None:
             return [(a, 117, f"task server {node} holding the agent is gone") for a in ids]
         try:
@@ -55,6 +55,12 @@ class TaskServers:
         calls = [self._call(node, "Terminate", pb.TerminateRequest(task_id=task_id, agent_ids=ids))
                  for node, ids in by_node.items()]
         return [f for failures in await asyncio.gather(*calls) for f in failures]
+
+    async def start_transfer(self, node: str, spec: pb.TransferSpec) -> list[tuple[str, int, str]]:
+        return await self._call(node, "StartTransfer", spec, [spec.source_agent])
+
+    async def terminate_transfer(self, node: str, transfer_id: str) -> list[tuple[str, int, str]]:
+        return await self._call(node, "TerminateTransfer", pb.TerminateRequest(task_id=transfer_id), [])
 
     async def close(self) -> None:
         for ch in self._channels.values():

@@ -104,7 +104,9 @@ class Tracker:
         self.public_url = public_url  # the announce base URL handed to members, e.g. http://10.0.0.1:10030/announce
         self.refusals: Counter[str] = Counter()
         self._transfers: dict[str, _Transfer] = {}
-        self._tokens: dict[str, tuple[str, str]] = {}  # token -> (transfer_id, member)
+        # (token, info_hash) -> (transfer_id, member): a member may hold one token for every torrent of a
+        # file transfer (one tracker transfer per torrent), and it is valid only for those info_hashes.
+        self._tokens: dict[tuple[str, bytes], tuple[str, str]] = {}
         self._by_hash: dict[bytes, set[str]] = {}  # info_hash -> transfer ids
         self._runner: web.AppRunner | None = None
 
@@ -112,7 +114,8 @@ class Tracker:
 
     def register_transfer(self, transfer_id: str, info_hash: bytes, area: int, members: Iterable[str],
                           max_peers_returned: int = DEFAULT_NUMWANT,
-                          addresses: Mapping[str, str] | None = None) -> dict[str, str]:
+                          addresses: Mapping[str, str] | None = None,
+                          tokens: Mapping[str, str] | None = None) -> dict[str, str]:
         """Opens a transfer to `members`; returns each member's token. `addresses` pins a member's peer IP."""
         if transfer_id in self._transfers:
             raise ValueError(f"transfer {transfer_id} is already registered")
@@ -123,7 +126,8 @@ class Tracker:
         self._transfers[transfer_id] = _Transfer(transfer_id, info_hash, area, max_peers_returned)
         self._by_hash.setdefault(info_hash, set()).add(transfer_id)
         addresses = addresses or {}
-        tokens = {m: self.add_member(transfer_id, m, addresses.get(m)) for m in members}
+        given = tokens or {}
+        tokens = {m: self.add_member(transfer_id, m, addresses.get(m), given.get(m)) for m in members}
         log.info("transfer registered", extra={"transfer_id": transfer_id, "info_hash": info_hash.hex(),
                                                "area": area, "members": len(tokens)})
         return tokens
@@ -133,7 +137,7 @@ class Tracker:
         if transfer is None:
             return
         for m in transfer.members.values():
-            self._tokens.pop(m.token, None)
+            self._tokens.pop((m.token, transfer.info_hash), None)
         ids = self._by_hash.get(transfer.info_hash)
         if ids is not None:
             ids.discard(transfer_id)
@@ -141,8 +145,8 @@ class Tracker:
                 del self._by_hash[transfer.info_hash]
         log.info("transfer unregistered", extra={"transfer_id": transfer_id})
 
-    def add_member(self, transfer_id: str, member: str, address: str | None = None) -> str:
-        """Admits `member` to the transfer (idempotent) and returns its token."""
+    def add_member(self, transfer_id: str, member: str, address: str | None = None, token: str | None = None) -> str:
+        """Admits `member` to the transfer (idempotent) and returns its token (`token` = use this one)."""
         transfer = self._transfer(transfer_id)
         if address is not None:
             ipaddress.ip_address(address)  # a bad pinned address is the caller's error, said now
@@ -150,9 +154,9 @@ class Tracker:
         if existing is not None:
             existing.address = address if address is not None else existing.address
             return existing.token
-        token = secrets.token_urlsafe(24)
+        token = token or secrets.token_urlsafe(24)
         transfer.members[member] = _Member(member, token, address)
-        self._tokens[token] = (transfer_id, member)
+        self._tokens[(token, transfer.info_hash)] = (transfer_id, member)
         return token
 
     def remove_member(self, transfer_id: str, member: str) -> None:
@@ -161,7 +165,7 @@ class Tracker:
             return
         m = transfer.members.pop(member, None)
         if m is not None:
-            self._tokens.pop(m.token, None)
+            self._tokens.pop((m.token, transfer.info_hash), None)
         transfer.peers.pop(member, None)
 
     def token(self, transfer_id: str, member: str) -> str:
@@ -219,7 +223,7 @@ class Tracker:
             raise AnnounceRefused("invalid info_hash")
         if info_hash not in self._by_hash:
             raise AnnounceRefused("unknown info_hash: no live transfer owns this torrent")
-        owner = self._tokens.get(params.get(TOKEN_PARAM.encode(), b"").decode("ascii", "replace"))
+        owner = self._tokens.get((params.get(TOKEN_PARAM.encode(), b"").decode("ascii", "replace"), info_hash))
         if owner is None:
             raise AnnounceRefused("unauthorized: missing or unknown token")
         transfer_id, member_id = owner

@@ -174,16 +174,22 @@ class ResultAck(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[ItemRef, _Mapping]]] = ...) -> None: ...
 
 class AgentFrame(_message.Message):
-    __slots__ = ("hello", "heartbeat", "report", "plugin_reply")
+    __slots__ = ("hello", "heartbeat", "report", "plugin_reply", "file_manifest", "file_report", "need_direct")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
     PLUGIN_REPLY_FIELD_NUMBER: _ClassVar[int]
+    FILE_MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    FILE_REPORT_FIELD_NUMBER: _ClassVar[int]
+    NEED_DIRECT_FIELD_NUMBER: _ClassVar[int]
     hello: AgentHello
     heartbeat: Heartbeat
     report: TaskReport
     plugin_reply: _data_pb2.PluginReply
-    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., report: _Optional[_Union[TaskReport, _Mapping]] = ..., plugin_reply: _Optional[_Union[_data_pb2.PluginReply, _Mapping]] = ...) -> None: ...
+    file_manifest: FileManifest
+    file_report: FileReport
+    need_direct: NeedDirect
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., report: _Optional[_Union[TaskReport, _Mapping]] = ..., plugin_reply: _Optional[_Union[_data_pb2.PluginReply, _Mapping]] = ..., file_manifest: _Optional[_Union[FileManifest, _Mapping]] = ..., file_report: _Optional[_Union[FileReport, _Mapping]] = ..., need_direct: _Optional[_Union[NeedDirect, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("node_id", "heartbeat_interval_ms", "parent_ip", "parent_port")
@@ -206,7 +212,7 @@ class Redirect(_message.Message):
     def __init__(self, address: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ServerFrame(_message.Message):
-    __slots__ = ("welcome", "redirect", "task", "terminate", "ack", "data_servers", "plugin_message")
+    __slots__ = ("welcome", "redirect", "task", "terminate", "ack", "data_servers", "plugin_message", "file_source", "file_target", "upload_request", "end_transfer")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     REDIRECT_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +220,10 @@ class ServerFrame(_message.Message):
     ACK_FIELD_NUMBER: _ClassVar[int]
     DATA_SERVERS_FIELD_NUMBER: _ClassVar[int]
     PLUGIN_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FILE_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    FILE_TARGET_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    END_TRANSFER_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     redirect: Redirect
     task: TaskRequest
@@ -221,4 +231,199 @@ class ServerFrame(_message.Message):
     ack: ResultAck
     data_servers: _data_pb2.DataServerView
     plugin_message: _data_pb2.PluginMessage
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., task: _Optional[_Union[TaskRequest, _Mapping]] = ..., terminate: _Optional[_Union[TerminateTask, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., data_servers: _Optional[_Union[_data_pb2.DataServerView, _Mapping]] = ..., plugin_message: _Optional[_Union[_data_pb2.PluginMessage, _Mapping]] = ...) -> None: ...
+    file_source: FileSource
+    file_target: FileTarget
+    upload_request: UploadRequest
+    end_transfer: EndTransfer
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., task: _Optional[_Union[TaskRequest, _Mapping]] = ..., terminate: _Optional[_Union[TerminateTask, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., data_servers: _Optional[_Union[_data_pb2.DataServerView, _Mapping]] = ..., plugin_message: _Optional[_Union[_data_pb2.PluginMessage, _Mapping]] = ..., file_source: _Optional[_Union[FileSource, _Mapping]] = ..., file_target: _Optional[_Union[FileTarget, _Mapping]] = ..., upload_request: _Optional[_Union[UploadRequest, _Mapping]] = ..., end_transfer: _Optional[_Union[EndTransfer, _Mapping]] = ...) -> None: ...
+
+class FileEntry(_message.Message):
+    __slots__ = ("index", "rel_path", "is_dir", "size", "mode", "md5", "torrent")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    REL_PATH_FIELD_NUMBER: _ClassVar[int]
+    IS_DIR_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    MD5_FIELD_NUMBER: _ClassVar[int]
+    TORRENT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    rel_path: str
+    is_dir: bool
+    size: int
+    mode: int
+    md5: str
+    torrent: bytes
+    def __init__(self, index: _Optional[int] = ..., rel_path: _Optional[str] = ..., is_dir: _Optional[bool] = ..., size: _Optional[int] = ..., mode: _Optional[int] = ..., md5: _Optional[str] = ..., torrent: _Optional[bytes] = ...) -> None: ...
+
+class FileSource(_message.Message):
+    __slots__ = ("task_id", "transfer_id", "store_dir", "file_name", "md5", "user", "fileserver", "token", "tracker_url", "direct_max", "max_file_size", "upload_rate", "timeout_seconds", "keep_seeding")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    STORE_DIR_FIELD_NUMBER: _ClassVar[int]
+    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
+    MD5_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    FILESERVER_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TRACKER_URL_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_MAX_FIELD_NUMBER: _ClassVar[int]
+    MAX_FILE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_RATE_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_SEEDING_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    transfer_id: str
+    store_dir: str
+    file_name: str
+    md5: str
+    user: str
+    fileserver: str
+    token: str
+    tracker_url: str
+    direct_max: int
+    max_file_size: int
+    upload_rate: int
+    timeout_seconds: int
+    keep_seeding: bool
+    def __init__(self, task_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., store_dir: _Optional[str] = ..., file_name: _Optional[str] = ..., md5: _Optional[str] = ..., user: _Optional[str] = ..., fileserver: _Optional[str] = ..., token: _Optional[str] = ..., tracker_url: _Optional[str] = ..., direct_max: _Optional[int] = ..., max_file_size: _Optional[int] = ..., upload_rate: _Optional[int] = ..., timeout_seconds: _Optional[int] = ..., keep_seeding: _Optional[bool] = ...) -> None: ...
+
+class FileManifest(_message.Message):
+    __slots__ = ("task_id", "transfer_id", "entries", "error_code", "error_msg", "source_dir")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MSG_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_DIR_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    transfer_id: str
+    entries: _containers.RepeatedCompositeFieldContainer[FileEntry]
+    error_code: int
+    error_msg: str
+    source_dir: str
+    def __init__(self, task_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., entries: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., error_code: _Optional[int] = ..., error_msg: _Optional[str] = ..., source_dir: _Optional[str] = ...) -> None: ...
+
+class FileTarget(_message.Message):
+    __slots__ = ("task_id", "transfer_id", "coordinator", "dest_dir", "dest_name", "owner", "permission", "auto_mkdir", "entries", "fileserver", "tracker_url", "tokens", "download_rate", "upload_rate", "timeout_seconds", "source_agent_id", "source_dir", "max_connections", "user", "task_index")
+    class TokensEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_FIELD_NUMBER: _ClassVar[int]
+    DEST_DIR_FIELD_NUMBER: _ClassVar[int]
+    DEST_NAME_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    PERMISSION_FIELD_NUMBER: _ClassVar[int]
+    AUTO_MKDIR_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    FILESERVER_FIELD_NUMBER: _ClassVar[int]
+    TRACKER_URL_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOAD_RATE_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_RATE_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_DIR_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    TASK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    transfer_id: str
+    coordinator: str
+    dest_dir: str
+    dest_name: str
+    owner: str
+    permission: int
+    auto_mkdir: bool
+    entries: _containers.RepeatedCompositeFieldContainer[FileEntry]
+    fileserver: str
+    tracker_url: str
+    tokens: _containers.ScalarMap[str, str]
+    download_rate: int
+    upload_rate: int
+    timeout_seconds: int
+    source_agent_id: str
+    source_dir: str
+    max_connections: int
+    user: str
+    task_index: int
+    def __init__(self, task_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., coordinator: _Optional[str] = ..., dest_dir: _Optional[str] = ..., dest_name: _Optional[str] = ..., owner: _Optional[str] = ..., permission: _Optional[int] = ..., auto_mkdir: _Optional[bool] = ..., entries: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., fileserver: _Optional[str] = ..., tracker_url: _Optional[str] = ..., tokens: _Optional[_Mapping[str, str]] = ..., download_rate: _Optional[int] = ..., upload_rate: _Optional[int] = ..., timeout_seconds: _Optional[int] = ..., source_agent_id: _Optional[str] = ..., source_dir: _Optional[str] = ..., max_connections: _Optional[int] = ..., user: _Optional[str] = ..., task_index: _Optional[int] = ...) -> None: ...
+
+class FileProgress(_message.Message):
+    __slots__ = ("task_id", "transfer_id", "index", "status", "error_code", "error_msg", "progress", "speed", "size", "type", "start_time_ms", "end_time_ms", "final", "dest_path", "mode", "task_index", "source_path")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MSG_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    SPEED_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    DEST_PATH_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    TASK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_PATH_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    transfer_id: str
+    index: int
+    status: int
+    error_code: int
+    error_msg: str
+    progress: int
+    speed: int
+    size: int
+    type: str
+    start_time_ms: int
+    end_time_ms: int
+    final: bool
+    dest_path: str
+    mode: int
+    task_index: int
+    source_path: str
+    def __init__(self, task_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., index: _Optional[int] = ..., status: _Optional[int] = ..., error_code: _Optional[int] = ..., error_msg: _Optional[str] = ..., progress: _Optional[int] = ..., speed: _Optional[int] = ..., size: _Optional[int] = ..., type: _Optional[str] = ..., start_time_ms: _Optional[int] = ..., end_time_ms: _Optional[int] = ..., final: _Optional[bool] = ..., dest_path: _Optional[str] = ..., mode: _Optional[int] = ..., task_index: _Optional[int] = ..., source_path: _Optional[str] = ...) -> None: ...
+
+class FileReport(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[FileProgress]
+    def __init__(self, items: _Optional[_Iterable[_Union[FileProgress, _Mapping]]] = ...) -> None: ...
+
+class NeedDirect(_message.Message):
+    __slots__ = ("transfer_id", "coordinator", "index")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    coordinator: str
+    index: int
+    def __init__(self, transfer_id: _Optional[str] = ..., coordinator: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
+
+class UploadRequest(_message.Message):
+    __slots__ = ("transfer_id", "indexes", "announce")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEXES_FIELD_NUMBER: _ClassVar[int]
+    ANNOUNCE_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    indexes: _containers.RepeatedScalarFieldContainer[int]
+    announce: bool
+    def __init__(self, transfer_id: _Optional[str] = ..., indexes: _Optional[_Iterable[int]] = ..., announce: _Optional[bool] = ...) -> None: ...
+
+class EndTransfer(_message.Message):
+    __slots__ = ("transfer_id", "task_id", "terminated")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    TERMINATED_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    task_id: str
+    terminated: bool
+    def __init__(self, transfer_id: _Optional[str] = ..., task_id: _Optional[str] = ..., terminated: _Optional[bool] = ...) -> None: ...

@@ -6,6 +6,69 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class TransferSpec(_message.Message):
+    __slots__ = ("task_id", "task_index", "transfer_id", "source_agent", "source_user", "source_dir", "source_name", "md5", "dest_dir", "dest_name", "owner", "permission", "target_agents", "target_users", "target_nodes", "timeout_seconds", "auto_mkdir", "upload_rate", "download_rate", "area", "keep_seeding")
+    class TargetNodesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_AGENT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_USER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_DIR_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_NAME_FIELD_NUMBER: _ClassVar[int]
+    MD5_FIELD_NUMBER: _ClassVar[int]
+    DEST_DIR_FIELD_NUMBER: _ClassVar[int]
+    DEST_NAME_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    PERMISSION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_USERS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_NODES_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AUTO_MKDIR_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_RATE_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOAD_RATE_FIELD_NUMBER: _ClassVar[int]
+    AREA_FIELD_NUMBER: _ClassVar[int]
+    KEEP_SEEDING_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    task_index: int
+    transfer_id: str
+    source_agent: str
+    source_user: str
+    source_dir: str
+    source_name: str
+    md5: str
+    dest_dir: str
+    dest_name: str
+    owner: str
+    permission: int
+    target_agents: _containers.RepeatedScalarFieldContainer[str]
+    target_users: _containers.RepeatedScalarFieldContainer[str]
+    target_nodes: _containers.ScalarMap[str, str]
+    timeout_seconds: int
+    auto_mkdir: bool
+    upload_rate: int
+    download_rate: int
+    area: int
+    keep_seeding: bool
+    def __init__(self, task_id: _Optional[str] = ..., task_index: _Optional[int] = ..., transfer_id: _Optional[str] = ..., source_agent: _Optional[str] = ..., source_user: _Optional[str] = ..., source_dir: _Optional[str] = ..., source_name: _Optional[str] = ..., md5: _Optional[str] = ..., dest_dir: _Optional[str] = ..., dest_name: _Optional[str] = ..., owner: _Optional[str] = ..., permission: _Optional[int] = ..., target_agents: _Optional[_Iterable[str]] = ..., target_users: _Optional[_Iterable[str]] = ..., target_nodes: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[int] = ..., auto_mkdir: _Optional[bool] = ..., upload_rate: _Optional[int] = ..., download_rate: _Optional[int] = ..., area: _Optional[int] = ..., keep_seeding: _Optional[bool] = ...) -> None: ...
+
+class NeedDirectRequest(_message.Message):
+    __slots__ = ("transfer_id", "index", "agent_id")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    index: int
+    agent_id: str
+    def __init__(self, transfer_id: _Optional[str] = ..., index: _Optional[int] = ..., agent_id: _Optional[str] = ...) -> None: ...
+
 class DispatchRequest(_message.Message):
     __slots__ = ("frame", "agent_ids")
     FRAME_FIELD_NUMBER: _ClassVar[int]

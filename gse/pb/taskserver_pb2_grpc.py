@@ -44,6 +44,21 @@ class TaskServiceStub:
                 request_serializer=gse_dot_pb_dot_taskserver__pb2.TerminateRequest.SerializeToString,
                 response_deserializer=gse_dot_pb_dot_taskserver__pb2.DispatchReply.FromString,
                 _registered_method=True)
+        self.StartTransfer = channel.unary_unary(
+                '/gse.pb.TaskService/StartTransfer',
+                request_serializer=gse_dot_pb_dot_taskserver__pb2.TransferSpec.SerializeToString,
+                response_deserializer=gse_dot_pb_dot_taskserver__pb2.DispatchReply.FromString,
+                _registered_method=True)
+        self.TerminateTransfer = channel.unary_unary(
+                '/gse.pb.TaskService/TerminateTransfer',
+                request_serializer=gse_dot_pb_dot_taskserver__pb2.TerminateRequest.SerializeToString,
+                response_deserializer=gse_dot_pb_dot_taskserver__pb2.DispatchReply.FromString,
+                _registered_method=True)
+        self.NeedDirect = channel.unary_unary(
+                '/gse.pb.TaskService/NeedDirect',
+                request_serializer=gse_dot_pb_dot_taskserver__pb2.NeedDirectRequest.SerializeToString,
+                response_deserializer=gse_dot_pb_dot_taskserver__pb2.DispatchReply.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -61,6 +76,26 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartTransfer(self, request, context):
+        """Files: the API server starts a transfer on the task server holding its source (the coordinator).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TerminateTransfer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def NeedDirect(self, request, context):
+        """A target's task server tells the coordinator that BitTorrent keeps failing for an entry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -72,6 +107,21 @@ def add_TaskServiceServicer_to_server(servicer, server):
             'Terminate': grpc.unary_unary_rpc_method_handler(
                     servicer.Terminate,
                     request_deserializer=gse_dot_pb_dot_taskserver__pb2.TerminateRequest.FromString,
+                    response_serializer=gse_dot_pb_dot_taskserver__pb2.DispatchReply.SerializeToString,
+            ),
+            'StartTransfer': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartTransfer,
+                    request_deserializer=gse_dot_pb_dot_taskserver__pb2.TransferSpec.FromString,
+                    response_serializer=gse_dot_pb_dot_taskserver__pb2.DispatchReply.SerializeToString,
+            ),
+            'TerminateTransfer': grpc.unary_unary_rpc_method_handler(
+                    servicer.TerminateTransfer,
+                    request_deserializer=gse_dot_pb_dot_taskserver__pb2.TerminateRequest.FromString,
+                    response_serializer=gse_dot_pb_dot_taskserver__pb2.DispatchReply.SerializeToString,
+            ),
+            'NeedDirect': grpc.unary_unary_rpc_method_handler(
+                    servicer.NeedDirect,
+                    request_deserializer=gse_dot_pb_dot_taskserver__pb2.NeedDirectRequest.FromString,
                     response_serializer=gse_dot_pb_dot_taskserver__pb2.DispatchReply.SerializeToString,
             ),
     }
@@ -128,6 +178,87 @@ class TaskService:
             target,
             '/gse.pb.TaskService/Terminate',
             gse_dot_pb_dot_taskserver__pb2.TerminateRequest.SerializeToString,
+            gse_dot_pb_dot_taskserver__pb2.DispatchReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartTransfer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gse.pb.TaskService/StartTransfer',
+            gse_dot_pb_dot_taskserver__pb2.TransferSpec.SerializeToString,
+            gse_dot_pb_dot_taskserver__pb2.DispatchReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TerminateTransfer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gse.pb.TaskService/TerminateTransfer',
+            gse_dot_pb_dot_taskserver__pb2.TerminateRequest.SerializeToString,
+            gse_dot_pb_dot_taskserver__pb2.DispatchReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NeedDirect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gse.pb.TaskService/NeedDirect',
+            gse_dot_pb_dot_taskserver__pb2.NeedDirectRequest.SerializeToString,
             gse_dot_pb_dot_taskserver__pb2.DispatchReply.FromString,
             options,
             channel_credentials,

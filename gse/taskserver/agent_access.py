@@ -70,7 +70,10 @@ class AgentAccess:
         self.parent_port = parent_port
         self.writer = writer
         self.ttl_ms = session_ttl_ms
-        self.on_report = on_report          # (session, TaskReport) -> None
+        # Frame kind (the AgentFrame oneof name) -> handler(session, message); one place to add kinds.
+        self.handlers: dict = {}
+        if on_report is not None:
+            self.handlers["report"] = on_report
         self.on_attach = on_attach          # (session) -> None
         self.hb_interval_s = heartbeat_interval_s
         self.hb_misses = heartbeat_misses
@@ -166,8 +169,10 @@ class AgentAccess:
                 kind = frame.WhichOneof("body")
                 if kind == "heartbeat":
                     self._heartbeat(session, frame.heartbeat)
-                elif kind == "report" and self.on_report is not None:
-                    self.on_report(session, frame.report)
+                else:
+                    handler = self.handlers.get(kind)
+                    if handler is not None:
+                        handler(session, getattr(frame, kind))
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass
         except Exception:  # noqa: BLE001 - a broken frame ends this agent's stream, never the server

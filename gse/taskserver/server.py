@@ -12,11 +12,13 @@ from gse.common.dbclient import DbClient
 from gse.common.discovery import Discovery
 from gse.common.service import BaseConfig, Service
 from gse.common.tls import TLSMaterial
+from gse.pb import taskserver_pb2 as task_pb
 from gse.pb import taskserver_pb2_grpc as task_pb_grpc
 
 from .agent_access import AgentAccess
 from .balancer import Balancer
 from .batch_writer import BatchWriter
+from .files import FileCoordinator, FileReports, Peers
 from .tasks import ResultRecorder, TaskService
 
 log = logging.getLogger("gse.taskserver")
@@ -43,6 +45,8 @@ class TaskServerConfig(BaseConfig):
     hello_timeout_s: float = 10.0
     session_ttl_s: float = 7 * 86400
     result_ttl_s: float = 86400         # task results and output
+    file_direct_max: int = 10 * 1024    # files up to this size go direct through the file server
+    file_max_size: int = 64 * 1024**3   # larger source files are refused (error 119)
     flush_interval_s: float = 0.01      # least time between two batch writes to dbproxy (group commit)
     load_report_interval_s: float = 2.0
     balance: BalanceConfig = BalanceConfig()
@@ -71,7 +75,10 @@ class TaskServerService(Service):
         self.access: AgentAccess | None = None
         self.writer: BatchWriter | None = None
         self.balancer: Balancer | None = None
+        self.peers = Peers(self.tls)
+        self.files: FileCoordinator | None = None
         self._tasks: list[asyncio.Task] = []
+        self._background: set[asyncio.Task] = set()
 
     @property
     def advertise(self) -> str:
@@ -110,20 +117,48 @@ class TaskServerService(Service):
         health = rpc.add_health(self.agent_server)
         self.task_server = rpc.make_server(self.tls)
         self.task_port = rpc.bind(self.task_server, self.tls, c.host, c.task_port)
-        task_pb_grpc.add_TaskServiceServicer_to_server(TaskService(self.access), self.task_server)
+        ttl = int(c.result_ttl_s * 1000)
+        self.files = FileCoordinator(self.node_id, self.access, self.writer, self.db, self.peers, ttl,
+                                     c.file_direct_max, c.file_max_size)
+        reports = FileReports(self.writer, ttl)
+        self.access.handlers.update({
+            "file_manifest": lambda s, m: self._spawn(self.files.on_manifest(s, m)),
+            "file_report": reports.on_report,
+            "need_direct": self._need_direct,
+        })
+        task_pb_grpc.add_TaskServiceServicer_to_server(TaskService(self.access, self.files), self.task_server)
         task_health = rpc.add_health(self.task_server)
         await self.agent_server.start()
         await self.task_server.start()
         await rpc.set_serving(health, True)
         await rpc.set_serving(task_health, True)
-        await self.discovery.watch_service(self.name, self.balancer.on_view)
+        await self.discovery.watch_service(self.name, self._on_taskservers)
+        await self.discovery.watch_service("fileserver", self.peers.on_fileservers)
         await self.discovery.register(self.name, self.node_id, self._registration())
         log.info("task server serving",
                  extra={"agent_port": self.agent_port, "task_port": self.task_port, "node_id": self.node_id})
 
+    def _on_taskservers(self, view: dict) -> None:
+        self.balancer.on_view(view)
+        self.peers.on_taskservers(view)
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.ensure_future(coro)
+        self._background.add(t)
+        t.add_done_callback(self._background.discard)
+
+    def _need_direct(self, session, msg) -> None:
+        if msg.coordinator == self.node_id:
+            self.files.on_need_direct(msg.transfer_id, msg.index)
+            return
+        stub = self.peers.task(msg.coordinator)
+        if stub is not None:
+            self._spawn(stub.NeedDirect(task_pb.NeedDirectRequest(
+                transfer_id=msg.transfer_id, index=msg.index, agent_id=session.agent_id), timeout=10))
+
     async def run(self) -> None:
         self._tasks = [asyncio.ensure_future(t) for t in (
-            self.writer.run(), self.access.sweep_loop(), self._report_load(), self._rebalance(),
+            self.writer.run(), self.access.sweep_loop(), self._report_load(), self._rebalance(), self.files.monitor(),
             self.discovery.refresh_loop(self.config.load_report_interval_s))]
         await asyncio.gather(*self._tasks)
 
@@ -164,4 +199,5 @@ class TaskServerService(Service):
         if self.writer is not None:
             await self.writer.drain()
         await self.db.close()
+        await self.peers.close()
         await super().stop(grace)

@@ -30,8 +30,9 @@ OUTPUT_BYTES = Counter("gse_taskserver_task_output_bytes_total", "Task output by
 
 
 class TaskService(pb_grpc.TaskServiceServicer):
-    def __init__(self, access: AgentAccess):
+    def __init__(self, access: AgentAccess, files=None):
         self.access = access
+        self.files = files          # FileCoordinator
 
     def _send(self, frame: bytes, agent_ids) -> pb.DispatchReply:
         failures = []
@@ -56,6 +57,21 @@ class TaskService(pb_grpc.TaskServiceServicer):
     async def Terminate(self, request, context):
         frame = apb.ServerFrame(terminate=apb.TerminateTask(task_id=request.task_id)).SerializeToString()
         return self._send(frame, request.agent_ids)
+
+    async def StartTransfer(self, request, context):
+        failures = await self.files.start(request)
+        return pb.DispatchReply(failures=[pb.AgentFailure(agent_id=a, code=c, message=m) for a, c, m in failures])
+
+    async def TerminateTransfer(self, request, context):
+        found = await self.files.terminate(request.task_id)
+        failures = [] if found else [pb.AgentFailure(code=E_AGENT_OFFLINE, message="no such live transfer here")]
+        return pb.DispatchReply(failures=failures)
+
+    async def NeedDirect(self, request, context):
+        ok = self.files.on_need_direct(request.transfer_id, request.index)
+        failures = [] if ok else [pb.AgentFailure(agent_id=request.agent_id, code=E_AGENT_OFFLINE,
+                                                  message="no such live transfer here")]
+        return pb.DispatchReply(failures=failures)
 
 
 class ResultRecorder:

@@ -1,0 +1,14 @@
+"""python -m gse.fileserver --config FILE"""
+import sys
+
+from gse.common.service import main as _main
+
+from .server import FileServerConfig, FileServerService
+
+
+def main() -> int:
+    return _main(FileServerService, FileServerConfig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

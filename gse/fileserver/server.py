@@ -1,0 +1,316 @@
+"""The file server daemon: the BitTorrent tracker (10030) and the file control service (58925).
+
+A transfer exists only when a task server created it (the caller must present the cluster's server
+certificate); its members get one token each, valid for the tracker announces of the transfer's torrents
+and for direct-mode uploads and fetches. Direct mode relays data through here: the source uploads an entry
+(small files always, large ones when a target's BitTorrent keeps failing) and targets fetch it, waiting for
+bytes the source has not sent yet. The server caps greediness: a per-member rate (the request's, else the
+configured default, at most `max_share` of an agent's configured bandwidth) and connections per torrent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+from prometheus_client import Counter, Gauge
+
+from gse.common import rpc
+from gse.common.config import ConfigError
+from gse.common.discovery import Discovery
+from gse.common.service import BaseConfig, Service
+from gse.common.tls import TLSMaterial
+from gse.pb import file_pb2 as pb
+from gse.pb import file_pb2_grpc as pb_grpc
+
+from .tracker import Tracker
+
+log = logging.getLogger("gse.fileserver")
+
+TRANSFERS = Gauge("gse_fileserver_transfers", "Live transfers")
+RELAYED = Counter("gse_fileserver_relayed_bytes_total", "Direct-mode bytes", ["direction"])
+REFUSED = Counter("gse_fileserver_refused_total", "Calls refused", ["reason"])
+
+CHUNK = 1024 * 1024
+SERVER_CN = b"gse-server"
+
+
+@dataclasses.dataclass(frozen=True)
+class FileServerConfig(BaseConfig):
+    host: str = "127.0.0.1"
+    port: int = 58925
+    tracker_port: int = 10030
+    advertise_host: str = ""
+    data_dir: str = "/var/lib/gse/fileserver"
+    default_rate: int = 0                 # bytes/s per member when the request names none (0 = unlimited)
+    agent_bandwidth: int = 0              # bytes/s an agent's link is assumed to have (0 = unknown: no share cap)
+    max_share: float = 0.8                # a transfer takes at most this share of agent_bandwidth
+    max_connections_per_torrent: int = 50
+    announce_interval_s: int = 5
+    transfer_ttl_s: float = 6 * 3600      # a transfer nobody ended is dropped after this
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 < self.max_share <= 1:
+            raise ConfigError("max_share must be in (0, 1]")
+
+
+@dataclass
+class Blob:
+    """One entry's bytes on the relay, filled in order by the source's upload."""
+    path: Path
+    size: int = -1
+    received: int = 0
+    cond: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    @property
+    def complete(self) -> bool:
+        return self.size >= 0 and self.received >= self.size
+
+
+@dataclass
+class Transfer:
+    transfer_id: str
+    area: int
+    members: dict[str, str]               # member -> token
+    by_token: dict[str, str]              # token -> member
+    expires: float
+    directory: Path
+    torrents: list[str] = field(default_factory=list)
+    blobs: dict[int, Blob] = field(default_factory=dict)
+
+    def blob(self, index: int) -> Blob:
+        b = self.blobs.get(index)
+        if b is None:
+            b = self.blobs[index] = Blob(self.directory / str(index))
+        return b
+
+
+class FileService(pb_grpc.FileServiceServicer):
+    def __init__(self, cfg: FileServerConfig, tracker: Tracker, tracker_url: str):
+        self.cfg = cfg
+        self.tracker = tracker
+        self.tracker_url = tracker_url
+        self.transfers: dict[str, Transfer] = {}
+        self.root = Path(cfg.data_dir) / "relay"
+        shutil.rmtree(self.root, ignore_errors=True)      # nothing survives a restart: transfers are in memory
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # ---- helpers ----------------------------------------------------------------------------------
+
+    @staticmethod
+    async def _require_server(context) -> None:
+        names = context.auth_context().get("x509_common_name", [])
+        if SERVER_CN not in names:
+            REFUSED.labels("not_a_server").inc()
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "only task servers may manage transfers")
+
+    async def _member(self, context, transfer_id: str, token: str) -> Transfer:
+        t = self.transfers.get(transfer_id)
+        if t is None:
+            REFUSED.labels("unknown_transfer").inc()
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no live transfer {transfer_id}")
+        if token not in t.by_token:
+            REFUSED.labels("bad_token").inc()
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not a member of this transfer")
+        return t
+
+    def rate_limit(self, requested: int) -> int:
+        caps = [r for r in (requested or self.cfg.default_rate,) if r > 0]
+        if self.cfg.agent_bandwidth > 0:
+            caps.append(int(self.cfg.agent_bandwidth * self.cfg.max_share))
+        return min(caps) if caps else 0
+
+    def end(self, transfer_id: str) -> None:
+        t = self.transfers.pop(transfer_id, None)
+        if t is None:
+            return
+        for sub in t.torrents:
+            self.tracker.unregister_transfer(sub)
+        shutil.rmtree(t.directory, ignore_errors=True)
+        TRANSFERS.set(len(self.transfers))
+        log.info("transfer ended", extra={"transfer_id": transfer_id})
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        for tid in [t.transfer_id for t in self.transfers.values() if t.expires < now]:
+            self.end(tid)
+
+    # ---- task servers -----------------------------------------------------------------------------
+
+    async def CreateTransfer(self, request, context):
+        await self._require_server(context)
+        if request.transfer_id in self.transfers or not request.transfer_id or not request.members:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a new transfer id and members are required")
+        tokens = {m: secrets.token_urlsafe(24) for m in request.members}
+        ttl = request.timeout_seconds + 60 if request.timeout_seconds > 0 else self.cfg.transfer_ttl_s
+        d = self.root / request.transfer_id.replace("/", "_").replace(":", "_")
+        d.mkdir(parents=True, exist_ok=True)
+        self.transfers[request.transfer_id] = Transfer(request.transfer_id, request.area, tokens,
+                                                       {v: k for k, v in tokens.items()}, time.monotonic() + ttl, d)
+        TRANSFERS.set(len(self.transfers))
+        log.info("transfer created", extra={"transfer_id": request.transfer_id, "members": len(tokens)})
+        return pb.CreateTransferReply(tokens=tokens, tracker_url=self.tracker_url,
+                                      rate_limit=self.rate_limit(request.max_rate),
+                                      max_connections=self.cfg.max_connections_per_torrent)
+
+    async def AddTorrents(self, request, context):
+        await self._require_server(context)
+        t = self.transfers.get(request.transfer_id)
+        if t is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no live transfer {request.transfer_id}")
+        for ih in request.info_hashes:
+            sub = f"{t.transfer_id}/{ih.hex()}"
+            if sub in t.torrents:
+                continue
+            self.tracker.register_transfer(sub, ih, t.area, list(t.members), tokens=t.members)
+            t.torrents.append(sub)
+        return pb.AddTorrentsReply()
+
+    async def EndTransfer(self, request, context):
+        await self._require_server(context)
+        self.end(request.transfer_id)
+        return pb.EndTransferReply()
+
+    # ---- members ----------------------------------------------------------------------------------
+
+    async def Upload(self, request_iterator, context):
+        transfer: Transfer | None = None
+        blob: Blob | None = None
+        fd = None
+        try:
+            async for chunk in request_iterator:
+                if transfer is None:
+                    transfer = await self._member(context, chunk.transfer_id, chunk.token)
+                    blob = transfer.blob(chunk.index)
+                    fd = os.open(blob.path, os.O_WRONLY | os.O_CREAT, 0o600)
+                    async with blob.cond:
+                        blob.size = chunk.size
+                        blob.received = 0 if chunk.offset == 0 else blob.received
+                if chunk.offset != blob.received and chunk.offset != 0:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"chunk at {chunk.offset}, expected {blob.received}")
+                if chunk.data:
+                    await asyncio.to_thread(os.pwrite, fd, chunk.data, chunk.offset)
+                    RELAYED.labels("in").inc(len(chunk.data))
+                async with blob.cond:
+                    blob.received = max(blob.received, chunk.offset + len(chunk.data))
+                    blob.cond.notify_all()
+        finally:
+            if fd is not None:
+                os.close(fd)
+        return pb.UploadReply(received=blob.received if blob else 0)
+
+    async def Fetch(self, request, context):
+        transfer = await self._member(context, request.transfer_id, request.token)
+        blob = transfer.blob(request.index)
+        offset = request.offset
+        wait = request.wait_seconds or 60
+        fd = None
+        try:
+            while True:
+                async with blob.cond:
+                    try:
+                        await asyncio.wait_for(blob.cond.wait_for(
+                            lambda: blob.received > offset or blob.complete), wait)
+                    except asyncio.TimeoutError:
+                        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                            "the source has not uploaded this entry in time")
+                    upto = blob.received
+                    size = blob.size
+                if offset >= size >= 0:
+                    yield pb.Chunk(transfer_id=transfer.transfer_id, index=request.index, offset=offset,
+                                   size=size, last=True)
+                    return
+                if fd is None:
+                    fd = os.open(blob.path, os.O_RDONLY)
+                n = min(CHUNK, upto - offset)
+                data = await asyncio.to_thread(os.pread, fd, n, offset)
+                RELAYED.labels("out").inc(len(data))
+                last = size >= 0 and offset + len(data) >= size
+                yield pb.Chunk(transfer_id=transfer.transfer_id, index=request.index, offset=offset, data=data,
+                               size=size, last=last)
+                offset += len(data)
+                if last:
+                    return
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+
+class FileServerService(Service):
+    name = "fileserver"
+
+    def __init__(self, config: FileServerConfig, *args):
+        super().__init__(config, *args)
+        self.tls = TLSMaterial.load(config.tls)
+        self.discovery = Discovery(config.zookeeper)
+        self.server = None
+        self.port = 0
+        self.tracker_runner: web.AppRunner | None = None
+        self.tracker_port = 0
+        self.service: FileService | None = None
+
+    @property
+    def advertise(self) -> str:
+        return self.config.advertise_host or self.config.host
+
+    @property
+    def node_id(self) -> str:
+        return self.config.node_id or f"{self.advertise}-{self.port or self.config.port}"
+
+    def health(self):
+        ok = self.server is not None and self.discovery.connected
+        return ok, {"service": self.name, "node_id": self.node_id, "zookeeper": self.discovery.connected,
+                    "transfers": len(self.service.transfers) if self.service else 0}
+
+    async def start(self) -> None:
+        await super().start()
+        c = self.config
+        tracker = Tracker(interval=c.announce_interval_s, min_interval=max(1, c.announce_interval_s // 2))
+        app = web.Application()
+        tracker.add_routes(app)
+        self.tracker_runner = web.AppRunner(app, access_log=None)
+        await self.tracker_runner.setup()
+        site = web.TCPSite(self.tracker_runner, c.host, c.tracker_port)
+        await site.start()
+        self.tracker_port = site._server.sockets[0].getsockname()[1]
+        tracker_url = f"http://{self.advertise}:{self.tracker_port}/announce"
+        tracker.public_url = tracker_url
+        self.service = FileService(c, tracker, tracker_url)
+        self.server = rpc.make_server(self.tls)
+        pb_grpc.add_FileServiceServicer_to_server(self.service, self.server)
+        health = rpc.add_health(self.server)
+        self.port = rpc.bind(self.server, self.tls, c.host, c.port)
+        await self.server.start()
+        await rpc.set_serving(health, True)
+        await self.discovery.start()
+        await self.discovery.register(self.name, self.node_id, {
+            "address": f"{self.advertise}:{self.port}", "tracker_url": tracker_url,
+            "metrics": f"{c.metrics.host}:{self.ops.port}", "load": 0})
+        log.info("file server serving", extra={"port": self.port, "tracker": tracker_url})
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(10)
+            self.service.expire()
+            await self.discovery.update(self.name, self.node_id, {
+                "address": f"{self.advertise}:{self.port}", "tracker_url": self.service.tracker_url,
+                "metrics": f"{self.config.metrics.host}:{self.ops.port}", "load": len(self.service.transfers)})
+
+    async def stop(self, grace: float) -> None:
+        await self.discovery.stop()
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self.tracker_runner is not None:
+            await self.tracker_runner.cleanup()
+        await super().stop(grace)

@@ -1,0 +1,361 @@
+"""File transfers on the task server.
+
+The task server holding a transfer's source agent coordinates it: it creates the transfer on a file
+server (so a transfer exists only because a task server made it), asks the source for its manifest
+(the files found, their torrents), registers the torrents, writes every target's initial result items
+and sends one FileTarget frame to all targets (through the task servers holding them, one call per
+server), relays "BitTorrent keeps failing" to the source as an upload request, and ends the transfer when
+every item is final, on timeout, or on terminate. Any task server records the file reports of the agents
+it holds and acknowledges final ones once stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from gse.common import dbclient as db
+from gse.common import filestate as fs
+from gse.common import taskstate as ts
+from gse.common.rpc import make_channel
+from gse.common.tls import TLSMaterial
+from gse.pb import agent_pb2 as apb
+from gse.pb import file_pb2 as fpb
+from gse.pb import file_pb2_grpc as fpb_grpc
+from gse.pb import taskserver_pb2 as pb
+from gse.pb import taskserver_pb2_grpc as pb_grpc
+
+from .agent_access import AgentAccess, AgentSession
+from .batch_writer import BatchWriter
+
+log = logging.getLogger("gse.taskserver.files")
+
+
+@dataclass
+class Transfer:
+    spec: pb.TransferSpec
+    fileserver: str
+    tokens: dict[str, str]
+    tracker_url: str
+    rate: int
+    max_connections: int
+    deadline: float
+    entries: list = field(default_factory=list)
+    source_dir: str = ""
+    upload_requested: set[int] = field(default_factory=set)
+    targets_sent: bool = False
+
+
+class Peers:
+    """Stubs of the other task servers (internal task API) and of the file servers, from ZooKeeper."""
+
+    def __init__(self, tls: TLSMaterial):
+        self.tls = tls
+        self.taskservers: dict[str, str] = {}     # node id -> task_address
+        self.fileservers: dict[str, str] = {}     # node id -> address
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def on_taskservers(self, view: dict) -> None:
+        self.taskservers = {n: i["task_address"] for n, i in view.items() if i.get("task_address")}
+
+    def on_fileservers(self, view: dict) -> None:
+        self.fileservers = {n: (i.get("load", 0), i["address"]) for n, i in view.items() if i.get("address")}
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = make_channel(self.tls, address)
+        return ch
+
+    def task(self, node: str) -> pb_grpc.TaskServiceStub | None:
+        addr = self.taskservers.get(node)
+        return pb_grpc.TaskServiceStub(self.channel(addr)) if addr else None
+
+    def file(self, address: str) -> fpb_grpc.FileServiceStub:
+        return fpb_grpc.FileServiceStub(self.channel(address))
+
+    def pick_fileserver(self) -> str | None:
+        if not self.fileservers:
+            return None
+        return min(self.fileservers.values())[1]
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+
+
+class FileCoordinator:
+    def __init__(self, node_id: str, access: AgentAccess, writer: BatchWriter, client: db.DbClient, peers: Peers,
+                 ttl_ms: int, direct_max: int, max_file_size: int):
+        self.node_id = node_id
+        self.access = access
+        self.writer = writer
+        self.db = client
+        self.peers = peers
+        self.ttl = ttl_ms
+        self.direct_max = direct_max
+        self.max_file_size = max_file_size
+        self.transfers: dict[str, Transfer] = {}
+
+    # ---- sending ----------------------------------------------------------------------------------
+
+    async def _send(self, frame: bytes, by_node: dict[str, list[str]]) -> list[str]:
+        """Write `frame` to agents wherever they are attached; returns the agents it could not reach."""
+        missed: list[str] = []
+        calls = []
+        for node, ids in by_node.items():
+            if node == self.node_id:
+                for aid in ids:
+                    s = self.access.sessions.get(aid)
+                    if s is None or s.closed:
+                        missed.append(aid)
+                    else:
+                        s.send(frame)
+            else:
+                stub = self.peers.task(node)
+                if stub is None:
+                    missed.extend(ids)
+                else:
+                    calls.append((ids, stub.Dispatch(pb.DispatchRequest(frame=frame, agent_ids=ids), timeout=10)))
+        for ids, call in calls:
+            try:
+                reply = await call
+                missed.extend(f.agent_id for f in reply.failures)
+            except grpc.aio.AioRpcError:
+                missed.extend(ids)
+        return missed
+
+    def _targets_by_node(self, t: Transfer) -> dict[str, list[str]]:
+        by_node: dict[str, list[str]] = {}
+        for aid in t.spec.target_agents:
+            by_node.setdefault(t.spec.target_nodes.get(aid, ""), []).append(aid)
+        return by_node
+
+    def _item(self, t: Transfer, target: str, entry, **kw) -> dict:
+        spec = t.spec
+        dest_name = spec.dest_name if (spec.dest_name and len(t.entries) == 1) else (entry.rel_path if entry else "")
+        item = {"mode": 1, "source_agent_id": spec.source_agent, "source_file_dir": t.source_dir or spec.source_dir,
+                "source_file_name": entry.rel_path if entry else spec.source_name, "dest_agent_id": target,
+                "dest_file_dir": spec.dest_dir, "dest_file_name": dest_name, "progress": 0, "speed": 0,
+                "size": entry.size if entry else 0, "status": ts.DISPATCHED, "status_info": "", "type": "",
+                "start_time": 0, "end_time": 0, "error_code": ts.E_RUNNING, "error_msg": ""}
+        item.update(kw)
+        return item
+
+    async def _write_items(self, t: Transfer, make, progress: bool = False) -> None:
+        prefix = fs.PROGRESS if progress else ""
+        ops = []
+        for target in t.spec.target_agents:
+            fields = {}
+            for entry in t.entries or [None]:
+                index = entry.index if entry else -1
+                fields[prefix + fs.item_field(t.spec.task_index, index)] = fs.encode(make(target, entry))
+            ops.append(db.hset(fs.result_key(t.spec.task_id, target), fields, self.ttl))
+        for i in range(0, len(ops), 5000):
+            await self.db.execute(ops[i:i + 5000])
+
+    # ---- the transfer ------------------------------------------------------------------------------
+
+    async def start(self, spec: pb.TransferSpec) -> list[tuple[str, int, str]]:
+        source = self.access.sessions.get(spec.source_agent)
+        if source is None or source.closed:
+            return [(spec.source_agent, ts.E_AGENT_OFFLINE, "source agent is not attached to this task server")]
+        address = self.peers.pick_fileserver()
+        if address is None:
+            return [(spec.source_agent, ts.E_FAILED, "no file server is registered")]
+        members = [spec.source_agent, *spec.target_agents]
+        try:
+            reply = await self.peers.file(address).CreateTransfer(fpb.CreateTransferRequest(
+                transfer_id=spec.transfer_id, area=spec.area, members=members, timeout_seconds=spec.timeout_seconds,
+                max_rate=max(spec.upload_rate, spec.download_rate)), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            return [(spec.source_agent, ts.E_FAILED, f"file server {address}: {exc.code().name}: {exc.details()}")]
+        timeout = spec.timeout_seconds or 3600
+        t = Transfer(spec, address, dict(reply.tokens), reply.tracker_url, reply.rate_limit, reply.max_connections,
+                     time.monotonic() + timeout)
+        self.transfers[spec.transfer_id] = t
+        source.send(apb.ServerFrame(file_source=apb.FileSource(
+            task_id=spec.task_id, transfer_id=spec.transfer_id, store_dir=spec.source_dir,
+            file_name=spec.source_name, md5=spec.md5, user=spec.source_user, fileserver=address,
+            token=t.tokens[spec.source_agent], tracker_url=reply.tracker_url, direct_max=self.direct_max,
+            max_file_size=self.max_file_size, upload_rate=_cap(spec.upload_rate, t.rate),
+            timeout_seconds=spec.timeout_seconds, keep_seeding=spec.keep_seeding)).SerializeToString())
+        log.info("transfer started", extra={"transfer_id": spec.transfer_id, "targets": len(spec.target_agents),
+                                            "fileserver": address})
+        return []
+
+    async def on_manifest(self, session: AgentSession, m: apb.FileManifest) -> None:
+        t = self.transfers.get(m.transfer_id)
+        if t is None or session.agent_id != t.spec.source_agent:
+            return
+        now = int(time.time() * 1000)
+        if m.error_code:
+            await self._write_items(t, lambda target, e: self._item(t, target, e))
+            await self._write_items(t, lambda target, e: self._item(
+                t, target, e, status=ts.FAILED, error_code=m.error_code, error_msg=m.error_msg, end_time=now),
+                progress=True)
+            await self.end(t, terminated=True)
+            return
+        t.entries = list(m.entries)
+        t.source_dir = m.source_dir
+        hashes = [_info_hash(e.torrent) for e in t.entries if e.torrent]
+        try:
+            if hashes:
+                await self.peers.file(t.fileserver).AddTorrents(
+                    fpb.AddTorrentsRequest(transfer_id=t.spec.transfer_id, info_hashes=hashes), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            await self._write_items(t, lambda target, e: self._item(t, target, e))
+            await self._write_items(t, lambda target, e: self._item(
+                t, target, e, status=ts.FAILED, error_code=ts.E_FAILED,
+                error_msg=f"file server refused the torrents: {exc.details()}", end_time=now), progress=True)
+            await self.end(t, terminated=True)
+            return
+        await self._write_items(t, lambda target, e: self._item(t, target, e))
+        if hashes:
+            # The source seeded before the tracker knew its torrents; its first announce was refused.
+            session.send(apb.ServerFrame(upload_request=apb.UploadRequest(
+                transfer_id=t.spec.transfer_id, announce=True)).SerializeToString())
+        spec = t.spec
+        frame = apb.ServerFrame(file_target=apb.FileTarget(
+            task_id=spec.task_id, transfer_id=spec.transfer_id, coordinator=self.node_id, dest_dir=spec.dest_dir,
+            dest_name=spec.dest_name, owner=spec.owner, permission=spec.permission, auto_mkdir=spec.auto_mkdir,
+            entries=t.entries, fileserver=t.fileserver, tracker_url=t.tracker_url, tokens=t.tokens,
+            download_rate=_cap(spec.download_rate, t.rate), upload_rate=_cap(spec.upload_rate, t.rate),
+            timeout_seconds=spec.timeout_seconds, source_agent_id=spec.source_agent, source_dir=t.source_dir,
+            max_connections=t.max_connections, task_index=spec.task_index)).SerializeToString()
+        users = dict(zip(spec.target_agents, spec.target_users))
+        by_user_node: dict[str, dict[str, list[str]]] = {}
+        for node, ids in self._targets_by_node(t).items():
+            for aid in ids:
+                by_user_node.setdefault(users.get(aid, "root"), {}).setdefault(node, []).append(aid)
+        missed = []
+        for user, by_node in by_user_node.items():
+            f = apb.ServerFrame.FromString(frame)
+            f.file_target.user = user
+            missed += await self._send(f.SerializeToString(), by_node)
+        t.targets_sent = True
+        if missed:
+            ops = [db.hset(fs.result_key(spec.task_id, aid), {
+                fs.PROGRESS + fs.item_field(spec.task_index, e.index): fs.encode(self._item(
+                    t, aid, e, status=ts.FAILED, error_code=ts.E_AGENT_OFFLINE, error_msg="agent is offline",
+                    end_time=now)) for e in t.entries}, self.ttl) for aid in missed]
+            await self.db.execute(ops)
+
+    def on_need_direct(self, transfer_id: str, index: int) -> bool:
+        t = self.transfers.get(transfer_id)
+        if t is None:
+            return False
+        if index not in t.upload_requested:
+            t.upload_requested.add(index)
+            s = self.access.sessions.get(t.spec.source_agent)
+            if s is None:
+                return False
+            s.send(apb.ServerFrame(upload_request=apb.UploadRequest(
+                transfer_id=transfer_id, indexes=[index])).SerializeToString())
+            log.info("direct mode requested", extra={"transfer_id": transfer_id, "index": index})
+        return True
+
+    async def end(self, t: Transfer, terminated: bool) -> None:
+        self.transfers.pop(t.spec.transfer_id, None)
+        frame = apb.ServerFrame(end_transfer=apb.EndTransfer(
+            transfer_id=t.spec.transfer_id, task_id=t.spec.task_id, terminated=terminated)).SerializeToString()
+        by_node = self._targets_by_node(t)
+        by_node.setdefault(self.node_id, []).append(t.spec.source_agent)
+        await self._send(frame, by_node)
+        try:
+            await self.peers.file(t.fileserver).EndTransfer(
+                fpb.EndTransferRequest(transfer_id=t.spec.transfer_id), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("file server did not end the transfer", extra={"error": exc.code().name})
+        log.info("transfer ended", extra={"transfer_id": t.spec.transfer_id, "terminated": terminated})
+
+    async def terminate(self, transfer_id: str) -> bool:
+        t = self.transfers.get(transfer_id)
+        if t is None:
+            return False
+        await self._finish_open_items(t, ts.STOPPED, ts.E_TERMINATED, "terminated")
+        await self.end(t, terminated=True)
+        return True
+
+    async def _finish_open_items(self, t: Transfer, status: int, code: int, message: str) -> None:
+        """Items not final yet end with `code` (timeout, terminate)."""
+        keys = [fs.result_key(t.spec.task_id, a) for a in t.spec.target_agents]
+        res = await self.db.execute([db.hgetall(k) for k in keys])
+        now = int(time.time() * 1000)
+        ops = []
+        for key, r in zip(keys, res):
+            fields = {}
+            for name, item in fs.merged(dict(r.fields), t.spec.task_index).items():
+                if item.get("status") not in ts.FINAL_STATUSES:
+                    item.update(status=status, error_code=code, error_msg=message, end_time=now)
+                    fields[fs.PROGRESS + name] = fs.encode(item)
+            if fields:
+                ops.append(db.hset(key, fields, self.ttl))
+        if ops:
+            await self.db.execute(ops)
+
+    async def monitor(self, interval: float = 1.0) -> None:
+        """End transfers whose items are all final, and those past their timeout."""
+        while True:
+            await asyncio.sleep(interval)
+            for t in list(self.transfers.values()):
+                try:
+                    await self._check(t)
+                except Exception:  # noqa: BLE001 - one transfer's trouble must not stop the others
+                    log.exception("transfer check failed", extra={"transfer_id": t.spec.transfer_id})
+
+    async def _check(self, t: Transfer) -> None:
+        if time.monotonic() > t.deadline:
+            await self._finish_open_items(t, ts.TIMEOUT, fs.E_TIMEOUT, "transfer timed out")
+            await self.end(t, terminated=True)
+            return
+        if not t.targets_sent:
+            return
+        keys = [fs.result_key(t.spec.task_id, a) for a in t.spec.target_agents]
+        res = await self.db.execute([db.hgetall(k) for k in keys])
+        for r in res:
+            items = [i for n, i in fs.merged(dict(r.fields), t.spec.task_index).items() if not n.endswith(":up")]
+            if not items or any(i.get("status") not in ts.FINAL_STATUSES for i in items):
+                return
+        await self.end(t, terminated=False)
+
+
+class FileReports:
+    """Records the file reports of the agents this task server holds."""
+
+    def __init__(self, writer: BatchWriter, ttl_ms: int):
+        self.writer = writer
+        self.ttl = ttl_ms
+
+    def on_report(self, session: AgentSession, report: apb.FileReport) -> None:
+        finals = []
+        by_key: dict[str, dict] = {}
+        for p in report.items:
+            item = {"mode": p.mode, "progress": p.progress, "speed": p.speed, "size": p.size, "status": p.status,
+                    "status_info": "", "type": p.type, "start_time": p.start_time_ms, "end_time": p.end_time_ms,
+                    "error_code": p.error_code, "error_msg": p.error_msg, "dest_path": p.dest_path,
+                    "source_path": p.source_path}
+            key = fs.result_key(p.task_id, session.agent_id)
+            name = fs.PROGRESS + fs.item_field(p.task_index, p.index) + ("" if p.mode == 1 else ":up")
+            by_key.setdefault(key, {})[name] = fs.encode(item)
+            if p.final:
+                finals.append(apb.ItemRef(task_id=f"file:{p.transfer_id}", atomic_task_id=p.index))
+        for key, fields in by_key.items():
+            self.writer.hset(key, fields, self.ttl)
+        if finals:
+            ack = apb.ServerFrame(ack=apb.ResultAck(items=finals)).SerializeToString()
+            self.writer.written().add_done_callback(lambda _f: session.send(ack))
+
+
+def _cap(requested: int, cap: int) -> int:
+    caps = [r for r in (requested, cap) if r > 0]
+    return min(caps) if caps else 0
+
+
+def _info_hash(torrent: bytes) -> bytes:
+    from gse.agent.torrent import info_hash
+    return info_hash(torrent)
