@@ -29,6 +29,7 @@ from gse.common.service import Service
 from gse.common.tls import TLSMaterial
 from gse.pb import agent_pb2 as pb
 
+from .data import DataConfig, DataPipeline
 from .executor import Pools
 from .files import FileManager
 from .relay import SourceRelay
@@ -86,6 +87,7 @@ class AgentConfig:
     connect_timeout_s: float = 10.0
     reconnect: ReconnectConfig = ReconnectConfig()
     tasks: TaskConfig = TaskConfig()
+    data: DataConfig = DataConfig()      # plugin data: IPC sockets, batching, spool, data servers
     files: FileConfig = FileConfig()
     tls: TLSConfig = TLSConfig()
     log: LogConfig = LogConfig()
@@ -188,6 +190,8 @@ class Agent(Service):
                                  Pools({"script": t.pool_script, "file": t.pool_file, "proc": t.pool_proc},
                                        {"script": t.queue_limit, "file": t.queue_limit, "proc": t.queue_limit}),
                                  t.max_output_bytes, t.kill_grace_s)
+        self.data = DataPipeline(config.data, data_dir=config.data_dir, run_dir=config.run_dir, tls=self.tls,
+                                 identity=self.identity, send=self.send, ip=self.ip, bind_ip=config.bind_ip)
         self.files = FileManager(self, config.data_dir, config.files)
 
     def send(self, frame: pb.AgentFrame) -> bool:
@@ -220,6 +224,8 @@ class Agent(Service):
         Path(self.config.run_dir).mkdir(parents=True, exist_ok=True)
         if self.relay is not None:
             await self.relay.start()
+        if self.config.data.enabled:
+            await self.data.start()
         recovered = self.tasks.recover()
         if recovered:
             log.info("task results kept across a restart", extra={"items": recovered})
@@ -325,6 +331,10 @@ class Agent(Service):
             self.tasks.on_task(frame.task)
         elif kind == "terminate":
             self.tasks.on_terminate(frame.terminate.task_id)
+        elif kind == "data_servers":
+            self.data.on_view(frame.data_servers)
+        elif kind == "plugin_message":
+            self.data.on_plugin_message(frame.plugin_message)
         elif kind == "ack":
             self.tasks.on_ack(frame.ack)
             self.files.on_ack(frame.ack.items)
@@ -357,6 +367,8 @@ class Agent(Service):
             await asyncio.sleep(interval)
 
     async def stop(self, grace: float) -> None:
+        if self.config.data.enabled:
+            await self.data.stop()      # spools what plugins sent
         await self.tasks.stop()
         await self.files.stop()
         if self.relay is not None:
