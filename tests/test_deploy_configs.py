@@ -16,6 +16,7 @@ import yaml
 from gse.agent.agent import AgentConfig
 from gse.apiserver.server import ApiServerConfig
 from gse.common.config import load_config
+from gse.dataserver.server import DataServerConfig
 from gse.dbproxy.server import DbProxyConfig
 from gse.fileserver.server import FileServerConfig
 from gse.taskserver.server import TaskServerConfig
@@ -29,6 +30,7 @@ CONFIGS = {
     "taskserver": TaskServerConfig,
     "dbproxy": DbProxyConfig,
     "apiserver": ApiServerConfig,
+    "dataserver": DataServerConfig,
     "fileserver": FileServerConfig,
 }
 
@@ -36,6 +38,7 @@ CONFIGS = {
 TASKSERVER_AGENT_PORT = 48668
 DBPROXY_PORT = 58859
 APISERVER_PORT = 50002
+DATASERVER_PORT = 58625
 
 
 def sample_names() -> list[str]:
@@ -100,6 +103,7 @@ def test_deploy_sample_ports_match_the_spec():
     assert load_sample("taskserver").agent_port == TASKSERVER_AGENT_PORT
     assert load_sample("dbproxy").port == DBPROXY_PORT
     assert load_sample("apiserver").port == APISERVER_PORT
+    assert load_sample("dataserver").port == DATASERVER_PORT
     agent = load_sample("agent")
     assert agent.servers and all(s.endswith(f":{TASKSERVER_AGENT_PORT}") for s in agent.servers)
 
@@ -110,7 +114,7 @@ def test_deploy_sample_agent_uses_the_production_dirs():
 
 
 def test_deploy_sample_servers_advertise_a_dialable_address():
-    for name in ("taskserver", "dbproxy", "apiserver"):
+    for name in ("taskserver", "dbproxy", "apiserver", "dataserver"):
         cfg = load_sample(name)
         if cfg.host in ("0.0.0.0", "::"):
             assert cfg.advertise_host not in ("", "0.0.0.0", "::"), name

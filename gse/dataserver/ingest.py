@@ -1,0 +1,117 @@
+"""Agent data streams (58625): batches in, acknowledgements out.
+
+One stream per agent. The first message down is an empty DataAck (the stream is open and the agent may
+count this server as its own). Batches are routed in the order they arrive, each as soon as it is read, so
+many are in flight at once; their acknowledgements are gathered and written together, whatever order the
+outputs finish in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from prometheus_client import Counter, Gauge
+
+from gse.common.datastate import MD_AGENT_ID, MD_CLOUD_ID, MD_IP
+from gse.pb import data_pb2 as pb
+
+from .router import Router
+
+log = logging.getLogger("gse.dataserver.ingest")
+
+STREAMS = Gauge("gse_dataserver_agent_streams", "Agent data streams open")
+BATCHES = Counter("gse_dataserver_batches_total", "Batches received", ["outcome"])
+
+
+class Ingest:
+    SERVICE = "gse.pb.DataIngest"
+
+    def __init__(self, router: Router):
+        self.router = router
+        self.streams: dict[int, str] = {}     # id(task) -> agent id
+        self.closing = False
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(self.SERVICE, {
+            "Stream": grpc.stream_stream_rpc_method_handler(
+                self.stream, request_deserializer=pb.DataBatch.FromString,
+                response_serializer=pb.DataAck.SerializeToString),
+        })
+
+    @property
+    def load(self) -> int:
+        return len(self.streams)
+
+    async def stream(self, request_iterator, context):
+        md = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        agent_id = md.get(MD_AGENT_ID, "")
+        if not agent_id or len(agent_id) > 64:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"metadata {MD_AGENT_ID} is required")
+        if self.closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "data server is stopping")
+        proto = (b"", md.get(MD_CLOUD_ID, "0").encode(), md.get(MD_IP, "").encode(), agent_id.encode())
+        key = id(asyncio.current_task())
+        self.streams[key] = agent_id
+        STREAMS.set(len(self.streams))
+        ok: list[int] = []
+        failed: list[int] = []
+        reason = [""]
+        wake = asyncio.Event()
+        pending = [0]
+        router = self.router
+
+        def settle(f: asyncio.Future, batch_id: int) -> None:
+            pending[0] -= 1
+            if f.cancelled() or f.exception() is not None:
+                failed.append(batch_id)
+                if not reason[0]:
+                    reason[0] = str(f.exception() if not f.cancelled() else "cancelled")
+                BATCHES.labels("failed").inc()
+            else:
+                ok.append(batch_id)
+                BATCHES.labels("ok").inc()
+            wake.set()
+
+        async def read() -> None:
+            async for batch in request_iterator:
+                fields = (str(batch.data_id).encode(), *proto[1:])
+                try:
+                    fut = router.route(batch.data_id, batch.records, agent_id, fields)
+                except Exception as exc:  # noqa: BLE001 - a bug in routing fails the batch, not the stream
+                    log.exception("routing failed", extra={"channel": batch.data_id})
+                    failed.append(batch.batch_id)
+                    reason[0] = reason[0] or repr(exc)
+                    wake.set()
+                    continue
+                if fut is None:
+                    ok.append(batch.batch_id)
+                    BATCHES.labels("ok").inc()
+                    wake.set()
+                else:
+                    pending[0] += 1
+                    fut.add_done_callback(lambda f, b=batch.batch_id: settle(f, b))
+
+        reader = asyncio.ensure_future(read())
+        reader.add_done_callback(lambda _t: wake.set())
+        try:
+            await context.write(pb.DataAck())
+            while True:
+                await wake.wait()
+                wake.clear()
+                if ok or failed:
+                    ack = pb.DataAck(ok=ok, failed=failed, reason=reason[0])
+                    ok.clear()
+                    failed.clear()
+                    reason[0] = ""
+                    await context.write(ack)
+                if reader.done() and pending[0] == 0 and not ok and not failed:
+                    exc = reader.exception() if not reader.cancelled() else None
+                    if exc is not None and not isinstance(exc, (grpc.aio.AioRpcError, asyncio.CancelledError)):
+                        log.warning("agent data stream failed", extra={"agent_id": agent_id, "error": repr(exc)})
+                    break
+        finally:
+            reader.cancel()
+            self.streams.pop(key, None)
+            STREAMS.set(len(self.streams))

@@ -1,0 +1,115 @@
+"""Routing one batch: its channel's route picks the outputs (and, with filters, the records for each); the
+batch is accepted once every output took its part.
+
+Channels without a route are counted and dropped (and acknowledged: the agent must not resend them forever),
+with at most one log line per channel per `no_route_log_interval_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from prometheus_client import Counter
+
+from .outputs import OutputError, Outputs
+from .route_table import RouteTable
+
+log = logging.getLogger("gse.dataserver.router")
+
+CH_RECORDS = Counter("gse_dataserver_channel_records_total", "Records received per channel", ["channel"])
+CH_BYTES = Counter("gse_dataserver_channel_bytes_total", "Record bytes received per channel", ["channel"])
+CH_DROPPED = Counter("gse_dataserver_channel_dropped_total", "Records dropped per channel", ["channel", "reason"])
+CH_ERRORS = Counter("gse_dataserver_channel_errors_total", "Batches of a channel that an output failed", ["channel"])
+
+
+class _ChannelMetrics:
+    __slots__ = ("records", "bytes", "no_route", "errors", "count_records", "count_bytes", "count_no_route",
+                 "count_errors")
+
+    def __init__(self, channel: int):
+        c = str(channel)
+        self.records, self.bytes = CH_RECORDS.labels(c), CH_BYTES.labels(c)
+        self.no_route, self.errors = CH_DROPPED.labels(c, "no_route"), CH_ERRORS.labels(c)
+        self.count_records = self.count_bytes = self.count_no_route = self.count_errors = 0
+
+
+class Router:
+    def __init__(self, table: RouteTable, outputs: Outputs, no_route_log_interval_s: float = 60.0,
+                 tap: Callable[[int, str, list], None] | None = None):
+        self.table = table
+        self.outputs = outputs
+        self.no_route_log_interval_s = no_route_log_interval_s
+        self.tap = tap                          # (channel, agent_id, records): side uses (host snapshots)
+        self.tapped: set[int] = set()
+        self._channels: dict[int, _ChannelMetrics] = {}
+        self._no_route_logged: dict[int, float] = {}
+        self.records_in = 0
+        self.bytes_in = 0
+        self.batches_in = 0
+
+    def _metrics(self, channel: int) -> _ChannelMetrics:
+        m = self._channels.get(channel)
+        if m is None:
+            m = self._channels[channel] = _ChannelMetrics(channel)
+        return m
+
+    def route(self, channel: int, records: list, agent_id: str, proto_fields: tuple) -> asyncio.Future | None:
+        """Queue a batch on its outputs; a future for their acceptance, or None when nothing is to wait for."""
+        n = len(records)
+        size = sum(map(len, records))
+        m = self._metrics(channel)
+        m.records.inc(n)
+        m.bytes.inc(size)
+        m.count_records += n
+        m.count_bytes += size
+        self.records_in += n
+        self.bytes_in += size
+        self.batches_in += 1
+        if channel in self.tapped and self.tap is not None:
+            self.tap(channel, agent_id, records)
+        route = self.table.get(channel)
+        if route is None:
+            m.no_route.inc(n)
+            m.count_no_route += n
+            now = time.monotonic()
+            if now - self._no_route_logged.get(channel, -1e9) >= self.no_route_log_interval_s:
+                self._no_route_logged[channel] = now
+                log.warning("no route for channel; records dropped",
+                            extra={"channel": channel, "agent_id": agent_id, "records": n})
+            return None
+        futs = []
+        for entry in route.entries:
+            selected = entry.select(records, proto_fields)
+            if not selected:
+                continue
+            sink = self.outputs.get(entry.stream_to_id)
+            if sink is None:
+                return _failed(OutputError(f"route of channel {channel} names stream_to {entry.stream_to_id}, "
+                                           "which does not exist"), m)
+            futs.append(sink.submit(selected, agent_id, entry.target, channel))
+        if not futs:
+            return None
+        fut = futs[0] if len(futs) == 1 else asyncio.gather(*futs)
+        fut.add_done_callback(lambda f: _count_error(f, m))
+        return fut
+
+    def figures(self) -> dict:
+        return {str(c): {"records": m.count_records, "bytes": m.count_bytes, "no_route": m.count_no_route,
+                         "errors": m.count_errors} for c, m in self._channels.items()}
+
+
+def _count_error(f: asyncio.Future, m: _ChannelMetrics) -> None:
+    if f.cancelled() or f.exception() is not None:
+        m.errors.inc()
+        m.count_errors += 1
+
+
+def _failed(exc: Exception, m: _ChannelMetrics) -> asyncio.Future:
+    m.errors.inc()
+    m.count_errors += 1
+    fut = asyncio.get_running_loop().create_future()
+    fut.set_exception(exc)
+    return fut
