@@ -18,6 +18,7 @@ from gse.pb import taskserver_pb2_grpc as task_pb_grpc
 from .agent_access import AgentAccess
 from .balancer import Balancer
 from .batch_writer import BatchWriter
+from .data_relay import DataRelay
 from .files import FileCoordinator, FileReports, Peers
 from .tasks import ResultRecorder, TaskService
 
@@ -49,6 +50,7 @@ class TaskServerConfig(BaseConfig):
     file_max_size: int = 64 * 1024**3   # larger source files are refused (error 119)
     flush_interval_s: float = 0.01      # least time between two batch writes to dbproxy (group commit)
     load_report_interval_s: float = 2.0
+    data_view_interval_s: float = 30.0  # data server loads are told to agents at most this often
     balance: BalanceConfig = BalanceConfig()
     dbproxy: DbProxyClientConfig = DbProxyClientConfig()
 
@@ -77,6 +79,7 @@ class TaskServerService(Service):
         self.balancer: Balancer | None = None
         self.peers = Peers(self.tls)
         self.files: FileCoordinator | None = None
+        self.data_relay: DataRelay | None = None
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
 
@@ -126,6 +129,9 @@ class TaskServerService(Service):
             "file_report": reports.on_report,
             "need_direct": self._need_direct,
         })
+        self.data_relay = DataRelay(self.access, c.area, c.data_view_interval_s)
+        self.access.handlers["plugin_reply"] = self.data_relay.on_plugin_reply
+        self.access.on_attach = self.data_relay.on_attach
         task_pb_grpc.add_TaskServiceServicer_to_server(TaskService(self.access, self.files), self.task_server)
         task_health = rpc.add_health(self.task_server)
         await self.agent_server.start()
@@ -134,6 +140,8 @@ class TaskServerService(Service):
         await rpc.set_serving(task_health, True)
         await self.discovery.watch_service(self.name, self._on_taskservers)
         await self.discovery.watch_service("fileserver", self.peers.on_fileservers)
+        await self.discovery.watch_service("dataserver", self.data_relay.on_view)
+        await self.discovery.watch_config("message_slots", self.data_relay.on_slots)
         await self.discovery.register(self.name, self.node_id, self._registration())
         log.info("task server serving",
                  extra={"agent_port": self.agent_port, "task_port": self.task_port, "node_id": self.node_id})
@@ -188,6 +196,8 @@ class TaskServerService(Service):
 
     async def stop(self, grace: float) -> None:
         await self.discovery.stop()
+        if self.data_relay is not None:
+            await self.data_relay.close()
         for t in self._tasks:
             t.cancel()
         if self.access is not None:

@@ -1,0 +1,134 @@
+"""The task server's part of the data path.
+
+- **Data server view.** The task server follows the data servers registered in ZooKeeper (address and load)
+  and tells its agents: on attach, at once when membership changes, and when only loads changed at most
+  every `view_interval_s` (one serialized frame for all agents). Agents never talk to ZooKeeper.
+- **Plugin replies.** cluster/dispatch_message reaches a plugin through this stream; the plugin's respond comes
+  back as a PluginReply and is POSTed as `{message_id, bk_agent_id, content}` to the callback registered for
+  its slot in the ZooKeeper document `<root>/config/message_slots`
+  (`{"<slot_id>": {"callback_url": "http://...", "token": "...", "plugin_name": ""}}`, applied live).
+  Posts run beside the stream (bounded concurrency and queue), with three tries and backoff; a reply for a
+  slot without a callback, or one that could not be posted, is counted and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+from prometheus_client import Counter
+
+from gse.pb import agent_pb2 as apb
+from gse.pb import data_pb2 as pb
+
+from .agent_access import AgentAccess, AgentSession
+
+log = logging.getLogger("gse.taskserver.data")
+
+VIEW_PUSHES = Counter("gse_taskserver_dataserver_view_pushes_total", "Data server views sent to all agents")
+REPLIES = Counter("gse_taskserver_plugin_replies_total", "Plugin replies to dispatch_message", ["outcome"])
+
+MAX_QUEUED = 10_000
+CONCURRENCY = 32
+
+
+class DataRelay:
+    def __init__(self, access: AgentAccess, area: int, view_interval_s: float = 30.0):
+        self.access = access
+        self.area = area
+        self.view_interval_s = view_interval_s
+        self.frame: bytes | None = None
+        self._members: frozenset = frozenset()
+        self._last_push = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self.slots: dict = {}
+        self._queue: asyncio.Queue | None = None
+        self._workers: list[asyncio.Task] = []
+        self._http: aiohttp.ClientSession | None = None
+
+    # ---- data server view -------------------------------------------------------------------------
+
+    def on_view(self, view: dict[str, dict]) -> None:
+        servers = sorted((nid, info) for nid, info in view.items()
+                         if info.get("address") and int(info.get("area", 0)) == self.area)
+        msg = pb.DataServerView(servers=[
+            pb.DataServerInfo(node_id=nid, address=info["address"], load=int(info.get("load", 0)),
+                              records_per_s=float(info.get("records_per_s", 0.0))) for nid, info in servers])
+        self.frame = apb.ServerFrame(data_servers=msg).SerializeToString()
+        members = frozenset(info["address"] for _nid, info in servers)
+        now = time.monotonic()
+        if members != self._members or now - self._last_push >= self.view_interval_s:
+            self._members = members
+            self._push()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._last_push + self.view_interval_s - now,
+                                                                self._push)
+
+    def _push(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._last_push = time.monotonic()
+        if self.frame is None:
+            return
+        for s in list(self.access.sessions.values()):
+            s.send(self.frame)
+        VIEW_PUSHES.inc()
+
+    def on_attach(self, session: AgentSession) -> None:
+        if self.frame is not None:
+            session.send(self.frame)
+
+    # ---- plugin replies ---------------------------------------------------------------------------
+
+    def on_slots(self, value) -> None:
+        self.slots = value if isinstance(value, dict) else {}
+
+    def on_plugin_reply(self, session: AgentSession, reply: pb.PluginReply) -> None:
+        if self._queue is None:
+            self._queue = asyncio.Queue(MAX_QUEUED)
+            self._workers = [asyncio.ensure_future(self._worker()) for _ in range(CONCURRENCY)]
+        slot = self.slots.get(reply.slot_id)
+        url = slot.get("callback_url") if isinstance(slot, dict) else None
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            REPLIES.labels("no_callback").inc()
+            log.warning("plugin reply for a slot without a callback dropped",
+                        extra={"slot_id": reply.slot_id, "message_id": reply.message_id, "agent_id": session.agent_id})
+            return
+        body = {"message_id": reply.message_id, "bk_agent_id": session.agent_id,
+                "content": reply.content.decode("utf-8", "replace")}
+        try:
+            self._queue.put_nowait((url, body))
+        except asyncio.QueueFull:
+            REPLIES.labels("queue_full").inc()
+            log.warning("plugin reply dropped: callback queue full", extra={"slot_id": reply.slot_id})
+
+    async def _worker(self) -> None:
+        while True:
+            url, body = await self._queue.get()
+            if self._http is None:
+                self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+            for attempt in range(3):
+                try:
+                    async with self._http.post(url, json=body) as resp:
+                        if resp.status < 300:
+                            REPLIES.labels("posted").inc()
+                            break
+                        error = f"HTTP {resp.status}"
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    error = repr(exc)
+                await asyncio.sleep(0.5 * 2 ** attempt)
+            else:
+                REPLIES.labels("failed").inc()
+                log.warning("plugin reply not posted", extra={"url": url, "message_id": body["message_id"],
+                                                              "error": error})
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for w in self._workers:
+            w.cancel()
+        if self._http is not None:
+            await self._http.close()
