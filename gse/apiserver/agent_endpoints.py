@@ -76,6 +76,8 @@ class AgentEndpoints:
         found = await self.view.by_ids(ids)
         at = now_ms()
         data = []
+        # The latest host snapshot of the data path (60 s TTL) is fresher than the last heartbeat's figures.
+        snapshots = await self.view.snapshots([f["agent_id"] for f in found.values()])
         for a in dict.fromkeys(ids):
             f = found.get(a)
             if f is None:
@@ -85,6 +87,7 @@ class AgentEndpoints:
             code = status_code(f, at)
             last = _int(f, "last_status_code", UNKNOWN)
             connect = _int(f, "connect_time")
+            f = {**f, **snapshots.get(f["agent_id"], {})}
             data.append({
                 "code": 0, "message": "", "bk_agent_id": a, "bk_cloud_id": _int(f, "cloud_id"),
                 "bk_host_ip": f.get("ip", ""), "bk_os_type": f.get("os", ""),

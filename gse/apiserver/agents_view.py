@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 from gse.common import dbclient as db
 from gse.common.agentstate import agent_key, ip_key, parse_host_id
+from gse.common.datastate import snapshot_key
 
 
 class AgentsView:
@@ -46,3 +49,22 @@ class AgentsView:
                 real[a] = resolved[h]
         recs = await self.records(list(real.values()), fields)
         return {a: {**recs[r], "agent_id": r} for a, r in real.items() if r in recs}
+
+    async def snapshots(self, agent_ids: list[str]) -> dict[str, dict]:
+        """bk_agent_id -> session-hash-style fields from its latest host snapshot (data path), one round trip."""
+        uniq = list(dict.fromkeys(agent_ids))
+        if not uniq:
+            return {}
+        results = await self.db.execute([db.get(snapshot_key(a)) for a in uniq])
+        out = {}
+        for a, r in zip(uniq, results):
+            if not (r.ok and r.found):
+                continue
+            try:
+                s = json.loads(r.value)
+                out[a] = {"host_cpu_rate": float(s["cpu"]["rate"]), "host_mem_rate": float(s["mem"]["rate"]),
+                          "cpu_num": int(s["cpu"]["num"]), "mem_size": int(s["mem"]["total"]),
+                          "snapshot_time": int(s.get("time", 0))}
+            except (ValueError, KeyError, TypeError):
+                continue
+        return out

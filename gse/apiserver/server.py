@@ -17,6 +17,7 @@ from .agent_endpoints import AgentEndpoints
 from .agents_view import AgentsView
 from .app import Api
 from .command_guard import CommandGuard
+from .data_endpoints import DataEndpoints
 from .file_endpoints import FileEndpoints
 from .task_endpoints import TaskEndpoints
 from .taskservers import TaskServers
@@ -79,6 +80,7 @@ class ApiServerService(Service):
         c = self.config
         view = AgentsView(self.db)
         AgentEndpoints(view, c.max_hosts_per_call).register(api)
+        DataEndpoints(view, self.taskservers, self.discovery, max_hosts=c.max_hosts_per_call).register(api)
         tasks = TaskEndpoints(view, self.taskservers, self.guard, max_hosts=c.max_hosts_per_call,
                               result_ttl_ms=int(c.result_ttl_s * 1000),
                               offline_grace_ms=int(c.offline_grace_s * 1000))
