@@ -32,6 +32,13 @@ class Ingest:
         self.router = router
         self.streams: dict[int, str] = {}     # id(task) -> agent id
         self.closing = False
+        self._wakes: set[asyncio.Event] = set()
+
+    def close(self) -> None:
+        """Stop taking batches: every stream ends once the acks of what it already took are written."""
+        self.closing = True
+        for wake in list(self._wakes):
+            wake.set()
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(self.SERVICE, {
@@ -59,6 +66,7 @@ class Ingest:
         failed: list[int] = []
         reason = [""]
         wake = asyncio.Event()
+        self._wakes.add(wake)
         pending = [0]
         router = self.router
 
@@ -76,6 +84,8 @@ class Ingest:
 
         async def read() -> None:
             async for batch in request_iterator:
+                if self.closing:
+                    break               # not acknowledged: the agent sends it to another data server
                 fields = (str(batch.data_id).encode(), *proto[1:])
                 try:
                     fut = router.route(batch.data_id, batch.records, agent_id, fields)
@@ -106,12 +116,13 @@ class Ingest:
                     failed.clear()
                     reason[0] = ""
                     await context.write(ack)
-                if reader.done() and pending[0] == 0 and not ok and not failed:
+                if (reader.done() or self.closing) and pending[0] == 0 and not ok and not failed:
                     exc = reader.exception() if not reader.cancelled() else None
                     if exc is not None and not isinstance(exc, (grpc.aio.AioRpcError, asyncio.CancelledError)):
                         log.warning("agent data stream failed", extra={"agent_id": agent_id, "error": repr(exc)})
                     break
         finally:
             reader.cancel()
+            self._wakes.discard(wake)
             self.streams.pop(key, None)
             STREAMS.set(len(self.streams))

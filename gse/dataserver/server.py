@@ -219,8 +219,8 @@ class DataServerService(Service):
                     log.warning("operating figures not delivered", extra={"error": repr(exc)})
 
     async def stop(self, grace: float) -> None:
-        self.ingest.closing = True
         await self.discovery.stop()          # leave ZooKeeper first so that agents go elsewhere
+        self.ingest.close()                  # streams end once their acks are written
         self.table.stop()
         for t in self._tasks:
             t.cancel()
