@@ -73,7 +73,9 @@ def cmd_dev_up(args) -> int:
     for p in cluster.procs:
         if p.kind == "redis":
             rows.append([p.name, p.pid, f"127.0.0.1:{p.info['port']}", "-"])
-    for p in cluster.dbproxies + cluster.taskservers + cluster.apiservers:
+        if p.kind == "kafka":
+            rows.append([p.name, p.pid, cluster.kafka, "-"])
+    for p in cluster.dbproxies + cluster.taskservers + cluster.apiservers + cluster.dataservers:
         rows.append([p.name, p.pid, p.info.get("address") or p.info.get("url"),
                      f"127.0.0.1:{p.info['metrics_port']}"])
     print("\n" + _table(rows))

