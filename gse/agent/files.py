@@ -122,8 +122,11 @@ def safe_destination(dest_dir: str, rel: str) -> str:
     if rel.startswith("/") or os.path.commonpath([root, final]) != root or final == root:
         raise FileError(fst.E_NOT_WRITABLE, f"target path {rel!r} leaves the target dir")
     real_root = os.path.realpath(root)
-    parent = os.path.dirname(final)
-    if os.path.exists(parent) and os.path.commonpath([real_root, os.path.realpath(parent)]) != real_root:
+    # The deepest ancestor that exists decides where missing directories would be created.
+    ancestor = os.path.dirname(final)
+    while not os.path.lexists(ancestor) and ancestor != root:
+        ancestor = os.path.dirname(ancestor)
+    if os.path.lexists(ancestor) and os.path.commonpath([real_root, os.path.realpath(ancestor)]) != real_root:
         raise FileError(fst.E_NOT_WRITABLE, f"target {final} goes through a symlink out of the target dir")
     if os.path.islink(final):
         raise FileError(fst.E_NOT_WRITABLE, f"target {final} is a symlink; refusing to write through it")
@@ -166,6 +169,7 @@ class FileManager:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._flusher: asyncio.Handle | None = None
         self._seed_locks: dict[bytes, asyncio.Lock] = {}
+        self._finished: set[tuple[str, int, int]] = set()   # items whose final report was made
 
     # ---- plumbing ---------------------------------------------------------------------------------
 
@@ -221,10 +225,16 @@ class FileManager:
         key = (p.transfer_id, p.mode, p.index)
         out = self.outgoing.get(key)
         if out is None:
+            if key in self._finished:
+                return              # a late progress callback (the torrent seeds on) after the final report
             out = self.outgoing[key] = Outgoing(p)
+        elif out.progress.final:
+            return                  # a final report is never replaced by a later progress
         else:
             out.progress = p
             out.dirty = True
+        if p.final:
+            self._finished.add(key)
         now = time.monotonic()
         if force or p.final or now - out.sent_at >= REPORT_EVERY_S:
             self._schedule(0.0)
@@ -324,7 +334,8 @@ class FileManager:
         ih = info_hash(torrent_bytes)
         lock = self._seed_locks.setdefault(ih, asyncio.Lock())
         async with lock:
-            existing = next((t for t in session.torrents() if t.info_hash == ih and not t.removed), None)
+            existing = next((t for t in session.torrents() if t.info_hash == ih and not t.removed
+                             and t.handle is not None and t.handle.is_valid()), None)
             if existing is not None:
                 existing.handle.add_tracker({"url": url})
                 return existing
@@ -448,6 +459,11 @@ class FileManager:
                                        type=kind, start_time_ms=start, end_time_ms=int(time.time() * 1000),
                                        final=True, dest_path=final))
 
+    def _tag(self, ft: pb.FileTarget) -> str:
+        """Temporary names: the same in every run of this agent (a restart resumes its .part files), and
+        distinct between agents that share a filesystem."""
+        return hashlib.md5(f"{ft.transfer_id}/{self.agent.agent_id}".encode()).hexdigest()[:12]
+
     def _owner(self, ft: pb.FileTarget) -> tuple[int, int]:
         name = ft.owner or ft.user or "root"
         try:
@@ -470,7 +486,7 @@ class FileManager:
 
     async def _direct(self, state: TransferState, ft: pb.FileTarget, e: pb.FileEntry, final: str, start: int,
                       verify_torrent: bool = False) -> None:
-        tmp = os.path.join(os.path.dirname(final), f".gse-{_tag(ft.transfer_id)}-{e.index}.part")
+        tmp = os.path.join(os.path.dirname(final), f".gse-{self._tag(ft)}-{e.index}.part")
         state.temps.add(tmp)
         token = ft.tokens.get(self.agent.agent_id, "")
         md5 = hashlib.md5()
@@ -520,16 +536,28 @@ class FileManager:
         last = {"done": -1, "at": time.monotonic(), "failures": 0}
 
         def on_progress(p) -> None:
+            if p.complete:
+                return              # the outcome is reported once the file is in place
             if p.total_done != last["done"]:
                 last["done"], last["at"] = p.total_done, time.monotonic()
             last["failures"] = p.hash_failures
             self.report(self._progress(ft, e, status=ts.RUNNING, error_code=ts.E_RUNNING, progress=int(p.progress),
                                        speed=int(p.download_rate / 1024), type="bt", start_time_ms=start))
 
-        torrent = await session.download(e.torrent, os.path.dirname(final), url, on_progress=on_progress,
-                                         tmp_name=f".gse-{_tag(ft.transfer_id)}-{e.index}.bt.part",
-                                         download_rate_limit=ft.download_rate, upload_rate_limit=ft.upload_rate,
-                                         max_connections=ft.max_connections)
+        from .torrent import TorrentError
+        try:
+            torrent = await session.download(e.torrent, os.path.dirname(final), url, on_progress=on_progress,
+                                             tmp_name=f".gse-{self._tag(ft)}-{e.index}.bt.part",
+                                             download_rate_limit=ft.download_rate,
+                                             upload_rate_limit=ft.upload_rate, max_connections=ft.max_connections)
+        except TorrentError as exc:
+            # e.g. this agent already moves the same file in another live transfer: go direct instead.
+            log.warning("BitTorrent unavailable for this entry; direct mode",
+                        extra={"transfer_id": ft.transfer_id, "index": e.index, "error": str(exc)})
+            self.agent.send(pb.AgentFrame(need_direct=pb.NeedDirect(
+                transfer_id=ft.transfer_id, coordinator=ft.coordinator, index=e.index)))
+            await self._direct(state, ft, e, final, start, verify_torrent=True)
+            return "mixed"
         state.torrents.append(torrent)
         waiter = asyncio.ensure_future(torrent.wait_complete())
         try:
@@ -553,12 +581,15 @@ class FileManager:
         finally:
             if not waiter.done():
                 waiter.cancel()
+        log.debug("download complete; committing", extra={"transfer_id": ft.transfer_id, "index": e.index})
         await session.commit(torrent, os.path.basename(final))
+        log.debug("committed", extra={"transfer_id": ft.transfer_id, "path": final})
         return "bt"
 
     # ---- the end ----------------------------------------------------------------------------------
 
     def on_end(self, et: pb.EndTransfer) -> None:
+        self._finished = {k for k in self._finished if k[0] != et.transfer_id}
         state = self.transfers.pop(et.transfer_id, None)
         self._journal_path(et.transfer_id).unlink(missing_ok=True)
         if state is None:
@@ -577,10 +608,12 @@ class FileManager:
             for torrent in state.torrents:
                 if id(torrent) in shared:
                     continue
-                try:
-                    await self._session.remove(torrent, delete_files=not torrent.complete)
-                except Exception:  # noqa: BLE001 - already gone
-                    pass
+                # Under the seed lock: a transfer seeding the same file meanwhile waits for the removal.
+                async with self._seed_locks.setdefault(torrent.info_hash, asyncio.Lock()):
+                    try:
+                        await self._session.remove(torrent, delete_files=not torrent.complete)
+                    except Exception:  # noqa: BLE001 - already gone
+                        pass
         for tmp in state.temps:
             _unlink(tmp)
 
@@ -601,11 +634,6 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _tag(transfer_id: str) -> str:
-    """A short name part that is the same in every run of the agent (resuming finds its .part files)."""
-    return hashlib.md5(transfer_id.encode()).hexdigest()[:12]
 
 
 def _can_write(path: str, user: str) -> bool:

@@ -264,6 +264,9 @@ class TorrentSession:
             "download_rate_limit": max(download_rate_limit, 0),
             "upload_rate_limit": max(upload_rate_limit, 0),
             "stop_tracker_timeout": 1,  # closing must not hang on a tracker that went away
+            # A seed shared by several transfers carries one tracker URL (token) per transfer: announce to all.
+            "announce_to_all_trackers": True,
+            "announce_to_all_tiers": True,
             "user_agent": "gse-agent",
         }
         ip = ipaddress.ip_address(host)  # raises ValueError for a name: interfaces are given as addresses
@@ -484,7 +487,10 @@ class TorrentSession:
         if ses is None:
             return
         for a in ses.pop_alerts():
-            self._dispatch(a)
+            try:
+                self._dispatch(a)
+            except Exception:  # noqa: BLE001 - one bad alert must not drop the rest of the batch
+                log.exception("torrent alert dispatch failed", extra={"alert": type(a).__name__})
         now = time.monotonic()
         if now - self._last_status >= STATUS_INTERVAL and self._torrents:
             self._last_status = now

@@ -170,10 +170,7 @@ class FileEndpoints:
         res = await self.db.execute([db.hgetall(fs.result_key(task_id, real[r])) for r in requested])
         out, running = [], False
         for r, reply in zip(requested, res):
-            items = fs.merged(dict(reply.fields)) if reply.ok and reply.found else {}
-            with_entries = {n.split(":")[0] for n in items if not n.split(":")[1].startswith("-")}
-            items = {n: i for n, i in items.items()
-                     if not (n.split(":")[1] == "-1" and n.split(":")[0] in with_entries)}
+            items = fs.entry_items(fs.merged(dict(reply.fields))) if reply.ok and reply.found else {}
             for name in sorted(items, key=_order):
                 item = items[name]
                 status = item.get("status", ts.DISPATCHED)

@@ -58,3 +58,10 @@ def merged(fields: dict[str, bytes], task_index: int | None = None) -> dict[str,
         item.update(progress.get(name, {}))
         out[name] = item
     return out
+
+
+def entry_items(items: dict[str, dict]) -> dict[str, dict]:
+    """Drop the placeholder ("<ti>:-1", written before the source named its files) of every tasks[]
+    item whose entries are known."""
+    known = {n.split(":")[0] for n in items if n.split(":")[1] != "-1"}
+    return {n: i for n, i in items.items() if not (n.split(":")[1] == "-1" and n.split(":")[0] in known)}

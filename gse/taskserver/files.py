@@ -289,7 +289,7 @@ class FileCoordinator:
         ops = []
         for key, r in zip(keys, res):
             fields = {}
-            for name, item in fs.merged(dict(r.fields), t.spec.task_index).items():
+            for name, item in fs.entry_items(fs.merged(dict(r.fields), t.spec.task_index)).items():
                 if item.get("status") not in ts.FINAL_STATUSES:
                     item.update(status=status, error_code=code, error_msg=message, end_time=now)
                     fields[fs.PROGRESS + name] = fs.encode(item)
@@ -318,7 +318,8 @@ class FileCoordinator:
         keys = [fs.result_key(t.spec.task_id, a) for a in t.spec.target_agents]
         res = await self.db.execute([db.hgetall(k) for k in keys])
         for r in res:
-            items = [i for n, i in fs.merged(dict(r.fields), t.spec.task_index).items() if not n.endswith(":up")]
+            items = [i for n, i in fs.entry_items(fs.merged(dict(r.fields), t.spec.task_index)).items()
+                     if not n.endswith(":up")]
             if not items or any(i.get("status") not in ts.FINAL_STATUSES for i in items):
                 return
         await self.end(t, terminated=False)
