@@ -1,4 +1,4 @@
-"""`gse`: the operator's command. `gse certs init`, `gse dev up|down`, `gse run`."""
+"""`gse`: the operator's command. `gse certs init`, `gse dev up|down`, `gse run`, `gse push`."""
 
 from __future__ import annotations
 
@@ -233,6 +233,83 @@ def cmd_run(args) -> int:
     return 0 if len(summary["ok"]) == len(ids) else 1
 
 
+def _split_location(text: str, what: str) -> tuple[str, str]:
+    """`WHO:/abs/path` -> (WHO, /abs/path); WHO may itself hold colons (cloud:ip)."""
+    i = text.find(":/")
+    if i <= 0:
+        raise SystemExit(f"gse push: {what} must look like AGENT:/absolute/path, got {text!r}")
+    return text[:i], text[i + 1:]
+
+
+def _bar(progress: int, width: int = 24) -> str:
+    filled = int(width * max(0, min(100, progress)) / 100)
+    return "[" + "#" * filled + "." * (width - filled) + f"] {progress:3d}%"
+
+
+def cmd_push(args) -> int:
+    """Send a file, a directory or a pattern from one agent to many, with a live progress bar per host."""
+    import os
+    api = Api(args)
+    src_who, src_path = _split_location(args.source, "the source")
+    dst_who, dst_dir = _split_location(args.target, "the target")
+    src_ids, _ = resolve_targets(api, [src_who])
+    if len(src_ids) != 1:
+        raise SystemExit(f"gse push: the source must be one agent; {src_who!r} matched {len(src_ids)}")
+    ids, labels = resolve_targets(api, [dst_who])
+    if not ids:
+        print("gse push: no target matched", file=sys.stderr)
+        return 2
+    store_dir, name = os.path.split(src_path.rstrip("/"))      # name may be a file, a dir, a wildcard, regex:...
+    target = {"store_dir": dst_dir, "agents": [{"bk_agent_id": i, "user": args.user} for i in ids]}
+    if args.owner:
+        target["owner"] = args.owner
+    if args.mode:
+        target["permission"] = int(args.mode)
+    r = api.call("/api/v2/task/async_transfer_file", {
+        "timeout_seconds": args.timeout, "auto_mkdir": True, "download_speed": args.speed, "upload_speed": args.speed,
+        "tasks": [{"source": {"file_name": name, "store_dir": store_dir or "/",
+                              "agent": {"bk_agent_id": src_ids[0], "user": args.user}}, "target": target}]})
+    if r.get("code") != 0:
+        print(f"gse push: refused: {r.get('message')}", file=sys.stderr)
+        return 2
+    task_id = r["data"]["result"]["task_id"]
+    tty = sys.stdout.isatty()
+    width = max(len(labels[i]) for i in ids)
+    shown = 0
+    body = {"task_id": task_id, "agents": [{"bk_agent_id": i} for i in ids]}
+    while True:
+        res = api.call("/api/v2/task/get_transfer_file_result", body)
+        if res.get("code") not in (0, 1000115):
+            print(f"gse push: {res.get('message')}", file=sys.stderr)
+            return 2
+        per_host: dict[str, list[dict]] = {i: [] for i in ids}
+        for item in res["data"]["result"]:
+            per_host.setdefault(item["bk_agent_id"], []).append(item)
+        lines = []
+        for aid in ids:
+            items = per_host.get(aid) or []
+            size = sum(i["content"].get("size", 0) for i in items) or 1
+            done = sum(i["content"].get("size", 0) * i["content"].get("progress", 0) / 100 for i in items)
+            speed = sum(i["content"].get("speed", 0) for i in items)
+            failed = [i for i in items if i["error_code"] not in (0, 115)]
+            state = "failed: " + failed[0]["error_msg"] if failed else (
+                "done" if items and all(i["error_code"] == 0 for i in items) else f"{speed} KB/s")
+            lines.append(f"{labels[aid]:<{width}} {_bar(int(100 * done / size))} {state}")
+        if tty and shown:
+            sys.stdout.write(f"\x1b[{shown}A")
+        if tty or res["code"] == 0:
+            for line in lines:
+                sys.stdout.write(line + ("\x1b[K\n" if tty else "\n"))
+            shown = len(lines)
+            sys.stdout.flush()
+        if res["code"] == 0:
+            break
+        time.sleep(0.5)
+    ok = [a for a in ids if per_host.get(a) and all(i["error_code"] == 0 for i in per_host[a])]
+    print(f"summary: ok {len(ok)}, failed {len(ids) - len(ok)} (task {task_id})")
+    return 0 if len(ok) == len(ids) else 1
+
+
 def _api_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default=".gse-dev", help="local cluster dir whose cluster.json names the API")
     p.add_argument("--api-url", default="")
@@ -271,6 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
     _api_flags(run)
     run.add_argument("targets", nargs="+", help="agent ids, cloud:ip, 'all', or a glob over ips (comma or space separated)")
     run.set_defaults(func=cmd_run)
+
+    push = sub.add_parser("push", help="send a file, a directory or a pattern from one agent to many",
+                          usage="gse push [--owner U] [--mode 644] [--speed MB/s] SRC_AGENT:PATH TARGETS:DIR")
+    push.add_argument("source", help="SRC_AGENT:/path (agent id or cloud:ip; the path may be a dir or a pattern)")
+    push.add_argument("target", help="TARGETS:/dir (ids, cloud:ip, all or an ip glob, comma separated)")
+    push.add_argument("--owner", default="")
+    push.add_argument("--mode", default="", help="chmod digits, e.g. 644 (default: the source's mode)")
+    push.add_argument("--speed", type=float, default=0, help="MB/s per host, 0 = unlimited")
+    push.add_argument("--user", default="root")
+    push.add_argument("--timeout", type=int, default=3600)
+    _api_flags(push)
+    push.set_defaults(func=cmd_push)
     return p
 
 

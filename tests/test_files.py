@@ -216,6 +216,21 @@ def test_terminate_and_timeout_leave_nothing(fc, fapi, src, tmp_path):
     assert not (tmp_path / "o" / "big.bin").exists()
 
 
+def test_gse_push_cli(fc, src, tmp_path):
+    import sys
+    a = fc.agents
+    args = [sys.executable, "-m", "gse.cli", "push", "--api-url", fc.api_url(), "--app-code", fc.app_code,
+            "--app-secret", fc.app_secret, "--mode", "600"]
+    ok = subprocess.run(args + [f"0:{a[0].info['ip']}:{src}/tree", f"{a[2].info['bk_agent_id']}:{tmp_path}/p"],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "ok 1, failed 0" in ok.stdout and "100%" in ok.stdout
+    assert oct((tmp_path / "p" / "tree" / "run.sh").stat().st_mode & 0o777) == oct(0o600)
+    bad = subprocess.run(args + [f"0:{a[0].info['ip']}:{src}/missing", f"0:{a[2].info['ip']}:{tmp_path}/q"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "failed 1" in bad.stdout and "does not exist" in bad.stdout
+
+
 # ---- tests with their own cluster ----------------------------------------------------------------------
 
 def _tc(*args) -> None:

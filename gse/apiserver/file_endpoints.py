@@ -94,6 +94,7 @@ class FileEndpoints:
         tasks = self._tasks(body)
         timeout = v.integer(body, "timeout_seconds", required=False, default=3600, minimum=0, maximum=7 * 86400)
         auto_mkdir = body.get("auto_mkdir", False) is True
+        keep_seeding = body.get("keep_source_seeding", False) is True   # extension: the source seeds on after the end
         up, down = self._speed(body, "upload_speed"), self._speed(body, "download_speed")
         task_id = ts.new_task_id("GSEFILE")
         ids = list(dict.fromkeys([t["source_agent"] for t in tasks] + [a for t in tasks for a, _u in t["agents"]]))
@@ -135,7 +136,8 @@ class FileEndpoints:
                 md5=t["md5"], dest_dir=t["dest_dir"], dest_name=t["dest_name"], owner=t["owner"],
                 permission=t["permission"], target_agents=[a for a, _u, _n in targets],
                 target_users=[u for _a, u, _n in targets], target_nodes={a: n for a, _u, n in targets},
-                timeout_seconds=timeout, auto_mkdir=auto_mkdir, upload_rate=up, download_rate=down)))
+                timeout_seconds=timeout, auto_mkdir=auto_mkdir, upload_rate=up, download_rate=down,
+                keep_seeding=keep_seeding)))
         agents_all = sorted({(alive.get(a) or {}).get("agent_id", a) for a in ids})
         meta = {"kind": "file", "created": at, "coordinators": json.dumps(coordinators),
                 "agents": json.dumps(agents_all), "tasks": len(tasks)}
