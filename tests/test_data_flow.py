@@ -47,17 +47,30 @@ def start_data_agents(c, n: int, data: dict | None = None, wait: bool = True) ->
 def dc(infra, tmp_path_factory):
     """One data cluster: dbproxy, a task server, the API, tansu Kafka, one data server, two agents."""
     c = _new_cluster(tmp_path_factory.mktemp("data"), infra)
-    c.start_dbproxy()
-    c.start_taskserver(data_view_interval_s=0.5, load_report_interval_s=0.5)
-    c.start_apiserver()
-    c.start_kafka()
-    c.start_dataserver(load_report_interval_s=0.5, ops_interval_s=1.0, output_retry_s=0.3)
-    start_data_agents(c, 2)
-    api = api_for(c)
-    api.wait_alive([a.info["bk_agent_id"] for a in c.agents])
-    wait_for(lambda: all(connected(a) for a in c.agents), 20, "agents on a data server", interval=0.1)
+    try:
+        c.start_dbproxy()
+        c.start_taskserver(data_view_interval_s=0.5, load_report_interval_s=0.5)
+        c.start_apiserver()
+        c.start_kafka()
+        c.start_dataserver(load_report_interval_s=0.5, ops_interval_s=1.0, output_retry_s=0.3)
+        start_data_agents(c, 2)
+        api = api_for(c)
+        api.wait_alive([a.info["bk_agent_id"] for a in c.agents])
+        wait_for(lambda: all(connected(a) for a in c.agents), 20, "agents on a data server", interval=0.1)
+    except BaseException:
+        print(c.logs(40))
+        c.stop()
+        raise
     yield c
     c.stop()
+
+
+@pytest.fixture(autouse=True)
+def _logs_on_failure(request):
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed and "dc" in request.fixturenames:
+        print(f"\n===== logs of the data cluster =====\n{request.getfixturevalue('dc').logs(40)}")
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,7 @@ SPOOL_DROPPED_BATCHES = Gauge("gse_agent_data_spool_dropped_batches", "Batches d
 CONNECTED = Gauge("gse_agent_data_connected", "1 while a data server stream is open")
 SWITCHES = Counter("gse_agent_data_server_switches_total", "Moves to another data server", ["reason"])
 MESSAGES = Counter("gse_agent_plugin_messages_total", "dispatch_message deliveries", ["outcome"])
-IPC_ERRORS = Gauge("gse_agent_ipc_errors", "Plugin connections dropped for a bad frame, by reason", ["socket", "reason"])
+IPC_ERRORS = Gauge("gse_agent_ipc_errors", "Plugin connections dropped for a bad frame", ["socket", "reason"])
 IPC_RECORDS = Gauge("gse_agent_ipc_records", "Records read from the report socket")
 
 
