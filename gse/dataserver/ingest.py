@@ -88,7 +88,7 @@ class Ingest:
                     break               # not acknowledged: the agent sends it to another data server
                 fields = (str(batch.data_id).encode(), *proto[1:])
                 try:
-                    fut = router.route(batch.data_id, batch.records, agent_id, fields)
+                    fut = router.route(batch.data_id, batch.records, agent_id, fields, batch.arrival_ms)
                 except Exception as exc:  # noqa: BLE001 - a bug in routing fails the batch, not the stream
                     log.exception("routing failed", extra={"channel": batch.data_id})
                     failed.append(batch.batch_id)

@@ -96,7 +96,7 @@ class Sink:
         self._m_errors.inc()
         self.stats["errors"] += 1
 
-    async def start(self) -> None:
+    def start(self) -> None:
         pass
 
     async def close(self) -> None:
@@ -129,7 +129,7 @@ class _QueuedSink(Sink):
         self.wake.set()
         return fut
 
-    async def start(self) -> None:
+    def start(self) -> None:
         self.task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
@@ -181,6 +181,8 @@ class KafkaSink(_QueuedSink):
         self.bootstrap = [f"{a['ip']}:{a['port']}" for a in k["storage_address"]]
         self.producer = None
         self._partitions: dict[str, tuple[float, list[int]]] = {}
+        self._tp_queues: dict[tuple[str, int], deque[_Item]] = {}
+        self._tp_tasks: dict[tuple[str, int], asyncio.Task] = {}
 
     def _make_producer(self):
         from aiokafka import AIOKafkaProducer
@@ -225,22 +227,45 @@ class KafkaSink(_QueuedSink):
         return parts[zlib.crc32(agent_id.encode()) % len(parts)]
 
     async def process(self, items: list[_Item]) -> None:
+        # aiokafka queues one record batch per partition at a time, so every partition gets its own worker:
+        # a busy partition never holds up the others, and each keeps its submits in order.
         producer = await self._producer()
         for it in items:
             topic = it.target["topic_name"]
             partition = it.target.get("partition")
             if partition is None:
                 partition = await self._partition_of(producer, topic, it.agent_id)
-            futs = []
-            batch = producer.create_batch()
-            for r in it.records:
-                if batch.append(key=None, value=r, timestamp=None) is None:
-                    futs.append(await producer.send_batch(batch, topic, partition=partition))
+            key = (topic, partition)
+            self._tp_queues.setdefault(key, deque()).append(it)
+            if key not in self._tp_tasks:
+                self._tp_tasks[key] = asyncio.ensure_future(self._tp_worker(producer, key))
+
+    async def _tp_worker(self, producer, key: tuple[str, int]) -> None:
+        topic, partition = key
+        queue = self._tp_queues[key]
+        try:
+            while queue:
+                it = queue.popleft()
+                try:
+                    futs = []
                     batch = producer.create_batch()
-                    if batch.append(key=None, value=r, timestamp=None) is None:
-                        raise OutputError(f"a record of {len(r)} bytes exceeds the Kafka batch size")
-            futs.append(await producer.send_batch(batch, topic, partition=partition))
-            self._chain(it, futs)
+                    for r in it.records:
+                        if batch.append(key=None, value=r, timestamp=None) is None:
+                            futs.append(await producer.send_batch(batch, topic, partition=partition))
+                            batch = producer.create_batch()
+                            if batch.append(key=None, value=r, timestamp=None) is None:
+                                raise OutputError(f"a record of {len(r)} bytes exceeds the Kafka batch size")
+                    futs.append(await producer.send_batch(batch, topic, partition=partition))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - this submit fails; the next ones are tried
+                    self._error(exc)
+                    if not it.fut.done():
+                        it.fut.set_exception(OutputError(f"{self.label}: {exc!r}"))
+                    continue
+                self._chain(it, futs)
+        finally:
+            self._tp_tasks.pop(key, None)
 
     def _chain(self, it: _Item, futs: list) -> None:
         remaining = [len(futs)]
@@ -263,6 +288,12 @@ class KafkaSink(_QueuedSink):
 
     async def close(self) -> None:
         await super().close()
+        for t in list(self._tp_tasks.values()):
+            t.cancel()
+        for q in self._tp_queues.values():
+            for it in q:
+                if not it.fut.done():
+                    it.fut.set_exception(OutputError(f"{self.label} closed"))
         if self.producer is not None:
             try:
                 await asyncio.wait_for(self.producer.stop(), 10)
@@ -467,7 +498,8 @@ class Outputs:
     def get(self, stream_to_id: int) -> Sink | None:
         return self.sinks.get(stream_to_id)
 
-    async def apply(self, streamtos: dict[int, dict]) -> None:
+    def apply(self, streamtos: dict[int, dict]) -> None:
+        """Make the sinks match the definitions now (routes swapped in next find their sinks ready)."""
         old = self.sinks
         new: dict[int, Sink] = {}
         retired = []
@@ -482,7 +514,7 @@ class Outputs:
                 log.error("stream_to with an unknown report_mode ignored", extra={"stream_to_id": sid, "mode": mode})
                 continue
             sink = cls(sid, doc, self.settings)
-            await sink.start()
+            sink.start()
             new[sid] = sink
             if current is not None:
                 retired.append(current)

@@ -248,14 +248,13 @@ class RouteTable:
                 log.error("bad route document ignored", extra={"node": name, "error": repr(exc)})
                 continue
             routes[route.channel_id] = route
-        changed_outputs = streamtos != self.streamtos
+        if streamtos != self.streamtos and self.on_streamtos is not None:
+            self.on_streamtos(streamtos)        # outputs first, so that the new routes find them
         self.streamtos = streamtos
         self.routes = routes
         self.version += 1
         log.info("route table applied", extra={"routes": len(routes), "stream_tos": len(streamtos),
                                                 "version": self.version})
-        if changed_outputs and self.on_streamtos is not None:
-            self.on_streamtos(streamtos)
 
     def get(self, channel_id: int) -> Route | None:
         return self.routes.get(channel_id)

@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Callable
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 from .outputs import OutputError, Outputs
 from .route_table import RouteTable
@@ -23,16 +23,23 @@ CH_RECORDS = Counter("gse_dataserver_channel_records_total", "Records received p
 CH_BYTES = Counter("gse_dataserver_channel_bytes_total", "Record bytes received per channel", ["channel"])
 CH_DROPPED = Counter("gse_dataserver_channel_dropped_total", "Records dropped per channel", ["channel", "reason"])
 CH_ERRORS = Counter("gse_dataserver_channel_errors_total", "Batches of a channel that an output failed", ["channel"])
+_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
+CH_DELAY = Histogram("gse_dataserver_channel_delay_seconds",
+                     "From the agent reading a batch's first record to this server receiving the batch", ["channel"],
+                     buckets=_BUCKETS)
+CH_LATENCY = Histogram("gse_dataserver_channel_seconds", "From receiving a batch to every output having taken it",
+                       ["channel"], buckets=_BUCKETS)
 
 
 class _ChannelMetrics:
-    __slots__ = ("records", "bytes", "no_route", "errors", "count_records", "count_bytes", "count_no_route",
-                 "count_errors")
+    __slots__ = ("records", "bytes", "no_route", "errors", "delay", "latency", "count_records", "count_bytes",
+                 "count_no_route", "count_errors")
 
     def __init__(self, channel: int):
         c = str(channel)
         self.records, self.bytes = CH_RECORDS.labels(c), CH_BYTES.labels(c)
         self.no_route, self.errors = CH_DROPPED.labels(c, "no_route"), CH_ERRORS.labels(c)
+        self.delay, self.latency = CH_DELAY.labels(c), CH_LATENCY.labels(c)
         self.count_records = self.count_bytes = self.count_no_route = self.count_errors = 0
 
 
@@ -56,7 +63,8 @@ class Router:
             m = self._channels[channel] = _ChannelMetrics(channel)
         return m
 
-    def route(self, channel: int, records: list, agent_id: str, proto_fields: tuple) -> asyncio.Future | None:
+    def route(self, channel: int, records: list, agent_id: str, proto_fields: tuple,
+              arrival_ms: int = 0) -> asyncio.Future | None:
         """Queue a batch on its outputs; a future for their acceptance, or None when nothing is to wait for."""
         n = len(records)
         size = sum(map(len, records))
@@ -68,6 +76,8 @@ class Router:
         self.records_in += n
         self.bytes_in += size
         self.batches_in += 1
+        if arrival_ms:
+            m.delay.observe(max(0.0, time.time() - arrival_ms / 1000))
         if channel in self.tapped and self.tap is not None:
             self.tap(channel, agent_id, records)
         route = self.table.get(channel)
@@ -93,7 +103,8 @@ class Router:
         if not futs:
             return None
         fut = futs[0] if len(futs) == 1 else asyncio.gather(*futs)
-        fut.add_done_callback(lambda f: _count_error(f, m))
+        t0 = time.perf_counter()
+        fut.add_done_callback(lambda f: _settled(f, m, t0))
         return fut
 
     def figures(self) -> dict:
@@ -101,10 +112,12 @@ class Router:
                          "errors": m.count_errors} for c, m in self._channels.items()}
 
 
-def _count_error(f: asyncio.Future, m: _ChannelMetrics) -> None:
+def _settled(f: asyncio.Future, m: _ChannelMetrics, t0: float) -> None:
     if f.cancelled() or f.exception() is not None:
         m.errors.inc()
         m.count_errors += 1
+    else:
+        m.latency.observe(time.perf_counter() - t0)
 
 
 def _failed(exc: Exception, m: _ChannelMetrics) -> asyncio.Future:

@@ -157,7 +157,7 @@ class DataServerService(Service):
                 "metrics": f"{self.config.metrics.host}:{self.ops.port}"}
 
     def _on_streamtos(self, streamtos: dict[int, dict]) -> None:
-        asyncio.ensure_future(self.outputs.apply(streamtos))
+        self.outputs.apply(streamtos)
 
     async def start(self) -> None:
         await super().start()
@@ -165,8 +165,7 @@ class DataServerService(Service):
         await self.discovery.start()
         if not c.dbproxy.addresses:
             await self.discovery.watch_service("dbproxy", self.db.on_view)
-        await self.table.start()
-        await self.outputs.apply(self.table.streamtos)
+        await self.table.start()                # creates the outputs of the stream_tos it finds
         self.server = rpc.make_server(self.tls)
         self.server.add_generic_rpc_handlers((self.ingest.handler(),))
         health = rpc.add_health(self.server)
