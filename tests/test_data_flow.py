@@ -243,6 +243,30 @@ async def test_plugins_report_to_kafka_redis_and_file_complete_and_in_order(dc, 
         assert t.duplicates() == 0
 
 
+async def test_filters_and_redis_publish_through_a_real_data_server(dc, dapi, rds):
+    tag = uuid.uuid4().hex[:8]
+    r = add_streamto(dapi, "redis", dc)
+    filters = [{"name": "web", "field_index": 1, "field_data_type": "string", "field_data_value": "web",
+                "field_separator": "|", "field_in": "data"}]
+    ch = add_route(dapi, [{**to_redis(r, f"f{tag}"), "filter_name_and": ["web"]}, to_redis(r, f"p{tag}", "pubsub")],
+                   filters)
+    wait_routes(dc, [ch])
+    sub = rds.pubsub()
+    sub.subscribe(f"p{tag}")
+    assert sub.get_message(timeout=5)["type"] == "subscribe"
+    await report(dc.agents[0], [(ch, f"{i}|{'web' if i % 2 else 'db'}|x".encode()) for i in range(20)])
+    await asyncio.to_thread(wait_for, lambda: rds.llen(f"f{tag}") >= 10, 15, "filtered records")
+    published = []
+    deadline = time.monotonic() + 15
+    while len(published) < 20 and time.monotonic() < deadline:
+        m = await asyncio.to_thread(sub.get_message, timeout=1)
+        if m and m["type"] == "message":
+            published.append(m["data"])
+    sub.close()
+    assert redis_list(rds, f"f{tag}") == [f"{i}|web|x".encode() for i in range(1, 20, 2)]
+    assert published == [f"{i}|{'web' if i % 2 else 'db'}|x".encode() for i in range(20)]
+
+
 async def test_route_changed_while_data_flows_applies_without_restart(dc, dapi, rds):
     tag = uuid.uuid4().hex[:8]
     r = add_streamto(dapi, "redis", dc)

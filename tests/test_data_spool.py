@@ -136,3 +136,22 @@ def test_stream_to_errors_name_the_field(st, field):
     with pytest.raises(BadRequest) as exc:
         dr.stream_to(st)
     assert field in exc.value.message
+
+
+async def test_file_output_rotates_and_stays_inside_its_roots(tmp_path):
+    from gse.dataserver.outputs import FileSink, OutputError, SinkSettings
+    settings = SinkSettings(file_roots=(str(tmp_path / "out"),), file_rotate_bytes=1000, file_backups=2)
+    doc = {"stream_to": {"report_mode": "file", "data_log_path": str(tmp_path / "out" / "a")}}
+    sink = FileSink(1, doc, settings)
+    for i in range(30):
+        await sink.submit([b"%03d" % i + b"x" * 96], "agent", {"file_name": "c.log"}, 5)
+    names = sorted(p.name for p in (tmp_path / "out" / "a").iterdir())
+    assert names == ["c.log", "c.log.1", "c.log.2"]
+    out = tmp_path / "out" / "a"
+    lines = [ln for n in ("c.log.2", "c.log.1", "c.log") for ln in (out / n).read_bytes().splitlines()]
+    assert [int(ln[:3]) for ln in lines] == list(range(30 - len(lines), 30))     # the oldest rotated away
+    assert all(os.path.getsize(tmp_path / "out" / "a" / n) <= 1000 for n in names)
+    await sink.close()
+    outside = FileSink(2, {"stream_to": {"report_mode": "file", "data_log_path": "/etc/gse-evil"}}, settings)
+    with pytest.raises(OutputError):
+        await outside.submit([b"x"], "agent", {}, 5)
