@@ -311,7 +311,8 @@ class DataPipeline:
 
     async def _respread_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.cfg.respread_interval_s * random.uniform(0.8, 1.2))
+            # Jittered below the interval: a data server that joins gets its share within one interval.
+            await asyncio.sleep(self.cfg.respread_interval_s * random.uniform(0.75, 1.0))
             if self.current is None or self._move_to is not None:
                 continue
             target = should_move(self.loads, self.current)
