@@ -24,6 +24,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -302,8 +303,12 @@ class Bench:
                 "ds_output_p99_ms_le": hist_quantile(m0, m1, "gse_dataserver_channel_seconds", ch, 0.99),
                 "cpu_share": {k: round((c1[k] - c0[k]) / dt, 2) for k in c0}}
 
-    def stop(self) -> None:
+    def stop(self, keep: bool = False) -> None:
         self.c.stop()
+        if keep:
+            print(f"logs kept in {self.base}/logs", flush=True)
+        else:
+            shutil.rmtree(self.base, ignore_errors=True)
 
 
 def main() -> int:
@@ -319,6 +324,7 @@ def main() -> int:
           f"server, {a.agents} agents, {a.agents} plugin processes, the consumer) on these cores", flush=True)
     bench = Bench(a)
     results = []
+    ok = False
     try:
         bench.start()
         for size in a.sizes:
@@ -336,8 +342,9 @@ def main() -> int:
                           f"end to end p50 {q['latency_p50_ms']} ms p99 {q['latency_p99_ms']} ms (agent->ds p50<="
                           f"{q['ds_delay_p50_ms_le']}, ds->output p50<={q['ds_output_p50_ms_le']}); lost {q['lost']} "
                           f"dup {q['duplicates']} of {q['sent']}; cpu {q['cpu_share']}", flush=True)
+        ok = True
     finally:
-        bench.stop()
+        bench.stop(keep=not ok)
     print(json.dumps({"benchmark": "data_throughput", "cores": os.cpu_count(), "results": results}))
     return 0
 
