@@ -234,7 +234,9 @@ def test_gse_push_cli(fc, src, tmp_path):
 # ---- tests with their own cluster ----------------------------------------------------------------------
 
 def _tc(*args) -> None:
-    subprocess.run(["tc", *args], check=True, capture_output=True)
+    r = subprocess.run(["tc", *args], capture_output=True, text=True)
+    assert r.returncode == 0, f"tc {' '.join(args)}: {r.stderr.strip()} (qdiscs on lo: " \
+        f"{subprocess.run(['tc', 'qdisc', 'show', 'dev', 'lo'], capture_output=True, text=True).stdout.strip()})"
 
 
 @pytest.fixture

@@ -340,7 +340,7 @@ class TorrentSession:
 
     async def seed(self, torrent_bytes: bytes, path: str, tracker_url: str | None = None, *,
                    verified: bool = False, upload_rate_limit: int = 0, max_connections: int = 0,
-                   on_progress: Callable[[Progress], None] | None = None) -> Torrent:
+                   on_progress: Callable[[Progress], None] | None = None, super_seeding: bool = False) -> Torrent:
         """Seeds the existing file `path` without a full re-check on add.
 
         verified=False (default) adds it in libtorrent's seed mode: each piece is hashed the first time a peer asks
@@ -362,6 +362,10 @@ class TorrentSession:
             atp.verified_pieces = [True] * ti.num_pieces()
         else:
             atp.flags |= lt.torrent_flags.seed_mode
+        if super_seeding:
+            # BEP 16: offer each peer pieces nobody has yet, so that the source uploads the file about once.
+            # Only for a swarm whose peers reach each other (several targets of one transfer).
+            atp.flags |= lt.torrent_flags.super_seeding
         if upload_rate_limit > 0:
             atp.upload_limit = upload_rate_limit
         if max_connections > 0:

@@ -18,6 +18,11 @@ SERVER_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.so_reuseport", 0),
+    # Measured (bench/probes): BDP probing pings after every quiet period, i.e. on every heartbeat of an
+    # idle agent stream; off, a heartbeat costs the server ~40% less CPU. Our messages are small.
+    ("grpc.http2.bdp_probe", 0),
+    # TLS frame protector buffers: 4 KiB frames save ~6-7 KB per agent connection.
+    ("grpc.tsi.max_frame_size", 4096),
 ]
 
 CHANNEL_OPTIONS = [
@@ -31,6 +36,7 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 5_000),
     ("grpc.enable_retries", 0),
+    ("grpc.http2.bdp_probe", 0),
 ]
 
 

@@ -256,7 +256,7 @@ class FileEntry(_message.Message):
     def __init__(self, index: _Optional[int] = ..., rel_path: _Optional[str] = ..., is_dir: _Optional[bool] = ..., size: _Optional[int] = ..., mode: _Optional[int] = ..., md5: _Optional[str] = ..., torrent: _Optional[bytes] = ...) -> None: ...
 
 class FileSource(_message.Message):
-    __slots__ = ("task_id", "transfer_id", "store_dir", "file_name", "md5", "user", "fileserver", "token", "tracker_url", "direct_max", "max_file_size", "upload_rate", "timeout_seconds", "keep_seeding")
+    __slots__ = ("task_id", "transfer_id", "store_dir", "file_name", "md5", "user", "fileserver", "token", "tracker_url", "direct_max", "max_file_size", "upload_rate", "timeout_seconds", "keep_seeding", "targets")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     STORE_DIR_FIELD_NUMBER: _ClassVar[int]
@@ -271,6 +271,7 @@ class FileSource(_message.Message):
     UPLOAD_RATE_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     KEEP_SEEDING_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     transfer_id: str
     store_dir: str
@@ -285,7 +286,8 @@ class FileSource(_message.Message):
     upload_rate: int
     timeout_seconds: int
     keep_seeding: bool
-    def __init__(self, task_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., store_dir: _Optional[str] = ..., file_name: _Optional[str] = ..., md5: _Optional[str] = ..., user: _Optional[str] = ..., fileserver: _Optional[str] = ..., token: _Optional[str] = ..., tracker_url: _Optional[str] = ..., direct_max: _Optional[int] = ..., max_file_size: _Optional[int] = ..., upload_rate: _Optional[int] = ..., timeout_seconds: _Optional[int] = ..., keep_seeding: _Optional[bool] = ...) -> None: ...
+    targets: int
+    def __init__(self, task_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., store_dir: _Optional[str] = ..., file_name: _Optional[str] = ..., md5: _Optional[str] = ..., user: _Optional[str] = ..., fileserver: _Optional[str] = ..., token: _Optional[str] = ..., tracker_url: _Optional[str] = ..., direct_max: _Optional[int] = ..., max_file_size: _Optional[int] = ..., upload_rate: _Optional[int] = ..., timeout_seconds: _Optional[int] = ..., keep_seeding: _Optional[bool] = ..., targets: _Optional[int] = ...) -> None: ...
 
 class FileManifest(_message.Message):
     __slots__ = ("task_id", "transfer_id", "entries", "error_code", "error_msg", "source_dir")

@@ -183,7 +183,8 @@ class FileCoordinator:
             file_name=spec.source_name, md5=spec.md5, user=spec.source_user, fileserver=address,
             token=t.tokens[spec.source_agent], tracker_url=reply.tracker_url, direct_max=self.direct_max,
             max_file_size=self.max_file_size, upload_rate=_cap(spec.upload_rate, t.rate),
-            timeout_seconds=spec.timeout_seconds, keep_seeding=spec.keep_seeding)).SerializeToString())
+            timeout_seconds=spec.timeout_seconds, keep_seeding=spec.keep_seeding,
+            targets=len(spec.target_agents))).SerializeToString())
         log.info("transfer started", extra={"transfer_id": spec.transfer_id, "targets": len(spec.target_agents),
                                             "fileserver": address})
         return []
