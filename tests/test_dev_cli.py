@@ -1,0 +1,61 @@
+"""`gse dev up --detach` and `gse dev down` through the real command, and `gse certs init`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ApiClient
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:   # a zombie left for init to reap counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def test_dev_up_detach_and_down(tmp_path):
+    d = tmp_path / "dev"
+    up = subprocess.run([sys.executable, "-m", "gse.cli", "dev", "up", "--detach", "--agents", "2", "--dir", str(d),
+                         "--heartbeat", "2"], capture_output=True, text=True, timeout=240)
+    desc_path = d / "cluster.json"
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        desc = json.loads(desc_path.read_text())
+        for key in ("api_url", "app_code", "app_secret", "zookeeper", "redis", "certs_dir", "taskservers", "agents",
+                    "fileservers"):
+            assert desc[key], key
+        assert len(desc["agents"]) == 2 and all(len(a["bk_agent_id"]) == 32 for a in desc["agents"])
+        assert "example API call" in up.stdout and '"status_code": 2' in up.stdout
+        api = ApiClient(desc["api_url"], desc["app_code"], desc["app_secret"])
+        states = api.states([a["bk_agent_id"] for a in desc["agents"]])
+        assert {s["status_code"] for s in states.values()} == {2}
+        pids = [p["pid"] for p in desc["processes"]]
+        assert all(_alive(p) for p in pids)
+    finally:
+        down = subprocess.run([sys.executable, "-m", "gse.cli", "dev", "down", "--dir", str(d)],
+                              capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0 and "stopped" in down.stdout
+    assert not desc_path.exists()
+    assert not any(_alive(p) for p in pids)
+
+
+def test_certs_init(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "gse.cli", "certs", "init", "--dir", str(tmp_path / "c"),
+                        "--san", "10.9.8.7", "--san", "gse.example"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    from cryptography import x509
+    cert = x509.load_pem_x509_certificate((tmp_path / "c" / "server.crt").read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = {str(v) for v in sans.get_values_for_type(x509.DNSName)} | \
+        {str(v) for v in sans.get_values_for_type(x509.IPAddress)}
+    assert {"gse-server", "127.0.0.1", "10.9.8.7", "gse.example"} <= names
+    assert oct((tmp_path / "c" / "ca.key").stat().st_mode & 0o777) == oct(0o600)
