@@ -59,10 +59,6 @@ class ApiServerService(Service):
         self.taskservers = TaskServers(self.tls, config.taskserver_timeout_s)
         self.guard = CommandGuard()
 
-    @property
-    def node_id(self) -> str:
-        return self.config.node_id or f"{self.config.advertise_host or self.config.host}-{self.port}"
-
     def apps(self) -> dict[str, str]:
         live = self.discovery.config("apps") or {}
         merged = dict(self.config.apps)

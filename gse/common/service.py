@@ -110,8 +110,19 @@ class Service:
         self._stopped = False
 
     @property
+    def advertise(self) -> str:
+        """The address peers and agents dial: advertise_host, else the listen host."""
+        c = self.config
+        return getattr(c, "advertise_host", "") or getattr(c, "host", "") or socket.gethostname()
+
+    @property
+    def main_port(self) -> int:
+        """The port that names this daemon (bound port once started, else the configured one)."""
+        return getattr(self, "port", 0) or getattr(self.config, "port", 0)
+
+    @property
     def node_id(self) -> str:
-        return self.config.node_id or f"{socket.gethostname()}-{os.getpid()}"
+        return self.config.node_id or f"{self.advertise}-{self.main_port or os.getpid()}"
 
     def health(self) -> tuple[bool, dict]:
         return True, {"service": self.name, "node_id": self.node_id}

@@ -81,10 +81,6 @@ class DbProxyService(Service):
         self.port = 0
         self.discovery = Discovery(config.zookeeper)
 
-    @property
-    def node_id(self) -> str:
-        return self.config.node_id or f"{self.config.advertise_host or self.config.host}-{self.port}"
-
     def health(self):
         healthy = self.store.healthy_count() if self.store else 0
         ok = healthy > 0 and self.discovery.connected

@@ -17,34 +17,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from gse.common.dbclient import K      # op kinds as plain ints (fast attribute access)
 from gse.pb import dbproxy_pb2 as pb
 
 from .resp import ConnectionLost, RedisReplyError, RespConnection, encode
 
 log = logging.getLogger("gse.dbproxy")
 
-# Plain ints: attribute access on protobuf's enum wrapper goes through __getattr__ and cost more than
-# encoding the commands themselves.
-GET = pb.Op.Kind.Value("GET")
-SET = pb.Op.Kind.Value("SET")
-DEL = pb.Op.Kind.Value("DEL")
-HSET = pb.Op.Kind.Value("HSET")
-HGETALL = pb.Op.Kind.Value("HGETALL")
-HMGET = pb.Op.Kind.Value("HMGET")
-HDEL = pb.Op.Kind.Value("HDEL")
-EXPIRE = pb.Op.Kind.Value("EXPIRE")
-SADD = pb.Op.Kind.Value("SADD")
-SREM = pb.Op.Kind.Value("SREM")
-SMEMBERS = pb.Op.Kind.Value("SMEMBERS")
-RPUSH = pb.Op.Kind.Value("RPUSH")
-LRANGE = pb.Op.Kind.Value("LRANGE")
-INCRBY = pb.Op.Kind.Value("INCRBY")
-APPEND = pb.Op.Kind.Value("APPEND")
-GETRANGE = pb.Op.Kind.Value("GETRANGE")
-STRLEN = pb.Op.Kind.Value("STRLEN")
-EXISTS = pb.Op.Kind.Value("EXISTS")
-SETRANGE = pb.Op.Kind.Value("SETRANGE")
-READS = frozenset({GET, HGETALL, HMGET, SMEMBERS, LRANGE, GETRANGE, STRLEN, EXISTS})
+READS = frozenset({K.GET, K.HGETALL, K.HMGET, K.SMEMBERS, K.LRANGE, K.GETRANGE, K.STRLEN, K.EXISTS})
 TRANSIENT = (ConnectionLost, OSError, asyncio.TimeoutError)
 
 
@@ -248,15 +228,15 @@ class ShardedStore:
 def _check(op) -> None:
     if not op.key:
         raise ValueError("op has no key")
-    if op.kind == HSET and not op.fields:
+    if op.kind == K.HSET and not op.fields:
         raise ValueError("HSET needs fields")
-    if op.kind in (SADD, SREM, RPUSH) and not op.members:
+    if op.kind in (K.SADD, K.SREM, K.RPUSH) and not op.members:
         raise ValueError(f"{pb.Op.Kind.Name(op.kind)} needs members")
-    if op.kind in (HMGET, HDEL) and not op.names:
+    if op.kind in (K.HMGET, K.HDEL) and not op.names:
         raise ValueError(f"{pb.Op.Kind.Name(op.kind)} needs names")
-    if op.kind == SETRANGE and op.start < 0:
+    if op.kind == K.SETRANGE and op.start < 0:
         raise ValueError("SETRANGE needs start >= 0")
-    if op.kind == EXPIRE and op.ttl_ms <= 0:
+    if op.kind == K.EXPIRE and op.ttl_ms <= 0:
         raise ValueError("EXPIRE needs ttl_ms > 0")
 
 
@@ -269,35 +249,35 @@ def _queue(pipe: list, op, prefix: str) -> int:
     key = (prefix + op.key).encode()
     k = op.kind
     ttl = op.ttl_ms
-    if k == SET:
+    if k == K.SET:
         pipe.append(encode(b"SET", key, op.value, b"PX", ttl) if ttl > 0 else encode(b"SET", key, op.value))
         return 1
-    if k == EXPIRE:
+    if k == K.EXPIRE:
         pipe.append(encode(b"PEXPIRE", key, ttl))
         return 1
-    if k in (GET, DEL, HGETALL, SMEMBERS, STRLEN, EXISTS):
+    if k in (K.GET, K.DEL, K.HGETALL, K.SMEMBERS, K.STRLEN, K.EXISTS):
         pipe.append(encode(_NAMES[k], key))
-    elif k == HSET:
+    elif k == K.HSET:
         args = [b"HSET", key]
         for name, value in op.fields.items():
             args.append(name.encode())
             args.append(value)
         pipe.append(encode(*args))
-    elif k in (HMGET, HDEL):
+    elif k in (K.HMGET, K.HDEL):
         pipe.append(encode(_NAMES[k], key, *(n.encode() for n in op.names)))
-    elif k in (SADD, SREM, RPUSH):
+    elif k in (K.SADD, K.SREM, K.RPUSH):
         pipe.append(encode(_NAMES[k], key, *op.members))
-    elif k in (LRANGE, GETRANGE):
+    elif k in (K.LRANGE, K.GETRANGE):
         pipe.append(encode(_NAMES[k], key, op.start, op.stop))
-    elif k == INCRBY:
+    elif k == K.INCRBY:
         pipe.append(encode(b"INCRBY", key, op.integer))
-    elif k == APPEND:
+    elif k == K.APPEND:
         pipe.append(encode(b"APPEND", key, op.value))
-    elif k == SETRANGE:
+    elif k == K.SETRANGE:
         pipe.append(encode(b"SETRANGE", key, op.start, op.value))
     else:
         raise ValueError(f"unknown op kind {k}")
-    if ttl > 0 and k in (HSET, SADD, RPUSH, INCRBY, APPEND, SETRANGE):
+    if ttl > 0 and k in (K.HSET, K.SADD, K.RPUSH, K.INCRBY, K.APPEND, K.SETRANGE):
         pipe.append(encode(b"PEXPIRE", key, ttl))
         return 2
     return 1
@@ -305,29 +285,29 @@ def _queue(pipe: list, op, prefix: str) -> int:
 
 def _fill(result: pb.Result, op, reply) -> None:
     k = op.kind
-    if k in (GET, GETRANGE):
+    if k in (K.GET, K.GETRANGE):
         if reply is not None:
             result.found = True
             result.value = reply
-    elif k == HGETALL:
+    elif k == K.HGETALL:
         if reply:
             result.found = True
             fields = result.fields
             for i in range(0, len(reply), 2):
                 fields[reply[i].decode()] = reply[i + 1]
-    elif k == HMGET:
+    elif k == K.HMGET:
         for v in reply:
             result.present.append(v is not None)
             result.values.append(v if v is not None else b"")
         result.found = any(result.present)
-    elif k == SMEMBERS:
+    elif k == K.SMEMBERS:
         result.values.extend(sorted(reply))
         result.found = bool(reply)
-    elif k == LRANGE:
+    elif k == K.LRANGE:
         result.values.extend(reply)
         result.found = bool(reply)
-    elif k in (DEL, HDEL, SADD, SREM, RPUSH, INCRBY, APPEND, STRLEN, EXISTS, SETRANGE):
+    elif k in (K.DEL, K.HDEL, K.SADD, K.SREM, K.RPUSH, K.INCRBY, K.APPEND, K.STRLEN, K.EXISTS, K.SETRANGE):
         result.integer = int(reply)
-        result.found = bool(reply) if k in (EXISTS, STRLEN) else True
-    elif k == HSET:
+        result.found = bool(reply) if k in (K.EXISTS, K.STRLEN) else True
+    elif k == K.HSET:
         result.integer = int(reply)

@@ -260,14 +260,6 @@ class FileServerService(Service):
         self.tracker_port = 0
         self.service: FileService | None = None
 
-    @property
-    def advertise(self) -> str:
-        return self.config.advertise_host or self.config.host
-
-    @property
-    def node_id(self) -> str:
-        return self.config.node_id or f"{self.advertise}-{self.port or self.config.port}"
-
     def health(self):
         ok = self.server is not None and self.discovery.connected
         return ok, {"service": self.name, "node_id": self.node_id, "zookeeper": self.discovery.connected,

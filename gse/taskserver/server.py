@@ -84,12 +84,8 @@ class TaskServerService(Service):
         self._background: set[asyncio.Task] = set()
 
     @property
-    def advertise(self) -> str:
-        return self.config.advertise_host or self.config.host
-
-    @property
-    def node_id(self) -> str:
-        return self.config.node_id or f"{self.advertise}-{self.agent_port or self.config.agent_port}"
+    def main_port(self) -> int:
+        return self.agent_port or self.config.agent_port
 
     def health(self):
         ok = self.access is not None and self.discovery.connected and bool(self.db.addresses)
