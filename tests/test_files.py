@@ -239,20 +239,21 @@ def _tc(*args) -> None:
         f"{subprocess.run(['tc', 'qdisc', 'show', 'dev', 'lo'], capture_output=True, text=True).stdout.strip()})"
 
 
-@pytest.fixture
-def cut_bittorrent():
+class BitTorrentCut:
     """Starve every BitTorrent packet to or from one loopback address; its gRPC traffic is untouched.
 
     This kernel has neither the prio/netem qdiscs nor the drop action, so matching packets are steered
     into an HTB class of 8 bit/s: connections may open, but no data gets through (measured: 0 bytes in
     5 s while the sender queued 3.8 MB). Everything else on lo goes through an unlimited default class.
     """
-    made = []
 
-    def cut(ip: str) -> None:
-        if not made:
+    def __init__(self):
+        self.active = False
+
+    def cut(self, ip: str) -> None:
+        if not self.active:
             _tc("qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb", "default", "1", "r2q", "1000000")
-            made.append(True)
+            self.active = True
             _tc("class", "add", "dev", "lo", "parent", "1:", "classid", "1:1", "htb", "rate", "100gbit")
             _tc("class", "add", "dev", "lo", "parent", "1:", "classid", "1:2", "htb", "rate", "8bit", "ceil", "8bit",
                 "burst", "1", "cburst", "1")
@@ -261,29 +262,56 @@ def cut_bittorrent():
         for direction in ("dst", "src"):
             _tc("filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1", "u32",
                 "match", "ip", direction, f"{ip}/32", "match", "ip", "dport", "60016", "0xfff0", "flowid", "1:2")
+
+    def lift(self) -> None:
+        if self.active:
+            subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], check=False, capture_output=True)
+            self.active = False
+
+
+@pytest.fixture
+def bittorrent_cut():
+    cut = BitTorrentCut()
     yield cut
-    if made:
-        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], check=False, capture_output=True)
+    cut.lift()
 
 
-def test_mixed_mode_when_bittorrent_fails(make_cluster, src, tmp_path, cut_bittorrent):
+def _pair(make_cluster, stall_s: float) -> tuple:
     c = make_cluster()
     c.start_dbproxy()
     c.start_taskserver()
     c.start_fileserver()
     c.start_apiserver()
-    agents = [c.start_agent(index=70 + i, ip=f"127.0.0.{70 + i}", wait=False, files={"bt_stall_s": 2.0})
+    agents = [c.start_agent(index=70 + i, ip=f"127.0.0.{70 + i}", wait=False, files={"bt_stall_s": stall_s})
               for i in range(2)]
     for p in agents:
         c.wait_healthy(p)
     api = api_for(c)
     a = [p.info["bk_agent_id"] for p in agents]
     api.wait_alive(a)
-    cut_bittorrent(agents[0].info["ip"])      # the source cannot be reached by BitTorrent at all
+    return c, api, agents, a
+
+
+def test_mixed_mode_when_bittorrent_fails(make_cluster, src, tmp_path, bittorrent_cut):
+    _c, api, agents, a = _pair(make_cluster, 2.0)
+    bittorrent_cut.cut(agents[0].info["ip"])      # the source cannot be reached by BitTorrent at all
     tid = send(api, [task(a[0], src, "big.bin", [a[1]], tmp_path / "m")])
     (item,) = wait_done(api, tid, [a[1]], timeout=60)
     assert item["error_code"] == 0 and item["content"]["type"] == "mixed"
     assert md5(tmp_path / "m" / "big.bin") == md5(src / "big.bin")
+
+
+def test_back_to_bittorrent_when_it_recovers(make_cluster, src, tmp_path, bittorrent_cut):
+    _c, api, agents, a = _pair(make_cluster, 2.0)
+    bittorrent_cut.cut(agents[0].info["ip"])
+    tid = send(api, [task(a[0], src, "big.bin", [a[1]], tmp_path / "r")], download_speed=0.5)
+    log = agents[1].log_path
+    wait_for(lambda: "fetching the missing pieces directly" in log.read_text(), 30, "the switch to direct")
+    bittorrent_cut.lift()                          # the network heals while the relay is still fetching
+    wait_for(lambda: "BitTorrent recovered" in log.read_text(), 30, "BitTorrent to take over again")
+    (item,) = wait_done(api, tid, [a[1]], timeout=60)
+    assert item["error_code"] == 0 and item["content"]["type"] == "mixed"
+    assert md5(tmp_path / "r" / "big.bin") == md5(src / "big.bin")
 
 
 def test_target_killed_mid_download_resumes(make_cluster, src, tmp_path):

@@ -112,13 +112,14 @@ async def test_torrent_swarm_through_tracker(tmp_path, tracker):
             assert log, f"{name} reported no progress"
             assert all(0 <= p.progress <= 100 for p in log)
             assert all(p.total_size == size for p in log)
-            assert any(p.num_peers > 0 for p in log)
+            # (num_peers is sampled every 0.5 s: a loopback swarm can finish between two samples, so the
+            # peers are checked at the tracker below, not here.)
 
         await wait_until(lambda: outsider.tracker_error is not None, 10, "the outsider's tracker refusal")
         assert "unauthorized" in outsider.tracker_error
         assert outsider.progress().num_peers == 0 and outsider.progress().total_done == 0
         stats = tracker.transfer_stats("task:0")
-        assert set(stats.peers) <= members and "seed" in stats.peers
+        assert set(stats.peers) == members          # every member announced and got the others
         assert {p.ip for p in stats.peers.values()} <= {"127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14"}
         assert "outsider" not in stats.peers and not tracker.transfer_stats("task-other:0").peers
 

@@ -504,8 +504,10 @@ class FileManager:
                 call = self.fileserver(ft.fileserver).Fetch(fpb.FetchRequest(
                     transfer_id=ft.transfer_id, index=e.index, offset=0, token=token,
                     wait_seconds=ft.timeout_seconds or 600))
+                pace = _Pace(ft.download_rate)
                 async for chunk in call:
                     if chunk.data:
+                        await pace.take(len(chunk.data))
                         await asyncio.to_thread(os.pwrite, fd, chunk.data, chunk.offset)
                         md5.update(chunk.data)
                         done = chunk.offset + len(chunk.data)
@@ -566,31 +568,86 @@ class FileManager:
             return "mixed"
         state.torrents.append(torrent)
         waiter = asyncio.ensure_future(torrent.wait_complete())
+        relay: asyncio.Task | None = None
+        asked = False
+        mixed = False
         try:
             while not waiter.done():
                 await asyncio.wait({waiter}, timeout=1.0)
                 if waiter.done():
                     break
-                stalled = time.monotonic() - last["at"] > self.cfg.bt_stall_s
-                if stalled or last["failures"] >= self.cfg.bt_max_hash_failures:
-                    reason = "no usable peer" if stalled else f"{last['failures']} piece hash failures"
-                    log.warning("BitTorrent failing; switching to direct mode",
-                                extra={"transfer_id": ft.transfer_id, "index": e.index, "reason": reason})
-                    waiter.cancel()
-                    self.agent.send(pb.AgentFrame(need_direct=pb.NeedDirect(
-                        transfer_id=ft.transfer_id, coordinator=ft.coordinator, index=e.index)))
-                    await session.remove(torrent, delete_files=True)
-                    state.torrents.remove(torrent)
-                    await self._direct(state, ft, e, final, start, verify_torrent=True)
-                    return "mixed"
+                p = torrent.progress()
+                if relay is None:
+                    stalled = time.monotonic() - last["at"] > self.cfg.bt_stall_s
+                    if stalled or last["failures"] >= self.cfg.bt_max_hash_failures:
+                        reason = "no usable peer" if stalled else f"{last['failures']} piece hash failures"
+                        log.warning("BitTorrent failing; fetching the missing pieces directly",
+                                    extra={"transfer_id": ft.transfer_id, "index": e.index, "reason": reason})
+                        if not asked:
+                            asked = True
+                            self.agent.send(pb.AgentFrame(need_direct=pb.NeedDirect(
+                                transfer_id=ft.transfer_id, coordinator=ft.coordinator, index=e.index)))
+                        mixed = True
+                        last["failures_at_switch"] = last["failures"]
+                        relay = asyncio.ensure_future(self._relay_pieces(ft, e, torrent))
+                elif p.download_rate > 0 and p.num_peers > 0:
+                    # Peers deliver again: back to BitTorrent for the rest.
+                    log.info("BitTorrent recovered; direct fetching stops",
+                             extra={"transfer_id": ft.transfer_id, "index": e.index})
+                    relay.cancel()
+                    relay = None
+                    last["at"] = time.monotonic()
+                    last["failures"] = last.get("failures_at_switch", 0)
+                elif relay.done() and relay.exception() is not None:
+                    raise relay.exception()
             waiter.result()
         finally:
             if not waiter.done():
                 waiter.cancel()
+            if relay is not None and not relay.done():
+                relay.cancel()
         log.debug("download complete; committing", extra={"transfer_id": ft.transfer_id, "index": e.index})
         await session.commit(torrent, os.path.basename(final))
         log.debug("committed", extra={"transfer_id": ft.transfer_id, "path": final})
-        return "bt"
+        return "mixed" if mixed else "bt"
+
+    async def _relay_pieces(self, ft: pb.FileTarget, e: pb.FileEntry, torrent) -> None:
+        """Fetch the pieces this torrent still lacks from the file server's relay and hand them to libtorrent,
+        which checks each against its hash. Runs until cancelled (BitTorrent recovered) or every piece is in."""
+        import libtorrent as lt
+        ti = lt.torrent_info(lt.bdecode(e.torrent))
+        plen = ti.piece_length()
+        h = torrent.handle
+        token = ft.tokens.get(self.agent.agent_id, "")
+        missing = [i for i in range(ti.num_pieces()) if not h.have_piece(i)]
+        while missing:
+            first = missing[0]
+            call = self.fileserver(ft.fileserver).Fetch(fpb.FetchRequest(
+                transfer_id=ft.transfer_id, index=e.index, offset=first * plen, token=token,
+                wait_seconds=ft.timeout_seconds or 600))
+            buf = bytearray()
+            piece = first
+            pace = _Pace(ft.download_rate)
+            try:
+                async for chunk in call:
+                    await pace.take(len(chunk.data))
+                    buf += chunk.data
+                    while len(buf) >= ti.piece_size(piece) or (chunk.last and buf):
+                        size = ti.piece_size(piece)
+                        data, buf = bytes(buf[:size]), buf[size:]
+                        if not h.have_piece(piece):
+                            h.add_piece(piece, data, 0)
+                        piece += 1
+                        if piece >= ti.num_pieces():
+                            break
+                    if chunk.last or piece >= ti.num_pieces():
+                        break
+            except grpc.aio.AioRpcError as exc:
+                raise FileError(ts.E_FAILED, f"direct download failed: {exc.code().name}: {exc.details()}") from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(0.5)          # let libtorrent check what was added
+            missing = [i for i in range(ti.num_pieces()) if not h.have_piece(i)]
 
     # ---- the end ----------------------------------------------------------------------------------
 
@@ -640,6 +697,22 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+class _Pace:
+    """Keeps a byte stream at or under `rate` bytes/s (0 = unlimited)."""
+
+    def __init__(self, rate: int):
+        self.rate = rate
+        self.start = time.monotonic()
+        self.sent = 0
+
+    async def take(self, n: int) -> None:
+        self.sent += n
+        if self.rate > 0:
+            ahead = self.sent / self.rate - (time.monotonic() - self.start)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
 
 
 def _can_write(path: str, user: str) -> bool:
