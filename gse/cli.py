@@ -89,6 +89,7 @@ def cmd_dev_up(args) -> int:
     print(f"\nexample API call:\n  curl -s -X POST {url}/api/v2/cluster/list_agent_state \\\n"
           f"    -H 'X-Bkapi-Authorization: {auth}' \\\n    -d '{json.dumps(body)}'")
     print("its answer:\n  " + json.dumps(answer, indent=2).replace("\n", "\n  "))
+    demo_task(url, cluster.app_code, cluster.app_secret, ids)
     print(f"\ncluster description: {path}\nlogs: {cluster.base / 'logs'}")
     if args.detach:
         print("detached; stop it with: gse dev down" + (f" --dir {args.dir}" if args.dir != ".gse-dev" else ""))
@@ -110,6 +111,30 @@ def cmd_dev_up(args) -> int:
     desc.unlink(missing_ok=True)
     print("stopped")
     return 0
+
+
+def demo_task(url: str, code: str, secret: str, ids: list[str]) -> None:
+    """Real work for people to see: one command on every agent through the task API, and its output."""
+    command = "echo \"$(id -un)@$(hostname) pid $$: $(uname -sr)\""
+    r = api_call(url, code, secret, "/api/v2/task/async_execute_script", {
+        "agents": [{"bk_agent_id": i, "user": "root"} for i in ids],
+        "atomic_tasks": [{"atomic_task_id": 0, "command": command, "timeout_seconds": 30}]})
+    if r.get("code") != 0:
+        print(f"\nexample task refused: {r.get('message')}")
+        return
+    task_id = r["data"]["result"]["task_id"]
+    body = {"task_id": task_id, "agent_tasks": [{"bk_agent_id": i, "atomic_tasks": [{"atomic_task_id": 0}]}
+                                                for i in ids]}
+    deadline = time.monotonic() + 30
+    while True:
+        res = api_call(url, code, secret, "/api/v2/task/get_execute_script_result", body)
+        if res.get("code") != 1000115 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    print(f"\nexample task ({task_id}): `{command}` on every agent:")
+    for item in (res.get("data") or {}).get("result", []):
+        out = item.get("screen", "").strip() or item.get("error_msg", "")
+        print(f"  {item['bk_agent_id'][:12]}  status {item['status']} exit {item['script_exit_code']}  {out}")
 
 
 def cmd_dev_down(args) -> int:
