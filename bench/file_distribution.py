@@ -52,8 +52,9 @@ def host_ip(i: int) -> str:
 class Network:
     """The bridge and the host namespaces; `close()` removes everything made."""
 
-    def __init__(self, rate_mbit: int):
+    def __init__(self, rate_mbit: int, mtu: int = 1500):
         self.rate = rate_mbit
+        self.mtu = mtu
         self.hosts: list[str] = []
         self.bridge = False
 
@@ -62,6 +63,7 @@ class Network:
         sh("ip", "link", "add", BRIDGE, "type", "bridge")
         self.bridge = True
         sh("ip", "addr", "add", f"{SERVER_IP}/16", "dev", BRIDGE)
+        sh("ip", "link", "set", BRIDGE, "mtu", str(self.mtu))
         sh("ip", "link", "set", BRIDGE, "up")
         return self
 
@@ -80,6 +82,8 @@ class Network:
         self.hosts.append(ns)
         sh("ip", "link", "add", outer, "type", "veth", "peer", "name", "eth0", "netns", ns)
         sh("ip", "link", "set", outer, "master", BRIDGE)
+        sh("ip", "link", "set", outer, "mtu", str(self.mtu))
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", "eth0", "mtu", str(self.mtu))
         sh("ip", "link", "set", outer, "up")
         sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{host_ip(i)}/16", "dev", "eth0")
         sh("ip", "netns", "exec", ns, "ip", "link", "set", "eth0", "up")
@@ -114,8 +118,8 @@ def in_host(ns: str, cmd: list[str], private_dest: bool = False) -> list[str]:
     return ["ip", "netns", "exec", ns, "unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *cmd]
 
 
-def run_ours(n: int, size: int, src_path: str, rate: int, work: str) -> dict:
-    with Network(rate) as net:
+def run_ours(n: int, size: int, src_path: str, rate: int, work: str, mtu: int = 1500) -> dict:
+    with Network(rate, mtu) as net:
         c = Cluster(os.path.join(work, f"ours-{n}"), heartbeat_interval_s=5)
         init_certs(c.certs_dir, sans=[SERVER_IP], force=True)
         try:
@@ -209,8 +213,8 @@ print(got, flush=True)
 """
 
 
-def run_baseline(n: int, size: int, src_path: str, rate: int) -> dict:
-    with Network(rate) as net:
+def run_baseline(n: int, size: int, src_path: str, rate: int, mtu: int = 1500) -> dict:
+    with Network(rate, mtu) as net:
         for i in range(n + 1):
             net.add_host(i)
         port = 7000
@@ -241,6 +245,8 @@ def main() -> int:
     p.add_argument("--size-mb", type=int, default=200)
     p.add_argument("--rate-mbit", type=int, default=100)
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--mtu", type=int, default=1500, help="MTU of the simulated links (9000: jumbo frames, "
+                   "less per-packet kernel work on this one machine)")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces, tc)", file=sys.stderr)
@@ -254,19 +260,20 @@ def main() -> int:
         for _ in range(args.size_mb):
             f.write(os.urandom(1000 * 1000))
     limit = size / (args.rate_mbit * 1e6 / 8)
-    print(f"file {size / 1e6:.0f} MB, every host link {args.rate_mbit} Mbit/s up and down -> physical limit "
+    print(f"file {size / 1e6:.0f} MB, every host link {args.rate_mbit} Mbit/s up and down, MTU {args.mtu} -> "
+          f"physical limit "
           f"{limit:.1f} s; {os.cpu_count()} cores shared by every agent, server and the kernel's forwarding",
           flush=True)
     results = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     try:
         for n in args.hosts:
-            ours = run_ours(n, size, src, args.rate_mbit, work)
+            ours = run_ours(n, size, src, args.rate_mbit, work, args.mtu)
             row = {"hosts": n, "ours_last_s": ours["last_s"], "ours_vs_limit": round(ours["last_s"] / limit, 2),
                    "ours_source_upload_ratio": ours["source_upload_ratio"], "ours_types": ours["types"],
                    "ours_first_s": ours["first_s"]}
             if not args.skip_baseline:
-                base = run_baseline(n, size, src, args.rate_mbit)
+                base = run_baseline(n, size, src, args.rate_mbit, args.mtu)
                 row.update(baseline_last_s=base["last_s"], baseline_vs_limit=round(base["last_s"] / limit, 2),
                            baseline_source_upload_ratio=base["source_upload_ratio"])
             results.append(row)
@@ -277,7 +284,7 @@ def main() -> int:
     finally:
         Network.cleanup_stale()
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps({"bench": "file_distribution", "size_bytes": size, "rate_mbit": args.rate_mbit,
+    print(json.dumps({"bench": "file_distribution", "size_bytes": size, "rate_mbit": args.rate_mbit, "mtu": args.mtu,
                       "physical_limit_s": round(limit, 2), "results": results}))
     return 0
 

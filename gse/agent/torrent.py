@@ -264,6 +264,10 @@ class TorrentSession:
             "download_rate_limit": max(download_rate_limit, 0),
             "upload_rate_limit": max(upload_rate_limit, 0),
             "stop_tracker_timeout": 1,  # closing must not hang on a tracker that went away
+            # Our tracker's interval rules (libtorrent's default floor is 300 s between announces): a peer that
+            # announced before the source was known learns it at the next announce, not minutes later.
+            "min_announce_interval": 1,
+            "min_reconnect_time": 2,
             # A seed shared by several transfers carries one tracker URL (token) per transfer: announce to all.
             "announce_to_all_trackers": True,
             "announce_to_all_tiers": True,
