@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from gse.cli import api_call  # noqa: E402
 from gse.devcluster import Cluster  # noqa: E402
 
 sys.path.insert(0, HERE)
-from simagents import agent_id  # noqa: E402
+from simagents import agent_id, spawn_workers, stop_workers  # noqa: E402
 
 
 def count_alive(cluster: Cluster, ids: list[str]) -> int:
@@ -63,17 +62,8 @@ def run_one(n: int, workers: int, heartbeat: float, steady: float, timeout: floa
         tsp = psutil.Process(ts.pid)
         idle_rss = tsp.memory_info().rss
         ids = [agent_id(tag, i) for i in range(n)]
-        per = (n + workers - 1) // workers
         t0 = time.monotonic()
-        for w in range(workers):
-            count = min(per, n - w * per)
-            if count <= 0:
-                break
-            log = open(os.path.join(base, f"worker-{w}.log"), "w")
-            procs.append(subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "simagents.py"), "--servers", ts.info["address"],
-                 "--certs", str(cluster.certs_dir), "--count", str(count), "--first", str(w * per), "--tag", tag,
-                 "--heartbeat", str(heartbeat), "--report-s", "5"], stdout=log, stderr=subprocess.STDOUT))
+        procs = spawn_workers(n, workers, ts.info["address"], str(cluster.certs_dir), tag, base, heartbeat)
         alive = 0
         while time.monotonic() - t0 < timeout:
             alive = count_alive(cluster, ids)
@@ -93,13 +83,7 @@ def run_one(n: int, workers: int, heartbeat: float, steady: float, timeout: floa
                 "rss_mb_per_1k": round(rss / 2**20 / n * 1000, 1),
                 "rss_growth_mb_per_1k": round((rss - idle_rss) / 2**20 / n * 1000, 1)}
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_workers(procs)
         cluster.stop()
 
 

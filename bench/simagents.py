@@ -202,6 +202,35 @@ async def main_async(args) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def spawn_workers(n: int, workers: int, server: str, certs: str, tag: str, log_dir: str,
+                  heartbeat: float = 10.0) -> list:
+    """Start `workers` processes holding `n` simulated agents between them (ids and ips from `tag`)."""
+    import subprocess
+    per = (n + workers - 1) // workers
+    procs = []
+    for w in range(workers):
+        count = min(per, n - w * per)
+        if count <= 0:
+            break
+        log = open(os.path.join(log_dir, f"worker-{w}.log"), "w")
+        procs.append(subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--servers", server, "--certs", certs, "--count", str(count),
+             "--first", str(w * per), "--tag", tag, "--heartbeat", str(heartbeat), "--report-s", "5"],
+            stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def stop_workers(procs: list) -> None:
+    import subprocess
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--servers", required=True, help="comma-separated task server addresses")

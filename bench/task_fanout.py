@@ -34,7 +34,7 @@ sys.path.insert(0, HERE)
 
 from gse.cli import api_call  # noqa: E402
 from gse.devcluster import Cluster, wait_for  # noqa: E402
-from simagents import agent_id  # noqa: E402
+from simagents import agent_id, spawn_workers, stop_workers  # noqa: E402
 
 RUN = "/api/v2/task/async_execute_script"
 RESULT = "/api/v2/task/get_execute_script_result"
@@ -117,14 +117,7 @@ def many_agents(n: int, rounds: int, workers: int) -> dict:
         c.start_apiserver()
         api = Api(c)
         ids = [agent_id(tag, i) for i in range(n)]
-        per = (n + workers - 1) // workers
-        for w in range(workers):
-            count = min(per, n - w * per)
-            log = open(os.path.join(base, f"worker-{w}.log"), "w")
-            procs.append(subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "simagents.py"), "--servers", ts.info["address"],
-                 "--certs", str(c.certs_dir), "--count", str(count), "--first", str(w * per), "--tag", tag,
-                 "--report-s", "5"], stdout=log, stderr=subprocess.STDOUT))
+        procs = spawn_workers(n, workers, ts.info["address"], str(c.certs_dir), tag, base)
 
         def all_alive():
             r = api("/api/v2/cluster/list_agent_state", {"agent_id_list": ids})
@@ -142,13 +135,7 @@ def many_agents(n: int, rounds: int, workers: int) -> dict:
                 "max_s": round(max(times), 3), "min_s": round(min(times), 3), "failed_results": failed,
                 "all_s": [round(t, 3) for t in times]}
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_workers(procs)
         c.stop()
 
 
