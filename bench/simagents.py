@@ -88,12 +88,16 @@ class SimAgent:
             await self.relay.start()
         idx = self.i % len(self.servers)
         attempt, redirect, redirects = 0, None, 0
+        no_redirect_until = 0.0
         while True:
             address = redirect or self.servers[idx % len(self.servers)]
-            went, connected_s = await self.session(address, redirects)
+            asked = redirects or (1 if time.monotonic() < no_redirect_until else 0)
+            went, connected_s = await self.session(address, asked)
             if went and redirects < 3:
                 redirect, redirects = went, redirects + 1
                 continue
+            if redirect is not None and connected_s == 0:
+                no_redirect_until = time.monotonic() + 60.0     # as the real agent: no redirects for a while
             redirect, redirects = None, 0
             if connected_s > 10:
                 attempt = 0

@@ -38,6 +38,7 @@ from .tasks import TaskManager
 log = logging.getLogger("gse.agent")
 
 CONNECT_METHOD = "/gse.pb.AgentAccess/Connect"
+REDIRECT_COOLDOWN_S = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,13 +243,19 @@ class Agent(Service):
         attempt = 0
         redirect: str | None = None
         redirects = 0
+        no_redirect_until = 0.0
         while True:
             address = redirect or servers[idx % len(servers)]
-            outcome = await self._session(address, redirects)
+            # After a redirect target failed, ask not to be redirected for a while: a server may still see a
+            # dead peer in ZooKeeper (until its session expires) and would keep sending agents there.
+            asked = redirects or (1 if time.monotonic() < no_redirect_until else 0)
+            outcome = await self._session(address, asked)
             if outcome.redirect and redirects < 3:
                 redirect, redirects = outcome.redirect, redirects + 1
                 log.info("redirected", extra={"to": redirect})
                 continue
+            if redirect is not None and outcome.connected_s == 0:
+                no_redirect_until = time.monotonic() + REDIRECT_COOLDOWN_S
             redirect, redirects = None, 0
             if outcome.connected_s >= c.reconnect.stable_s:
                 attempt = 0

@@ -1,0 +1,187 @@
+"""Agent swarm: N simulated agents on K task servers — attach, heartbeat, broadcast and reconnect storm.
+
+Starts its own cluster (ZooKeeper, two Redis nodes, dbproxy R=2, K task servers, the API server) and N
+simulated agents (bench/simagents.py: the real agent protocol over real mutual TLS, each from its own
+127.x.y.z address, heartbeating like an agent and answering tasks in-process, no fork) spread over worker
+processes (a process may hold ~19,000 files; each agent uses ~4). Prints its figures and ends with one
+JSON line:
+
+  agents, taskservers       what ran
+  attach_s                  from starting the workers until every agent is alive in the API
+  heartbeat_cpu_pct         task servers' CPU (sum, percent of one core) at steady heartbeat
+  rss_mb_per_1k             task servers' RSS (sum) per 1,000 agents
+  broadcast_p50_s / _max_s  async_execute_script to all N until every result is readable, over --rounds
+  reconnect_s               (K >= 2) SIGKILL one task server: until all its agents are alive again elsewhere
+                            (alive with another parent in list_agent_info)
+  lost_results              results that never arrived (or did not succeed)
+
+    python bench/swarm.py --agents 10000 --taskservers 1
+    python bench/swarm.py --agents 20000 --taskservers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import psutil
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+
+from gse.cli import api_call  # noqa: E402
+from gse.devcluster import Cluster, wait_for  # noqa: E402
+from simagents import agent_id, spawn_workers, stop_workers  # noqa: E402
+
+CHUNK = 5000
+
+
+class Api:
+    def __init__(self, c: Cluster):
+        self.c = c
+
+    def __call__(self, path: str, body: dict, timeout: float = 300) -> dict:
+        return api_call(self.c.api_url(), self.c.app_code, self.c.app_secret, path, body, timeout=timeout)
+
+    def parents(self, ids: list[str]) -> dict[str, tuple[int, int]]:
+        """bk_agent_id -> (status_code, parent_port)."""
+        out = {}
+        for i in range(0, len(ids), CHUNK):
+            r = self("/api/v2/cluster/list_agent_info", {"agent_id_list": ids[i:i + CHUNK]})
+            for d in r.get("data") or []:
+                out[d["bk_agent_id"]] = (d.get("status_code", -2), d.get("parent_port", 0))
+        return out
+
+    def alive(self, ids: list[str]) -> int:
+        n = 0
+        for i in range(0, len(ids), CHUNK):
+            r = self("/api/v2/cluster/list_agent_state", {"agent_id_list": ids[i:i + CHUNK]})
+            n += sum(1 for d in (r.get("data") or []) if d["status_code"] == 2)
+        return n
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    return sum(sum(p.cpu_times()[:2]) for p in procs)
+
+
+def broadcast(api: Api, ids: list[str], poll_s: float, timeout: float) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    r = api("/api/v2/task/async_execute_script", {
+        "agents": [{"bk_agent_id": a} for a in ids],
+        "atomic_tasks": [{"atomic_task_id": 0, "command": "echo swarm", "timeout_seconds": 60}]})
+    assert r["code"] == 0, r
+    task_id = r["data"]["result"]["task_id"]
+    pending = list(ids)
+    bad = 0
+    while pending:
+        if time.perf_counter() - t0 > timeout:
+            return time.perf_counter() - t0, bad + len(pending)
+        still = []
+        for i in range(0, len(pending), CHUNK):
+            part = pending[i:i + CHUNK]
+            res = api("/api/v2/task/get_execute_script_result", {"task_id": task_id, "agent_tasks": [
+                {"bk_agent_id": a, "atomic_tasks": [{"atomic_task_id": 0}]} for a in part]})
+            for item in res["data"]["result"]:
+                if item["error_code"] == 115:
+                    still.append(item["bk_agent_id"])
+                elif item["error_code"] != 0 or item["screen"] != "swarm\n":
+                    bad += 1
+        pending = still
+        if pending:
+            time.sleep(poll_s)
+    return time.perf_counter() - t0, bad
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description="agent swarm on K task servers")
+    p.add_argument("--agents", type=int, default=1000)
+    p.add_argument("--taskservers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=0, help="simulator processes (default: one per 2,500 agents, "
+                                                          "at least 2)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--heartbeat", type=float, default=10.0)
+    p.add_argument("--steady", type=float, default=20.0)
+    p.add_argument("--attach-timeout", type=float, default=600.0)
+    p.add_argument("--no-reconnect", action="store_true")
+    args = p.parse_args()
+    n, k = args.agents, args.taskservers
+    workers = args.workers or max(2, (n + 2499) // 2500)
+    print(f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, python "
+          f"{platform.python_version()}; {n} agents in {workers} simulator processes on {k} task server(s); "
+          f"everything shares these cores", flush=True)
+    base = tempfile.mkdtemp(prefix=f"gse-swarm-{n}-")
+    c = Cluster(base, heartbeat_interval_s=args.heartbeat)
+    procs = []
+    out = {"agents": n, "taskservers": k}
+    try:
+        c.start_zookeeper()
+        c.start_redis()
+        c.start_redis()
+        c.start_dbproxy(replicas=2)
+        servers = [c.start_taskserver(balance={"slack": max(50, n // 20)}) for _ in range(k)]
+        c.start_apiserver(max_hosts_per_call=max(5000, n))
+        api = Api(c)
+        tsp = [psutil.Process(t.pid) for t in servers]
+        tag = os.urandom(2).hex()
+        ids = [agent_id(tag, i) for i in range(n)]
+        t0 = time.monotonic()
+        procs = spawn_workers(n, workers, ",".join(t.info["address"] for t in servers), str(c.certs_dir), tag,
+                              base, args.heartbeat)
+        wait_for(lambda: api.alive(ids) == n, args.attach_timeout, f"{n} agents alive", interval=1.0)
+        out["attach_s"] = round(time.monotonic() - t0, 2)
+        print(f"attach: all {n} alive in {out['attach_s']} s", flush=True)
+
+        time.sleep(min(args.heartbeat * 1.5, 15))
+        c0, w0 = cpu_seconds(tsp), time.monotonic()
+        time.sleep(args.steady)
+        out["heartbeat_cpu_pct"] = round(100 * (cpu_seconds(tsp) - c0) / (time.monotonic() - w0), 1)
+        rss = sum(pp.memory_info().rss for pp in tsp)
+        out["rss_mb_per_1k"] = round(rss / 2**20 / n * 1000, 1)
+        print(f"steady: task servers {out['heartbeat_cpu_pct']} % CPU, {rss / 2**20:.0f} MB RSS "
+              f"({out['rss_mb_per_1k']} MB per 1,000)", flush=True)
+
+        times, lost = [], 0
+        broadcast(api, ids, 0.05, 120)            # warm-up round, not counted
+        for r in range(args.rounds):
+            t, bad = broadcast(api, ids, 0.05, 120)
+            times.append(t)
+            lost += bad
+            print(f"broadcast round {r + 1}: {t:.2f} s, {bad} results missing or failed", flush=True)
+            time.sleep(1)
+        out["broadcast_p50_s"] = round(statistics.median(times), 3)
+        out["broadcast_max_s"] = round(max(times), 3)
+        out["lost_results"] = lost
+
+        if k >= 2 and not args.no_reconnect:
+            victim = servers[0]
+            vport = int(victim.info["address"].rsplit(":", 1)[1])
+            moved = [a for a, (_s, port) in api.parents(ids).items() if port == vport]
+            t0 = time.monotonic()
+            victim.kill()
+
+            def reattached() -> bool:
+                now = api.parents(moved)
+                return all(now.get(a, (0, vport))[0] == 2 and now[a][1] != vport for a in moved)
+
+            wait_for(reattached, 600, f"the {len(moved)} agents of the killed task server alive elsewhere",
+                     interval=1.0)
+            out["reconnected_agents"] = len(moved)
+            out["reconnect_s"] = round(time.monotonic() - t0, 2)
+            print(f"reconnect: the {len(moved)} agents of the killed task server alive elsewhere "
+                  f"{out['reconnect_s']} s after its SIGKILL", flush=True)
+    finally:
+        stop_workers(procs)
+        c.stop()
+    print(json.dumps(out))
+    return 0 if out.get("lost_results", 1) == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
