@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 
+import yaml
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
@@ -140,7 +142,6 @@ def run_ours(n: int, size: int, src_path: str, rate: int, work: str, mtu: int = 
                 cfg["tls"]["server_name"] = "gse-server"
                 cfg["files"] = {"bt_stall_s": 60.0}
                 path = c.base / "conf" / f"agent-{i}.yaml"
-                import yaml
                 path.write_text(yaml.safe_dump(cfg))
                 cmd = in_host(ns, [sys.executable, "-m", "gse.agent", "--config", str(path)], private_dest=i > 0)
                 proc = c._spawn(f"agent-{i}", "agent", cmd, {"metrics_port": cfg["metrics"]["port"], "ip": host_ip(i),

@@ -240,12 +240,11 @@ def test_live_warn_rule_recorded_on_every_item(tc, tapi):
             r = tapi.call(RUN, {"agents": [{"bk_agent_id": a} for a in ids(tc)],
                                 "atomic_tasks": [{"atomic_task_id": 0, "command": "echo WARNME"}]})
             return r["data"]["result"]["task_id"] if r["code"] == 0 else None
-        tid = warned()
-        res = wait_done(tapi, tid, ids(tc), 1)
-        if not all("loud-echo" in d.get("warning", "") for d in res.values()):
-            time.sleep(1)                        # the rule had not reached the API server yet
-            tid = warned()
-            res = wait_done(tapi, tid, ids(tc), 1)
+        def warned_everywhere():                 # until the rule has reached the API server
+            res = wait_done(tapi, warned(), ids(tc), 1)
+            return res if all("loud-echo" in d.get("warning", "") for d in res.values()) else None
+
+        res = wait_for(warned_everywhere, 20, "the warn rule applied", interval=0.2)
         assert all("loud-echo" in d.get("warning", "") and d["status"] == 2 for d in res.values())
         zk.set(path, b'{"include_defaults": true, "rules": [{"name": "no-echo", "pattern": "echo BLOCKME",'
                      b' "severity": "block", "message": "no"}]}')

@@ -317,8 +317,9 @@ class FileManager:
                     e.md5 = await asyncio.to_thread(_md5_file, path)
                     await self._upload(req, e.index, path)
                 else:
-                    from .torrent import make_torrent
+                    from .torrent import info_hash, make_torrent
                     e.torrent = await make_torrent(path)
+                    e.info_hash = info_hash(e.torrent)
                     state.torrents.append(await self._seed(e.torrent, path, url, req.upload_rate,
                                                            super_seeding=req.targets >= SUPER_SEED_MIN_TARGETS))
             manifest.entries.extend(e for e, _p in entries)

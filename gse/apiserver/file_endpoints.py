@@ -102,7 +102,7 @@ class FileEndpoints:
         at = now_ms()
         alive = {r: rec for r, rec in records.items() if is_alive(rec, at)}
         coordinators: dict[int, str] = {}
-        offline_ops = []
+        initial_ops = []
         specs = []
         for i, t in enumerate(tasks):
             src = alive.get(t["source_agent"])
@@ -118,14 +118,14 @@ class FileEndpoints:
                     msg = "target agent is offline" if rec is None else "source agent is offline"
                     item.update(error_code=ts.E_AGENT_OFFLINE, error_msg=msg)
                     real = rec["agent_id"] if rec else requested
-                    offline_ops.append(db.hset(fs.result_key(task_id, real), {
+                    initial_ops.append(db.hset(fs.result_key(task_id, real), {
                         fs.item_field(i, -1): fs.encode(item),
                         fs.PROGRESS + fs.item_field(i, -1): fs.encode(item)}, self.t.ttl))
                 else:
                     targets.append((rec["agent_id"], user, rec.get("node", "")))
                     # A placeholder until the source's manifest names the entries (then those replace it).
                     item.update(status=ts.DISPATCHED, error_code=ts.E_RUNNING, error_msg="", end_time=0)
-                    offline_ops.append(db.hset(fs.result_key(task_id, rec["agent_id"]),
+                    initial_ops.append(db.hset(fs.result_key(task_id, rec["agent_id"]),
                                                {fs.item_field(i, -1): fs.encode(item)}, self.t.ttl))
             if src is None or not targets:
                 continue
@@ -141,7 +141,7 @@ class FileEndpoints:
         agents_all = sorted({(alive.get(a) or {}).get("agent_id", a) for a in ids})
         meta = {"kind": "file", "created": at, "coordinators": json.dumps(coordinators),
                 "agents": json.dumps(agents_all), "tasks": len(tasks)}
-        await self.t._write([db.hset(ts.task_key(task_id), meta, self.t.ttl), *offline_ops])
+        await self.t._write([db.hset(ts.task_key(task_id), meta, self.t.ttl), *initial_ops])
         for i, node, spec in specs:
             failures = await self.t.servers.start_transfer(node, spec)
             if failures:

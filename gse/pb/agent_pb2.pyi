@@ -238,7 +238,7 @@ class ServerFrame(_message.Message):
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., task: _Optional[_Union[TaskRequest, _Mapping]] = ..., terminate: _Optional[_Union[TerminateTask, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., data_servers: _Optional[_Union[_data_pb2.DataServerView, _Mapping]] = ..., plugin_message: _Optional[_Union[_data_pb2.PluginMessage, _Mapping]] = ..., file_source: _Optional[_Union[FileSource, _Mapping]] = ..., file_target: _Optional[_Union[FileTarget, _Mapping]] = ..., upload_request: _Optional[_Union[UploadRequest, _Mapping]] = ..., end_transfer: _Optional[_Union[EndTransfer, _Mapping]] = ...) -> None: ...
 
 class FileEntry(_message.Message):
-    __slots__ = ("index", "rel_path", "is_dir", "size", "mode", "md5", "torrent")
+    __slots__ = ("index", "rel_path", "is_dir", "size", "mode", "md5", "torrent", "info_hash")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     REL_PATH_FIELD_NUMBER: _ClassVar[int]
     IS_DIR_FIELD_NUMBER: _ClassVar[int]
@@ -246,6 +246,7 @@ class FileEntry(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     MD5_FIELD_NUMBER: _ClassVar[int]
     TORRENT_FIELD_NUMBER: _ClassVar[int]
+    INFO_HASH_FIELD_NUMBER: _ClassVar[int]
     index: int
     rel_path: str
     is_dir: bool
@@ -253,7 +254,8 @@ class FileEntry(_message.Message):
     mode: int
     md5: str
     torrent: bytes
-    def __init__(self, index: _Optional[int] = ..., rel_path: _Optional[str] = ..., is_dir: _Optional[bool] = ..., size: _Optional[int] = ..., mode: _Optional[int] = ..., md5: _Optional[str] = ..., torrent: _Optional[bytes] = ...) -> None: ...
+    info_hash: bytes
+    def __init__(self, index: _Optional[int] = ..., rel_path: _Optional[str] = ..., is_dir: _Optional[bool] = ..., size: _Optional[int] = ..., mode: _Optional[int] = ..., md5: _Optional[str] = ..., torrent: _Optional[bytes] = ..., info_hash: _Optional[bytes] = ...) -> None: ...
 
 class FileSource(_message.Message):
     __slots__ = ("task_id", "transfer_id", "store_dir", "file_name", "md5", "user", "fileserver", "token", "tracker_url", "direct_max", "max_file_size", "upload_rate", "timeout_seconds", "keep_seeding", "targets")

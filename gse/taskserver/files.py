@@ -203,7 +203,7 @@ class FileCoordinator:
             return
         t.entries = list(m.entries)
         t.source_dir = m.source_dir
-        hashes = [_info_hash(e.torrent) for e in t.entries if e.torrent]
+        hashes = [e.info_hash for e in t.entries if e.torrent]
         try:
             if hashes:
                 await self.peers.file(t.fileserver).AddTorrents(
@@ -357,7 +357,3 @@ def _cap(requested: int, cap: int) -> int:
     caps = [r for r in (requested, cap) if r > 0]
     return min(caps) if caps else 0
 
-
-def _info_hash(torrent: bytes) -> bytes:
-    from gse.agent.torrent import info_hash
-    return info_hash(torrent)
