@@ -64,10 +64,11 @@ class DbProxyServicer(pb_grpc.DbProxyServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"batch of {len(request.ops)} ops exceeds max_batch {self.max_batch}")
         t0 = time.perf_counter()
-        results = await self.store.execute(request.ops)
+        reply = pb.BatchReply()
+        await self.store.execute(request.ops, into=reply.results)
         BATCHES.observe(time.perf_counter() - t0)
         OPS.inc(len(request.ops))
-        return pb.BatchReply(results=results)
+        return reply
 
 
 class DbProxyService(Service):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import hashlib
 import logging
 import time
@@ -39,8 +40,10 @@ class Ring:
         self._keys = [p[0] for p in points]
         self._nodes = [p[1] for p in points]
         self.size = len(set(nodes))
+        # Agent keys are written at every heartbeat: their placement is remembered (the ring never changes).
+        self.replicas = functools.lru_cache(maxsize=1 << 16)(self._replicas)
 
-    def replicas(self, key: str, r: int) -> list[str]:
+    def _replicas(self, key: str, r: int) -> tuple[str, ...]:
         r = min(r, self.size)
         i = bisect.bisect(self._keys, _hash(key))
         out: list[str] = []
@@ -50,7 +53,7 @@ class Ring:
             if node not in out:
                 out.append(node)
             i += 1
-        return out
+        return tuple(out)
 
 
 @dataclass
@@ -131,9 +134,11 @@ class ShardedStore:
         warming = [n for n in nodes if n.healthy and not n.readable]
         return ready + warming
 
-    async def execute(self, ops) -> list[pb.Result]:
+    async def execute(self, ops, into=None) -> list[pb.Result]:
+        """Results in the order of `ops`; with `into` (a repeated Result field, e.g. a reply's `results`)
+        they are made in place there instead of being built apart and copied in."""
         self.ops_total += len(ops)
-        results = [pb.Result() for _ in ops]
+        results = [pb.Result() for _ in ops] if into is None else [into.add() for _ in ops]
         write_acks = [0] * len(ops)
         write_errors: dict[int, str] = {}
         pending_reads: dict[int, list[Node]] = {}
