@@ -20,7 +20,7 @@ from .balancer import Balancer
 from .batch_writer import BatchWriter
 from .data_relay import DataRelay
 from .files import FileCoordinator, FileReports, Peers
-from .tasks import ResultRecorder, TaskService
+from .tasks import AckBatcher, ResultRecorder, TaskService
 
 log = logging.getLogger("gse.taskserver")
 
@@ -49,6 +49,8 @@ class TaskServerConfig(BaseConfig):
     file_direct_max: int = 10 * 1024    # files up to this size go direct through the file server
     file_max_size: int = 64 * 1024**3   # larger source files are refused (error 119)
     flush_interval_s: float = 0.01      # least time between two batch writes to dbproxy (group commit)
+    ack_quiet_s: float = 0.2            # result acknowledgements go out once reports were quiet this long...
+    ack_max_delay_s: float = 2.0        # ... or when the oldest waiting one is this old
     load_report_interval_s: float = 2.0
     data_view_interval_s: float = 30.0  # data server loads are told to agents at most this often
     balance: BalanceConfig = BalanceConfig()
@@ -60,6 +62,8 @@ class TaskServerConfig(BaseConfig):
             raise ConfigError("heartbeat_interval_s must be positive")
         if self.heartbeat_misses < 1:
             raise ConfigError("heartbeat_misses must be at least 1")
+        if not 0 <= self.ack_quiet_s <= self.ack_max_delay_s <= 60:
+            raise ConfigError("need 0 <= ack_quiet_s <= ack_max_delay_s <= 60")
 
 
 class TaskServerService(Service):
@@ -104,6 +108,7 @@ class TaskServerService(Service):
         if not c.dbproxy.addresses:
             await self.discovery.watch_service("dbproxy", self.db.on_view)
         self.writer = BatchWriter(self.db, c.flush_interval_s)
+        self.acks = AckBatcher(c.ack_quiet_s, c.ack_max_delay_s)
         self.agent_server = rpc.make_server(self.tls)
         self.agent_port = rpc.bind(self.agent_server, self.tls, c.host, c.agent_port)
         self.balancer = Balancer(self.node_id, c.area, slack=c.balance.slack, ratio=c.balance.ratio,
@@ -111,7 +116,7 @@ class TaskServerService(Service):
         self.access = AgentAccess(self.node_id, self.advertise, self.agent_port, self.writer,
                                   session_ttl_ms=int(c.session_ttl_s * 1000), heartbeat_interval_s=c.heartbeat_interval_s, heartbeat_misses=c.heartbeat_misses,
                                   hello_timeout_s=c.hello_timeout_s, balancer=self.balancer,
-                                  on_report=ResultRecorder(self.writer, int(c.result_ttl_s * 1000)).on_report)
+                                  on_report=ResultRecorder(self.writer, int(c.result_ttl_s * 1000), self.acks).on_report)
         self.agent_server.add_generic_rpc_handlers((self.access.handler(),))
         health = rpc.add_health(self.agent_server)
         self.task_server = rpc.make_server(self.tls)
@@ -162,7 +167,7 @@ class TaskServerService(Service):
 
     async def run(self) -> None:
         self._tasks = [asyncio.ensure_future(t) for t in (
-            self.writer.run(), self.access.sweep_loop(), self._report_load(), self._rebalance(), self.files.monitor(),
+            self.writer.run(), self.acks.run(), self.access.sweep_loop(), self._report_load(), self._rebalance(), self.files.monitor(),
             self.discovery.refresh_loop(self.config.load_report_interval_s))]
         await asyncio.gather(*self._tasks)
 

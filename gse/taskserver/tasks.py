@@ -3,12 +3,14 @@
 Dispatch takes one serialized frame and a list of agents: the frame is written as is to every target held
 here (one serialization for all). Reports from agents (output chunks, item results) are written through
 the batch writer; a final result is acknowledged to its agent only once it is stored, and the agent keeps
-it until then.
+it until then. Acknowledgements are batched off the latency path (see AckBatcher).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 import grpc
 from prometheus_client import Counter
@@ -74,12 +76,67 @@ class TaskService(pb_grpc.TaskServiceServicer):
         return pb.DispatchReply(failures=failures)
 
 
-class ResultRecorder:
-    """Writes agents' task reports; acknowledges final results once stored."""
+class AckBatcher:
+    """Acknowledgements of stored results, sent once reports have been quiet for `quiet_s` (or when the
+    oldest waiting one is `max_delay_s` old), one frame per agent for everything stored meanwhile.
 
-    def __init__(self, writer: BatchWriter, ttl_ms: int):
+    An acknowledgement only lets the agent drop its copy of a result that is already readable, so it is
+    not on anyone's latency path; writing it to the agent stream costs as much server CPU as the task
+    frame itself. During a broadcast to thousands of agents, deferring the acknowledgements until the
+    results stop arriving leaves the CPU to the reads and writes that make results readable, and several
+    results of one agent share one frame. Nothing is lost by the delay: an agent that reconnects before its
+    acknowledgement resends the result, and storing it again is idempotent."""
+
+    def __init__(self, quiet_s: float = 0.2, max_delay_s: float = 2.0):
+        self.quiet_s = quiet_s
+        self.max_delay_s = max_delay_s
+        self._pending: dict[AgentSession, list] = {}
+        self._oldest = 0.0
+        self._last = 0.0
+        self._wake = asyncio.Event()
+
+    def add(self, session: AgentSession, refs: list) -> None:
+        now = time.monotonic()
+        if not self._pending:
+            self._oldest = now
+        self._last = now
+        waiting = self._pending.get(session)
+        if waiting is None:
+            self._pending[session] = list(refs)
+        else:
+            waiting.extend(refs)
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                now = time.monotonic()
+                due = min(self._last + self.quiet_s, self._oldest + self.max_delay_s)
+                if now < due:
+                    await asyncio.sleep(due - now)
+                    continue
+                self.flush()
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for session, refs in pending.items():
+            session.send(apb.ServerFrame(ack=apb.ResultAck(items=refs)).SerializeToString())
+        ACKS.inc(len(pending))
+
+
+ACKS = Counter("gse_taskserver_ack_frames_total", "Result acknowledgement frames written to agents")
+
+
+class ResultRecorder:
+    """Writes agents' task reports; acknowledges final results once stored (through `acks`, batched; without
+    one, each report's at once)."""
+
+    def __init__(self, writer: BatchWriter, ttl_ms: int, acks: AckBatcher | None = None):
         self.writer = writer
         self.ttl_ms = ttl_ms
+        self.acks = acks
 
     def on_report(self, session: AgentSession, report) -> None:
         aid = session.agent_id
@@ -107,5 +164,9 @@ class ResultRecorder:
         RESULTS.labels("1").inc(len(finals))
         RESULTS.labels("0").inc(len(report.results) - len(finals))
         if finals:
-            ack = apb.ServerFrame(ack=apb.ResultAck(items=finals)).SerializeToString()
-            self.writer.written().add_done_callback(lambda _f: session.send(ack))
+            if self.acks is not None:
+                acks = self.acks
+                self.writer.written().add_done_callback(lambda _f: acks.add(session, finals))
+            else:
+                ack = apb.ServerFrame(ack=apb.ResultAck(items=finals)).SerializeToString()
+                self.writer.written().add_done_callback(lambda _f: session.send(ack))
