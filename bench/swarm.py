@@ -14,6 +14,10 @@ JSON line:
   reconnect_s               (K >= 2) SIGKILL one task server: until all its agents are alive again elsewhere
                             (alive with another parent in list_agent_info)
   lost_results              results that never arrived (or did not succeed)
+  broadcast_cpu_us_per_target
+                            CPU per broadcast target by component (task servers, simulators, dbproxy, redis,
+                            apiserver, this client's polling), over the counted rounds, steady-state
+                            heartbeat CPU subtracted: where the time of a broadcast goes on shared cores
 
     python bench/swarm.py --agents 10000 --taskservers 1
     python bench/swarm.py --agents 20000 --taskservers 2
@@ -71,6 +75,20 @@ def cpu_seconds(procs: list[psutil.Process]) -> float:
     return sum(sum(p.cpu_times()[:2]) for p in procs)
 
 
+def cpu_groups(c: Cluster, workers: list) -> dict[str, list[psutil.Process]]:
+    """Every process of the run by component, this one included (its polling shares the cores too)."""
+    groups: dict[str, list[psutil.Process]] = {"client": [psutil.Process()]}
+    for proc in c.procs:
+        if proc.alive():
+            groups.setdefault(proc.kind, []).append(psutil.Process(proc.pid))
+    groups["simulators"] = [psutil.Process(w.pid) for w in workers]
+    return groups
+
+
+def cpu_snapshot(groups: dict[str, list[psutil.Process]]) -> tuple[float, dict[str, float]]:
+    return time.monotonic(), {g: cpu_seconds(ps) for g, ps in groups.items()}
+
+
 def broadcast(api: Api, ids: list[str], poll_s: float, timeout: float) -> tuple[float, int]:
     t0 = time.perf_counter()
     r = api("/api/v2/task/async_execute_script", {
@@ -108,6 +126,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--heartbeat", type=float, default=10.0)
     p.add_argument("--steady", type=float, default=20.0)
+    p.add_argument("--pause", type=float, default=3.0, help="seconds between broadcast rounds")
     p.add_argument("--attach-timeout", type=float, default=600.0)
     p.add_argument("--no-reconnect", action="store_true")
     args = p.parse_args()
@@ -139,9 +158,13 @@ def main() -> int:
         print(f"attach: all {n} alive in {out['attach_s']} s", flush=True)
 
         time.sleep(min(args.heartbeat * 1.5, 15))
+        groups = cpu_groups(c, procs)
         c0, w0 = cpu_seconds(tsp), time.monotonic()
+        s0 = cpu_snapshot(groups)
         time.sleep(args.steady)
         out["heartbeat_cpu_pct"] = round(100 * (cpu_seconds(tsp) - c0) / (time.monotonic() - w0), 1)
+        s1 = cpu_snapshot(groups)
+        steady_rate = {g: (s1[1][g] - s0[1][g]) / (s1[0] - s0[0]) for g in groups}
         rss = sum(pp.memory_info().rss for pp in tsp)
         out["rss_mb_per_1k"] = round(rss / 2**20 / n * 1000, 1)
         print(f"steady: task servers {out['heartbeat_cpu_pct']} % CPU, {rss / 2**20:.0f} MB RSS "
@@ -149,12 +172,22 @@ def main() -> int:
 
         times, lost = [], 0
         broadcast(api, ids, 0.05, 120)            # warm-up round, not counted
+        used = {g: 0.0 for g in groups}
         for r in range(args.rounds):
+            b0 = cpu_snapshot(groups)
             t, bad = broadcast(api, ids, 0.05, 120)
             times.append(t)
             lost += bad
             print(f"broadcast round {r + 1}: {t:.2f} s, {bad} results missing or failed", flush=True)
-            time.sleep(1)
+            time.sleep(args.pause)      # CPU is counted until the end of the pause: work deferred past the
+            b1 = cpu_snapshot(groups)   # round's end (acknowledgements, say) counts too
+            for g in groups:
+                used[g] += b1[1][g] - b0[1][g] - steady_rate[g] * (b1[0] - b0[0])
+        per_target = {g: round(1e6 * u / (args.rounds * n)) for g, u in sorted(used.items(), key=lambda x: -x[1])}
+        out["broadcast_cpu_us_per_target"] = per_target
+        print(f"broadcast CPU per target (µs, heartbeat load subtracted): {per_target}, total "
+              f"{sum(per_target.values())} µs = {sum(per_target.values()) * n / 1e6:.2f} CPU-s per broadcast "
+              f"on {os.cpu_count()} cores", flush=True)
         out["broadcast_p50_s"] = round(statistics.median(times), 3)
         out["broadcast_max_s"] = round(max(times), 3)
         out["lost_results"] = lost
