@@ -256,4 +256,6 @@ if __name__ == "__main__":
         uvloop.install()
     except ImportError:
         pass
+    from gse.common import gctune
+    gctune.install()            # the collector settings of the real agent (gse.common.service.main)
     asyncio.run(main_async(parse()))

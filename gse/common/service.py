@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
+from . import gctune
 from .config import ConfigError, LogConfig, MetricsConfig, TLSConfig, ZooKeeperConfig, load_config
 from .logs import setup_logging
 
@@ -178,6 +179,11 @@ def main(service_cls, config_cls, argv=None) -> int:
         return 2
     setup_logging(name, config.log.level, config.log.format)
     try:
+        gctune.install()
+    except ValueError as exc:
+        print(f"gse-{name}: {exc}", file=sys.stderr)
+        return 2
+    try:
         import uvloop
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency; run on asyncio's loop without it
@@ -209,6 +215,7 @@ async def serve(service: Service) -> int:
         log.exception("start failed")
         await asyncio.wait_for(service.stop(0), STOP_BOUND_S)
         return 1
+    gctune.freeze_startup()
     sd_notify("READY=1")
     log.info("ready", extra={"node_id": service.node_id})
     runner = loop.create_task(service.run())
@@ -228,5 +235,5 @@ async def serve(service: Service) -> int:
     except asyncio.TimeoutError:
         log.error("stop did not finish within its bound")
         code = code or 1
-    log.info("stopped")
+    log.info("stopped", extra={"gc": gctune.summary()})
     return code
