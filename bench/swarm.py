@@ -26,6 +26,7 @@ JSON line:
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -98,6 +99,7 @@ def broadcast(api: Api, ids: list[str], poll_s: float, timeout: float) -> tuple[
     task_id = r["data"]["result"]["task_id"]
     pending = list(ids)
     bad = 0
+    why: collections.Counter = collections.Counter()
     while pending:
         if time.perf_counter() - t0 > timeout:
             return time.perf_counter() - t0, bad + len(pending)
@@ -111,9 +113,13 @@ def broadcast(api: Api, ids: list[str], poll_s: float, timeout: float) -> tuple[
                     still.append(item["bk_agent_id"])
                 elif item["error_code"] != 0 or item["screen"] != "swarm\n":
                     bad += 1
+                    why[(item["status"], item["error_code"], item["error_msg"][:80], item["screen"][:20])] += 1
         pending = still
         if pending:
             time.sleep(poll_s)
+    if why:
+        print(f"  results not as expected (status, error_code, error_msg, screen): {dict(why.most_common(5))}",
+              flush=True)
     return time.perf_counter() - t0, bad
 
 
