@@ -176,6 +176,38 @@ def test_output_streams_before_the_end_and_pages(tc, tapi):
     assert r["screen"] == "tw"
 
 
+def test_finished_item_whose_output_has_not_landed_reads_as_running(tc, tapi):
+    """Results and output are written to the replicas in parallel: a reader can see the final status before
+    the output. Such an item must read as running (the caller polls again), never as done with a short
+    screen; and output that never lands stops holding the caller back 30 s after the item ended."""
+    import asyncio
+
+    from gse.common import dbclient as db
+    from gse.common import taskstate as ts
+    from gse.common.tls import TLSMaterial
+
+    a = ids(tc)[0]
+    tid = submit(tapi, [a], ["echo landed"])
+    assert wait_done(tapi, tid, [a], 1)[(a, 0)]["screen"] == "landed\n"
+    d = tc.certs_dir
+    tls = TLSMaterial((d / "ca.crt").read_bytes(), (d / "client.crt").read_bytes(), (d / "client.key").read_bytes())
+
+    async def write(ops):
+        client = db.DbClient(tls, [p.info["address"] for p in tc.dbproxies])
+        try:
+            assert all(r.ok for r in await client.execute(ops))
+        finally:
+            await client.close()
+
+    asyncio.run(write([db.delete(ts.output_key(tid, a, 0))]))      # as if the output were still on its way
+    r = results(tapi, tid, [a], 1)
+    assert r["code"] == 1000115
+    assert r["data"]["result"][0]["error_code"] == 115 and r["data"]["result"][0]["screen"] == ""
+    asyncio.run(write([db.hset(ts.item_key(tid, a, 0), {"end_time": int(time.time() * 1000) - 60_000})]))
+    r = results(tapi, tid, [a], 1)
+    assert r["code"] == 0 and r["data"]["result"][0]["status"] == 2 and r["data"]["result"][0]["screen"] == ""
+
+
 def test_output_bound(tc, tapi):
     a = ids(tc)[2]
     tid = submit(tapi, [a], ["head -c 300000 /dev/zero | tr '\\0' x; echo; echo end"])

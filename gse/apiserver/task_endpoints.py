@@ -218,7 +218,7 @@ class TaskEndpoints:
         records = await self.view.records(list(unfinished), SESSION_FIELDS) if unfinished else {}
         at_ms = now_ms()
         out, running = [], False
-        for n, (aid, container, tid, _off, _limit) in enumerate(wanted):
+        for n, (aid, container, tid, off, limit) in enumerate(wanted):
             f, screen = items[n], res[2 * n + 1]
             entry = {"bk_agent_id": aid, "bk_container_id": container, "atomic_task_id": tid}
             if f is None:
@@ -230,7 +230,12 @@ class TaskEndpoints:
             status = int(f.get("status", ts.DISPATCHED))
             code = int(f.get("error_code", ts.E_RUNNING))
             msg = f.get("error_msg", "")
-            if status not in ts.FINAL_STATUSES:
+            if status in ts.FINAL_STATUSES and not self._output_landed(f, screen, off, limit or self.default_limit,
+                                                                      at_ms):
+                # The result is stored but its output not yet (replicas are written in parallel): the caller
+                # must not take the item as finished with a short screen; it will read it whole next time.
+                status, code, msg, running = ts.RUNNING, ts.E_RUNNING, "", True
+            elif status not in ts.FINAL_STATUSES:
                 record = records.get(real[aid])
                 gone = record is None or (not is_alive(record, at_ms) and
                                           at_ms - int(record.get("deadline", 0) or 0) > self.offline_grace_ms)
@@ -267,6 +272,22 @@ class TaskEndpoints:
         return {"result": {"task_id": task_id}}
 
     # ---- helpers ----------------------------------------------------------------------------------
+
+    OUTPUT_LAG_MS = 30_000
+
+    def _output_landed(self, f: dict, screen, off: int, limit: int, at_ms: int) -> bool:
+        """Whether the output read for a finished item is all the agent reported (`output_size`). A read
+        that came up short is only waited for `OUTPUT_LAG_MS` after the item ended: output that never
+        arrives (a write lost on every replica) must not keep a caller polling forever."""
+        size = int(f.get("output_size", 0) or 0)
+        expected = max(0, min(size - off, limit))
+        if expected == 0:
+            return True
+        got = len(screen.value) if screen.ok else 0
+        if got >= expected:
+            return True
+        end = int(f.get("end_time", 0) or 0)
+        return end > 0 and at_ms - end > self.OUTPUT_LAG_MS
 
     def _task_id(self, body: dict) -> str:
         task_id = v.string(body, "task_id", max_len=128)

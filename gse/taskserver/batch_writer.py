@@ -70,7 +70,9 @@ class BatchWriter:
             hashes, self._hashes = self._hashes, {}
             extra, self._ops = self._ops, []
             waiters, self._waiters = self._waiters, []
-            ops = [db.hset(k, f, ttl) for k, (f, ttl) in hashes.items()] + extra
+            # Ordered ops first: an item's output (SETRANGE) then never lands in a later chunk than the hash
+            # that says the item is finished.
+            ops = extra + [db.hset(k, f, ttl) for k, (f, ttl) in hashes.items()]
             t0 = time.perf_counter()
             try:
                 for i in range(0, len(ops), self.max_batch):
