@@ -52,7 +52,10 @@ def threshold_from_env() -> tuple[int, int, int] | None:
         return THRESHOLD
     if text == "default":
         return None
-    parts = [int(p) for p in text.split(",")]
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        parts = []
     if len(parts) != 3 or parts[0] < 1 or parts[1] < 0 or parts[2] < 0:
         raise ValueError(f"GSE_GC_THRESHOLD must be 'g0,g1,g2' (g0 >= 1) or 'default', not {text!r}")
     return parts[0], parts[1], parts[2]
