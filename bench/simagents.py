@@ -64,6 +64,7 @@ class SimAgent:
         self.server: str | None = None
         self.write_lock = asyncio.Lock()
         self.tasks_done = 0
+        self.spread_s = 0.0
         self.hello_fields = dict(agent_id=self.id, cloud_id=0, ip=self.ip, hostname=f"sim-{i}", os="linux",
                                  arch="x86_64", version="0.1.0-sim", run_mode=1,
                                  start_time_ms=int(time.time() * 1000), boot_id=random.getrandbits(62))
@@ -102,7 +103,8 @@ class SimAgent:
             if connected_s > 10:
                 attempt = 0
             idx += 1
-            await asyncio.sleep(random.uniform(0, min(30.0, 1.0 * 2 ** attempt)))
+            # as the real agent: full jitter, never narrower than the spread the server told
+            await asyncio.sleep(random.uniform(0, max(self.spread_s, min(30.0, 1.0 * 2 ** attempt))))
             attempt += 1
 
     async def session(self, address: str, redirects: int) -> tuple[str | None, float]:
@@ -124,6 +126,7 @@ class SimAgent:
             self.server = address
             self.stats.attached += 1
             interval = first.welcome.heartbeat_interval_ms / 1000 or self.heartbeat_s
+            self.spread_s = first.welcome.reconnect_spread_ms / 1000
             beat = asyncio.ensure_future(self.beat(call, interval))
             while True:
                 frame = await call.read()
@@ -153,7 +156,10 @@ class SimAgent:
     async def on_frame(self, call, frame) -> None:
         """Answer a task in-process: `echo X` prints X, anything else succeeds silently. No fork: the
         figure measured is the control plane's, not the host's."""
-        if frame.WhichOneof("body") != "task":
+        kind = frame.WhichOneof("body")
+        if kind == "tune":
+            self.spread_s = frame.tune.reconnect_spread_ms / 1000
+        if kind != "task":
             return
         task = frame.task
         now = int(time.time() * 1000)
@@ -207,8 +213,9 @@ async def main_async(args) -> None:
 
 
 def spawn_workers(n: int, workers: int, server: str, certs: str, tag: str, log_dir: str,
-                  heartbeat: float = 10.0) -> list:
-    """Start `workers` processes holding `n` simulated agents between them (ids and ips from `tag`)."""
+                  heartbeat: float = 10.0, ramp_rate: float = 0.0) -> list:
+    """Start `workers` processes holding `n` simulated agents between them (ids and ips from `tag`);
+    `ramp_rate`: agents started per second over all workers (0: each worker's default, 1,000/s)."""
     import subprocess
     per = (n + workers - 1) // workers
     procs = []
@@ -219,7 +226,8 @@ def spawn_workers(n: int, workers: int, server: str, certs: str, tag: str, log_d
         log = open(os.path.join(log_dir, f"worker-{w}.log"), "w")
         procs.append(subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--servers", server, "--certs", certs, "--count", str(count),
-             "--first", str(w * per), "--tag", tag, "--heartbeat", str(heartbeat), "--report-s", "5"],
+             "--first", str(w * per), "--tag", tag, "--heartbeat", str(heartbeat), "--report-s", "5",
+             *(["--ramp-batch", "10", "--ramp-pause", str(10 * workers / ramp_rate)] if ramp_rate > 0 else [])],
             stdout=log, stderr=subprocess.STDOUT))
     return procs
 

@@ -30,6 +30,7 @@ import collections
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -124,6 +125,7 @@ def broadcast(api: Api, ids: list[str], poll_s: float, timeout: float) -> tuple[
 
 
 def main() -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))    # stop the cluster and the workers (finally)
     p = argparse.ArgumentParser(description="agent swarm on K task servers")
     p.add_argument("--agents", type=int, default=1000)
     p.add_argument("--taskservers", type=int, default=1)
@@ -133,6 +135,11 @@ def main() -> int:
     p.add_argument("--heartbeat", type=float, default=10.0)
     p.add_argument("--steady", type=float, default=20.0)
     p.add_argument("--pause", type=float, default=3.0, help="seconds between broadcast rounds")
+    p.add_argument("--ramp", type=float, default=300.0, help="agents started per second at the beginning (a "
+                   "fleet coming up; TLS handshakes cost ~2 ms of CPU on each side)")
+    p.add_argument("--reconnect-rate", type=float, default=250.0,
+                   help="task servers' reconnect_rate: agents/s a peer takes after a failure (what this machine "
+                        "handles besides the survivor's own agents)")
     p.add_argument("--attach-timeout", type=float, default=600.0)
     p.add_argument("--no-reconnect", action="store_true")
     args = p.parse_args()
@@ -150,7 +157,8 @@ def main() -> int:
         c.start_redis()
         c.start_redis()
         c.start_dbproxy(replicas=2)
-        servers = [c.start_taskserver(balance={"slack": max(50, n // 20)}) for _ in range(k)]
+        servers = [c.start_taskserver(balance={"slack": max(50, n // 20)}, reconnect_rate=args.reconnect_rate)
+                   for _ in range(k)]
         c.start_apiserver(max_hosts_per_call=max(5000, n))
         api = Api(c)
         tsp = [psutil.Process(t.pid) for t in servers]
@@ -158,7 +166,7 @@ def main() -> int:
         ids = [agent_id(tag, i) for i in range(n)]
         t0 = time.monotonic()
         procs = spawn_workers(n, workers, ",".join(t.info["address"] for t in servers), str(c.certs_dir), tag,
-                              base, args.heartbeat)
+                              base, args.heartbeat, ramp_rate=args.ramp)
         wait_for(lambda: api.alive(ids) == n, args.attach_timeout, f"{n} agents alive", interval=1.0)
         out["attach_s"] = round(time.monotonic() - t0, 2)
         print(f"attach: all {n} alive in {out['attach_s']} s", flush=True)

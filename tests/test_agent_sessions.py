@@ -182,3 +182,22 @@ def test_wrong_ca_client_refused_at_handshake(cluster, tmp_path):
     else:
         raise AssertionError("a client certificate from another CA was accepted")
     assert grpc  # imported for the status names in the message
+
+
+def test_reconnect_spread_follows_the_servers_load(make_cluster):
+    """Agents are told to spread their reconnects over load / reconnect_rate seconds: at attach (Welcome)
+    and again when the load moves it by half or more (Tune), so that a dead server's agents reach its
+    peers at a rate the peers can take."""
+    c = make_cluster()
+    c.start_dbproxy()
+    ts = c.start_taskserver(reconnect_rate=0.5, load_report_interval_s=0.5)
+    first = c.start_agent(servers=[ts.info["address"]])
+
+    def spreads(proc) -> list[float]:
+        return [float(line.rsplit("spread_s=", 1)[1].split()[0]) for line in proc.log_path.read_text().splitlines()
+                if "reconnect spread" in line]
+
+    wait_for(lambda: spreads(first) == [2.0], 15, "the first agent told 2 s (1 agent / 0.5 per s)")
+    second = c.start_agent(servers=[ts.info["address"]])
+    wait_for(lambda: spreads(second) == [4.0], 15, "the second agent told 4 s at attach")
+    wait_for(lambda: spreads(first) == [2.0, 4.0], 15, "the first agent retuned to 4 s")

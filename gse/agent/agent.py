@@ -185,6 +185,7 @@ class Agent(Service):
         self.parent: tuple[str, int] | None = None
         self.attached = asyncio.Event()
         self.sessions = 0
+        self.reconnect_spread_s = 0.0         # told by the task server (Welcome / Tune): see run()
         self._out: asyncio.Queue | None = None      # frames to the current task server
         t = config.tasks
         self.tasks = TaskManager(config.data_dir, self.send,
@@ -260,9 +261,17 @@ class Agent(Service):
             if outcome.connected_s >= c.reconnect.stable_s:
                 attempt = 0
             idx += 1
-            window = min(c.reconnect.max_s, c.reconnect.base_s * (2 ** attempt))
+            # Full jitter, never narrower than the spread the last server asked for: when a server holding
+            # thousands of agents dies, they come back to its peers at a rate the peers can take.
+            window = max(self.reconnect_spread_s, min(c.reconnect.max_s, c.reconnect.base_s * (2 ** attempt)))
             attempt += 1
             await asyncio.sleep(random.uniform(0, window))
+
+    def _set_spread(self, spread_ms: int) -> None:
+        spread = max(0, spread_ms) / 1000
+        if spread != self.reconnect_spread_s:
+            log.info("reconnect spread", extra={"spread_s": spread})
+            self.reconnect_spread_s = spread
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if self.relay is None:
@@ -294,6 +303,7 @@ class Agent(Service):
                 log.warning("unexpected first frame from server", extra={"kind": kind})
                 return outcome
             w = first.welcome
+            self._set_spread(w.reconnect_spread_ms)
             started = time.monotonic()
             self.server, self.parent = address, (w.parent_ip, w.parent_port)
             self.sessions += 1
@@ -353,6 +363,8 @@ class Agent(Service):
             self.files.on_upload_request(frame.upload_request)
         elif kind == "end_transfer":
             self.files.on_end(frame.end_transfer)
+        elif kind == "tune":
+            self._set_spread(frame.tune.reconnect_spread_ms)
         else:
             log.debug("unhandled frame", extra={"kind": kind})
 

@@ -192,16 +192,24 @@ class AgentFrame(_message.Message):
     def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., report: _Optional[_Union[TaskReport, _Mapping]] = ..., plugin_reply: _Optional[_Union[_data_pb2.PluginReply, _Mapping]] = ..., file_manifest: _Optional[_Union[FileManifest, _Mapping]] = ..., file_report: _Optional[_Union[FileReport, _Mapping]] = ..., need_direct: _Optional[_Union[NeedDirect, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("node_id", "heartbeat_interval_ms", "parent_ip", "parent_port")
+    __slots__ = ("node_id", "heartbeat_interval_ms", "parent_ip", "parent_port", "reconnect_spread_ms")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     PARENT_IP_FIELD_NUMBER: _ClassVar[int]
     PARENT_PORT_FIELD_NUMBER: _ClassVar[int]
+    RECONNECT_SPREAD_MS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     heartbeat_interval_ms: int
     parent_ip: str
     parent_port: int
-    def __init__(self, node_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., parent_ip: _Optional[str] = ..., parent_port: _Optional[int] = ...) -> None: ...
+    reconnect_spread_ms: int
+    def __init__(self, node_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., parent_ip: _Optional[str] = ..., parent_port: _Optional[int] = ..., reconnect_spread_ms: _Optional[int] = ...) -> None: ...
+
+class Tune(_message.Message):
+    __slots__ = ("reconnect_spread_ms",)
+    RECONNECT_SPREAD_MS_FIELD_NUMBER: _ClassVar[int]
+    reconnect_spread_ms: int
+    def __init__(self, reconnect_spread_ms: _Optional[int] = ...) -> None: ...
 
 class Redirect(_message.Message):
     __slots__ = ("address", "reason")
@@ -212,7 +220,7 @@ class Redirect(_message.Message):
     def __init__(self, address: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ServerFrame(_message.Message):
-    __slots__ = ("welcome", "redirect", "task", "terminate", "ack", "data_servers", "plugin_message", "file_source", "file_target", "upload_request", "end_transfer")
+    __slots__ = ("welcome", "redirect", "task", "terminate", "ack", "data_servers", "plugin_message", "file_source", "file_target", "upload_request", "end_transfer", "tune")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     REDIRECT_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +232,7 @@ class ServerFrame(_message.Message):
     FILE_TARGET_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_REQUEST_FIELD_NUMBER: _ClassVar[int]
     END_TRANSFER_FIELD_NUMBER: _ClassVar[int]
+    TUNE_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     redirect: Redirect
     task: TaskRequest
@@ -235,7 +244,8 @@ class ServerFrame(_message.Message):
     file_target: FileTarget
     upload_request: UploadRequest
     end_transfer: EndTransfer
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., task: _Optional[_Union[TaskRequest, _Mapping]] = ..., terminate: _Optional[_Union[TerminateTask, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., data_servers: _Optional[_Union[_data_pb2.DataServerView, _Mapping]] = ..., plugin_message: _Optional[_Union[_data_pb2.PluginMessage, _Mapping]] = ..., file_source: _Optional[_Union[FileSource, _Mapping]] = ..., file_target: _Optional[_Union[FileTarget, _Mapping]] = ..., upload_request: _Optional[_Union[UploadRequest, _Mapping]] = ..., end_transfer: _Optional[_Union[EndTransfer, _Mapping]] = ...) -> None: ...
+    tune: Tune
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., task: _Optional[_Union[TaskRequest, _Mapping]] = ..., terminate: _Optional[_Union[TerminateTask, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., data_servers: _Optional[_Union[_data_pb2.DataServerView, _Mapping]] = ..., plugin_message: _Optional[_Union[_data_pb2.PluginMessage, _Mapping]] = ..., file_source: _Optional[_Union[FileSource, _Mapping]] = ..., file_target: _Optional[_Union[FileTarget, _Mapping]] = ..., upload_request: _Optional[_Union[UploadRequest, _Mapping]] = ..., end_transfer: _Optional[_Union[EndTransfer, _Mapping]] = ..., tune: _Optional[_Union[Tune, _Mapping]] = ...) -> None: ...
 
 class FileEntry(_message.Message):
     __slots__ = ("index", "rel_path", "is_dir", "size", "mode", "md5", "torrent", "info_hash")

@@ -32,6 +32,8 @@ REDIRECTS = Counter("gse_taskserver_agent_redirect_total", "Agents sent to a les
 REFUSED = Counter("gse_taskserver_agent_refused_total", "Agent streams refused", ["reason"])
 HEARTBEATS = Counter("gse_taskserver_heartbeat_total", "Heartbeats received")
 
+MAX_SPREAD_S = 120.0
+
 
 
 class AgentSession:
@@ -104,7 +106,7 @@ class AgentAccess:
 
     def __init__(self, node_id: str, parent_ip: str, parent_port: int, writer: BatchWriter, *,
                  session_ttl_ms: int, heartbeat_interval_s: float, heartbeat_misses: int, hello_timeout_s: float,
-                 balancer=None, on_report=None, on_attach=None):
+                 balancer=None, on_report=None, on_attach=None, reconnect_rate: float = 1000.0):
         self.node_id = node_id
         self.parent_ip = parent_ip
         self.parent_port = parent_port
@@ -120,6 +122,8 @@ class AgentAccess:
         self.hello_timeout_s = hello_timeout_s
         self.balancer = balancer
         self.sessions: dict[str, AgentSession] = {}
+        self.reconnect_rate = reconnect_rate
+        self.told_spread_ms = 0             # the reconnect spread the attached agents were last told
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(self.SERVICE, {
@@ -130,6 +134,25 @@ class AgentAccess:
     @property
     def load(self) -> int:
         return len(self.sessions)
+
+    def spread_ms(self) -> int:
+        """How long the agents held here should spread their reconnects over if this server goes away: its
+        load over the rate at which a peer can take agents (TLS handshakes, hellos, session writes),
+        at most MAX_SPREAD_S. Without it, thousands of agents come back within the first second of
+        their backoff and most handshakes time out and are retried: the storm feeds itself."""
+        if self.reconnect_rate <= 0:
+            return 0
+        return int(1000 * min(MAX_SPREAD_S, self.load / self.reconnect_rate))
+
+    def retune(self) -> None:
+        """Tell every attached agent the reconnect spread when the load has moved it by half or more."""
+        now = self.spread_ms()
+        told = self.told_spread_ms
+        if (now >= 2 * told or 2 * now <= told) and abs(now - told) >= 1000:
+            frame = pb.ServerFrame(tune=pb.Tune(reconnect_spread_ms=now)).SerializeToString()
+            for s in list(self.sessions.values()):
+                s.send(frame)
+            self.told_spread_ms = now
 
     def deadline_ms(self, at_ms: int) -> int:
         return at_ms + int(self.hb_interval_s * 1000 * self.hb_misses) + 1000
@@ -183,7 +206,8 @@ class AgentAccess:
             }, self.ttl_ms)
             session.send(pb.ServerFrame(welcome=pb.Welcome(
                 node_id=self.node_id, heartbeat_interval_ms=int(self.hb_interval_s * 1000),
-                parent_ip=self.parent_ip, parent_port=self.parent_port)).SerializeToString())
+                parent_ip=self.parent_ip, parent_port=self.parent_port,
+                reconnect_spread_ms=max(self.spread_ms(), self.told_spread_ms))).SerializeToString())
             if self.on_attach is not None:
                 self.on_attach(session)
             await self._read(session, context)

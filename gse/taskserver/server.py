@@ -51,6 +51,7 @@ class TaskServerConfig(BaseConfig):
     flush_interval_s: float = 0.01      # least time between two batch writes to dbproxy (group commit)
     ack_quiet_s: float = 0.2            # result acknowledgements go out once reports were quiet this long...
     ack_max_delay_s: float = 2.0        # ... or when the oldest waiting one is this old
+    reconnect_rate: float = 1000.0      # agents/s a peer can take if this server fails (agents spread over load/rate)
     load_report_interval_s: float = 2.0
     data_view_interval_s: float = 30.0  # data server loads are told to agents at most this often
     balance: BalanceConfig = BalanceConfig()
@@ -62,6 +63,8 @@ class TaskServerConfig(BaseConfig):
             raise ConfigError("heartbeat_interval_s must be positive")
         if self.heartbeat_misses < 1:
             raise ConfigError("heartbeat_misses must be at least 1")
+        if self.reconnect_rate < 0:
+            raise ConfigError("reconnect_rate must be >= 0 (0: agents are told no spread)")
         if not 0 <= self.ack_quiet_s <= self.ack_max_delay_s <= 60:
             raise ConfigError("need 0 <= ack_quiet_s <= ack_max_delay_s <= 60")
 
@@ -116,6 +119,7 @@ class TaskServerService(Service):
         self.access = AgentAccess(self.node_id, self.advertise, self.agent_port, self.writer,
                                   session_ttl_ms=int(c.session_ttl_s * 1000), heartbeat_interval_s=c.heartbeat_interval_s, heartbeat_misses=c.heartbeat_misses,
                                   hello_timeout_s=c.hello_timeout_s, balancer=self.balancer,
+                                  reconnect_rate=c.reconnect_rate,
                                   on_report=ResultRecorder(self.writer, int(c.result_ttl_s * 1000), self.acks).on_report)
         self.agent_server.add_generic_rpc_handlers((self.access.handler(),))
         health = rpc.add_health(self.agent_server)
@@ -174,6 +178,7 @@ class TaskServerService(Service):
     async def _report_load(self) -> None:
         while True:
             await asyncio.sleep(self.config.load_report_interval_s)
+            self.access.retune()
             await self.discovery.update(self.name, self.node_id, self._registration())
 
     async def _rebalance(self) -> None:
