@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import yaml
@@ -112,6 +113,67 @@ class Network:
         self.close()
 
 
+class LinkSampler:
+    """Samples every host link's bytes each `interval` s (from the bridge side: rx = what the host uploaded, tx =
+    what it downloaded) and the machine's CPU idle share, in a thread, until stopped."""
+
+    def __init__(self, hosts: int, interval: float = 1.0):
+        self.hosts = hosts
+        self.interval = interval
+        self.samples: list[tuple[float, list[int], list[int], float]] = []   # (t, up[], down[], cpu idle 0-1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.t0 = 0.0
+
+    @staticmethod
+    def _read(path: str) -> int:
+        with open(path) as f:
+            return int(f.read())
+
+    @staticmethod
+    def _cpu() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v)
+
+    def _snap(self) -> tuple[list[int], list[int], tuple[int, int]]:
+        up = [self._read(f"/sys/class/net/gbv{i}/statistics/rx_bytes") for i in range(self.hosts)]
+        down = [self._read(f"/sys/class/net/gbv{i}/statistics/tx_bytes") for i in range(self.hosts)]
+        return up, down, self._cpu()
+
+    def start(self, t0: float) -> None:
+        self.t0 = t0
+        self._thread.start()
+
+    def _run(self) -> None:
+        prev = self._snap()
+        nxt = time.monotonic()
+        while not self._stop.is_set():
+            nxt += self.interval
+            self._stop.wait(max(0.0, nxt - time.monotonic()))
+            cur = self._snap()
+            idle, total = cur[2][0] - prev[2][0], cur[2][1] - prev[2][1]
+            self.samples.append((round(time.monotonic() - self.t0, 2),
+                                 [a - b for a, b in zip(cur[0], prev[0])], [a - b for a, b in zip(cur[1], prev[1])],
+                                 idle / total if total else 0.0))
+            prev = cur
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self, rate_bytes: float) -> list[dict]:
+        """Per sample: the source's upload, the targets' mean/min/max upload and download (shares of the link)."""
+        rows = []
+        for t, up, down, idle in self.samples:
+            cap = rate_bytes * self.interval
+            tu, td = up[1:], down[1:]
+            rows.append({"t": t, "src_up": round(up[0] / cap, 2), "tgt_up_mean": round(sum(tu) / len(tu) / cap, 2),
+                         "tgt_down_mean": round(sum(td) / len(td) / cap, 2), "tgt_down_min": round(min(td) / cap, 2),
+                         "tgt_down_max": round(max(td) / cap, 2), "cpu_idle": round(idle, 2)})
+        return rows
+
+
 def in_host(ns: str, cmd: list[str], private_dest: bool = False) -> list[str]:
     """The command line that runs `cmd` in host namespace `ns` (with a private tmpfs at DEST)."""
     if not private_dest:
@@ -120,7 +182,8 @@ def in_host(ns: str, cmd: list[str], private_dest: bool = False) -> list[str]:
     return ["ip", "netns", "exec", ns, "unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *cmd]
 
 
-def run_ours(n: int, size: int, src_path: str, rate: int, work: str, mtu: int = 1500) -> dict:
+def run_ours(n: int, size: int, src_path: str, rate: int, work: str, mtu: int = 1500,
+             timeline: bool = False) -> dict:
     with Network(rate, mtu) as net:
         c = Cluster(os.path.join(work, f"ours-{n}"), heartbeat_interval_s=5)
         init_certs(c.certs_dir, sans=[SERVER_IP], force=True)
@@ -158,7 +221,9 @@ def run_ours(n: int, size: int, src_path: str, rate: int, work: str, mtu: int = 
             wait_for(lambda: (r := call("/api/v2/cluster/list_agent_state", {"agent_id_list": ids}))["code"] == 0
                      and sum(d["status_code"] == 2 for d in r["data"]) == len(ids), 60, "agents alive", interval=0.5)
             before = net.tx_bytes(net.hosts[0])
+            sampler = LinkSampler(n + 1)
             t0 = time.monotonic()
+            sampler.start(t0)
             r = call("/api/v2/task/async_transfer_file", {"timeout_seconds": 1800, "auto_mkdir": True, "tasks": [{
                 "source": {"file_name": os.path.basename(src_path), "store_dir": os.path.dirname(src_path),
                            "agent": {"bk_agent_id": ids[0]}},
@@ -179,9 +244,13 @@ def run_ours(n: int, size: int, src_path: str, rate: int, work: str, mtu: int = 
                     raise TimeoutError("transfer did not finish")
                 time.sleep(0.2)
             uploaded = net.tx_bytes(net.hosts[0]) - before
+            sampler.stop()
             types = sorted({i["content"]["type"] for i in res["data"]["result"]})
-            return {"last_s": round(max(finish.values()), 2), "first_s": round(min(finish.values()), 2),
-                    "source_upload_ratio": round(uploaded / size, 2), "types": types}
+            out = {"last_s": round(max(finish.values()), 2), "first_s": round(min(finish.values()), 2),
+                   "source_upload_ratio": round(uploaded / size, 2), "types": types}
+            if timeline:
+                out["timeline"] = sampler.summary(rate * 1e6 / 8)
+            return out
         finally:
             c.stop()
 
@@ -246,6 +315,9 @@ def main() -> int:
     p.add_argument("--size-mb", type=int, default=200)
     p.add_argument("--rate-mbit", type=int, default=100)
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--timeline", action="store_true", help="also sample every host link once a second and print "
+                   "the source's and the targets' upload and download as shares of the link, and the CPU idle share")
+    p.add_argument("--keep-work", action="store_true", help="keep the work directory (daemon and agent logs)")
     p.add_argument("--mtu", type=int, default=1500, help="MTU of the simulated links (9000: jumbo frames, "
                    "less per-packet kernel work on this one machine)")
     args = p.parse_args()
@@ -269,10 +341,14 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     try:
         for n in args.hosts:
-            ours = run_ours(n, size, src, args.rate_mbit, work, args.mtu)
+            ours = run_ours(n, size, src, args.rate_mbit, work, args.mtu, args.timeline)
+            for r in ours.get("timeline", []):
+                print("  " + " ".join(f"{k}={v}" for k, v in r.items()), flush=True)
             row = {"hosts": n, "ours_last_s": ours["last_s"], "ours_vs_limit": round(ours["last_s"] / limit, 2),
                    "ours_source_upload_ratio": ours["source_upload_ratio"], "ours_types": ours["types"],
                    "ours_first_s": ours["first_s"]}
+            if "timeline" in ours:
+                row["ours_timeline"] = ours["timeline"]
             if not args.skip_baseline:
                 base = run_baseline(n, size, src, args.rate_mbit, args.mtu)
                 row.update(baseline_last_s=base["last_s"], baseline_vs_limit=round(base["last_s"] / limit, 2),
@@ -284,7 +360,10 @@ def main() -> int:
                      f"{row['baseline_source_upload_ratio']}x" if not args.skip_baseline else ""), flush=True)
     finally:
         Network.cleanup_stale()
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep_work:
+            print(f"work directory (logs) kept: {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"bench": "file_distribution", "size_bytes": size, "rate_mbit": args.rate_mbit, "mtu": args.mtu,
                       "physical_limit_s": round(limit, 2), "results": results}))
     return 0

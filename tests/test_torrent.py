@@ -199,6 +199,37 @@ async def test_torrent_rate_limit_and_remove_deletes_part_file(tmp_path):
             await down.wait_complete(timeout=1)
 
 
+async def test_torrent_striped_downloads_share_and_complete(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    data = write_random(src / "f.bin", 6 * MB)
+    torrent = await make_torrent(str(src / "f.bin"), piece_size=256 * 1024)
+
+    async with sessions("127.0.0.51", "127.0.0.52", "127.0.0.53", "127.0.0.54") as (seed_s, a_s, b_s, c_s):
+        await seed_s.seed(torrent, str(src / "f.bin"))
+        downs = []
+        for name, s, k in (("a", a_s, 0), ("b", b_s, 1)):
+            d = tmp_path / name
+            d.mkdir()
+            downs.append((s, d, await s.download(torrent, str(d), stripe=(k, 2))))
+        a = downs[0][2]
+        assert a.handle.get_piece_priorities()[:4] == [7, 0, 7, 0]   # the other share waits for a holder
+        for s, _d, t in downs:
+            s.add_peer(t, *seed_s.listen_address)
+        a_s.add_peer(a, *b_s.listen_address)
+        for s, _d, t in downs:
+            await t.wait_complete(timeout=30)
+            assert open(await s.commit(t, "f.bin"), "rb").read() == data
+
+        # A stripe whose other targets never show up: once its own share is in, it takes the rest from the source.
+        d = tmp_path / "c"
+        d.mkdir()
+        c = await c_s.download(torrent, str(d), stripe=(2, 3))
+        c_s.add_peer(c, *seed_s.listen_address)
+        await c.wait_complete(timeout=30)
+        assert open(await c_s.commit(c, "f.bin"), "rb").read() == data
+
+
 async def test_torrent_rejects_bad_input(tmp_path):
     with pytest.raises(TorrentError):
         await make_torrent(str(tmp_path / "missing"))

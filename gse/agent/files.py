@@ -36,7 +36,6 @@ log = logging.getLogger("gse.agent.files")
 
 CHUNK = 1024 * 1024
 REPORT_EVERY_S = 1.0
-SUPER_SEED_MIN_TARGETS = 4      # measured: 16 targets, the source uploads 1.04x the file instead of 1.81x
 
 
 class FileError(Exception):
@@ -320,8 +319,8 @@ class FileManager:
                     from .torrent import info_hash, make_torrent
                     e.torrent = await make_torrent(path)
                     e.info_hash = info_hash(e.torrent)
-                    state.torrents.append(await self._seed(e.torrent, path, url, req.upload_rate,
-                                                           super_seeding=req.targets >= SUPER_SEED_MIN_TARGETS))
+                    # A plain seed: the targets share the pieces out among themselves (see _stripe).
+                    state.torrents.append(await self._seed(e.torrent, path, url, req.upload_rate))
             manifest.entries.extend(e for e, _p in entries)
         except FileError as exc:
             manifest.error_code, manifest.error_msg = exc.code, exc.message
@@ -330,10 +329,8 @@ class FileManager:
             manifest.error_code, manifest.error_msg = ts.E_FAILED, f"source failed: {exc!r}"
         self.agent.send(pb.AgentFrame(file_manifest=manifest))
 
-    async def _seed(self, torrent_bytes: bytes, path: str, url: str, rate: int, super_seeding: bool = False):
+    async def _seed(self, torrent_bytes: bytes, path: str, url: str, rate: int):
         """Seed `path`; a file another live transfer already seeds is shared (one torrent, its trackers added)."""
-        import libtorrent as lt
-
         from .torrent import info_hash
         session = await self.session()
         ih = info_hash(torrent_bytes)
@@ -342,11 +339,9 @@ class FileManager:
             existing = next((t for t in session.torrents() if t.info_hash == ih and not t.removed
                              and t.handle is not None and t.handle.is_valid()), None)
             if existing is not None:
-                # Peers of different transfers never meet: super-seeding would starve them.
-                existing.handle.unset_flags(lt.torrent_flags.super_seeding)
                 existing.handle.add_tracker({"url": url})
                 return existing
-            return await session.seed(torrent_bytes, path, url, upload_rate_limit=rate, super_seeding=super_seeding)
+            return await session.seed(torrent_bytes, path, url, upload_rate_limit=rate)
 
     async def _upload(self, req: pb.FileSource, index: int, path: str) -> None:
         size = os.path.getsize(path)
@@ -471,6 +466,19 @@ class FileManager:
         distinct between agents that share a filesystem."""
         return hashlib.md5(f"{ft.transfer_id}/{self.agent.agent_id}".encode()).hexdigest()[:12]
 
+    def _stripe(self, ft: pb.FileTarget) -> tuple[int, int] | None:
+        """This target's share of the pieces to fetch from the source: (k, n) = every n-th piece from piece k.
+
+        Every target knows the transfer's members (their tokens); sorted, they give each target its own k. Each
+        target then asks the source for its own share only and takes every other piece from whichever target has
+        it (TorrentSession.download), so the source sends each piece about once and every target forwards its
+        share to the others: with N targets each uploads ~(N-1)/N of the file while it downloads.
+        """
+        targets = sorted(m for m in ft.tokens if m != ft.source_agent_id)
+        if self.agent.agent_id not in targets or len(targets) < 2:
+            return None
+        return targets.index(self.agent.agent_id), len(targets)
+
     def _owner(self, ft: pb.FileTarget) -> tuple[int, int]:
         name = ft.owner or ft.user or "root"
         try:
@@ -558,7 +566,8 @@ class FileManager:
             torrent = await session.download(e.torrent, os.path.dirname(final), url, on_progress=on_progress,
                                              tmp_name=f".gse-{self._tag(ft)}-{e.index}.bt.part",
                                              download_rate_limit=ft.download_rate,
-                                             upload_rate_limit=ft.upload_rate, max_connections=ft.max_connections)
+                                             upload_rate_limit=ft.upload_rate, max_connections=ft.max_connections,
+                                             stripe=self._stripe(ft))
         except TorrentError as exc:
             # e.g. this agent already moves the same file in another live transfer: go direct instead.
             log.warning("BitTorrent unavailable for this entry; direct mode",

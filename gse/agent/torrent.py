@@ -36,6 +36,7 @@ ALERT_WAIT = 10.0  # bound on waiting for one libtorrent answer (rename, remove,
 _CAT = lt.alert.category_t
 _ALERT_MASK = (_CAT.status_notification | _CAT.error_notification | _CAT.peer_notification
                | _CAT.storage_notification | _CAT.tracker_notification)
+TOP_PRIORITY, DEFAULT_PRIORITY, HELD = 7, 4, 0  # libtorrent piece priorities: 7 goes first, 0 is not wanted
 _CREATE_V1_ONLY = 64  # lt::create_torrent::v1_only; not exported by the 2.1 bindings' create_torrent_flags_t
 
 _STATE_NAMES = {
@@ -131,6 +132,8 @@ class Torrent:
         self._complete: asyncio.Future[None] = loop.create_future()
         self._finished_seen = False
         self._pending: dict[str, asyncio.Future] = {}  # "rename" / "remove" / "delete" waiters
+        self._stripe: list[int] = []   # pieces this download takes first (from the source), see download()
+        self._held: set[int] = set()   # pieces not wanted yet: no other target has them so far
 
     @property
     def path(self) -> str:
@@ -208,6 +211,27 @@ class Torrent:
             else:
                 fut.set_exception(TorrentError(error))
 
+    def _release_held(self) -> None:
+        """Wants the held-back pieces that some other target has by now (all of them once our stripe is in)."""
+        h = self.handle
+        if not self._held or h is None or not h.is_valid():
+            return
+        if all(h.have_piece(i) for i in self._stripe):
+            self._release_all()
+            return
+        avail = h.piece_availability()   # per piece: connected peers that have it, seeds included
+        seeds = h.status(0).num_seeds
+        ready = [i for i in self._held if avail[i] > seeds]
+        if ready:
+            self._held.difference_update(ready)
+            h.prioritize_pieces([(i, DEFAULT_PRIORITY) for i in ready])
+
+    def _release_all(self) -> None:
+        held, self._held = self._held, set()
+        h = self.handle
+        if held and h is not None and h.is_valid():
+            h.prioritize_pieces([(i, DEFAULT_PRIORITY) for i in held])
+
     def _dispatch(self, a: lt.alert) -> None:
         if isinstance(a, lt.hash_failed_alert):
             self.hash_failures += 1
@@ -215,6 +239,10 @@ class Torrent:
                 # In seed mode libtorrent verifies each piece on first request: the file changed since hashing.
                 self._fail(f"source file does not match its torrent (piece {a.piece_index} failed its hash)")
         elif isinstance(a, lt.torrent_finished_alert):
+            if self._held or (self._stripe and self.handle is not None and not self.handle.status(0).is_seeding):
+                # Every wanted piece is in, but some were still held back: want them all; not complete yet.
+                self._release_all()
+                return
             if self.role == "download" and not self._finished_seen:
                 self._finished_seen = True
                 # All pieces passed; have the disk cache written out before anyone reads or renames the file.
@@ -272,6 +300,10 @@ class TorrentSession:
             "announce_to_all_trackers": True,
             "announce_to_all_tiers": True,
             "user_agent": "gse-agent",
+            # Every peer is a member of the same transfer: upload to all that ask. libtorrent's default of 8
+            # unchoke slots leaves half of 16 targets waiting on the source (bench/file_distribution.py, 200 MB
+            # to 16 hosts at 100 Mbit/s: 28.2 s with 8 slots, 22.5 s unlimited, one run each).
+            "unchoke_slots_limit": -1,
         }
         ip = ipaddress.ip_address(host)  # raises ValueError for a name: interfaces are given as addresses
         if not ip.is_unspecified:
@@ -367,8 +399,9 @@ class TorrentSession:
         else:
             atp.flags |= lt.torrent_flags.seed_mode
         if super_seeding:
-            # BEP 16: offer each peer pieces nobody has yet, so that the source uploads the file about once.
-            # Only for a swarm whose peers reach each other (several targets of one transfer).
+            # BEP 16: offer each peer pieces nobody has yet. Not used for transfers: libtorrent 2.1 drops the two
+            # offers it makes during the handshake and offers a first piece only after a peer stayed uninterested
+            # for 10 s, so every transfer would start 10 s late; striped downloads (download()) do the same job.
             atp.flags |= lt.torrent_flags.super_seeding
         if upload_rate_limit > 0:
             atp.upload_limit = upload_rate_limit
@@ -381,11 +414,16 @@ class TorrentSession:
     async def download(self, torrent_bytes: bytes, dest_dir: str, tracker_url: str | None = None, *,
                        on_progress: Callable[[Progress], None] | None = None, tmp_name: str | None = None,
                        download_rate_limit: int = 0, upload_rate_limit: int = 0,
-                       max_connections: int = 0) -> Torrent:
+                       max_connections: int = 0, stripe: tuple[int, int] | None = None) -> Torrent:
         """Starts downloading into dest_dir under `tmp_name` (default `.gse-<info_hash>.part`).
 
         Await `Torrent.wait_complete()`, then `commit()` to move it to its final name. A .part file left by an
         earlier attempt is checked and resumed.
+
+        stripe=(k, n), for one of n targets of a transfer: pieces k, k+n, k+2n, ... are this target's share and go
+        first; every other piece is wanted only once some other peer than a seed has it, so this target never
+        asks the source for another target's share while that target is still fetching it. Once the share is
+        in, every missing piece is wanted from anyone (so a target that went away delays, never blocks, the rest).
         """
         ti = _torrent_info(torrent_bytes)
         if ti.num_files() != 1:
@@ -403,7 +441,15 @@ class TorrentSession:
             atp.upload_limit = upload_rate_limit
         if max_connections > 0:
             atp.max_connections = max_connections
-        return await self._add(atp, ti, "download", save_path, name, on_progress)
+        mine: list[int] = []
+        if stripe is not None:
+            k, n = stripe
+            if not 0 <= k < n:
+                raise ValueError(f"stripe {k} of {n}")
+            mine = list(range(k, ti.num_pieces(), n)) if n > 1 else []
+            if mine:
+                atp.piece_priorities = [TOP_PRIORITY if i % n == k else HELD for i in range(ti.num_pieces())]
+        return await self._add(atp, ti, "download", save_path, name, on_progress, stripe=mine)
 
     async def commit(self, torrent: Torrent, final_name: str) -> str:
         """Renames a complete download to `final_name` in its directory (atomic; seeding goes on); returns the path."""
@@ -459,7 +505,7 @@ class TorrentSession:
         return atp
 
     async def _add(self, atp: lt.add_torrent_params, ti: lt.torrent_info, role: str, save_path: str, name: str,
-                   on_progress: Callable[[Progress], None] | None) -> Torrent:
+                   on_progress: Callable[[Progress], None] | None, stripe: list[int] | None = None) -> Torrent:
         if self._ses is None or self._pump is None:
             raise TorrentError("torrent session is not started")
         ih = ti.info_hashes().v1.to_bytes()
@@ -467,6 +513,9 @@ class TorrentSession:
             raise TorrentError(f"torrent {ih.hex()} is already in this session")
         t = Torrent(self, ih, role, save_path, name, on_progress)
         t._total_size = ti.total_size()
+        if stripe:
+            t._stripe = stripe
+            t._held = set(range(ti.num_pieces())) - set(stripe)
         self._torrents[ih] = t  # registered before adding, so no early alert is lost
         try:
             t.handle = await asyncio.to_thread(self._ses.add_torrent, atp)
@@ -494,6 +543,9 @@ class TorrentSession:
         ses = self._ses
         if ses is None:
             return
+        for t in self._torrents.values():
+            if t._held:
+                t._release_held()
         for a in ses.pop_alerts():
             try:
                 self._dispatch(a)
