@@ -72,6 +72,8 @@ class SimAgent:
                                uptime_s=3600, proc_count=100, disk_total=100 << 30, disk_used=10 << 30)
         self.heartbeat = pb.AgentFrame(heartbeat=pb.Heartbeat(seq=1, cpu_rate=0.1, mem_rate=0.2,
                                                               host=snap)).SerializeToString()
+        self.liveness = pb.AgentFrame(heartbeat=pb.Heartbeat(seq=2, cpu_rate=0.1, mem_rate=0.2)).SerializeToString()
+        self.host_every = 1
 
     def hello(self, redirects: int) -> bytes:
         return pb.AgentFrame(hello=pb.AgentHello(redirects=redirects, **self.hello_fields)).SerializeToString()
@@ -127,6 +129,7 @@ class SimAgent:
             self.stats.attached += 1
             interval = first.welcome.heartbeat_interval_ms / 1000 or self.heartbeat_s
             self.spread_s = first.welcome.reconnect_spread_ms / 1000
+            self.host_every = max(1, first.welcome.host_snapshot_every)
             beat = asyncio.ensure_future(self.beat(call, interval))
             while True:
                 frame = await call.read()
@@ -148,9 +151,12 @@ class SimAgent:
 
     async def beat(self, call, interval: float) -> None:
         await asyncio.sleep(random.uniform(0, interval))     # spread heartbeats over the interval
+        seq = 0
         while True:
+            # as the real agent: the host snapshot on one heartbeat in host_every, liveness on the others
             async with self.write_lock:
-                await call.write(self.heartbeat)
+                await call.write(self.heartbeat if seq % self.host_every == 0 else self.liveness)
+            seq += 1
             await asyncio.sleep(interval)
 
     async def on_frame(self, call, frame) -> None:

@@ -12,7 +12,10 @@ JSON line:
   rss_mb_per_1k             task servers' RSS (sum) per 1,000 agents
   broadcast_p50_s / _max_s  async_execute_script to all N until every result is readable, over --rounds
   reconnect_s               (K >= 2) SIGKILL one task server: until all its agents are alive again elsewhere
-                            (alive with another parent in list_agent_info)
+                            (alive with another parent in list_agent_info); null if not within
+                            --reconnect-timeout; also reconnect_99_s, reconnected_at_60s, reconnected_agents
+                            of reconnect_moved (a process here holds at most ~19,900 connections: with
+                            N=20,000 and K=2 the survivor cannot hold all of them)
   lost_results              results that never arrived (or did not succeed)
   broadcast_cpu_us_per_target
                             CPU per broadcast target by component (task servers, simulators, dbproxy, redis,
@@ -142,6 +145,7 @@ def main() -> int:
                         "handles besides the survivor's own agents)")
     p.add_argument("--attach-timeout", type=float, default=600.0)
     p.add_argument("--no-reconnect", action="store_true")
+    p.add_argument("--reconnect-timeout", type=float, default=180.0)
     args = p.parse_args()
     n, k = args.agents, args.taskservers
     workers = args.workers or max(2, (n + 2499) // 2500)
@@ -213,16 +217,28 @@ def main() -> int:
             t0 = time.monotonic()
             victim.kill()
 
-            def reattached() -> bool:
+            moved_set = set(moved)
+            out["reconnect_moved"] = len(moved)
+            out["reconnect_s"] = out["reconnect_99_s"] = None
+            at60 = None
+            while time.monotonic() - t0 < args.reconnect_timeout:
+                time.sleep(1.0)
                 now = api.parents(moved)
-                return all(now.get(a, (0, vport))[0] == 2 and now[a][1] != vport for a in moved)
-
-            wait_for(reattached, 600, f"the {len(moved)} agents of the killed task server alive elsewhere",
-                     interval=1.0)
-            out["reconnected_agents"] = len(moved)
-            out["reconnect_s"] = round(time.monotonic() - t0, 2)
-            print(f"reconnect: the {len(moved)} agents of the killed task server alive elsewhere "
-                  f"{out['reconnect_s']} s after its SIGKILL", flush=True)
+                back = sum(1 for a in moved_set if now.get(a, (0, vport))[0] == 2 and now[a][1] != vport)
+                el = time.monotonic() - t0
+                if at60 is None and el >= 60:
+                    at60 = back
+                if out["reconnect_99_s"] is None and back >= 0.99 * len(moved):
+                    out["reconnect_99_s"] = round(el, 2)
+                if back == len(moved):
+                    out["reconnect_s"] = round(el, 2)
+                    break
+            out["reconnected_at_60s"] = at60 if at60 is not None else back
+            out["reconnected_agents"] = back
+            print(f"reconnect: {back} of the {len(moved)} agents of the killed task server alive elsewhere; "
+                  f"99 % after {out['reconnect_99_s']} s, all after {out['reconnect_s']} s "
+                  f"(null: not within {args.reconnect_timeout:.0f} s); {out['reconnected_at_60s']} at 60 s",
+                  flush=True)
     finally:
         stop_workers(procs)
         c.stop()

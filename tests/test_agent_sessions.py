@@ -201,3 +201,24 @@ def test_reconnect_spread_follows_the_servers_load(make_cluster):
     second = c.start_agent(servers=[ts.info["address"]])
     wait_for(lambda: spreads(second) == [4.0], 15, "the second agent told 4 s at attach")
     wait_for(lambda: spreads(first) == [2.0, 4.0], 15, "the first agent retuned to 4 s")
+
+
+def test_host_snapshot_rides_on_some_heartbeats_liveness_on_all(make_cluster):
+    """With host_snapshot_interval_s = 3 heartbeats, report_time moves at every heartbeat and the host
+    snapshot (sent on the first heartbeat, then one in three) stays in the record in between."""
+    c = make_cluster()
+    c.start_dbproxy()
+    ts = c.start_taskserver(host_snapshot_interval_s=3 * HEARTBEAT_S)
+    c.start_apiserver()
+    api = api_for(c)
+    agent = c.start_agent(servers=[ts.info["address"]])
+    aid = agent.info["bk_agent_id"]
+    api.wait_alive([aid])
+    seen = set()
+    deadline = time.monotonic() + 8 * HEARTBEAT_S
+    while time.monotonic() < deadline:
+        info = api.infos([aid])[aid]
+        assert info["cpu_num"] >= 1 and info["mem_size"] > 0      # never erased by a liveness heartbeat
+        seen.add(info["report_time"])
+        time.sleep(HEARTBEAT_S / 3)
+    assert len(seen) >= 5                                          # liveness at every heartbeat

@@ -149,7 +149,11 @@ class HostSampler:
         self.proc.cpu_percent(None)
         psutil.cpu_percent(None)
 
-    def sample(self) -> tuple[float, float, pb.HostSnapshot]:
+    def sample(self, with_host: bool = True) -> tuple[float, float, pb.HostSnapshot | None]:
+        """The agent's own cpu and memory percent, and the host snapshot (None unless `with_host`; host cpu
+        is then the average since the previous snapshot)."""
+        if not with_host:
+            return self.proc.cpu_percent(None), self.proc.memory_percent(), None
         vm = psutil.virtual_memory()
         try:
             du = psutil.disk_usage("/")
@@ -312,7 +316,7 @@ class Agent(Service):
             interval = (w.heartbeat_interval_ms / 1000) or self.config.heartbeat_interval_s
             self._out = asyncio.Queue()
             writer = asyncio.ensure_future(self._write(call, self._out))
-            beat = asyncio.ensure_future(self._heartbeats(interval))
+            beat = asyncio.ensure_future(self._heartbeats(interval, w.host_snapshot_every))
             self.tasks.on_attach()
             self.files.on_attach()
             while True:
@@ -376,13 +380,18 @@ class Agent(Service):
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             log.debug("stream write ended", extra={"error": repr(exc)})
 
-    async def _heartbeats(self, interval: float) -> None:
+    async def _heartbeats(self, interval: float, host_every: int = 1) -> None:
         seq = 0
-        # The first heartbeat goes at once so that the server has the host snapshot without waiting.
+        # The first heartbeat goes at once so that the server has the host snapshot without waiting; then the
+        # snapshot rides on one heartbeat in `host_every` (the server's choice), the others carry liveness.
         while True:
-            cpu, mem, snap = await asyncio.to_thread(self.sampler.sample)
+            with_host = seq % max(1, host_every) == 0
+            cpu, mem, snap = await asyncio.to_thread(self.sampler.sample, with_host)
             seq += 1
-            self.send(pb.AgentFrame(heartbeat=pb.Heartbeat(seq=seq, cpu_rate=cpu, mem_rate=mem, host=snap)))
+            hb = pb.Heartbeat(seq=seq, cpu_rate=cpu, mem_rate=mem)
+            if snap is not None:
+                hb.host.CopyFrom(snap)
+            self.send(pb.AgentFrame(heartbeat=hb))
             await asyncio.sleep(interval)
 
     async def stop(self, grace: float) -> None:

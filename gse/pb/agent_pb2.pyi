@@ -192,18 +192,20 @@ class AgentFrame(_message.Message):
     def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., report: _Optional[_Union[TaskReport, _Mapping]] = ..., plugin_reply: _Optional[_Union[_data_pb2.PluginReply, _Mapping]] = ..., file_manifest: _Optional[_Union[FileManifest, _Mapping]] = ..., file_report: _Optional[_Union[FileReport, _Mapping]] = ..., need_direct: _Optional[_Union[NeedDirect, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("node_id", "heartbeat_interval_ms", "parent_ip", "parent_port", "reconnect_spread_ms")
+    __slots__ = ("node_id", "heartbeat_interval_ms", "parent_ip", "parent_port", "reconnect_spread_ms", "host_snapshot_every")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     PARENT_IP_FIELD_NUMBER: _ClassVar[int]
     PARENT_PORT_FIELD_NUMBER: _ClassVar[int]
     RECONNECT_SPREAD_MS_FIELD_NUMBER: _ClassVar[int]
+    HOST_SNAPSHOT_EVERY_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     heartbeat_interval_ms: int
     parent_ip: str
     parent_port: int
     reconnect_spread_ms: int
-    def __init__(self, node_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., parent_ip: _Optional[str] = ..., parent_port: _Optional[int] = ..., reconnect_spread_ms: _Optional[int] = ...) -> None: ...
+    host_snapshot_every: int
+    def __init__(self, node_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., parent_ip: _Optional[str] = ..., parent_port: _Optional[int] = ..., reconnect_spread_ms: _Optional[int] = ..., host_snapshot_every: _Optional[int] = ...) -> None: ...
 
 class Tune(_message.Message):
     __slots__ = ("reconnect_spread_ms",)

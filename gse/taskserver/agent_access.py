@@ -106,7 +106,8 @@ class AgentAccess:
 
     def __init__(self, node_id: str, parent_ip: str, parent_port: int, writer: BatchWriter, *,
                  session_ttl_ms: int, heartbeat_interval_s: float, heartbeat_misses: int, hello_timeout_s: float,
-                 balancer=None, on_report=None, on_attach=None, reconnect_rate: float = 1000.0):
+                 balancer=None, on_report=None, on_attach=None, reconnect_rate: float = 1000.0,
+                 host_snapshot_every: int = 1):
         self.node_id = node_id
         self.parent_ip = parent_ip
         self.parent_port = parent_port
@@ -123,6 +124,7 @@ class AgentAccess:
         self.balancer = balancer
         self.sessions: dict[str, AgentSession] = {}
         self.reconnect_rate = reconnect_rate
+        self.host_snapshot_every = host_snapshot_every
         self.told_spread_ms = 0             # the reconnect spread the attached agents were last told
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -207,7 +209,8 @@ class AgentAccess:
             session.send(pb.ServerFrame(welcome=pb.Welcome(
                 node_id=self.node_id, heartbeat_interval_ms=int(self.hb_interval_s * 1000),
                 parent_ip=self.parent_ip, parent_port=self.parent_port,
-                reconnect_spread_ms=max(self.spread_ms(), self.told_spread_ms))).SerializeToString())
+                reconnect_spread_ms=max(self.spread_ms(), self.told_spread_ms),
+                host_snapshot_every=self.host_snapshot_every)).SerializeToString())
             if self.on_attach is not None:
                 self.on_attach(session)
             await self._read(session, context)
@@ -249,6 +252,12 @@ class AgentAccess:
     def _heartbeat(self, session: AgentSession, hb) -> None:
         HEARTBEATS.inc()
         at = now_ms()
+        if not hb.HasField("host"):
+            # Liveness only (the host snapshot comes on one heartbeat in host_snapshot_every).
+            self.writer.hset(agent_key(session.agent_id), {
+                "report_time": at, "deadline": self.deadline_ms(at), "online": 1,
+                "cpu_rate": round(hb.cpu_rate, 2), "mem_rate": round(hb.mem_rate, 2)}, self.ttl_ms)
+            return
         h = hb.host
         self.writer.hset(agent_key(session.agent_id), {
             "report_time": at, "deadline": self.deadline_ms(at), "online": 1,

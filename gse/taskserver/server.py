@@ -52,6 +52,7 @@ class TaskServerConfig(BaseConfig):
     ack_quiet_s: float = 0.2            # result acknowledgements go out once reports were quiet this long...
     ack_max_delay_s: float = 2.0        # ... or when the oldest waiting one is this old
     reconnect_rate: float = 1000.0      # agents/s a peer can take if this server fails (agents spread over load/rate)
+    host_snapshot_interval_s: float = 60.0  # agents send their host snapshot this often (liveness at every heartbeat)
     load_report_interval_s: float = 2.0
     data_view_interval_s: float = 30.0  # data server loads are told to agents at most this often
     balance: BalanceConfig = BalanceConfig()
@@ -63,6 +64,8 @@ class TaskServerConfig(BaseConfig):
             raise ConfigError("heartbeat_interval_s must be positive")
         if self.heartbeat_misses < 1:
             raise ConfigError("heartbeat_misses must be at least 1")
+        if self.host_snapshot_interval_s < 0:
+            raise ConfigError("host_snapshot_interval_s must be >= 0 (0: with every heartbeat)")
         if self.reconnect_rate < 0:
             raise ConfigError("reconnect_rate must be >= 0 (0: agents are told no spread)")
         if not 0 <= self.ack_quiet_s <= self.ack_max_delay_s <= 60:
@@ -120,6 +123,7 @@ class TaskServerService(Service):
                                   session_ttl_ms=int(c.session_ttl_s * 1000), heartbeat_interval_s=c.heartbeat_interval_s, heartbeat_misses=c.heartbeat_misses,
                                   hello_timeout_s=c.hello_timeout_s, balancer=self.balancer,
                                   reconnect_rate=c.reconnect_rate,
+                                  host_snapshot_every=max(1, round(c.host_snapshot_interval_s / c.heartbeat_interval_s)),
                                   on_report=ResultRecorder(self.writer, int(c.result_ttl_s * 1000), self.acks).on_report)
         self.agent_server.add_generic_rpc_handlers((self.access.handler(),))
         health = rpc.add_health(self.agent_server)
