@@ -17,6 +17,7 @@ JSON line:
                             of reconnect_moved (a process here holds at most ~19,900 connections: with
                             N=20,000 and K=2 the survivor cannot hold all of them)
   lost_results              results that never arrived (or did not succeed)
+  steady_cpu_pct            every component's CPU at steady heartbeat (percent of one core)
   broadcast_cpu_us_per_target
                             CPU per broadcast target by component (task servers, simulators, dbproxy, redis,
                             apiserver, this client's polling), over the counted rounds, steady-state
@@ -183,6 +184,9 @@ def main() -> int:
         out["heartbeat_cpu_pct"] = round(100 * (cpu_seconds(tsp) - c0) / (time.monotonic() - w0), 1)
         s1 = cpu_snapshot(groups)
         steady_rate = {g: (s1[1][g] - s0[1][g]) / (s1[0] - s0[0]) for g in groups}
+        out["steady_cpu_pct"] = {g: round(100 * r, 1) for g, r in sorted(steady_rate.items(), key=lambda x: -x[1])}
+        print(f"steady: CPU by component (% of one core): {out['steady_cpu_pct']}, "
+              f"{sum(steady_rate.values()):.2f} of {os.cpu_count()} cores busy", flush=True)
         rss = sum(pp.memory_info().rss for pp in tsp)
         out["rss_mb_per_1k"] = round(rss / 2**20 / n * 1000, 1)
         print(f"steady: task servers {out['heartbeat_cpu_pct']} % CPU, {rss / 2**20:.0f} MB RSS "

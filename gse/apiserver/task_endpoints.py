@@ -17,6 +17,7 @@ from gse.common.agentstate import is_alive, now_ms, parse_host_id
 from gse.common.errors import API_RUNNING, BadRequest, GseError
 from gse.common import taskstate as ts
 from gse.pb import agent_pb2 as apb
+from gse.pb import dbproxy_pb2 as dpb
 
 from . import validate as v
 from .agents_view import AgentsView
@@ -26,6 +27,7 @@ from .taskservers import TaskServers
 
 # What dispatch and result reads need of an agent's session record.
 SESSION_FIELDS = ("online", "deadline", "node")
+NO_OUTPUT = dpb.Result(ok=True)        # what an item without output reads as
 
 BLOCKED = 1000403      # refused by a high-risk command rule (decision: its own code, distinct from bad input)
 
@@ -203,23 +205,35 @@ class TaskEndpoints:
                     wanted.append((aid, at.get("bk_container_id", "") or "", tid, 0, 0))
         requested = list(dict.fromkeys(w[0] for w in wanted))
         real = await self._real_ids(requested)
-        ops = []
-        for aid, _c, tid, off, limit in wanted:
-            limit = limit or self.default_limit
-            ops.append(db.hgetall(ts.item_key(task_id, real[aid], tid)))
-            ops.append(db.getrange(ts.output_key(task_id, real[aid], tid), off, off + limit - 1))
-        res = await self.db.execute(ops)
-        items = [db.text_fields(res[2 * n]) if res[2 * n].ok and res[2 * n].found else None
-                 for n in range(len(wanted))]
+        res = await self.db.execute([db.hgetall(ts.item_key(task_id, real[aid], tid)) for aid, _c, tid, _o, _l in wanted])
+        items = [db.text_fields(r) if r.ok and r.found else None for r in res]
+        # Output is read only for items that have some past the offset (`out_end`, written with every chunk,
+        # or the final `output_size`): most items of a big task that is being polled have none yet.
+        need = [n for n, f in enumerate(items)
+                if f is not None and max(int(f.get("out_end", 0) or 0), int(f.get("output_size", 0) or 0)) > wanted[n][3]]
+
+        async def outputs() -> dict:
+            if not need:
+                return {}
+            ops = []
+            for n in need:
+                aid, _c, tid, off, limit = wanted[n]
+                ops.append(db.getrange(ts.output_key(task_id, real[aid], tid), off, off + (limit or self.default_limit) - 1))
+            return dict(zip(need, await self.db.execute(ops)))
+
         # Only agents with unfinished items are looked up: an agent gone for good must not keep a caller
         # polling forever.
         unfinished = {real[w[0]] for w, f in zip(wanted, items)
                       if f is not None and int(f.get("status", ts.DISPATCHED)) not in ts.FINAL_STATUSES}
-        records = await self.view.records(list(unfinished), SESSION_FIELDS) if unfinished else {}
+
+        async def session_records() -> dict:
+            return await self.view.records(list(unfinished), SESSION_FIELDS) if unfinished else {}
+
+        screens, records = await asyncio.gather(outputs(), session_records())
         at_ms = now_ms()
         out, running = [], False
         for n, (aid, container, tid, off, limit) in enumerate(wanted):
-            f, screen = items[n], res[2 * n + 1]
+            f, screen = items[n], screens.get(n, NO_OUTPUT)
             entry = {"bk_agent_id": aid, "bk_container_id": container, "atomic_task_id": tid}
             if f is None:
                 entry.update(status=ts.FAILED, error_code=ts.E_FAILED,

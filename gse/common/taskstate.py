@@ -1,7 +1,8 @@
 """Where task results live in Redis (through dbproxy).
 
   gse:task:<task_id>                          hash: kind, created, atomic ids, warnings, agents count
-  gse:ti:<task_id>:<bk_agent_id>:<atomic_id>  hash: one item (status, error_code, times, exit code, ...)
+  gse:ti:<task_id>:<bk_agent_id>:<atomic_id>  hash: one item (status, error_code, times, exit code, out_end:
+                                              output bytes stored so far, output_size when final, ...)
   gse:to:<task_id>:<bk_agent_id>:<atomic_id>  string: the item's output (written at offsets)
 """
 

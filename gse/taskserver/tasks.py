@@ -147,6 +147,10 @@ class ResultRecorder:
             ops.append(db.setrange(output_key(out.task_id, aid, out.atomic_task_id), out.offset, out.data, ttl))
         if ops:
             self.writer.add(ops)
+            # Readers fetch output only for items that have some (`out_end` merges into the item's hash write).
+            for out in report.outputs:
+                self.writer.hset(item_key(out.task_id, aid, out.atomic_task_id),
+                                 {"out_end": out.offset + len(out.data)}, ttl)
         finals = []
         for r in report.results:
             fields = {"status": r.status, "error_code": r.error_code, "error_msg": r.error_msg,
