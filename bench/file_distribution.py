@@ -185,7 +185,8 @@ def in_host(ns: str, cmd: list[str], private_dest: bool = False) -> list[str]:
 def run_ours(n: int, size: int, src_path: str, rate: int, work: str, mtu: int = 1500,
              timeline: bool = False) -> dict:
     with Network(rate, mtu) as net:
-        c = Cluster(os.path.join(work, f"ours-{n}"), heartbeat_interval_s=5)
+        # A fresh directory per run: agents of a repeated N must not find the previous run's state.
+        c = Cluster(tempfile.mkdtemp(prefix=f"ours-{n}-", dir=work), heartbeat_interval_s=5)
         init_certs(c.certs_dir, sans=[SERVER_IP], force=True)
         try:
             c.start_zookeeper()

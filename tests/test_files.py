@@ -6,11 +6,13 @@ import hashlib
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import time
 import urllib.error
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -117,6 +119,25 @@ def test_large_file_by_bittorrent_to_several(fc, fapi, src, tmp_path):
     for d in dests:
         assert md5(d / "big.bin") == md5(src / "big.bin")
         assert leftovers(d) == []
+
+
+def test_finished_target_forgets_its_journal_before_the_transfer_ends(fc, fapi, src, tmp_path):
+    """A target whose result is stored has nothing to resume: its journal goes at once, even while another
+    target (stopped here) keeps the transfer open. A restart must not take a finished transfer up again."""
+    a = ids(fc)
+    journal = Path(fc.agents[1].info["data_dir"]) / "files"
+    slow = fc.agents[2]
+    slow.signal(signal.SIGSTOP)
+    try:
+        tid = send(fapi, [task(a[0], src, "small.txt", [a[1], a[2]], tmp_path / "j")])
+        wait_for(lambda: any(i["bk_agent_id"] == a[1] and i["error_code"] == 0 for i in fapi.call(
+            RESULT, {"task_id": tid, "agents": [{"bk_agent_id": a[1]}]})["data"]["result"]), 30, "the fast target done")
+        wait_for(lambda: not list(journal.glob("*.target")), 10, "the finished target's journal gone")
+        r = fapi.call(RESULT, {"task_id": tid, "agents": [{"bk_agent_id": a[2]}]})
+        assert r["data"]["result"][0]["error_code"] == 115      # the transfer itself is still open
+    finally:
+        slow.signal(signal.SIGCONT)
+    wait_done(fapi, tid, a[1:3])
 
 
 def test_directory_tree_keeps_modes_and_empty_dirs(fc, fapi, src, tmp_path):

@@ -264,6 +264,7 @@ class FileManager:
                 self.outgoing.pop((o.progress.transfer_id, o.progress.mode, o.progress.index), None)
 
     def on_ack(self, refs) -> None:
+        acked = set()
         for ref in refs:
             if ref.task_id.startswith("file:"):
                 tid = ref.task_id[5:]
@@ -271,6 +272,20 @@ class FileManager:
                     o = self.outgoing.get((tid, mode, ref.atomic_task_id))
                     if o is not None and o.progress.final and not o.dirty:
                         del self.outgoing[(tid, mode, ref.atomic_task_id)]
+                        acked.add(tid)
+        for tid in acked:
+            self._forget_if_done(tid)
+
+    def _forget_if_done(self, transfer_id: str) -> None:
+        """A target whose every entry has a final result the server stored has nothing left to resume after
+        a restart: its journal goes now, not only at the transfer's end (an agent restarted in between
+        would otherwise take up a finished transfer again, and hold its torrent against the next one)."""
+        state = self.transfers.get(transfer_id)
+        if state is None or state.role != "target":
+            return
+        keys = [(transfer_id, 1, e.index) for e in state.frame.entries]
+        if all(k in self._finished and k not in self.outgoing for k in keys):
+            self._journal_path(transfer_id).unlink(missing_ok=True)
 
     def on_attach(self) -> None:
         for o in self.outgoing.values():
