@@ -139,6 +139,8 @@ def main() -> int:
     p.add_argument("--heartbeat", type=float, default=10.0)
     p.add_argument("--steady", type=float, default=20.0)
     p.add_argument("--pause", type=float, default=3.0, help="seconds between broadcast rounds")
+    p.add_argument("--poll", type=float, default=0.05, help="seconds between two result polls of the pending "
+                   "agents (each poll reads every pending item: finer figures, more load on the servers)")
     p.add_argument("--ramp", type=float, default=300.0, help="agents started per second at the beginning (a "
                    "fleet coming up; TLS handshakes cost ~2 ms of CPU on each side)")
     p.add_argument("--reconnect-rate", type=float, default=250.0,
@@ -193,11 +195,11 @@ def main() -> int:
               f"({out['rss_mb_per_1k']} MB per 1,000)", flush=True)
 
         times, lost = [], 0
-        broadcast(api, ids, 0.05, 120)            # warm-up round, not counted
+        broadcast(api, ids, args.poll, 120)       # warm-up round, not counted
         used = {g: 0.0 for g in groups}
         for r in range(args.rounds):
             b0 = cpu_snapshot(groups)
-            t, bad = broadcast(api, ids, 0.05, 120)
+            t, bad = broadcast(api, ids, args.poll, 120)
             times.append(t)
             lost += bad
             print(f"broadcast round {r + 1}: {t:.2f} s, {bad} results missing or failed", flush=True)
