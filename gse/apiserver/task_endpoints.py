@@ -205,12 +205,13 @@ class TaskEndpoints:
                     wanted.append((aid, at.get("bk_container_id", "") or "", tid, 0, 0))
         requested = list(dict.fromkeys(w[0] for w in wanted))
         real = await self._real_ids(requested)
-        res = await self.db.execute([db.hgetall(ts.item_key(task_id, real[aid], tid)) for aid, _c, tid, _o, _l in wanted])
+        res = await self.db.execute([db.hgetall(ts.item_key(task_id, real[aid], tid))
+                                     for aid, _c, tid, _o, _l in wanted])
         items = [db.text_fields(r) if r.ok and r.found else None for r in res]
         # Output is read only for items that have some past the offset (`out_end`, written with every chunk,
         # or the final `output_size`): most items of a big task that is being polled have none yet.
-        need = [n for n, f in enumerate(items)
-                if f is not None and max(int(f.get("out_end", 0) or 0), int(f.get("output_size", 0) or 0)) > wanted[n][3]]
+        need = [n for n, f in enumerate(items) if f is not None and
+                max(int(f.get("out_end", 0) or 0), int(f.get("output_size", 0) or 0)) > wanted[n][3]]
 
         async def outputs() -> dict:
             if not need:
@@ -218,7 +219,8 @@ class TaskEndpoints:
             ops = []
             for n in need:
                 aid, _c, tid, off, limit = wanted[n]
-                ops.append(db.getrange(ts.output_key(task_id, real[aid], tid), off, off + (limit or self.default_limit) - 1))
+                last = off + (limit or self.default_limit) - 1
+                ops.append(db.getrange(ts.output_key(task_id, real[aid], tid), off, last))
             return dict(zip(need, await self.db.execute(ops)))
 
         # Only agents with unfinished items are looked up: an agent gone for good must not keep a caller

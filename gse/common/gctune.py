@@ -15,13 +15,10 @@ keeps CPython's. Time spent collecting is exported as `gse_gc_seconds_total{gene
 from __future__ import annotations
 
 import gc
-import logging
 import os
 import time
 
 from prometheus_client import Counter
-
-log = logging.getLogger("gse.gc")
 
 THRESHOLD = (50_000, 20, 10)
 

@@ -252,20 +252,15 @@ class AgentAccess:
     def _heartbeat(self, session: AgentSession, hb) -> None:
         HEARTBEATS.inc()
         at = now_ms()
-        if not hb.HasField("host"):
-            # Liveness only (the host snapshot comes on one heartbeat in host_snapshot_every).
-            self.writer.hset(agent_key(session.agent_id), {
-                "report_time": at, "deadline": self.deadline_ms(at), "online": 1,
-                "cpu_rate": round(hb.cpu_rate, 2), "mem_rate": round(hb.mem_rate, 2)}, self.ttl_ms, lazy=True)
-            return
-        h = hb.host
-        self.writer.hset(agent_key(session.agent_id), {
-            "report_time": at, "deadline": self.deadline_ms(at), "online": 1,
-            "cpu_rate": round(hb.cpu_rate, 2), "mem_rate": round(hb.mem_rate, 2),
-            "host_cpu_rate": round(h.cpu_rate, 2), "host_mem_rate": round(h.mem_rate, 2),
-            "cpu_num": h.cpu_num, "mem_size": h.mem_size, "load1": round(h.load1, 2), "uptime_s": h.uptime_s,
-            "proc_count": h.proc_count, "disk_total": h.disk_total, "disk_used": h.disk_used,
-        }, self.ttl_ms, lazy=True)
+        fields = {"report_time": at, "deadline": self.deadline_ms(at), "online": 1,
+                  "cpu_rate": round(hb.cpu_rate, 2), "mem_rate": round(hb.mem_rate, 2)}
+        if hb.HasField("host"):     # on one heartbeat in host_snapshot_every; the others carry liveness only
+            h = hb.host
+            fields.update({
+                "host_cpu_rate": round(h.cpu_rate, 2), "host_mem_rate": round(h.mem_rate, 2),
+                "cpu_num": h.cpu_num, "mem_size": h.mem_size, "load1": round(h.load1, 2), "uptime_s": h.uptime_s,
+                "proc_count": h.proc_count, "disk_total": h.disk_total, "disk_used": h.disk_used})
+        self.writer.hset(agent_key(session.agent_id), fields, self.ttl_ms, lazy=True)
 
     # ---- housekeeping -----------------------------------------------------------------------------
 

@@ -329,9 +329,10 @@ class FileCoordinator:
 class FileReports:
     """Records the file reports of the agents this task server holds."""
 
-    def __init__(self, writer: BatchWriter, ttl_ms: int):
+    def __init__(self, writer: BatchWriter, ttl_ms: int, acks):
         self.writer = writer
         self.ttl = ttl_ms
+        self.acks = acks            # tasks.AckBatcher: final reports are acknowledged once stored
 
     def on_report(self, session: AgentSession, report: apb.FileReport) -> None:
         finals = []
@@ -349,8 +350,7 @@ class FileReports:
         for key, fields in by_key.items():
             self.writer.hset(key, fields, self.ttl)
         if finals:
-            ack = apb.ServerFrame(ack=apb.ResultAck(items=finals)).SerializeToString()
-            self.writer.written().add_done_callback(lambda _f: session.send(ack))
+            self.acks.when_stored(session, finals)
 
 
 def _cap(requested: int, cap: int) -> int:

@@ -114,25 +114,26 @@ class TaskServerService(Service):
         if not c.dbproxy.addresses:
             await self.discovery.watch_service("dbproxy", self.db.on_view)
         self.writer = BatchWriter(self.db, c.flush_interval_s)
-        self.acks = AckBatcher(c.ack_quiet_s, c.ack_max_delay_s)
+        self.acks = AckBatcher(self.writer, c.ack_quiet_s, c.ack_max_delay_s)
         self.agent_server = rpc.make_server(self.tls)
         self.agent_port = rpc.bind(self.agent_server, self.tls, c.host, c.agent_port)
         self.balancer = Balancer(self.node_id, c.area, slack=c.balance.slack, ratio=c.balance.ratio,
                                  enabled=c.balance.enabled)
+        ttl = int(c.result_ttl_s * 1000)
+        host_every = max(1, round(c.host_snapshot_interval_s / c.heartbeat_interval_s))
         self.access = AgentAccess(self.node_id, self.advertise, self.agent_port, self.writer,
-                                  session_ttl_ms=int(c.session_ttl_s * 1000), heartbeat_interval_s=c.heartbeat_interval_s, heartbeat_misses=c.heartbeat_misses,
+                                  session_ttl_ms=int(c.session_ttl_s * 1000),
+                                  heartbeat_interval_s=c.heartbeat_interval_s, heartbeat_misses=c.heartbeat_misses,
                                   hello_timeout_s=c.hello_timeout_s, balancer=self.balancer,
-                                  reconnect_rate=c.reconnect_rate,
-                                  host_snapshot_every=max(1, round(c.host_snapshot_interval_s / c.heartbeat_interval_s)),
-                                  on_report=ResultRecorder(self.writer, int(c.result_ttl_s * 1000), self.acks).on_report)
+                                  reconnect_rate=c.reconnect_rate, host_snapshot_every=host_every,
+                                  on_report=ResultRecorder(self.writer, ttl, self.acks).on_report)
         self.agent_server.add_generic_rpc_handlers((self.access.handler(),))
         health = rpc.add_health(self.agent_server)
         self.task_server = rpc.make_server(self.tls)
         self.task_port = rpc.bind(self.task_server, self.tls, c.host, c.task_port)
-        ttl = int(c.result_ttl_s * 1000)
         self.files = FileCoordinator(self.node_id, self.access, self.writer, self.db, self.peers, ttl,
                                      c.file_direct_max, c.file_max_size)
-        reports = FileReports(self.writer, ttl)
+        reports = FileReports(self.writer, ttl, self.acks)
         self.access.handlers.update({
             "file_manifest": lambda s, m: self._spawn(self.files.on_manifest(s, m)),
             "file_report": reports.on_report,
@@ -175,7 +176,8 @@ class TaskServerService(Service):
 
     async def run(self) -> None:
         self._tasks = [asyncio.ensure_future(t) for t in (
-            self.writer.run(), self.acks.run(), self.access.sweep_loop(), self._report_load(), self._rebalance(), self.files.monitor(),
+            self.writer.run(), self.acks.run(), self.access.sweep_loop(), self._report_load(), self._rebalance(),
+            self.files.monitor(),
             self.discovery.refresh_loop(self.config.load_report_interval_s))]
         await asyncio.gather(*self._tasks)
 

@@ -29,6 +29,7 @@ log = logging.getLogger("gse.taskserver.tasks")
 DISPATCHED = Counter("gse_taskserver_task_dispatched_total", "Task frames written to agents")
 RESULTS = Counter("gse_taskserver_task_results_total", "Item results received from agents", ["final"])
 OUTPUT_BYTES = Counter("gse_taskserver_task_output_bytes_total", "Task output bytes received")
+ACKS = Counter("gse_taskserver_ack_frames_total", "Result acknowledgement frames written to agents")
 
 
 class TaskService(pb_grpc.TaskServiceServicer):
@@ -87,13 +88,18 @@ class AckBatcher:
     results of one agent share one frame. Nothing is lost by the delay: an agent that reconnects before its
     acknowledgement resends the result, and storing it again is idempotent."""
 
-    def __init__(self, quiet_s: float = 0.2, max_delay_s: float = 2.0):
+    def __init__(self, writer: BatchWriter, quiet_s: float = 0.2, max_delay_s: float = 2.0):
+        self.writer = writer
         self.quiet_s = quiet_s
         self.max_delay_s = max_delay_s
         self._pending: dict[AgentSession, list] = {}
         self._oldest = 0.0
         self._last = 0.0
         self._wake = asyncio.Event()
+
+    def when_stored(self, session: AgentSession, refs: list) -> None:
+        """Acknowledge `refs` to the agent once everything the writer holds now is stored."""
+        self.writer.written().add_done_callback(lambda _f: self.add(session, refs))
 
     def add(self, session: AgentSession, refs: list) -> None:
         now = time.monotonic()
@@ -126,14 +132,11 @@ class AckBatcher:
         ACKS.inc(len(pending))
 
 
-ACKS = Counter("gse_taskserver_ack_frames_total", "Result acknowledgement frames written to agents")
-
 
 class ResultRecorder:
-    """Writes agents' task reports; acknowledges final results once stored (through `acks`, batched; without
-    one, each report's at once)."""
+    """Writes agents' task reports; acknowledges final results once stored (through `acks`)."""
 
-    def __init__(self, writer: BatchWriter, ttl_ms: int, acks: AckBatcher | None = None):
+    def __init__(self, writer: BatchWriter, ttl_ms: int, acks: AckBatcher):
         self.writer = writer
         self.ttl_ms = ttl_ms
         self.acks = acks
@@ -168,9 +171,4 @@ class ResultRecorder:
         RESULTS.labels("1").inc(len(finals))
         RESULTS.labels("0").inc(len(report.results) - len(finals))
         if finals:
-            if self.acks is not None:
-                acks = self.acks
-                self.writer.written().add_done_callback(lambda _f: acks.add(session, finals))
-            else:
-                ack = apb.ServerFrame(ack=apb.ResultAck(items=finals)).SerializeToString()
-                self.writer.written().add_done_callback(lambda _f: session.send(ack))
+            self.acks.when_stored(session, finals)
