@@ -1,9 +1,10 @@
 """Simulated agents: many agents in one process, speaking the real agent protocol over real mutual TLS.
 
-Each simulated agent has its own bk_agent_id and leaves from its own 127.x.y.z address (through the same
-source-address relay the real agent uses), holds one stream to a task server, heartbeats like a real
-agent (a fixed host snapshot instead of sampling the host), follows redirects and reconnects with
-full-jitter backoff. Run several of these processes to hold more agents than one process may open files.
+Each simulated agent has its own bk_agent_id and leaves from its own 127.x.y.z address, holds one agent
+link (gse/common/framelink.py, the real agent's transport) to a task server, heartbeats like a real agent
+(a fixed host snapshot instead of sampling the host), follows redirects and reconnects with full-jitter
+backoff. A link costs one file descriptor; run several of these processes to hold more agents than one
+process may open files.
 
     python bench/simagents.py --servers 127.0.0.1:48668 --certs DIR --count 1000 --first 0 --tag ab12
 """
@@ -22,15 +23,10 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import grpc  # noqa: E402
-
-from gse.agent.relay import SourceRelay  # noqa: E402
-from gse.common import rpc  # noqa: E402
-from gse.common.rpc import identity  # noqa: E402
+from gse.common import framelink  # noqa: E402
 from gse.common.tls import TLSMaterial  # noqa: E402
 from gse.pb import agent_pb2 as pb  # noqa: E402
 
-CONNECT = "/gse.pb.AgentAccess/Connect"
 BASE_IP = int(ipaddress.ip_address("127.64.0.0"))
 
 
@@ -51,44 +47,35 @@ class Stats:
 
 
 class SimAgent:
-    def __init__(self, i: int, tag: str, servers: list[str], tls: TLSMaterial, stats: Stats,
-                 heartbeat_s: float, use_relay: bool):
+    """One simulated agent; also its link's handler (framelink calls link_open / link_frame / link_lost)."""
+
+    def __init__(self, i: int, tag: str, servers: list[str], ctx, stats: Stats, heartbeat_s: float, bind: bool):
         self.i = i
         self.id = agent_id(tag, i)
         self.ip = agent_ip(i)
+        self.bind = bind
         self.servers = servers
-        self.tls = tls
+        self.ctx = ctx
         self.stats = stats
         self.heartbeat_s = heartbeat_s
-        self.relay = SourceRelay(self.ip) if use_relay else None
         self.server: str | None = None
-        self.write_lock = asyncio.Lock()
         self.tasks_done = 0
         self.spread_s = 0.0
         self.hello_fields = dict(agent_id=self.id, cloud_id=0, ip=self.ip, hostname=f"sim-{i}", os="linux",
                                  arch="x86_64", version="0.1.0-sim", run_mode=1,
                                  start_time_ms=int(time.time() * 1000), boot_id=random.getrandbits(62))
-        snap = pb.HostSnapshot(cpu_num=2, mem_size=8 << 30, cpu_rate=3.0, mem_rate=40.0, load1=0.1,
-                               uptime_s=3600, proc_count=100, disk_total=100 << 30, disk_used=10 << 30)
-        self.heartbeat = pb.AgentFrame(heartbeat=pb.Heartbeat(seq=1, cpu_rate=0.1, mem_rate=0.2,
-                                                              host=snap)).SerializeToString()
-        self.liveness = pb.AgentFrame(heartbeat=pb.Heartbeat(seq=2, cpu_rate=0.1, mem_rate=0.2)).SerializeToString()
         self.host_every = 1
+        self.link = None
+        self.first: asyncio.Future | None = None     # the server's answer to the hello
+        self.gone: asyncio.Future | None = None      # resolved when the link ends (with a redirect, or None)
+        self.beat_handle: asyncio.TimerHandle | None = None
+        self.seq = 0
+        self.interval = heartbeat_s
 
     def hello(self, redirects: int) -> bytes:
         return pb.AgentFrame(hello=pb.AgentHello(redirects=redirects, **self.hello_fields)).SerializeToString()
 
-    def channel(self, address: str) -> grpc.aio.Channel:
-        if self.relay is None:
-            return rpc.make_channel(self.tls, address)
-        host, _, port = address.rpartition(":")
-        self.relay.target = (host, int(port))
-        return rpc.make_channel(self.tls, self.relay.grpc_target,
-                                [("grpc.ssl_target_name_override", host), ("grpc.default_authority", address)])
-
     async def run(self) -> None:
-        if self.relay is not None:
-            await self.relay.start()
         idx = self.i % len(self.servers)
         attempt, redirect, redirects = 0, None, 0
         no_redirect_until = 0.0
@@ -110,64 +97,87 @@ class SimAgent:
             attempt += 1
 
     async def session(self, address: str, redirects: int) -> tuple[str | None, float]:
-        channel = self.channel(address)
-        call = channel.stream_stream(CONNECT, request_serializer=identity,
-                                     response_deserializer=pb.ServerFrame.FromString)()
+        loop = asyncio.get_running_loop()
+        host, _, port = address.rpartition(":")
         self.stats.connects += 1
+        self.first, self.gone = loop.create_future(), loop.create_future()
         started = 0.0
-        beat = None
         try:
-            await call.write(self.hello(redirects))
-            first = await asyncio.wait_for(call.read(), 30)
-            if first is grpc.aio.EOF:
+            self.link = await framelink.dial(self.ctx, host, int(port), self, server_hostname=host,
+                                             local_ip=self.ip if self.bind else "", timeout=30)
+            self.link.write(self.hello(redirects))
+            first = await asyncio.wait_for(self.first, 30)
+            if first is None:
+                self.stats.failures += 1
                 return None, 0.0
-            if first.WhichOneof("body") == "redirect":
+            kind = first.WhichOneof("body")
+            if kind == "redirect":
                 self.stats.redirects += 1
                 return first.redirect.address, 0.0
+            if kind != "welcome":
+                self.stats.failures += 1
+                return None, 0.0
             started = time.monotonic()
             self.server = address
             self.stats.attached += 1
-            interval = first.welcome.heartbeat_interval_ms / 1000 or self.heartbeat_s
+            self.interval = first.welcome.heartbeat_interval_ms / 1000 or self.heartbeat_s
             self.spread_s = first.welcome.reconnect_spread_ms / 1000
             self.host_every = max(1, first.welcome.host_snapshot_every)
-            beat = asyncio.ensure_future(self.beat(call, interval))
-            while True:
-                frame = await call.read()
-                if frame is grpc.aio.EOF:
-                    break
-                if frame.WhichOneof("body") == "redirect":
-                    return frame.redirect.address, time.monotonic() - started
-                await self.on_frame(call, frame)
-        except (grpc.aio.AioRpcError, asyncio.TimeoutError):
+            # spread heartbeats over the interval; timers, not a coroutine per agent
+            self.seq = 0
+            self.beat_handle = loop.call_later(random.uniform(0, self.interval), self.beat)
+            went = await self.gone
+            return went, time.monotonic() - started
+        except (OSError, asyncio.TimeoutError):
             self.stats.failures += 1
         finally:
-            if beat is not None:
-                beat.cancel()
+            if self.beat_handle is not None:
+                self.beat_handle.cancel()
+                self.beat_handle = None
             if started:
                 self.stats.attached -= 1
-            call.cancel()
-            await channel.close()
+            if self.link is not None:
+                self.link.close()
+                self.link = None
         return None, (time.monotonic() - started) if started else 0.0
 
-    async def beat(self, call, interval: float) -> None:
-        await asyncio.sleep(random.uniform(0, interval))     # spread heartbeats over the interval
-        seq = 0
-        while True:
-            # as the real agent: the host snapshot on one heartbeat in host_every, liveness on the others
-            async with self.write_lock:
-                await call.write(self.heartbeat if seq % self.host_every == 0 else self.liveness)
-            seq += 1
-            await asyncio.sleep(interval)
+    def beat(self) -> None:
+        # as the real agent: the host snapshot on one heartbeat in host_every, liveness on the others
+        link = self.link
+        if link is None:
+            return
+        link.write(HEARTBEAT if self.seq % self.host_every == 0 else LIVENESS)
+        self.seq += 1
+        self.beat_handle = asyncio.get_running_loop().call_later(self.interval, self.beat)
 
-    async def on_frame(self, call, frame) -> None:
+    # ---- the link's handler ----------------------------------------------------------------------------
+
+    def link_open(self, link) -> None:
+        pass
+
+    def link_lost(self, link, exc) -> None:
+        for f in (self.first, self.gone):
+            if f is not None and not f.done():
+                f.set_result(None)
+
+    def link_frame(self, link, body) -> None:
+        frame = pb.ServerFrame.FromString(body)
+        if self.first is not None and not self.first.done():
+            self.first.set_result(frame)
+            return
+        kind = frame.WhichOneof("body")
+        if kind == "task":
+            self.answer(link, frame.task)
+        elif kind == "tune":
+            self.spread_s = frame.tune.reconnect_spread_ms / 1000
+        elif kind == "redirect":
+            if not self.gone.done():
+                self.gone.set_result(frame.redirect.address)
+            link.close()
+
+    def answer(self, link, task) -> None:
         """Answer a task in-process: `echo X` prints X, anything else succeeds silently. No fork: the
         figure measured is the control plane's, not the host's."""
-        kind = frame.WhichOneof("body")
-        if kind == "tune":
-            self.spread_s = frame.tune.reconnect_spread_ms / 1000
-        if kind != "task":
-            return
-        task = frame.task
         now = int(time.time() * 1000)
         report = pb.TaskReport()
         for t in task.atomic_tasks:
@@ -179,24 +189,30 @@ class SimAgent:
                 task_id=task.task_id, atomic_task_id=t.atomic_task_id, status=2, error_code=0,
                 start_time_ms=now, end_time_ms=now, exit_code=0, has_exit_code=True, output_size=len(out),
                 final=True))
-        async with self.write_lock:
-            await call.write(pb.AgentFrame(report=report).SerializeToString())
+        link.write(pb.AgentFrame(report=report).SerializeToString())
         self.tasks_done += 1
+
+
+_SNAP = pb.HostSnapshot(cpu_num=2, mem_size=8 << 30, cpu_rate=3.0, mem_rate=40.0, load1=0.1, uptime_s=3600,
+                        proc_count=100, disk_total=100 << 30, disk_used=10 << 30)
+HEARTBEAT = pb.AgentFrame(heartbeat=pb.Heartbeat(seq=1, cpu_rate=0.1, mem_rate=0.2, host=_SNAP)).SerializeToString()
+LIVENESS = pb.AgentFrame(heartbeat=pb.Heartbeat(seq=2, cpu_rate=0.1, mem_rate=0.2)).SerializeToString()
 
 
 async def main_async(args) -> None:
     tls = TLSMaterial((open(f"{args.certs}/ca.crt", "rb").read()), open(f"{args.certs}/agent.crt", "rb").read(),
                       open(f"{args.certs}/agent.key", "rb").read())
+    ctx = framelink.client_context(tls)
     stats = Stats()
     servers = args.servers.split(",")
-    agents = [SimAgent(i, args.tag, servers, tls, stats, args.heartbeat, not args.no_relay)
+    agents = [SimAgent(i, args.tag, servers, ctx, stats, args.heartbeat, not args.no_bind)
               for i in range(args.first, args.first + args.count)]
     tasks = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    # Ramp up at a bounded rate: a burst of thousands of new channels in one process gets RPCs cancelled.
+    # Ramp up at a bounded rate, as a fleet coming up: a burst of thousands of handshakes at once times out.
     for n, a in enumerate(agents):
         tasks.append(asyncio.ensure_future(a.run()))
         if n % args.ramp_batch == args.ramp_batch - 1:
@@ -260,7 +276,7 @@ def parse(argv=None):
     p.add_argument("--ramp-batch", type=int, default=50)
     p.add_argument("--ramp-pause", type=float, default=0.05)
     p.add_argument("--report-s", type=float, default=1.0)
-    p.add_argument("--no-relay", action="store_true", help="connect from 127.0.0.1 instead of per-agent addresses")
+    p.add_argument("--no-bind", action="store_true", help="connect from 127.0.0.1 instead of per-agent addresses")
     return p.parse_args(argv)
 
 

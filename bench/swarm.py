@@ -3,7 +3,7 @@
 Starts its own cluster (ZooKeeper, two Redis nodes, dbproxy R=2, K task servers, the API server) and N
 simulated agents (bench/simagents.py: the real agent protocol over real mutual TLS, each from its own
 127.x.y.z address, heartbeating like an agent and answering tasks in-process, no fork) spread over worker
-processes (a process may hold ~19,000 files; each agent uses ~4). Prints its figures and ends with one
+processes (a process may hold ~19,000 files; each agent uses one). Prints its figures and ends with one
 JSON line:
 
   agents, taskservers       what ran
@@ -133,7 +133,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description="agent swarm on K task servers")
     p.add_argument("--agents", type=int, default=1000)
     p.add_argument("--taskservers", type=int, default=1)
-    p.add_argument("--workers", type=int, default=0, help="simulator processes (default: one per 2,500 agents, "
+    p.add_argument("--workers", type=int, default=0, help="simulator processes (default: one per 5,000 agents, "
                                                           "at least 2)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--heartbeat", type=float, default=10.0)
@@ -151,7 +151,7 @@ def main() -> int:
     p.add_argument("--reconnect-timeout", type=float, default=180.0)
     args = p.parse_args()
     n, k = args.agents, args.taskservers
-    workers = args.workers or max(2, (n + 2499) // 2500)
+    workers = args.workers or max(2, (n + 4999) // 5000)
     print(f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, python "
           f"{platform.python_version()}; {n} agents in {workers} simulator processes on {k} task server(s); "
           f"everything shares these cores", flush=True)

@@ -222,3 +222,67 @@ def test_host_snapshot_rides_on_some_heartbeats_liveness_on_all(make_cluster):
         seen.add(info["report_time"])
         time.sleep(HEARTBEAT_S / 3)
     assert len(seen) >= 5                                          # liveness at every heartbeat
+
+
+def test_agent_port_refuses_bad_links_and_keeps_serving(make_cluster):
+    """The agent port speaks framelink: a first frame that is not a hello, an invalid bk_agent_id and an
+    undecodable frame are answered Refused (or cut) and counted; a link that never says hello is cut after
+    hello_timeout_s; none of it disturbs an agent attached meanwhile."""
+    import asyncio
+
+    from gse.common import framelink
+    from gse.common.tls import TLSMaterial
+    from gse.pb import agent_pb2 as pb
+
+    c = make_cluster()
+    c.start_dbproxy()
+    ts = c.start_taskserver(hello_timeout_s=1.0)
+    good = c.start_agent(servers=[ts.info["address"]])
+    host, port = ts.info["address"].rsplit(":", 1)
+    certs = c.certs_dir
+    tls = TLSMaterial((certs / "ca.crt").read_bytes(), (certs / "agent.crt").read_bytes(),
+                      (certs / "agent.key").read_bytes())
+
+    class Inbox:
+        def __init__(self):
+            self.frames, self.lost = [], asyncio.Event()
+
+        def link_open(self, link):
+            pass
+
+        def link_frame(self, link, body):
+            self.frames.append(pb.ServerFrame.FromString(body))
+
+        def link_lost(self, link, exc):
+            self.lost.set()
+
+    async def attempt(first: bytes | None) -> tuple[list, float]:
+        inbox = Inbox()
+        link = await framelink.dial(framelink.client_context(tls), host, int(port), inbox, server_hostname=host)
+        t0 = time.monotonic()
+        if first is not None:
+            link.write(first)
+        await asyncio.wait_for(inbox.lost.wait(), 10)
+        return inbox.frames, time.monotonic() - t0
+
+    async def main():
+        hb = pb.AgentFrame(heartbeat=pb.Heartbeat(seq=1)).SerializeToString()
+        frames, _ = await attempt(hb)
+        assert [f.WhichOneof("body") for f in frames] == ["refused"]
+        assert "hello" in frames[0].refused.reason
+        bad_id = pb.AgentFrame(hello=pb.AgentHello(agent_id="bad id\n", ip="127.0.0.9")).SerializeToString()
+        frames, _ = await attempt(bad_id)
+        assert [f.WhichOneof("body") for f in frames] == ["refused"]
+        assert "bk_agent_id" in frames[0].refused.reason
+        frames, _ = await attempt(b"\xff\xff\xff")    # not a protobuf message: cut
+        assert frames == []
+        frames, waited = await attempt(None)          # silent: cut after hello_timeout_s
+        assert frames == [] and 0.9 <= waited <= 5.0
+
+    asyncio.run(main())
+    import urllib.request
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{ts.info['metrics_port']}/metrics", timeout=5).read().decode()
+    for reason in ("bad_hello", "bad_agent_id", "bad_frame", "no_hello"):
+        assert f'gse_taskserver_agent_refused_total{{reason="{reason}"}} 1.0' in metrics, reason
+    assert "gse_taskserver_agent_sessions 1.0" in metrics
+    assert good.alive() and "detached" not in good.log_path.read_text()

@@ -1,4 +1,4 @@
-"""The agent: one per host. Holds one TLS gRPC stream to a task server and heartbeats over it.
+"""The agent: one per host. Holds one link to a task server (gse/common/framelink.py) and heartbeats over it.
 
 It keeps its `bk_agent_id` (32 hex characters, made once) in its data dir, connects to one of the
 configured task servers, follows redirects to less loaded peers, and fails over to another server with
@@ -18,11 +18,11 @@ import time
 import uuid
 from pathlib import Path
 
-import grpc
 import psutil
+from google.protobuf.message import DecodeError
 
 from gse import __version__
-from gse.common import rpc
+from gse.common import framelink
 from gse.common.agentstate import valid_agent_id
 from gse.common.config import ConfigError, LogConfig, MetricsConfig, TLSConfig
 from gse.common.service import Service
@@ -32,12 +32,10 @@ from gse.pb import agent_pb2 as pb
 from .data import DataConfig, DataPipeline
 from .executor import Pools
 from .files import FileManager
-from .relay import SourceRelay
 from .tasks import TaskManager
 
 log = logging.getLogger("gse.agent")
 
-CONNECT_METHOD = "/gse.pb.AgentAccess/Connect"
 REDIRECT_COOLDOWN_S = 60.0
 
 
@@ -167,6 +165,29 @@ class HostSampler:
         return self.proc.cpu_percent(None), self.proc.memory_percent(), snap
 
 
+class _Inbox:
+    """The agent's link handler: frames from the task server, parsed, in order; None once the link is gone."""
+
+    def __init__(self):
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def link_open(self, link) -> None:
+        pass
+
+    def link_frame(self, link, body) -> None:
+        try:
+            self.queue.put_nowait(pb.ServerFrame.FromString(body))
+        except DecodeError:
+            log.warning("undecodable frame from the task server; closing the link", extra={"peer": link.peer})
+            link.close()
+
+    def link_lost(self, link, exc) -> None:
+        self.queue.put_nowait(None)
+
+    async def get(self) -> pb.ServerFrame | None:
+        return await self.queue.get()
+
+
 @dataclasses.dataclass
 class _Outcome:
     redirect: str | None = None
@@ -183,7 +204,7 @@ class Agent(Service):
         self.boot_id = random.getrandbits(62)
         self.start_ms = int(time.time() * 1000)
         self.ip = config.ip or config.bind_ip or route_ip(config.servers[0])
-        self.relay = SourceRelay(config.bind_ip) if config.bind_ip else None
+        self.ssl = framelink.client_context(self.tls)
         self.sampler = HostSampler()
         self.server: str | None = None        # the task server we are attached to
         self.parent: tuple[str, int] | None = None
@@ -228,8 +249,6 @@ class Agent(Service):
     async def start(self) -> None:
         await super().start()
         Path(self.config.run_dir).mkdir(parents=True, exist_ok=True)
-        if self.relay is not None:
-            await self.relay.start()
         if self.config.data.enabled:
             await self.data.start()
         recovered = self.tasks.recover()
@@ -277,31 +296,30 @@ class Agent(Service):
             log.info("reconnect spread", extra={"spread_s": spread})
             self.reconnect_spread_s = spread
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        if self.relay is None:
-            return rpc.make_channel(self.tls, address)
-        host, _, port = address.rpartition(":")
-        self.relay.target = (host.strip("[]"), int(port))
-        name = self.tls.server_name or host.strip("[]")
-        return rpc.make_channel(self.tls, self.relay.grpc_target,
-                                [("grpc.ssl_target_name_override", name), ("grpc.default_authority", address)])
-
     async def _session(self, address: str, redirects: int) -> _Outcome:
         outcome = _Outcome()
-        channel = self._channel(address)
-        call = channel.stream_stream(CONNECT_METHOD, request_serializer=pb.AgentFrame.SerializeToString,
-                                     response_deserializer=pb.ServerFrame.FromString)()
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        inbox = _Inbox()
         beat: asyncio.Task | None = None
         writer: asyncio.Task | None = None
         started = 0.0
+        link = None
         try:
-            await call.write(self.hello(redirects))
-            first = await asyncio.wait_for(call.read(), self.config.connect_timeout_s)
-            if first is grpc.aio.EOF:
+            link = await framelink.dial(self.ssl, host, int(port), inbox,
+                                        server_hostname=self.tls.server_name or host, local_ip=self.config.bind_ip,
+                                        timeout=self.config.connect_timeout_s)
+            link.write(self.hello(redirects).SerializeToString())
+            first = await asyncio.wait_for(inbox.get(), self.config.connect_timeout_s)
+            if first is None:
+                log.warning("task server stream failed", extra={"server": address, "error": link.error or "closed"})
                 return outcome
             kind = first.WhichOneof("body")
             if kind == "redirect":
                 outcome.redirect = first.redirect.address
+                return outcome
+            if kind == "refused":
+                log.warning("task server refused the link", extra={"server": address, "reason": first.refused.reason})
                 return outcome
             if kind != "welcome":
                 log.warning("unexpected first frame from server", extra={"kind": kind})
@@ -315,24 +333,25 @@ class Agent(Service):
             log.info("attached", extra={"server": address, "node": w.node_id})
             interval = (w.heartbeat_interval_ms / 1000) or self.config.heartbeat_interval_s
             self._out = asyncio.Queue()
-            writer = asyncio.ensure_future(self._write(call, self._out))
+            writer = asyncio.ensure_future(self._write(link, self._out))
             beat = asyncio.ensure_future(self._heartbeats(interval, w.host_snapshot_every))
             self.tasks.on_attach()
             self.files.on_attach()
             while True:
-                frame = await call.read()
-                if frame is grpc.aio.EOF:
+                frame = await inbox.get()
+                if frame is None:
+                    if link.error:
+                        log.warning("task server stream failed", extra={"server": address, "error": link.error})
                     break
                 kind = frame.WhichOneof("body")
                 if kind == "redirect":
                     outcome.redirect = frame.redirect.address
                     break
-                await self.on_frame(call, frame)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("task server stream failed",
-                        extra={"server": address, "code": exc.code().name, "details": exc.details()})
-        except asyncio.TimeoutError:
-            log.warning("task server did not answer the hello", extra={"server": address})
+                await self.on_frame(link, frame)
+        except asyncio.TimeoutError:        # (an OSError too: first)
+            log.warning("task server did not answer in time", extra={"server": address, "attached": bool(started)})
+        except OSError as exc:              # refused, reset, TLS failed (framelink.LinkError)
+            log.warning("task server stream failed", extra={"server": address, "error": str(exc) or repr(exc)})
         finally:
             self._out = None
             for t in (beat, writer):
@@ -342,11 +361,11 @@ class Agent(Service):
                 outcome.connected_s = time.monotonic() - started
                 self.attached.clear()
                 log.info("detached", extra={"server": address})
-            call.cancel()
-            await channel.close()
+            if link is not None:
+                link.close()
         return outcome
 
-    async def on_frame(self, call, frame: pb.ServerFrame) -> None:
+    async def on_frame(self, link, frame: pb.ServerFrame) -> None:
         kind = frame.WhichOneof("body")
         if kind == "task":
             self.tasks.on_task(frame.task)
@@ -372,13 +391,22 @@ class Agent(Service):
         else:
             log.debug("unhandled frame", extra={"kind": kind})
 
-    async def _write(self, call, queue: asyncio.Queue) -> None:
-        """The one writer of the stream: heartbeats and reports are queued, never written concurrently."""
+    async def _write(self, link, queue: asyncio.Queue) -> None:
+        """The one writer of the link: frames go out in the order they were queued, and wait while the
+        server reads slower than we send (the queue holds them, not the socket buffer)."""
         try:
             while True:
-                await call.write(await queue.get())
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
-            log.debug("stream write ended", extra={"error": repr(exc)})
+                frame = await queue.get()
+                try:
+                    if not link.write(frame.SerializeToString()):
+                        return
+                except ValueError as exc:       # larger than a frame may be: this one frame is lost
+                    log.error("frame not sent", extra={"kind": frame.WhichOneof("body"), "error": str(exc)})
+                    continue
+                if link.paused:
+                    await link.drain()
+        except ConnectionError as exc:
+            log.warning("link write ended", extra={"error": repr(exc)})
 
     async def _heartbeats(self, interval: float, host_every: int = 1) -> None:
         seq = 0
@@ -399,6 +427,4 @@ class Agent(Service):
             await self.data.stop()      # spools what plugins sent
         await self.tasks.stop()
         await self.files.stop()
-        if self.relay is not None:
-            await self.relay.stop()
         await super().stop(grace)

@@ -197,7 +197,7 @@ class FileManager:
         ch = self._channels.get(address)
         if ch is None:
             from gse.common import rpc
-            if self.agent.relay is None:
+            if not self.agent.config.bind_ip:
                 ch = rpc.make_channel(self.agent.tls, address)
             else:
                 from .relay import SourceRelay

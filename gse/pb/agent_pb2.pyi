@@ -221,8 +221,14 @@ class Redirect(_message.Message):
     reason: str
     def __init__(self, address: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class Refused(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
 class ServerFrame(_message.Message):
-    __slots__ = ("welcome", "redirect", "task", "terminate", "ack", "data_servers", "plugin_message", "file_source", "file_target", "upload_request", "end_transfer", "tune")
+    __slots__ = ("welcome", "redirect", "task", "terminate", "ack", "data_servers", "plugin_message", "file_source", "file_target", "upload_request", "end_transfer", "tune", "refused")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     REDIRECT_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +241,7 @@ class ServerFrame(_message.Message):
     UPLOAD_REQUEST_FIELD_NUMBER: _ClassVar[int]
     END_TRANSFER_FIELD_NUMBER: _ClassVar[int]
     TUNE_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     redirect: Redirect
     task: TaskRequest
@@ -247,7 +254,8 @@ class ServerFrame(_message.Message):
     upload_request: UploadRequest
     end_transfer: EndTransfer
     tune: Tune
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., task: _Optional[_Union[TaskRequest, _Mapping]] = ..., terminate: _Optional[_Union[TerminateTask, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., data_servers: _Optional[_Union[_data_pb2.DataServerView, _Mapping]] = ..., plugin_message: _Optional[_Union[_data_pb2.PluginMessage, _Mapping]] = ..., file_source: _Optional[_Union[FileSource, _Mapping]] = ..., file_target: _Optional[_Union[FileTarget, _Mapping]] = ..., upload_request: _Optional[_Union[UploadRequest, _Mapping]] = ..., end_transfer: _Optional[_Union[EndTransfer, _Mapping]] = ..., tune: _Optional[_Union[Tune, _Mapping]] = ...) -> None: ...
+    refused: Refused
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., task: _Optional[_Union[TaskRequest, _Mapping]] = ..., terminate: _Optional[_Union[TerminateTask, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., data_servers: _Optional[_Union[_data_pb2.DataServerView, _Mapping]] = ..., plugin_message: _Optional[_Union[_data_pb2.PluginMessage, _Mapping]] = ..., file_source: _Optional[_Union[FileSource, _Mapping]] = ..., file_target: _Optional[_Union[FileTarget, _Mapping]] = ..., upload_request: _Optional[_Union[UploadRequest, _Mapping]] = ..., end_transfer: _Optional[_Union[EndTransfer, _Mapping]] = ..., tune: _Optional[_Union[Tune, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ...) -> None: ...
 
 class FileEntry(_message.Message):
     __slots__ = ("index", "rel_path", "is_dir", "size", "mode", "md5", "torrent", "info_hash")

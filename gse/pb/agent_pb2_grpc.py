@@ -3,7 +3,6 @@
 import grpc
 import warnings
 
-from gse.pb import agent_pb2 as gse_dot_pb_dot_agent__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -23,76 +22,3 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
-
-
-class AgentAccessStub:
-    """Missing associated documentation comment in .proto file."""
-
-    def __init__(self, channel):
-        """Constructor.
-
-        Args:
-            channel: A grpc.Channel.
-        """
-        self.Connect = channel.stream_stream(
-                '/gse.pb.AgentAccess/Connect',
-                request_serializer=gse_dot_pb_dot_agent__pb2.AgentFrame.SerializeToString,
-                response_deserializer=gse_dot_pb_dot_agent__pb2.ServerFrame.FromString,
-                _registered_method=True)
-
-
-class AgentAccessServicer:
-    """Missing associated documentation comment in .proto file."""
-
-    def Connect(self, request_iterator, context):
-        """The agent opens the stream with an AgentHello; the server answers Welcome or Redirect.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-
-def add_AgentAccessServicer_to_server(servicer, server):
-    rpc_method_handlers = {
-            'Connect': grpc.stream_stream_rpc_method_handler(
-                    servicer.Connect,
-                    request_deserializer=gse_dot_pb_dot_agent__pb2.AgentFrame.FromString,
-                    response_serializer=gse_dot_pb_dot_agent__pb2.ServerFrame.SerializeToString,
-            ),
-    }
-    generic_handler = grpc.method_handlers_generic_handler(
-            'gse.pb.AgentAccess', rpc_method_handlers)
-    server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('gse.pb.AgentAccess', rpc_method_handlers)
-
-
- # This class is part of an EXPERIMENTAL API.
-class AgentAccess:
-    """Missing associated documentation comment in .proto file."""
-
-    @staticmethod
-    def Connect(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/gse.pb.AgentAccess/Connect',
-            gse_dot_pb_dot_agent__pb2.AgentFrame.SerializeToString,
-            gse_dot_pb_dot_agent__pb2.ServerFrame.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import logging
 
-from gse.common import rpc
+from gse.common import framelink, rpc
 from gse.common.config import ConfigError, DbProxyClientConfig
 from gse.common.dbclient import DbClient
 from gse.common.discovery import Discovery
@@ -80,9 +80,9 @@ class TaskServerService(Service):
         self.tls = TLSMaterial.load(config.tls)
         self.discovery = Discovery(config.zookeeper)
         self.db = DbClient(self.tls, config.dbproxy.addresses, config.dbproxy.timeout_s)
-        self.agent_server = None
         self.task_server = None
         self.agent_port = 0
+        self.agent_sock = None
         self.task_port = 0
         self.access: AgentAccess | None = None
         self.writer: BatchWriter | None = None
@@ -115,20 +115,18 @@ class TaskServerService(Service):
             await self.discovery.watch_service("dbproxy", self.db.on_view)
         self.writer = BatchWriter(self.db, c.flush_interval_s)
         self.acks = AckBatcher(self.writer, c.ack_quiet_s, c.ack_max_delay_s)
-        self.agent_server = rpc.make_server(self.tls)
-        self.agent_port = rpc.bind(self.agent_server, self.tls, c.host, c.agent_port)
         self.balancer = Balancer(self.node_id, c.area, slack=c.balance.slack, ratio=c.balance.ratio,
                                  enabled=c.balance.enabled)
         ttl = int(c.result_ttl_s * 1000)
         host_every = max(1, round(c.host_snapshot_interval_s / c.heartbeat_interval_s))
+        self.agent_sock = framelink.bind(c.host, c.agent_port)
+        self.agent_port = self.agent_sock.getsockname()[1]
         self.access = AgentAccess(self.node_id, self.advertise, self.agent_port, self.writer,
                                   session_ttl_ms=int(c.session_ttl_s * 1000),
                                   heartbeat_interval_s=c.heartbeat_interval_s, heartbeat_misses=c.heartbeat_misses,
                                   hello_timeout_s=c.hello_timeout_s, balancer=self.balancer,
                                   reconnect_rate=c.reconnect_rate, host_snapshot_every=host_every,
                                   on_report=ResultRecorder(self.writer, ttl, self.acks).on_report)
-        self.agent_server.add_generic_rpc_handlers((self.access.handler(),))
-        health = rpc.add_health(self.agent_server)
         self.task_server = rpc.make_server(self.tls)
         self.task_port = rpc.bind(self.task_server, self.tls, c.host, c.task_port)
         self.files = FileCoordinator(self.node_id, self.access, self.writer, self.db, self.peers, ttl,
@@ -144,10 +142,10 @@ class TaskServerService(Service):
         self.access.on_attach = self.data_relay.on_attach
         task_pb_grpc.add_TaskServiceServicer_to_server(TaskService(self.access, self.files), self.task_server)
         task_health = rpc.add_health(self.task_server)
-        await self.agent_server.start()
         await self.task_server.start()
-        await rpc.set_serving(health, True)
         await rpc.set_serving(task_health, True)
+        # Agents last: by now every frame they can send has its handler.
+        await self.access.listen(self.tls, self.agent_sock)
         await self.discovery.watch_service(self.name, self._on_taskservers)
         await self.discovery.watch_service("fileserver", self.peers.on_fileservers)
         await self.discovery.watch_service("dataserver", self.data_relay.on_view)
@@ -216,8 +214,6 @@ class TaskServerService(Service):
             self.access.close_all()
         if self.task_server is not None:
             await self.task_server.stop(grace)
-        if self.agent_server is not None:
-            await self.agent_server.stop(grace)
         if self.writer is not None:
             await self.writer.drain()
         await self.db.close()
