@@ -349,6 +349,37 @@ def test_agent_killed_mid_task_reports_restarted(make_cluster, user):
     assert res[(a, 1)]["status"] == 2 and res[(a, 1)]["screen"] == "quick\n"
 
 
+def test_agent_gone_for_good_mid_task_reads_offline_after_the_grace(make_cluster, user):
+    """An item whose agent vanished reads as running while the agent may still come back (its deadline plus
+    offline_grace_s, counted from dispatch at the earliest), then as 117; never finished, never stuck."""
+    c = make_cluster()
+    c.start_dbproxy()
+    c.start_taskserver()
+    c.start_apiserver(offline_grace_s=4.0)
+    api = api_for(c)
+    (agent,) = start_agents(c, 1)
+    a = agent.info["bk_agent_id"]
+    api.wait_alive([a])
+    tid = submit(api, [a], ["echo start; sleep 60"], user=user)
+    t0 = time.monotonic()
+    wait_for(lambda: "start" in results(api, tid, [a], 1)["data"]["result"][0]["screen"], 15, "running")
+    agent.kill()
+    subprocess.run(["pkill", "-KILL", "-u", user], check=False)
+    killed = time.monotonic()
+    first = results(api, tid, [a], 1)
+    assert first["code"] == 1000115 and first["data"]["result"][0]["error_code"] == 115
+
+    def offline():
+        r = results(api, tid, [a], 1)["data"]["result"][0]
+        return r if r["error_code"] == 117 else None
+    r = wait_for(offline, 30, "the item to read as offline", interval=0.2)
+    waited = time.monotonic()
+    assert "offline" in r["error_msg"]
+    # not before the grace has passed since dispatch, nor before the agent's deadline plus the grace
+    assert waited - t0 >= 4.0
+    assert waited - killed >= 4.0 - 1.0     # its deadline was up to hb_interval x misses + 1 s after the kill
+
+
 def test_result_delivered_after_reconnect_to_another_task_server(make_cluster):
     c = make_cluster()
     c.start_dbproxy()

@@ -224,15 +224,18 @@ class TaskEndpoints:
             return dict(zip(need, await self.db.execute(ops)))
 
         # Only agents with unfinished items are looked up: an agent gone for good must not keep a caller
-        # polling forever.
+        # polling forever. Not those dispatched within the offline grace, either: they were alive at dispatch
+        # (deadline >= dispatch time), so none of them can have been gone longer than the grace yet. A
+        # broadcast being polled reads no session records at all in its first `offline_grace_s`.
+        at_ms = now_ms()
         unfinished = {real[w[0]] for w, f in zip(wanted, items)
-                      if f is not None and int(f.get("status", ts.DISPATCHED)) not in ts.FINAL_STATUSES}
+                      if f is not None and int(f.get("status", ts.DISPATCHED)) not in ts.FINAL_STATUSES
+                      and not self._within_grace(f, at_ms)}
 
         async def session_records() -> dict:
             return await self.view.records(list(unfinished), SESSION_FIELDS) if unfinished else {}
 
         screens, records = await asyncio.gather(outputs(), session_records())
-        at_ms = now_ms()
         out, running = [], False
         for n, (aid, container, tid, off, limit) in enumerate(wanted):
             f, screen = items[n], screens.get(n, NO_OUTPUT)
@@ -253,8 +256,9 @@ class TaskEndpoints:
                 status, code, msg, running = ts.RUNNING, ts.E_RUNNING, "", True
             elif status not in ts.FINAL_STATUSES:
                 record = records.get(real[aid])
-                gone = record is None or (not is_alive(record, at_ms) and
-                                          at_ms - int(record.get("deadline", 0) or 0) > self.offline_grace_ms)
+                gone = not self._within_grace(f, at_ms) and (
+                    record is None or (not is_alive(record, at_ms) and
+                                       at_ms - int(record.get("deadline", 0) or 0) > self.offline_grace_ms))
                 if gone:
                     code, msg = ts.E_AGENT_OFFLINE, "agent went offline before reporting a result"
                 else:
@@ -304,6 +308,14 @@ class TaskEndpoints:
             return True
         end = int(f.get("end_time", 0) or 0)
         return end > 0 and at_ms - end > self.OUTPUT_LAG_MS
+
+    def _within_grace(self, item: dict, at_ms: int) -> bool:
+        """Dispatched to a live agent no longer than offline_grace ago (so it cannot read as gone yet)."""
+        try:
+            dispatched = int(item.get("dispatch_time", 0) or 0)
+        except ValueError:
+            return False
+        return dispatched > 0 and at_ms - dispatched <= self.offline_grace_ms
 
     def _task_id(self, body: dict) -> str:
         task_id = v.string(body, "task_id", max_len=128)

@@ -30,6 +30,7 @@ DISPATCHED = Counter("gse_taskserver_task_dispatched_total", "Task frames writte
 RESULTS = Counter("gse_taskserver_task_results_total", "Item results received from agents", ["final"])
 OUTPUT_BYTES = Counter("gse_taskserver_task_output_bytes_total", "Task output bytes received")
 ACKS = Counter("gse_taskserver_ack_frames_total", "Result acknowledgement frames written to agents")
+FINAL_RESULTS, PARTIAL_RESULTS = RESULTS.labels("1"), RESULTS.labels("0")
 
 
 class TaskService(pb_grpc.TaskServiceServicer):
@@ -157,18 +158,17 @@ class ResultRecorder:
         finals = []
         for r in report.results:
             fields = {"status": r.status, "error_code": r.error_code, "error_msg": r.error_msg,
-                      "output_size": r.output_size, "truncated": int(r.truncated), "node": session.agent_id}
+                      "output_size": r.output_size, "truncated": int(r.truncated)}
             if r.start_time_ms:
                 fields["start_time"] = r.start_time_ms
             if r.end_time_ms:
                 fields["end_time"] = r.end_time_ms
             if r.has_exit_code:
                 fields["exit_code"] = r.exit_code
-            del fields["node"]
             self.writer.hset(item_key(r.task_id, aid, r.atomic_task_id), fields, ttl)
             if r.final:
                 finals.append(apb.ItemRef(task_id=r.task_id, atomic_task_id=r.atomic_task_id))
-        RESULTS.labels("1").inc(len(finals))
-        RESULTS.labels("0").inc(len(report.results) - len(finals))
+        FINAL_RESULTS.inc(len(finals))
+        PARTIAL_RESULTS.inc(len(report.results) - len(finals))
         if finals:
             self.acks.when_stored(session, finals)
