@@ -209,17 +209,26 @@ async def serve(service: Service) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    try:
-        await service.start()
-    except Exception:
-        log.exception("start failed")
+    starter = loop.create_task(service.start())
+    stopper = loop.create_task(stop.wait())
+    await asyncio.wait({starter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if not starter.done():
+        # Stopped while starting (waiting for ZooKeeper, say): nothing was served yet.
+        sd_notify("STOPPING=1")
+        starter.cancel()
+        await asyncio.wait({starter}, timeout=STOP_BOUND_S)
+        log.info("stopped before it was ready")
+        await asyncio.wait_for(service.stop(0), STOP_BOUND_S)
+        return 0
+    if starter.cancelled() or starter.exception() is not None:
+        log.error("start failed", exc_info=None if starter.cancelled() else starter.exception())
+        stopper.cancel()
         await asyncio.wait_for(service.stop(0), STOP_BOUND_S)
         return 1
     gctune.freeze_startup()
     sd_notify("READY=1")
     log.info("ready", extra={"node_id": service.node_id})
     runner = loop.create_task(service.run())
-    stopper = loop.create_task(stop.wait())
     done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if runner in done and not runner.cancelled() and runner.exception() is not None:
