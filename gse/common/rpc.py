@@ -40,8 +40,11 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def make_server(tls: TLSMaterial, options=()) -> grpc.aio.Server:
-    return grpc.aio.server(options=[*SERVER_OPTIONS, *options])
+def make_server(tls: TLSMaterial, options=(), reuse_port: bool = False) -> grpc.aio.Server:
+    """A server with the common options. `reuse_port`: several processes may listen on the same port
+    (SO_REUSEPORT, the kernel spreads new connections across them); off, binding a port in use fails."""
+    common = [o for o in SERVER_OPTIONS if o[0] != "grpc.so_reuseport"]
+    return grpc.aio.server(options=[*common, ("grpc.so_reuseport", int(reuse_port)), *options])
 
 
 def bind(server: grpc.aio.Server, tls: TLSMaterial, host: str, port: int) -> int:
