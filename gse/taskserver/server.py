@@ -118,7 +118,7 @@ class TaskServerService(Service):
         self.agent_server = rpc.make_server(self.tls)
         self.agent_port = rpc.bind(self.agent_server, self.tls, c.host, c.agent_port)
         self.balancer = Balancer(self.node_id, c.area, slack=c.balance.slack, ratio=c.balance.ratio,
-                                 enabled=c.balance.enabled)
+                                 enabled=c.balance.enabled, agent_address=f"{self.advertise}:{self.agent_port}")
         ttl = int(c.result_ttl_s * 1000)
         host_every = max(1, round(c.host_snapshot_interval_s / c.heartbeat_interval_s))
         self.access = AgentAccess(self.node_id, self.advertise, self.agent_port, self.writer,
