@@ -6,6 +6,7 @@ certificates) and listens on free loopback ports, so several clusters can run si
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,22 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> int:
+    """The first of `n` consecutive ports that are free now (checked, not reserved: like `free_port`)."""
+    for _ in range(100):
+        first = free_port(host)
+        if first + n > 65536:
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(first, first + n):
+                    stack.enter_context(socket.socket()).bind((host, port))
+        except OSError:
+            continue
+        return first
+    raise ClusterError(f"found no {n} consecutive free ports")
 
 
 def wait_for(pred, timeout: float, what: str, interval: float = 0.05, proc: "Proc | None" = None):
@@ -207,6 +225,16 @@ class Cluster:
                  proc=proc)
         return proc
 
+    def healthz(self, proc: Proc) -> dict:
+        """The /healthz document of a daemon, healthy or not (for a task server run as workers: the
+        supervisor's, listing every worker with its pid, node id, restarts and own health)."""
+        url = f"http://127.0.0.1:{proc.info['metrics_port']}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return json.loads(exc.read())
+
     def start_dbproxy(self, replicas: int = 2, name: str | None = None, wait: bool = True, **overrides) -> Proc:
         if self.zookeeper is None or not self.redis:
             raise ClusterError("start ZooKeeper and Redis first")
@@ -220,14 +248,20 @@ class Cluster:
 
     def start_taskserver(self, name: str | None = None, wait: bool = True, port: int | None = None,
                          **overrides) -> Proc:
-        port, mport = port or free_port(), free_port()
+        """A task server; `workers=N` runs it as a supervisor of N workers sharing the agent port, waited
+        on through the supervisor's /healthz (ok once every worker is)."""
+        workers = overrides.get("workers", 1)
+        port = port or free_port()
+        # With workers, the supervisor serves mport and worker i mport + 1 + i; their task ports are any.
+        mport = free_ports(1 + workers) if workers > 1 else free_port()
         name = name or f"taskserver-{len(self.taskservers) + 1}"
-        cfg = {**self._common(mport), "host": "127.0.0.1", "agent_port": port, "task_port": free_port(),
+        cfg = {**self._common(mport), "host": "127.0.0.1", "agent_port": port,
+               "task_port": free_port() if workers == 1 else 0,
                "heartbeat_interval_s": self.heartbeat_interval_s, "heartbeat_misses": self.heartbeat_misses,
                **overrides}
-        proc = self._daemon("taskserver", name, cfg, {"address": f"127.0.0.1:{port}"})
+        proc = self._daemon("taskserver", name, cfg, {"address": f"127.0.0.1:{port}", "workers": workers})
         self.taskservers.append(proc)
-        return self.wait_healthy(proc) if wait else proc
+        return self.wait_healthy(proc, timeout=max(30.0, 15.0 * workers)) if wait else proc
 
     def start_apiserver(self, name: str | None = None, wait: bool = True, **overrides) -> Proc:
         port, mport = free_port(), free_port()

@@ -152,3 +152,29 @@ def test_ready_notified_only_after_registration(cluster, tmp_path):
         client.stop()
         client.close()
         s.close()
+
+
+def test_sigterm_while_waiting_for_zookeeper_stops_at_once(make_cluster, tmp_path):
+    """A daemon still starting (here: no ZooKeeper to reach) stops on SIGTERM without waiting to be ready."""
+    from gse.devcluster import free_port
+
+    c = make_cluster()
+    cfg = {**c._common(0), "host": "127.0.0.1", "agent_port": 0, "task_port": 0}
+    cfg["zookeeper"]["hosts"] = f"127.0.0.1:{free_port()}"          # nothing listens there
+    path = tmp_path / "taskserver.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    log = tmp_path / "taskserver.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gse.taskserver", "--config", str(path)], stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        # Its first log lines are kazoo's failed attempts to connect: the daemon is inside start().
+        wait_for(lambda: log.read_text().strip(), 20, "the daemon to try ZooKeeper", interval=0.1)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert time.monotonic() - t0 < 5
+        assert "stopped before it was ready" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

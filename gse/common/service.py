@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import inspect
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ import sys
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Gauge, generate_latest
 
 from . import gctune
 from .config import ConfigError, LogConfig, MetricsConfig, TLSConfig, ZooKeeperConfig, load_config
@@ -48,6 +49,11 @@ class BaseConfig:
             raise ConfigError(f"host is {host or 'empty'}: set advertise_host to the address peers and agents dial")
 
 
+def advertised_host(config: Any) -> str:
+    """The address peers and agents dial: advertise_host, else the listen host."""
+    return getattr(config, "advertise_host", "") or getattr(config, "host", "") or socket.gethostname()
+
+
 def sd_notify(state: str) -> bool:
     """Tell systemd about our state (READY=1, STOPPING=1, RELOADING=1, STATUS=...). No-op outside systemd."""
     addr = os.environ.get("NOTIFY_SOCKET")
@@ -66,11 +72,14 @@ def sd_notify(state: str) -> bool:
 
 
 class OpsServer:
-    """The operations HTTP endpoint: `/metrics` for Prometheus and `/healthz` for people and harnesses."""
+    """The operations HTTP endpoint: `/metrics` for Prometheus and `/healthz` for people and harnesses.
 
-    def __init__(self, cfg: MetricsConfig, health):
+    `health()` returns (ok, detail), or an awaitable of it when finding out takes I/O."""
+
+    def __init__(self, cfg: MetricsConfig, health, registry=REGISTRY):
         self.cfg = cfg
         self.health = health
+        self.registry = registry
         self.runner: web.AppRunner | None = None
         self.port = 0
 
@@ -86,10 +95,11 @@ class OpsServer:
         return self.port
 
     async def _metrics(self, request):
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, request):
-        ok, detail = self.health()
+        result = self.health()
+        ok, detail = await result if inspect.isawaitable(result) else result
         return web.json_response({"ok": ok, **detail}, status=200 if ok else 503)
 
     async def stop(self) -> None:
@@ -112,9 +122,7 @@ class Service:
 
     @property
     def advertise(self) -> str:
-        """The address peers and agents dial: advertise_host, else the listen host."""
-        c = self.config
-        return getattr(c, "advertise_host", "") or getattr(c, "host", "") or socket.gethostname()
+        return advertised_host(self.config)
 
     @property
     def main_port(self) -> int:
@@ -165,19 +173,31 @@ def parse_args(prog: str, argv=None) -> argparse.Namespace:
     p.add_argument("--config", "-c", help="YAML configuration file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one configuration key (dotted path), may repeat")
-    return p.parse_args(argv)
+    # Given by a supervisor to the worker processes it starts (a daemon configured with workers > 1).
+    p.add_argument("--worker", type=int, metavar="INDEX", help=argparse.SUPPRESS)
+    p.add_argument("--supervisor", type=int, metavar="PID", help=argparse.SUPPRESS)
+    p.add_argument("--ready-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker is not None and args.supervisor is None:
+        p.error("--worker needs --supervisor")
+    return args
 
 
 def main(service_cls, config_cls, argv=None) -> int:
     """Entry point shared by every daemon: `python -m gse.<daemon> --config FILE`."""
+    from . import workers
+
     name = service_cls.name
     args = parse_args(f"gse-{name}", argv)
+    if args.worker is not None and not workers.follow_supervisor(args.supervisor):
+        print(f"gse-{name}: worker {args.worker}: supervisor {args.supervisor} is gone", file=sys.stderr)
+        return 1
     try:
         config = load_config(config_cls, args.config, tuple(args.set), env_prefix=name)
     except ConfigError as exc:
         print(f"gse-{name}: configuration error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(name, config.log.level, config.log.format)
+    setup_logging(name if args.worker is None else f"{name}-w{args.worker}", config.log.level, config.log.format)
     try:
         gctune.install()
     except ValueError as exc:
@@ -188,14 +208,19 @@ def main(service_cls, config_cls, argv=None) -> int:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency; run on asyncio's loop without it
         pass
-    service = service_cls(config, args.config, tuple(args.set))
+    if args.worker is None and getattr(config, "workers", 1) > 1:
+        service = workers.Supervisor(service_cls, config, args.config, tuple(args.set))
+    else:
+        service = service_cls(config, args.config, tuple(args.set))
+    on_ready = workers.ready_reporter(args.ready_fd) if args.ready_fd is not None else None
     try:
-        return asyncio.run(serve(service))
+        return asyncio.run(serve(service, on_ready))
     except KeyboardInterrupt:
         return 0
 
 
-async def serve(service: Service) -> int:
+async def serve(service: Service, on_ready=None) -> int:
+    """Run `service` until SIGTERM/SIGINT; `on_ready(service)` is called once it is ready (after READY=1)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reloads: set[asyncio.Task] = set()
@@ -209,17 +234,28 @@ async def serve(service: Service) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    try:
-        await service.start()
-    except Exception:
-        log.exception("start failed")
+    starter = loop.create_task(service.start())
+    stopper = loop.create_task(stop.wait())
+    await asyncio.wait({starter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if not starter.done():
+        # Stopped while starting (waiting for ZooKeeper, for workers, ...): nothing was served yet.
+        sd_notify("STOPPING=1")
+        starter.cancel()
+        await asyncio.wait({starter}, timeout=STOP_BOUND_S)
+        log.info("stopped before it was ready")
+        await asyncio.wait_for(service.stop(0), STOP_BOUND_S)
+        return 0
+    if starter.cancelled() or starter.exception() is not None:
+        log.error("start failed", exc_info=None if starter.cancelled() else starter.exception())
+        stopper.cancel()
         await asyncio.wait_for(service.stop(0), STOP_BOUND_S)
         return 1
     gctune.freeze_startup()
     sd_notify("READY=1")
+    if on_ready is not None:
+        on_ready(service)
     log.info("ready", extra={"node_id": service.node_id})
     runner = loop.create_task(service.run())
-    stopper = loop.create_task(stop.wait())
     done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if runner in done and not runner.cancelled() and runner.exception() is not None:

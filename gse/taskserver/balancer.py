@@ -5,6 +5,11 @@ that holds clearly more than its least loaded peer is redirected there; a server
 than the average sheds some agents every round (a peer that just joined fills up this way). Redirects
 issued since the last load figure of a peer count towards that peer's load, so a burst of hellos does not
 all land on the same peer.
+
+The workers of a task server run as several processes (`workers` > 1) share one agent address: sending
+an agent to a sibling worker means nothing (the kernel picks the worker of every new connection), so peers
+with our own agent address are never redirect or shed targets. Their load still counts in the average a
+server sheds down to: every process is balanced to the same share, whichever machine it runs on.
 """
 
 from __future__ import annotations
@@ -15,13 +20,16 @@ log = logging.getLogger("gse.taskserver.balance")
 
 
 class Balancer:
-    def __init__(self, node_id: str, area: int, *, slack: int, ratio: float, enabled: bool = True):
+    def __init__(self, node_id: str, area: int, *, slack: int, ratio: float, enabled: bool = True,
+                 agent_address: str = ""):
         self.node_id = node_id
         self.area = area
+        self.agent_address = agent_address      # ours, shared with our sibling workers
         self.slack = slack
         self.ratio = ratio
         self.enabled = enabled
         self.peers: dict[str, dict] = {}
+        self.siblings: dict[str, int] = {}      # node id -> load of the workers sharing our agent address
         self._sent: dict[str, int] = {}     # redirects to a peer since its last load figure
 
     def on_view(self, view: dict[str, dict]) -> None:
@@ -29,7 +37,10 @@ class Balancer:
             old = self.peers.get(node_id)
             if old is None or old.get("load") != info.get("load"):
                 self._sent.pop(node_id, None)
-        self.peers = {k: v for k, v in view.items() if k != self.node_id and v.get("area", 0) == self.area}
+        others = {k: v for k, v in view.items() if k != self.node_id and v.get("area", 0) == self.area}
+        self.siblings = {k: int(v.get("load", 0)) for k, v in others.items()
+                         if self.agent_address and v.get("agent_address") == self.agent_address}
+        self.peers = {k: v for k, v in others.items() if k not in self.siblings}
 
     def _margin(self, load: int) -> float:
         return max(self.slack, load * self.ratio)
@@ -57,8 +68,8 @@ class Balancer:
         peers = self._estimated()
         if not peers:
             return []
-        total = my_load + sum(p[0] for p in peers)
-        avg = total / (len(peers) + 1)
+        total = my_load + sum(p[0] for p in peers) + sum(self.siblings.values())
+        avg = total / (len(peers) + len(self.siblings) + 1)
         excess = int(my_load - avg - self._margin(my_load) / 2)
         if excess <= 0 or my_load - peers[0][0] <= self._margin(my_load):
             return []

@@ -10,8 +10,9 @@ from gse.common import framelink, rpc
 from gse.common.config import ConfigError, DbProxyClientConfig
 from gse.common.dbclient import DbClient
 from gse.common.discovery import Discovery
-from gse.common.service import BaseConfig, Service
+from gse.common.service import BaseConfig, Service, advertised_host
 from gse.common.tls import TLSMaterial
+from gse.common.workers import MAX_WORKERS
 from gse.pb import taskserver_pb2 as task_pb
 from gse.pb import taskserver_pb2_grpc as task_pb_grpc
 
@@ -55,6 +56,7 @@ class TaskServerConfig(BaseConfig):
     host_snapshot_interval_s: float = 60.0  # agents send their host snapshot this often (liveness at every heartbeat)
     load_report_interval_s: float = 2.0
     data_view_interval_s: float = 30.0  # data server loads are told to agents at most this often
+    workers: int = 1                    # processes sharing agent_port (SO_REUSEPORT) under one supervisor
     balance: BalanceConfig = BalanceConfig()
     dbproxy: DbProxyClientConfig = DbProxyClientConfig()
 
@@ -70,6 +72,10 @@ class TaskServerConfig(BaseConfig):
             raise ConfigError("reconnect_rate must be >= 0 (0: agents are told no spread)")
         if not 0 <= self.ack_quiet_s <= self.ack_max_delay_s <= 60:
             raise ConfigError("need 0 <= ack_quiet_s <= ack_max_delay_s <= 60")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"workers must be 1..{MAX_WORKERS}")
+        if self.workers > 1 and self.agent_port == 0:
+            raise ConfigError("agent_port cannot be 0 (any free port) with workers > 1: the workers share it")
 
 
 class TaskServerService(Service):
@@ -97,6 +103,18 @@ class TaskServerService(Service):
     def main_port(self) -> int:
         return self.agent_port or self.config.agent_port
 
+    @classmethod
+    def group_node_id(cls, config: TaskServerConfig) -> str:
+        """The node id of a task server run as workers: its workers are `<this>-w<i>`."""
+        return config.node_id or f"{advertised_host(config)}-{config.agent_port}"
+
+    @classmethod
+    def worker_overrides(cls, config: TaskServerConfig, index: int) -> dict:
+        """What makes worker `index` a task server of its own: node id, task and operations ports."""
+        return {"node_id": f"{cls.group_node_id(config)}-w{index}",
+                "task_port": config.task_port + index if config.task_port else 0,
+                "metrics.port": config.metrics.port + 1 + index if config.metrics.port else 0}
+
     def health(self):
         ok = self.access is not None and self.discovery.connected and bool(self.db.addresses)
         return ok, {"service": self.name, "node_id": self.node_id, "agents": self.access.load if self.access else 0,
@@ -115,12 +133,13 @@ class TaskServerService(Service):
             await self.discovery.watch_service("dbproxy", self.db.on_view)
         self.writer = BatchWriter(self.db, c.flush_interval_s)
         self.acks = AckBatcher(self.writer, c.ack_quiet_s, c.ack_max_delay_s)
+        # Workers of one machine share the agent port: the kernel spreads new agent connections across them.
+        self.agent_sock = framelink.bind(c.host, c.agent_port, reuse_port=c.workers > 1)
+        self.agent_port = self.agent_sock.getsockname()[1]
         self.balancer = Balancer(self.node_id, c.area, slack=c.balance.slack, ratio=c.balance.ratio,
-                                 enabled=c.balance.enabled)
+                                 enabled=c.balance.enabled, agent_address=f"{self.advertise}:{self.agent_port}")
         ttl = int(c.result_ttl_s * 1000)
         host_every = max(1, round(c.host_snapshot_interval_s / c.heartbeat_interval_s))
-        self.agent_sock = framelink.bind(c.host, c.agent_port)
-        self.agent_port = self.agent_sock.getsockname()[1]
         self.access = AgentAccess(self.node_id, self.advertise, self.agent_port, self.writer,
                                   session_ttl_ms=int(c.session_ttl_s * 1000),
                                   heartbeat_interval_s=c.heartbeat_interval_s, heartbeat_misses=c.heartbeat_misses,
