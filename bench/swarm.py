@@ -77,6 +77,12 @@ class Api:
         return n
 
 
+def family(pid: int) -> list[psutil.Process]:
+    """A daemon and its children (a task server with workers is a supervisor and its worker processes)."""
+    p = psutil.Process(pid)
+    return [p, *p.children(recursive=True)]
+
+
 def cpu_seconds(procs: list[psutil.Process]) -> float:
     return sum(sum(p.cpu_times()[:2]) for p in procs)
 
@@ -86,7 +92,7 @@ def cpu_groups(c: Cluster, workers: list) -> dict[str, list[psutil.Process]]:
     groups: dict[str, list[psutil.Process]] = {"client": [psutil.Process()]}
     for proc in c.procs:
         if proc.alive():
-            groups.setdefault(proc.kind, []).append(psutil.Process(proc.pid))
+            groups.setdefault(proc.kind, []).extend(family(proc.pid))
     groups["simulators"] = [psutil.Process(w.pid) for w in workers]
     return groups
 
@@ -133,6 +139,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description="agent swarm on K task servers")
     p.add_argument("--agents", type=int, default=1000)
     p.add_argument("--taskservers", type=int, default=1)
+    p.add_argument("--ts-workers", type=int, default=1, help="worker processes per task server (its `workers`: "
+                   "they share the agent port; one process may hold ~19,000 agents and use one core)")
     p.add_argument("--workers", type=int, default=0, help="simulator processes (default: one per 5,000 agents, "
                                                           "at least 2)")
     p.add_argument("--rounds", type=int, default=5)
@@ -153,22 +161,24 @@ def main() -> int:
     n, k = args.agents, args.taskservers
     workers = args.workers or max(2, (n + 4999) // 5000)
     print(f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, python "
-          f"{platform.python_version()}; {n} agents in {workers} simulator processes on {k} task server(s); "
+          f"{platform.python_version()}; {n} agents in {workers} simulator processes on {k} task server(s) "
+          f"of {args.ts_workers} worker process(es); "
           f"everything shares these cores", flush=True)
     base = tempfile.mkdtemp(prefix=f"gse-swarm-{n}-")
     c = Cluster(base, heartbeat_interval_s=args.heartbeat)
     procs = []
-    out = {"agents": n, "taskservers": k}
+    out = {"agents": n, "taskservers": k, "ts_workers": args.ts_workers}
     try:
         c.start_zookeeper()
         c.start_redis()
         c.start_redis()
         c.start_dbproxy(replicas=2)
-        servers = [c.start_taskserver(balance={"slack": max(50, n // 20)}, reconnect_rate=args.reconnect_rate)
+        servers = [c.start_taskserver(balance={"slack": max(50, n // 20)}, reconnect_rate=args.reconnect_rate,
+                                      workers=args.ts_workers)
                    for _ in range(k)]
         c.start_apiserver(max_hosts_per_call=max(5000, n))
         api = Api(c)
-        tsp = [psutil.Process(t.pid) for t in servers]
+        tsp = [p for t in servers for p in family(t.pid)]
         tag = os.urandom(2).hex()
         ids = [agent_id(tag, i) for i in range(n)]
         t0 = time.monotonic()
