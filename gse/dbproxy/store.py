@@ -150,13 +150,15 @@ class ShardedStore:
                 p = plans[node.address] = _Plan(node)
             return p
 
+        replicas_of, prefix, r = self.ring.replicas, self.prefix, self.replicas
         for i, op in enumerate(ops):
             try:
                 _check(op)
+                cmds = _commands(op, prefix)     # encoded once, whichever replicas take them
             except ValueError as exc:
                 results[i].error = str(exc)
                 continue
-            replicas = self.ring.replicas(op.key, self.replicas)
+            replicas = replicas_of(op.key, r)
             if op.kind in READS:
                 order = self._read_order(replicas)
                 if not order:
@@ -164,15 +166,17 @@ class ShardedStore:
                     continue
                 pending_reads[i] = order[1:]
                 p = plan_for(order[0])
-                p.slots.append((i, _queue(p.pipe, op, self.prefix), True))
+                p.pipe.extend(cmds)
+                p.slots.append((i, len(cmds), True))
             else:
-                targets = [self.nodes[a] for a in replicas if self.nodes[a].healthy]
+                targets = [node for a in replicas if (node := self.nodes[a]).healthy]
                 if not targets:
                     results[i].error = "no healthy replica for key"
                     continue
                 for node in targets:
                     p = plan_for(node)
-                    p.slots.append((i, _queue(p.pipe, op, self.prefix), False))
+                    p.pipe.extend(cmds)
+                    p.slots.append((i, len(cmds), False))
 
         while plans:
             outcomes = await asyncio.gather(*(self._run(p) for p in plans.values()))
@@ -188,7 +192,9 @@ class ShardedStore:
                                 rp = retry.get(node.address)
                                 if rp is None:
                                     rp = retry[node.address] = _Plan(node)
-                                rp.slots.append((i, _queue(rp.pipe, ops[i], self.prefix), True))
+                                cmds = _commands(ops[i], prefix)
+                                rp.pipe.extend(cmds)
+                                rp.slots.append((i, len(cmds), True))
                             else:
                                 results[i].error = f"redis unavailable: {replies!r}"
                         else:
@@ -249,43 +255,43 @@ PING = encode(b"PING")
 _NAMES = {k: pb.Op.Kind.Name(k).encode() for k in pb.Op.Kind.values()}
 
 
-def _queue(pipe: list, op, prefix: str) -> int:
-    """Queue the Redis commands for one op; returns how many were queued."""
+def _commands(op, prefix: str) -> tuple[bytes, ...]:
+    """The Redis commands for one op, RESP-encoded."""
     key = (prefix + op.key).encode()
     k = op.kind
     ttl = op.ttl_ms
     if k == K.SET:
-        pipe.append(encode(b"SET", key, op.value, b"PX", ttl) if ttl > 0 else encode(b"SET", key, op.value))
-        return 1
+        return (encode(b"SET", key, op.value, b"PX", ttl) if ttl > 0 else encode(b"SET", key, op.value),)
     if k == K.EXPIRE:
-        pipe.append(encode(b"PEXPIRE", key, ttl))
-        return 1
+        return (encode(b"PEXPIRE", key, ttl),)
     if k in (K.GET, K.DEL, K.HGETALL, K.SMEMBERS, K.STRLEN, K.EXISTS):
-        pipe.append(encode(_NAMES[k], key))
+        cmd = encode(_NAMES[k], key)
     elif k == K.HSET:
         args = [b"HSET", key]
         for name, value in op.fields.items():
             args.append(name.encode())
             args.append(value)
-        pipe.append(encode(*args))
+        cmd = encode(*args)
     elif k in (K.HMGET, K.HDEL):
-        pipe.append(encode(_NAMES[k], key, *(n.encode() for n in op.names)))
+        cmd = encode(_NAMES[k], key, *(n.encode() for n in op.names))
     elif k in (K.SADD, K.SREM, K.RPUSH):
-        pipe.append(encode(_NAMES[k], key, *op.members))
+        cmd = encode(_NAMES[k], key, *op.members)
     elif k in (K.LRANGE, K.GETRANGE):
-        pipe.append(encode(_NAMES[k], key, op.start, op.stop))
+        cmd = encode(_NAMES[k], key, op.start, op.stop)
     elif k == K.INCRBY:
-        pipe.append(encode(b"INCRBY", key, op.integer))
+        cmd = encode(b"INCRBY", key, op.integer)
     elif k == K.APPEND:
-        pipe.append(encode(b"APPEND", key, op.value))
+        cmd = encode(b"APPEND", key, op.value)
     elif k == K.SETRANGE:
-        pipe.append(encode(b"SETRANGE", key, op.start, op.value))
+        cmd = encode(b"SETRANGE", key, op.start, op.value)
     else:
         raise ValueError(f"unknown op kind {k}")
-    if ttl > 0 and k in (K.HSET, K.SADD, K.RPUSH, K.INCRBY, K.APPEND, K.SETRANGE):
-        pipe.append(encode(b"PEXPIRE", key, ttl))
-        return 2
-    return 1
+    if ttl > 0 and k in _EXPIRING:
+        return cmd, encode(b"PEXPIRE", key, ttl)
+    return (cmd,)
+
+
+_EXPIRING = frozenset({K.HSET, K.SADD, K.RPUSH, K.INCRBY, K.APPEND, K.SETRANGE})
 
 
 def _fill(result: pb.Result, op, reply) -> None:
