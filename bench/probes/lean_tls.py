@@ -221,10 +221,10 @@ class FrameConn:
         now = time.monotonic()
         peer = self.transport.get_extra_info("peername")
         s = AgentSession(hello.agent_id, hello.cloud_id, hello.ip, hello.boot_id, f"ipv4:{peer[0]}:{peer[1]}",
-                         now, now, task=None, ctx=self)
+                         now, now, link=self)
         old = a.sessions.get(hello.agent_id)
-        if old is not None and old.ctx is not None:
-            old.ctx.close()
+        if old is not None and old.link is not None:
+            old.link.close()
         a.sessions[hello.agent_id] = s
         self.session = s
         at = now_ms()
@@ -695,7 +695,7 @@ async def selftest_main(args) -> None:
     sess = Hub.access.sessions["selftest-agent"]
     big_down = pb.ServerFrame(task=pb.TaskRequest(task_id="t", atomic_tasks=[
         pb.AtomicTask(atomic_task_id=0, command="z" * 150_000)])).SerializeToString()
-    sess.ctx.send(big_down)
+    sess.link.send(big_down)
     got = await cl.recv_frame()
     checks["server_sends_150k_frame"] = got is not None and len(got.task.atomic_tasks[0].command) == 150_000
     try:
