@@ -181,19 +181,12 @@ def test_server_name_is_checked_and_alpn_is_required(certs):
     asyncio.run(main())
 
 
-def test_dial_times_out_against_a_silent_server():
+def test_dial_times_out_against_a_silent_server(certs):
     async def main():
         silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
         port = silent.sockets[0].getsockname()[1]
-        d = init_certs_tmp()
         with pytest.raises(TimeoutError):
-            await framelink.dial(framelink.client_context(material(d, "agent")), "127.0.0.1", port, Recorder(),
+            await framelink.dial(framelink.client_context(material(certs, "agent")), "127.0.0.1", port, Recorder(),
                                  server_hostname="127.0.0.1", timeout=0.5)
         silent.close()
     asyncio.run(main())
-
-
-def init_certs_tmp():
-    import tempfile
-    from pathlib import Path
-    return init_certs(Path(tempfile.mkdtemp(prefix="gse-certs-")))

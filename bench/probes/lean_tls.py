@@ -241,7 +241,6 @@ class FrameConn:
     def detach(self) -> None:
         s = self.session
         if s is not None:
-            s.closed = True
             if Hub.access.sessions.get(s.agent_id) is s:
                 del Hub.access.sessions[s.agent_id]
             self.session = None

@@ -347,9 +347,9 @@ class Agent(Service):
                 if kind == "redirect":
                     outcome.redirect = frame.redirect.address
                     break
-                await self.on_frame(link, frame)
+                self.on_frame(frame)
         except asyncio.TimeoutError:        # (an OSError too: first)
-            log.warning("task server did not answer in time", extra={"server": address, "attached": bool(started)})
+            log.warning("task server did not answer in time", extra={"server": address})
         except OSError as exc:              # refused, reset, TLS failed (framelink.LinkError)
             log.warning("task server stream failed", extra={"server": address, "error": str(exc) or repr(exc)})
         finally:
@@ -365,7 +365,7 @@ class Agent(Service):
                 link.close()
         return outcome
 
-    async def on_frame(self, link, frame: pb.ServerFrame) -> None:
+    def on_frame(self, frame: pb.ServerFrame) -> None:
         kind = frame.WhichOneof("body")
         if kind == "task":
             self.tasks.on_task(frame.task)

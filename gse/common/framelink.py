@@ -108,7 +108,7 @@ class FrameLink(asyncio.Protocol):
     """One TLS connection carrying frames, on either side."""
 
     __slots__ = ("ctx", "handler", "hostname", "transport", "inc", "out", "obj", "ready", "rest", "session",
-                 "waiter", "paused", "drained", "lost", "peer", "server_side", "error")
+                 "waiter", "paused", "drained", "peer", "server_side", "error")
 
     def __init__(self, ctx: ssl.SSLContext, handler, *, server_hostname: str | None = None,
                  waiter: asyncio.Future | None = None):
@@ -124,7 +124,6 @@ class FrameLink(asyncio.Protocol):
         self.waiter = waiter                    # client side: resolved once TLS is up
         self.paused = False
         self.drained: asyncio.Future | None = None
-        self.lost = False
         self.peer = "unknown"
         self.error = ""                         # why the link ended, when it was not a clean close
 
@@ -170,9 +169,7 @@ class FrameLink(asyncio.Protocol):
             self.drained.set_exception(LinkError("link closed"))
         self.drained = None
         self._fail_waiter(exc or LinkError("connection closed during the TLS handshake"))
-        if not self.lost:
-            self.lost = True
-            self.handler.link_lost(self, exc)
+        self.handler.link_lost(self, exc)
 
     # ---- TLS and frames --------------------------------------------------------------------------------
 
@@ -180,9 +177,9 @@ class FrameLink(asyncio.Protocol):
         if self.out is not None and self.out.pending:
             self.transport.write(self.out.read())
 
-    def _fail_waiter(self, exc) -> None:
+    def _fail_waiter(self, exc: BaseException) -> None:
         if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(exc if isinstance(exc, BaseException) else LinkError(str(exc)))
+            self.waiter.set_exception(exc)
         self.waiter = None
 
     def _handshake(self) -> bool:
@@ -244,8 +241,7 @@ class FrameLink(asyncio.Protocol):
             log.warning("link: protocol error", extra={"peer": self.peer, "error": str(exc)})
             self.close()
             return
-        if self.out is not None and self.out.pending:      # e.g. a TLS 1.3 KeyUpdate answer
-            self._flush()
+        self._flush()               # e.g. a TLS 1.3 KeyUpdate answer
 
     def _frames(self, mv) -> int:
         n, off = len(mv), 0

@@ -37,25 +37,25 @@ MAX_SPREAD_S = 120.0
 class AgentSession:
     """One attached agent and its link."""
 
-    __slots__ = ("agent_id", "cloud_id", "ip", "boot_id", "peer", "connected_at", "last_seen", "link", "closed")
+    __slots__ = ("agent_id", "cloud_id", "ip", "boot_id", "peer", "connected_at", "last_seen", "link")
 
     def __init__(self, agent_id: str, cloud_id: int, ip: str, boot_id: int, peer: str, connected_at: float,
-                 last_seen: float, link=None):
+                 last_seen: float, link):
         self.agent_id, self.cloud_id, self.ip, self.boot_id = agent_id, cloud_id, ip, boot_id
         self.peer, self.connected_at, self.last_seen = peer, connected_at, last_seen
         self.link = link
-        self.closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self.link.closed
 
     def send(self, frame_bytes: bytes) -> None:
-        """Send a serialized ServerFrame to this agent (never blocks)."""
-        if not self.closed:
-            self.link.write(frame_bytes)
+        """Send a serialized ServerFrame to this agent (never blocks; nothing once the link is closed)."""
+        self.link.write(frame_bytes)
 
     def close(self) -> None:
         """End the link once what was sent (a redirect, say) has gone out."""
-        if not self.closed:
-            self.closed = True
-            self.link.close()
+        self.link.close()
 
 
 class AgentAccess:
@@ -206,7 +206,6 @@ class AgentAccess:
         if session is None:
             return
         link.session = None
-        session.closed = True
         if self.sessions.get(session.agent_id) is session:
             del self.sessions[session.agent_id]
             SESSIONS.set(len(self.sessions))
