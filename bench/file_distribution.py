@@ -187,7 +187,7 @@ def run_ours(n: int, size: int, src_path: str, rate: int, work: str, mtu: int = 
     with Network(rate, mtu) as net:
         # A fresh directory per run: agents of a repeated N must not find the previous run's state.
         c = Cluster(tempfile.mkdtemp(prefix=f"ours-{n}-", dir=work), heartbeat_interval_s=5)
-        init_certs(c.certs_dir, sans=[SERVER_IP], force=True)
+        init_certs(c.certs_dir, sans=[SERVER_IP], force=True, shared_agent=True)
         try:
             c.start_zookeeper()
             c.start_redis()

@@ -1,4 +1,4 @@
-"""`gse`: the operator's command. `gse certs init`, `gse dev up|down`, `gse run`, `gse push`."""
+"""`gse`: the operator's command. `gse certs ...` (gse/certs.py), `gse dev up|down`, `gse run`, `gse push`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from gse.common.tls import init_certs
+from gse import certs as certs_cli
 
 
 def api_call(url: str, app_code: str, app_secret: str, path: str, body: dict, timeout: float = 10.0) -> dict:
@@ -23,13 +23,6 @@ def api_call(url: str, app_code: str, app_secret: str, path: str, body: dict, ti
             return json.loads(r.read())
     except urllib.error.HTTPError as exc:
         return json.loads(exc.read())
-
-
-def cmd_certs_init(args) -> int:
-    d = init_certs(args.dir, args.san, force=args.force)
-    for name in ("ca", "server", "agent", "client"):
-        print(f"{d / (name + '.crt')}")
-    return 0
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -346,12 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gse", description="GSE operator command")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    certs = sub.add_parser("certs", help="cluster certificates").add_subparsers(dest="certs_cmd", required=True)
-    ci = certs.add_parser("init", help="make the cluster CA and server/agent/client certificates")
-    ci.add_argument("--dir", required=True)
-    ci.add_argument("--san", action="append", default=[], help="extra subject alternative name for servers")
-    ci.add_argument("--force", action="store_true", help="replace existing certificates")
-    ci.set_defaults(func=cmd_certs_init)
+    certs_cli.add_parser(sub)
 
     dev = sub.add_parser("dev", help="a local cluster for people").add_subparsers(dest="dev_cmd", required=True)
     up = dev.add_parser("up", help="start ZooKeeper, Redis, the daemons and N agents")

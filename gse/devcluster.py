@@ -152,7 +152,7 @@ class Cluster:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.heartbeat_misses = heartbeat_misses
         self.zk_session_timeout_s = zk_session_timeout_s
-        self.certs_dir = init_certs(self.base / "certs")
+        self.certs_dir = init_certs(self.base / "certs", shared_agent=True)
         self.procs: list[Proc] = []
         self.zookeeper: str | None = None
         self.redis: list[str] = []
@@ -201,11 +201,11 @@ class Cluster:
 
     # ---- daemons ----------------------------------------------------------------------------------
 
-    def _common(self, metrics_port: int) -> dict:
+    def _common(self, metrics_port: int, cert: str = "server") -> dict:
         return {
             "log": {"level": "info", "format": self.log_format},
-            "tls": {"ca": str(self.certs_dir / "ca.crt"), "cert": str(self.certs_dir / "server.crt"),
-                    "key": str(self.certs_dir / "server.key")},
+            "tls": {"ca": str(self.certs_dir / "ca.crt"), "cert": str(self.certs_dir / f"{cert}.crt"),
+                    "key": str(self.certs_dir / f"{cert}.key")},
             "zookeeper": {"hosts": self.zookeeper, "root": self.zk_root,
                           "session_timeout_s": self.zk_session_timeout_s},
             "metrics": {"host": "127.0.0.1", "port": metrics_port},
@@ -266,7 +266,7 @@ class Cluster:
     def start_apiserver(self, name: str | None = None, wait: bool = True, **overrides) -> Proc:
         port, mport = free_port(), free_port()
         name = name or f"apiserver-{len(self.apiservers) + 1}"
-        cfg = {**self._common(mport), "host": "127.0.0.1", "port": port,
+        cfg = {**self._common(mport, cert="api"), "host": "127.0.0.1", "port": port,
                "apps": {self.app_code: self.app_secret}, **overrides}
         proc = self._daemon("apiserver", name, cfg, {"url": f"http://127.0.0.1:{port}"})
         self.apiservers.append(proc)

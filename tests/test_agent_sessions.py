@@ -138,7 +138,7 @@ def test_redirect_to_less_loaded_peer(make_cluster):
 def test_wrong_ca_agent_refused(cluster, api, tmp_path):
     from gse.common.tls import init_certs
 
-    foreign = init_certs(tmp_path / "foreign")
+    foreign = init_certs(tmp_path / "foreign", shared_agent=True)
     (good,) = start_agents(cluster, 1)
     cfg = cluster.agent_config(90, "127.0.0.90")
     cfg["tls"] = {"ca": str(cluster.certs_dir / "ca.crt"), "cert": str(foreign / "agent.crt"),
@@ -163,8 +163,8 @@ def test_wrong_ca_client_refused_at_handshake(cluster, tmp_path):
 
     foreign = init_certs(tmp_path / "foreign")
     ca = (cluster.certs_dir / "ca.crt").read_bytes()
-    good = TLSMaterial(ca, (cluster.certs_dir / "client.crt").read_bytes(), (cluster.certs_dir / "client.key").read_bytes())
-    bad = TLSMaterial(ca, (foreign / "client.crt").read_bytes(), (foreign / "client.key").read_bytes())
+    good = TLSMaterial(ca, (cluster.certs_dir / "api.crt").read_bytes(), (cluster.certs_dir / "api.key").read_bytes())
+    bad = TLSMaterial(ca, (foreign / "api.crt").read_bytes(), (foreign / "api.key").read_bytes())
     addr = cluster.dbproxies[0].info["address"]
 
     async def probe(tls):

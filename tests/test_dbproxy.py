@@ -15,7 +15,7 @@ from gse.dbproxy.store import Ring
 
 def _client(c) -> db.DbClient:
     d = c.certs_dir
-    tls = TLSMaterial((d / "ca.crt").read_bytes(), (d / "client.crt").read_bytes(), (d / "client.key").read_bytes())
+    tls = TLSMaterial.from_dir(d, "server")
     return db.DbClient(tls, [p.info["address"] for p in c.dbproxies])
 
 

@@ -93,7 +93,7 @@ def test_deploy_sample_spells_out_every_key(name):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_deploy_sample_uses_the_production_certificates(name):
     tls = load_sample(name).tls
-    cert = "agent" if name == "agent" else "server"
+    cert = {"agent": "agent", "apiserver": "api"}.get(name, "server")
     assert (tls.ca, tls.cert, tls.key) == ("/etc/gse/certs/ca.crt", f"/etc/gse/certs/{cert}.crt",
                                            f"/etc/gse/certs/{cert}.key")
     assert tls.server_name == "gse-server"       # every server.crt made by `gse certs init` carries it

@@ -49,7 +49,7 @@ class Recorder:
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
-    return init_certs(tmp_path_factory.mktemp("certs"))
+    return init_certs(tmp_path_factory.mktemp("certs"), shared_agent=True)
 
 
 async def serve(certs, handler):
@@ -141,7 +141,7 @@ def test_a_frame_over_the_limit_is_not_sent(certs, monkeypatch):
 
 def test_client_certificate_of_another_ca_is_refused(certs, tmp_path):
     """Mutual TLS: an agent with a certificate from a foreign CA never gets a frame through."""
-    foreign = init_certs(tmp_path / "foreign")
+    foreign = init_certs(tmp_path / "foreign", shared_agent=True)
 
     async def main():
         srv_h = Recorder()

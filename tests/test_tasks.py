@@ -190,7 +190,7 @@ def test_finished_item_whose_output_has_not_landed_reads_as_running(tc, tapi):
     tid = submit(tapi, [a], ["echo landed"])
     assert wait_done(tapi, tid, [a], 1)[(a, 0)]["screen"] == "landed\n"
     d = tc.certs_dir
-    tls = TLSMaterial((d / "ca.crt").read_bytes(), (d / "client.crt").read_bytes(), (d / "client.key").read_bytes())
+    tls = TLSMaterial.from_dir(d, "server")
 
     async def write(ops):
         client = db.DbClient(tls, [p.info["address"] for p in tc.dbproxies])

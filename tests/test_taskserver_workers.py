@@ -65,7 +65,7 @@ def workers(c, ts) -> list[dict]:
 def sessions(c, ids: list[str]) -> dict[str, dict]:
     """The session records of the agents (the `node` field says which worker holds each)."""
     d = c.certs_dir
-    tls = TLSMaterial((d / "ca.crt").read_bytes(), (d / "client.crt").read_bytes(), (d / "client.key").read_bytes())
+    tls = TLSMaterial.from_dir(d, "server")
 
     async def read():
         client = db.DbClient(tls, [p.info["address"] for p in c.dbproxies])

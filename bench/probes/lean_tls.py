@@ -654,7 +654,7 @@ async def wait_for(cond, timeout: float = 5) -> bool:
 
 async def selftest_main(args) -> None:
     d = args.certs
-    init_certs(d)
+    init_certs(d, shared_agent=True)
     sctx = server_ctx(d, args.tickets)
     mode = ctx_mode(sctx)
     writer = make_hub(2.0)
@@ -706,7 +706,7 @@ async def selftest_main(args) -> None:
     cl.sock.close()
     # an agent without a client certificate, and one with a cert from another CA
     other = os.path.join(d, "other")
-    init_certs(other)
+    init_certs(other, shared_agent=True)
     for name, cctx in (("no_client_cert_refused", client_ctx(d, with_cert=False)),
                        ("foreign_ca_cert_refused", client_ctx(d))):
         if name.startswith("foreign"):
@@ -826,7 +826,7 @@ def one_run(args, variant: str, traced: bool) -> dict:
 
 
 def run_main(args) -> None:
-    init_certs(args.certs)
+    init_certs(args.certs, shared_agent=True)
     for v in args.variants.split(","):
         res = {"variant": v, "n": args.n, "procs": args.procs, "hb_s": args.hb, "uvloop": VARIANTS[v][0],
                "transport": VARIANTS[v][1], "date": time.strftime("%Y-%m-%d")}

@@ -15,6 +15,9 @@ Plaintext is decrypted into one buffer shared by the process and framed in place
 copied into the connection until the rest arrives. Bytes go through TLS in SLICE-sized pieces, so that
 neither BIO keeps the size of a large burst.
 
+The server side reads the peer certificate's role and agent id once, at the handshake (`link.identity`,
+gse/common/roles.py); the handler decides with `roles.refusal` what the link may do.
+
 A link calls its handler, which has three methods:
     link_open(link)               TCP connected (server side: the hello timeout starts)
     link_frame(link, body)        one frame; `body` is a memoryview valid only during the call
@@ -29,6 +32,8 @@ import os
 import socket
 import ssl
 import struct
+
+from . import roles
 
 log = logging.getLogger("gse.framelink")
 
@@ -108,7 +113,7 @@ class FrameLink(asyncio.Protocol):
     """One TLS connection carrying frames, on either side."""
 
     __slots__ = ("ctx", "handler", "hostname", "transport", "inc", "out", "obj", "ready", "rest", "session",
-                 "waiter", "paused", "drained", "peer", "server_side", "error")
+                 "waiter", "paused", "drained", "peer", "server_side", "error", "identity")
 
     def __init__(self, ctx: ssl.SSLContext, handler, *, server_hostname: str | None = None,
                  waiter: asyncio.Future | None = None):
@@ -126,6 +131,7 @@ class FrameLink(asyncio.Protocol):
         self.drained: asyncio.Future | None = None
         self.peer = "unknown"
         self.error = ""                         # why the link ended, when it was not a clean close
+        self.identity = roles.NO_CERTIFICATE    # server side: what the peer's certificate says, once TLS is up
 
     # ---- asyncio.Protocol ------------------------------------------------------------------------------
 
@@ -197,6 +203,8 @@ class FrameLink(asyncio.Protocol):
             self._fail(LinkError(f"the peer does not speak {ALPN}"))
             return False
         self.ready = True
+        if self.server_side:
+            self.identity = roles.from_peercert(self.obj.getpeercert())
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(self)
         self.waiter = None

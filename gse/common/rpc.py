@@ -1,10 +1,12 @@
-"""The one place gRPC servers and channels are made: mutual TLS, keepalive, message sizes, health service."""
+"""The one place gRPC servers and channels are made: mutual TLS, the role check (gse/common/roles.py),
+keepalive, message sizes, health service."""
 
 from __future__ import annotations
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from . import roles
 from .tls import TLSMaterial
 
 MAX_MESSAGE = 64 * 1024 * 1024
@@ -40,8 +42,12 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def make_server(tls: TLSMaterial, options=()) -> grpc.aio.Server:
-    return grpc.aio.server(options=[*SERVER_OPTIONS, *options])
+def make_server(tls: TLSMaterial, options=(), deny: roles.DenyList | None = None,
+                access=roles.ACCESS) -> grpc.aio.Server:
+    """A gRPC server whose every call first passes the role check of `access` (gse/common/roles.py) and,
+    with `deny`, the revocation list."""
+    return grpc.aio.server(options=[*SERVER_OPTIONS, *options],
+                           interceptors=[roles.RoleInterceptor(access, deny)])
 
 
 def bind(server: grpc.aio.Server, tls: TLSMaterial, host: str, port: int) -> int:

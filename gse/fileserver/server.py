@@ -1,8 +1,8 @@
 """The file server daemon: the BitTorrent tracker (10030) and the file control service (58925).
 
-A transfer exists only when a task server created it (the caller must present the cluster's server
-certificate); its members get one token each, valid for the tracker announces of the transfer's torrents
-and for direct-mode uploads and fetches. Direct mode relays data through here: the source uploads an entry
+A transfer exists only when a task server created it (file management takes only the server role: see
+ACCESS in gse/common/roles.py); its members get one token each, valid for the tracker announces of the
+transfer's torrents and for direct-mode uploads and fetches. Direct mode relays data through here: the source uploads an entry
 (small files always, large ones when a target's BitTorrent keeps failing) and targets fetch it, waiting for
 bytes the source has not sent yet. The server caps greediness: a per-member rate (the request's, else the
 configured default, at most `max_share` of an agent's configured bandwidth) and connections per torrent.
@@ -41,7 +41,6 @@ RELAYED = Counter("gse_fileserver_relayed_bytes_total", "Direct-mode bytes", ["d
 REFUSED = Counter("gse_fileserver_refused_total", "Calls refused", ["reason"])
 
 CHUNK = 1024 * 1024
-SERVER_CN = b"gse-server"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,13 +106,6 @@ class FileService(pb_grpc.FileServiceServicer):
 
     # ---- helpers ----------------------------------------------------------------------------------
 
-    @staticmethod
-    async def _require_server(context) -> None:
-        names = context.auth_context().get("x509_common_name", [])
-        if SERVER_CN not in names:
-            REFUSED.labels("not_a_server").inc()
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "only task servers may manage transfers")
-
     async def _member(self, context, transfer_id: str, token: str) -> Transfer:
         t = self.transfers.get(transfer_id)
         if t is None:
@@ -148,7 +140,6 @@ class FileService(pb_grpc.FileServiceServicer):
     # ---- task servers -----------------------------------------------------------------------------
 
     async def CreateTransfer(self, request, context):
-        await self._require_server(context)
         if request.transfer_id in self.transfers or not request.transfer_id or not request.members:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a new transfer id and members are required")
         tokens = {m: secrets.token_urlsafe(24) for m in request.members}
@@ -164,7 +155,6 @@ class FileService(pb_grpc.FileServiceServicer):
                                       max_connections=self.cfg.max_connections_per_torrent)
 
     async def AddTorrents(self, request, context):
-        await self._require_server(context)
         t = self.transfers.get(request.transfer_id)
         if t is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no live transfer {request.transfer_id}")
@@ -177,7 +167,6 @@ class FileService(pb_grpc.FileServiceServicer):
         return pb.AddTorrentsReply()
 
     async def EndTransfer(self, request, context):
-        await self._require_server(context)
         self.end(request.transfer_id)
         return pb.EndTransferReply()
 

@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge
 
 from gse.common import dbclient as db
-from gse.common import framelink
+from gse.common import framelink, roles
 from gse.common.agentstate import AGENTS_SET, RUNNING, UNKNOWN, agent_key, ip_key, now_ms, valid_agent_id
 from gse.pb import agent_pb2 as pb
 
@@ -159,6 +159,11 @@ class AgentAccess:
         self.unattached.pop(link, None)
         if first.WhichOneof("body") != "hello":
             self._refuse(link, "the first frame must be a hello", "bad_hello")
+            return
+        why = roles.refusal(link.identity, roles.AGENT_LINK, None, "the agent port")
+        if why:
+            roles.REFUSED.labels("agent_link", link.identity.label).inc()
+            self._refuse(link, why, "role")
             return
         hello = first.hello
         if not valid_agent_id(hello.agent_id):
