@@ -3,10 +3,16 @@
 Every answer is the envelope `{result, code, message, data, request_id}`. Bad input is code 1000400 with a
 message naming the field; missing or wrong credentials HTTP 401 with code 1000401; a dependency that is
 down 503 with 1000503; nothing ever answers with a traceback.
+
+Auth is decided before the body is read beyond a small bound: credentials in the X-Bkapi-Authorization
+header are checked before any of the body is read; without it (the legacy form: `bk_app_code` and
+`bk_app_secret` in the body) only `max_auth_body` bytes are read and parsed to find them. Secrets are
+compared in constant time (SHA-256 digests with hmac.compare_digest, the same work for an unknown app).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -46,11 +52,27 @@ def envelope(code: int, message: str, data, request_id: str) -> dict:
     return {"result": code == OK, "code": code, "message": message, "data": data, "request_id": request_id}
 
 
+class BodyTooLarge(Exception):
+    pass
+
+
+_UNKNOWN_APP = hashlib.sha256(b"no such app").digest()
+
+
+def secret_matches(expected: str | None, given: str) -> bool:
+    """Constant time in the secret's content and length, and the same work when the app is unknown."""
+    want = hashlib.sha256(expected.encode()).digest() if expected is not None else _UNKNOWN_APP
+    ok = hmac.compare_digest(want, hashlib.sha256(given.encode()).digest())
+    return ok and expected is not None
+
+
 class Api:
-    def __init__(self, apps: Callable[[], dict[str, str]], max_body: int = 64 * 1024 * 1024):
+    def __init__(self, apps: Callable[[], dict[str, str]], max_body: int = 64 * 1024 * 1024,
+                 max_auth_body: int = 1024 * 1024):
         self.apps = apps
         self.routes: dict[str, tuple[str, Handler]] = {}
         self.max_body = max_body
+        self.max_auth_body = min(max_auth_body, max_body)
 
     def route(self, path: str, handler: Handler, name: str | None = None) -> None:
         self.routes[path.rstrip("/")] = (name or path.rstrip("/").rsplit("/", 1)[-1], handler)
@@ -60,25 +82,47 @@ class Api:
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         return app
 
-    def _auth(self, request: web.Request, body: dict) -> tuple[str, str]:
+    @staticmethod
+    def _header_creds(request: web.Request) -> dict | None:
         header = request.headers.get("X-Bkapi-Authorization")
-        if header:
-            try:
-                creds = json.loads(header)
-            except ValueError:
-                raise Unauthorized("X-Bkapi-Authorization is not valid JSON") from None
-            if not isinstance(creds, dict):
-                raise Unauthorized("X-Bkapi-Authorization must be a JSON object")
-        else:
-            creds = body
+        if not header:
+            return None
+        try:
+            creds = json.loads(header)
+        except ValueError:
+            raise Unauthorized("X-Bkapi-Authorization is not valid JSON") from None
+        if not isinstance(creds, dict):
+            raise Unauthorized("X-Bkapi-Authorization must be a JSON object")
+        return creds
+
+    def _check(self, creds: dict) -> str:
+        """The app code of valid credentials; Unauthorized otherwise."""
         code, secret = creds.get("bk_app_code"), creds.get("bk_app_secret")
         if not isinstance(code, str) or not isinstance(secret, str) or not code:
             raise Unauthorized("bk_app_code and bk_app_secret are required (X-Bkapi-Authorization header or body)")
-        expected = self.apps().get(code)
-        if expected is None or not hmac.compare_digest(expected.encode(), secret.encode()):
+        if not secret_matches(self.apps().get(code), secret):
             raise Unauthorized(f"app '{code}' is unknown or its secret is wrong")
+        return code
+
+    async def _authed_body(self, request: web.Request) -> tuple[dict, str, str]:
+        """(body, app code, username): header credentials are checked before the body is read; body
+        credentials are looked for only within max_auth_body bytes."""
+        creds = self._header_creds(request)
+        if creds is not None:
+            code = self._check(creds)
+            body = await self._body(request, self.max_body)
+        else:
+            try:
+                body = await self._body(request, self.max_auth_body)
+            except BodyTooLarge:
+                raise Unauthorized(f"a request body over {self.max_auth_body} bytes needs its credentials in the "
+                                   f"X-Bkapi-Authorization header") from None
+            except GseError:        # not JSON: there are no body credentials either
+                body = {}
+            creds = body
+            code = self._check(creds)
         user = creds.get("bk_username") or body.get("bk_username") or ""
-        return code, user if isinstance(user, str) else ""
+        return body, code, user if isinstance(user, str) else ""
 
     async def _dispatch(self, request: web.Request) -> web.Response:
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
@@ -92,8 +136,7 @@ class Api:
                 raise GseError(f"no such endpoint: {request.path}", API_NOT_FOUND)
             if request.method not in ("POST", "GET"):
                 raise GseError(f"method {request.method} is not allowed; use POST", API_BAD_REQUEST)
-            body = await self._body(request)
-            app_code, user = self._auth(request, body)
+            body, app_code, user = await self._authed_body(request)
             data = await entry[1](body, Request(app_code, user, request_id, path))
             if isinstance(data, Reply):
                 code = data.code
@@ -105,7 +148,7 @@ class Api:
             if exc.code == API_NOT_FOUND:
                 status = 404
             payload = envelope(exc.code, exc.message, None, request_id)
-        except web.HTTPRequestEntityTooLarge:
+        except BodyTooLarge:
             code = API_BAD_REQUEST
             payload = envelope(code, f"request body larger than {self.max_body} bytes", None, request_id)
         except Exception:  # noqa: BLE001 - logged here, never shown to the caller
@@ -117,8 +160,23 @@ class Api:
         REQUESTS.labels(name, str(code)).inc()
         return web.json_response(payload, status=status, dumps=_dumps)
 
-    async def _body(self, request: web.Request) -> dict:
-        raw = await request.read()
+    @staticmethod
+    async def _read(request: web.Request, limit: int) -> bytes:
+        """The body, at most `limit` bytes (BodyTooLarge beyond: nothing more is read)."""
+        if request.content_length is not None and request.content_length > limit:
+            raise BodyTooLarge()
+        chunks, n = [], 0
+        while True:
+            chunk = await request.content.read(256 * 1024)
+            if not chunk:
+                return b"".join(chunks)
+            n += len(chunk)
+            if n > limit:
+                raise BodyTooLarge()
+            chunks.append(chunk)
+
+    async def _body(self, request: web.Request, limit: int) -> dict:
+        raw = await self._read(request, limit)
         if not raw.strip():
             return {}
         try:

@@ -34,6 +34,8 @@ class ApiServerConfig(BaseConfig):
     apps: dict[str, str] = dataclasses.field(default_factory=dict)
     max_hosts_per_call: int = 5000
     max_body_bytes: int = 64 * 1024 * 1024
+    # Without the X-Bkapi-Authorization header, credentials are looked for in at most this much of the body.
+    max_auth_body_bytes: int = 1024 * 1024
     result_ttl_s: float = 86400              # task records written by the API server
     offline_grace_s: float = 30.0            # an unfinished item of an agent offline this long reads as 117
     taskserver_timeout_s: float = 10.0
@@ -43,6 +45,8 @@ class ApiServerConfig(BaseConfig):
         super().validate()
         if self.max_hosts_per_call < 1:
             raise ConfigError("max_hosts_per_call must be at least 1")
+        if not 1024 <= self.max_auth_body_bytes <= self.max_body_bytes:
+            raise ConfigError("need 1024 <= max_auth_body_bytes <= max_body_bytes")
 
 
 class ApiServerService(Service):
@@ -72,7 +76,7 @@ class ApiServerService(Service):
                     "dbproxies": self.db.addresses}
 
     def build_api(self) -> Api:
-        api = Api(self.apps, self.config.max_body_bytes)
+        api = Api(self.apps, self.config.max_body_bytes, self.config.max_auth_body_bytes)
         c = self.config
         view = AgentsView(self.db)
         AgentEndpoints(view, c.max_hosts_per_call).register(api)
