@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from gse.cli import api_call  # noqa: E402
+from gse.cli import api_call, still_running  # noqa: E402
 from gse.devcluster import Cluster, wait_for  # noqa: E402
 from simagents import agent_id, spawn_workers, stop_workers  # noqa: E402
 
@@ -65,7 +65,7 @@ def run_once(api: Api, ids: list[str], command: str, user: str = "root", poll_s:
                                                 for a in ids]}
     while True:
         res = api(RESULT, body)
-        if res["code"] == 0:
+        if not still_running(res):
             elapsed = time.perf_counter() - t0
             bad = sum(1 for d in res["data"]["result"] if d["error_code"] != 0 or d["status"] != 2)
             return elapsed, bad

@@ -106,6 +106,15 @@ def cmd_dev_up(args) -> int:
     return 0
 
 
+def still_running(res: dict) -> bool:
+    """Whether a task or transfer result read says "poll again": the task id is not known yet (top-level
+    1000115) or some item still runs (error_code 115; the top-level code is then 0, spec section 4)."""
+    if res.get("code") == 1000115:
+        return True
+    items = (res.get("data") or {}).get("result") or []
+    return res.get("code") == 0 and any(i.get("error_code") == 115 for i in items)
+
+
 def demo_task(url: str, code: str, secret: str, ids: list[str]) -> None:
     """Real work for people to see: one command on every agent through the task API, and its output."""
     command = "echo \"$(id -un)@$(hostname) pid $$: $(uname -sr)\""
@@ -121,7 +130,7 @@ def demo_task(url: str, code: str, secret: str, ids: list[str]) -> None:
     deadline = time.monotonic() + 30
     while True:
         res = api_call(url, code, secret, "/api/v2/task/get_execute_script_result", body)
-        if res.get("code") != 1000115 or time.monotonic() > deadline:
+        if not still_running(res) or time.monotonic() > deadline:
             break
         time.sleep(0.1)
     print(f"\nexample task ({task_id}): `{command}` on every agent:")
@@ -220,7 +229,7 @@ def cmd_run(args) -> int:
         if res.get("code") not in (0, 1000115):
             print(f"gse run: {res.get('message')}", file=sys.stderr)
             return 2
-        for item in res["data"]["result"]:
+        for item in (res.get("data") or {}).get("result", []):
             aid = item["bk_agent_id"]
             chunk = item.get("screen", "").encode()
             printed[aid] += len(chunk)
@@ -228,7 +237,8 @@ def cmd_run(args) -> int:
             *lines, partial[aid] = text.split(b"\n")
             for line in lines:
                 print(f"{labels[aid]:<{width}} | {line.decode('utf-8', 'replace')}", flush=True)
-            if item["error_code"] != 115 and len(chunk) < 65536:
+            # A page ends on a character boundary, so it may hold up to 3 bytes less than asked while more follows.
+            if item["error_code"] != 115 and len(chunk) < 65536 - 3:
                 if partial[aid]:
                     print(f"{labels[aid]:<{width}} | {partial[aid].decode('utf-8', 'replace')}", flush=True)
                 done[aid] = item
@@ -301,7 +311,7 @@ def cmd_push(args) -> int:
             print(f"gse push: {res.get('message')}", file=sys.stderr)
             return 2
         per_host: dict[str, list[dict]] = {i: [] for i in ids}
-        for item in res["data"]["result"]:
+        for item in (res.get("data") or {}).get("result", []):
             per_host.setdefault(item["bk_agent_id"], []).append(item)
         lines = []
         for aid in ids:
@@ -315,12 +325,13 @@ def cmd_push(args) -> int:
             lines.append(f"{labels[aid]:<{width}} {_bar(int(100 * done / size))} {state}")
         if tty and shown:
             sys.stdout.write(f"\x1b[{shown}A")
-        if tty or res["code"] == 0:
+        finished = not still_running(res)
+        if tty or finished:
             for line in lines:
                 sys.stdout.write(line + ("\x1b[K\n" if tty else "\n"))
             shown = len(lines)
             sys.stdout.flush()
-        if res["code"] == 0:
+        if finished:
             break
         time.sleep(0.5)
     ok = [a for a in ids if per_host.get(a) and all(i["error_code"] == 0 for i in per_host[a])]

@@ -115,3 +115,26 @@ def test_thousand_hosts_constant_round_trips(api, cluster):
     assert api.call(STATUS, {"hosts": hosts})["code"] == 0
     # Other daemons write sessions concurrently, but no agents are attached in this test: only the API's.
     assert batches() - before <= 2
+
+
+@pytest.mark.parametrize("prefix", ["/prod", "/api/bk-gse/prod", "/api/bk-gse/stag", "/stage-2"])
+def test_api_gateway_prefixes_route_v1_and_v2_paths(api, prefix):
+    """bk-nodeman and bk-gse-sdk call `<gateway>/api/bk-gse/<stage>/api/v2/...`; through the gateway's own
+    host the path is `/<stage>/api/v2/...`; v1 paths travel the same way."""
+    r = api.call(prefix + STATE + "/", {"agent_id_list": ["a" * 32]})
+    assert r["code"] == 1011003, r          # routed: the endpoint answered "none found"
+    r = api.call(prefix + STATUS, {"hosts": [{"ip": "10.0.0.1", "bk_cloud_id": 0}]})
+    assert r["code"] == 0 and r["data"]["0:10.0.0.1"]["bk_agent_alive"] == 0
+    status, payload = api.raw(prefix + "/api/v2/cluster/no_such_thing", b"{}", api.auth_header())
+    assert status == 404 and payload["code"] == 1000404
+
+
+def test_tenant_header_accepted_and_checked(api):
+    """bk-job and bk-cmdb send X-Bk-Tenant-Id on every call (their default tenant is "default")."""
+    for tenant in ("default", "tenant-1", "t.x_2"):
+        status, payload = api.raw(STATE, json.dumps({"agent_id_list": ["a" * 32]}).encode(),
+                                  {**api.auth_header(), "X-Bk-Tenant-Id": tenant})
+        assert status == 200 and payload["code"] == 1011003, (tenant, payload)
+    status, payload = api.raw(STATE, json.dumps({"agent_id_list": ["a" * 32]}).encode(),
+                              {**api.auth_header(), "X-Bk-Tenant-Id": "x" * 65})
+    assert status == 200 and payload["code"] == 1000400 and "X-Bk-Tenant-Id" in payload["message"]

@@ -18,6 +18,7 @@ import pytest
 
 from conftest import ApiClient, _new_cluster, api_for, start_agents
 
+from gse.cli import still_running
 from gse.devcluster import wait_for
 
 SEND = "/api/v2/task/async_transfer_file"
@@ -82,7 +83,7 @@ def send(api, tasks, **body) -> str:
 def wait_done(api, task_id, agents, timeout=60) -> list[dict]:
     def done():
         r = api.call(RESULT, {"task_id": task_id, "agents": [{"bk_agent_id": a} for a in agents]})
-        return r if r["code"] == 0 else None
+        return r if not still_running(r) else None
     return wait_for(done, timeout, f"transfer {task_id}", interval=0.2)["data"]["result"]
 
 

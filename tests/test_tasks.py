@@ -15,6 +15,7 @@ from kazoo.client import KazooClient
 
 from conftest import ApiClient, _new_cluster, api_for, start_agents
 
+from gse.cli import still_running
 from gse.devcluster import wait_for
 
 RUN = "/api/v2/task/async_execute_script"
@@ -80,7 +81,7 @@ def results(api, task_id, agent_ids, n_atomic, path=RESULT, offset=0, limit=0) -
 def wait_done(api, task_id, agent_ids, n_atomic, timeout=60) -> dict[tuple[str, int], dict]:
     def done():
         r = results(api, task_id, agent_ids, n_atomic)
-        return r if r["code"] == 0 else None
+        return r if not still_running(r) else None
     r = wait_for(done, timeout, f"task {task_id} to finish", interval=0.1)
     return {(d["bk_agent_id"], d["atomic_task_id"]): d for d in r["data"]["result"]}
 
@@ -168,7 +169,7 @@ def test_terminate_mid_run(tc, tapi, user, tmp_path):
 def test_output_streams_before_the_end_and_pages(tc, tapi):
     a = ids(tc)[1]
     tid = submit(tapi, [a], ["echo one; sleep 2; echo two"])
-    seen = wait_for(lambda: (r := results(tapi, tid, [a], 1)) and r["code"] == 1000115 and
+    seen = wait_for(lambda: (r := results(tapi, tid, [a], 1)) and r["code"] == 0 and
                     r["data"]["result"][0]["screen"] == "one\n" and r, 10, "output while running")
     assert seen["data"]["result"][0]["status"] in (0, 1) and seen["data"]["result"][0]["error_code"] == 115
     wait_done(tapi, tid, [a], 1)
@@ -201,7 +202,7 @@ def test_finished_item_whose_output_has_not_landed_reads_as_running(tc, tapi):
 
     asyncio.run(write([db.delete(ts.output_key(tid, a, 0))]))      # as if the output were still on its way
     r = results(tapi, tid, [a], 1)
-    assert r["code"] == 1000115
+    assert r["code"] == 0
     assert r["data"]["result"][0]["error_code"] == 115 and r["data"]["result"][0]["screen"] == ""
     asyncio.run(write([db.hset(ts.item_key(tid, a, 0), {"end_time": int(time.time() * 1000) - 60_000})]))
     r = results(tapi, tid, [a], 1)
@@ -232,9 +233,28 @@ def test_both_path_forms_and_cloud_ip_targets(tc, tapi):
     tid = submit(tapi, [host], ["echo via-ext"], path=ext_run)
     def done():
         r = results(tapi, tid, [host], 1, path="/api/v2/task/extensions/get_execute_script_result/")
-        return r if r["code"] == 0 else None
+        return r if not still_running(r) else None
     r = wait_for(done, 20, "extensions path result")
     assert r["data"]["result"][0]["screen"] == "via-ext\n" and r["data"]["result"][0]["bk_agent_id"] == host
+
+
+def test_one_host_named_by_id_and_as_cloud_ip_is_refused_like_a_duplicate(tc, tapi, tmp_path):
+    """Decision (README, The API): the same agent twice in one task, whatever the forms, is refused (1000400,
+    naming both entries) and nothing runs; the same for two users on one host."""
+    a = tc.agents[2]
+    marker = tmp_path / "alias-ran"
+    for second_user in ("root", "nobody"):
+        body = {"agents": [{"bk_agent_id": a.info["bk_agent_id"], "user": "root"},
+                           {"bk_agent_id": f"0:{a.info['ip']}", "user": second_user}],
+                "atomic_tasks": [{"atomic_task_id": 0, "command": f"touch {marker}", "timeout_seconds": 10}]}
+        r = tapi.call(RUN, body)
+        assert r["code"] == 1000400, r
+        assert "'agents[1].bk_agent_id'" in r["message"] and "'agents[0].bk_agent_id'" in r["message"]
+    r = tapi.call(RUN, {"agents": [{"bk_agent_id": a.info["bk_agent_id"]}, {"bk_agent_id": a.info["bk_agent_id"]}],
+                        "atomic_tasks": [{"atomic_task_id": 0, "command": f"touch {marker}"}]})
+    assert r["code"] == 1000400 and "listed twice" in r["message"]
+    time.sleep(1.0)     # nothing was dispatched: give a wrongly dispatched task the time to show itself
+    assert not marker.exists()
 
 
 def test_windows_only_command_refused_clearly(tc, tapi):
@@ -306,8 +326,19 @@ def test_malformed_task_requests(tapi, body, field):
     assert r["code"] == 1000400 and field in r["message"], r
 
 
-def test_unknown_task_id(tapi):
+def test_result_codes_unknown_task_is_1000115_running_items_115_under_code_0(tc, tapi):
+    """Spec section 4 (correction): top-level 1000115 means only "task id not known yet"; a known task answers
+    0 while its items run, each running item carrying 115."""
     r = tapi.call(RESULT, {"task_id": "GSETASK:nope", "agent_tasks": [{"bk_agent_id": "a" * 32}]})
+    assert r["code"] == 1000115 and r["result"] is False and "not known" in r["message"]
+    a = ids(tc)[0]
+    tid = submit(tapi, [a], ["sleep 1.5", "true"])
+    r = results(tapi, tid, [a], 2)
+    assert r["code"] == 0 and r["result"] is True
+    assert r["data"]["result"][0]["error_code"] == 115 and r["data"]["result"][0]["status"] in (0, 1)
+    res = wait_done(tapi, tid, [a], 2)
+    assert res[(a, 0)]["error_code"] == 0 and res[(a, 1)]["error_code"] == 0
+    r = tapi.call(TERMINATE, {"task_id": "GSETASK:nope", "agents": [{"bk_agent_id": a}]})
     assert r["code"] == 1000400 and "unknown" in r["message"]
     r = tapi.call(TERMINATE, {"task_id": 5, "agents": []})
     assert r["code"] == 1000400 and "task_id" in r["message"]
@@ -367,14 +398,14 @@ def test_agent_gone_for_good_mid_task_reads_offline_after_the_grace(make_cluster
     subprocess.run(["pkill", "-KILL", "-u", user], check=False)
     killed = time.monotonic()
     first = results(api, tid, [a], 1)
-    assert first["code"] == 1000115 and first["data"]["result"][0]["error_code"] == 115
+    assert first["code"] == 0 and first["data"]["result"][0]["error_code"] == 115
 
     def offline():
         r = results(api, tid, [a], 1)["data"]["result"][0]
         return r if r["error_code"] == 117 else None
     r = wait_for(offline, 30, "the item to read as offline", interval=0.2)
     waited = time.monotonic()
-    assert "offline" in r["error_msg"]
+    assert "offline" in r["error_msg"] and r["status"] == 5
     # not before the grace has passed since dispatch, nor before the agent's deadline plus the grace
     assert waited - t0 >= 4.0
     assert waited - killed >= 4.0 - 1.0     # its deadline was up to hb_interval x misses + 1 s after the kill

@@ -23,6 +23,7 @@ from gse.common import dbclient as db
 from gse.common.agentstate import agent_key
 from gse.common.config import ConfigError, load_config
 from gse.common.tls import TLSMaterial
+from gse.cli import still_running
 from gse.devcluster import free_port, wait_for
 from gse.taskserver.server import TaskServerConfig, TaskServerService
 
@@ -96,7 +97,7 @@ def run_everywhere(api, ids: list[str], command: str) -> dict[str, dict]:
 
     def done():
         r = api.call(RESULT, body)
-        return r if r["code"] == 0 else None
+        return r if not still_running(r) else None
 
     r = wait_for(done, 60, f"task {task_id} to finish", interval=0.2)
     return {d["bk_agent_id"]: d for d in r["data"]["result"]}

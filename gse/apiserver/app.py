@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from typing import Awaitable, Callable
@@ -35,17 +36,46 @@ Handler = Callable[[dict, "Request"], Awaitable[object]]
 
 
 class Reply:
-    """A handler result with a non-zero envelope code (data still returned), e.g. 1000115 'still running'."""
+    """A handler result with a non-zero envelope code and data, e.g. 1011003 'none of the agents was found'."""
 
     def __init__(self, data, code: int, message: str):
         self.data, self.code, self.message = data, code, message
 
 
-class Request:
-    """What a handler knows about the call besides its body."""
+DEFAULT_TENANT = "default"
 
-    def __init__(self, app_code: str, username: str, request_id: str, path: str):
+
+class Request:
+    """What a handler knows about the call besides its body. `tenant_id` is the `X-Bk-Tenant-Id` header the
+    BlueKing API gateway and its clients send (bk-job, bk-cmdb): "default" when absent."""
+
+    def __init__(self, app_code: str, username: str, request_id: str, path: str, tenant_id: str = DEFAULT_TENANT):
         self.app_code, self.username, self.request_id, self.path = app_code, username, request_id, path
+        self.tenant_id = tenant_id
+
+
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# What the BlueKing API gateway puts before a resource path: `/api/bk-gse/<stage>` when the gateway is reached
+# through the shared host (bk-nodeman's BKAPP_BK_GSE_APIGATEWAY, bk-gse-sdk's base URL), `/<stage>` when
+# through the gateway's own host (`/prod/api/v2/...`). Stripped before routing, for v1 and v2 paths alike.
+_GATEWAY_PREFIX = re.compile(r"^(?:/api/bk-gse/[A-Za-z0-9][\w-]{0,31}|/[A-Za-z0-9][\w-]{0,31})(?=/api/)")
+
+
+def route_path(path: str) -> str:
+    """The routing key of a request path: trailing slashes and an API-gateway stage prefix removed."""
+    path = path.rstrip("/")
+    return _GATEWAY_PREFIX.sub("", path, count=1)
+
+
+def tenant_of(headers) -> str:
+    """The caller's tenant (`X-Bk-Tenant-Id`); BadRequest for a value that is not a tenant id."""
+    value = headers.get("X-Bk-Tenant-Id")
+    if value is None or value == "":
+        return DEFAULT_TENANT
+    if not _TENANT.fullmatch(value):
+        raise GseError("header X-Bk-Tenant-Id is not a tenant id (letters, digits, '_', '.', '-'; "
+                       "at most 64)", API_BAD_REQUEST)
+    return value
 
 
 def envelope(code: int, message: str, data, request_id: str) -> dict:
@@ -128,6 +158,9 @@ class Api:
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         path = request.path.rstrip("/")
         entry = self.routes.get(path)
+        if entry is None:
+            path = route_path(path)
+            entry = self.routes.get(path)
         name = entry[0] if entry else "unknown"
         t0 = time.perf_counter()
         status, code = 200, OK
@@ -136,8 +169,9 @@ class Api:
                 raise GseError(f"no such endpoint: {request.path}", API_NOT_FOUND)
             if request.method not in ("POST", "GET"):
                 raise GseError(f"method {request.method} is not allowed; use POST", API_BAD_REQUEST)
+            tenant = tenant_of(request.headers)
             body, app_code, user = await self._authed_body(request)
-            data = await entry[1](body, Request(app_code, user, request_id, path))
+            data = await entry[1](body, Request(app_code, user, request_id, path, tenant))
             if isinstance(data, Reply):
                 code = data.code
                 payload = envelope(data.code, data.message, data.data, request_id)

@@ -14,11 +14,11 @@ from gse.common import dbclient as db
 from gse.common import filestate as fs
 from gse.common import taskstate as ts
 from gse.common.agentstate import is_alive, now_ms
-from gse.common.errors import API_RUNNING, BadRequest
+from gse.common.errors import BadRequest, TaskNotKnown
 from gse.pb import taskserver_pb2 as pb
 
 from . import validate as v
-from .app import Api, Reply
+from .app import Api
 from .task_endpoints import SESSION_FIELDS, TaskEndpoints
 
 MB = 1024 * 1024
@@ -160,7 +160,7 @@ class FileEndpoints:
 
     async def get_transfer_file_result(self, body: dict, _req):
         task_id = self.t._task_id(body)
-        meta = await self.t._meta(task_id)
+        meta = await self.t._meta(task_id, TaskNotKnown)
         requested = []
         for i, a in enumerate(v.lst(body, "agents", required=False, non_empty=False, max_len=self.t.max_hosts)):
             if not isinstance(a, dict):
@@ -170,16 +170,13 @@ class FileEndpoints:
             requested = json.loads(meta.get("agents", "[]"))
         real = await self.t._real_ids(requested)
         res = await self.db.execute([db.hgetall(fs.result_key(task_id, real[r])) for r in requested])
-        out, running = [], False
+        out = []
         for r, reply in zip(requested, res):
             items = fs.entry_items(fs.merged(dict(reply.fields))) if reply.ok and reply.found else {}
             for name in sorted(items, key=_order):
                 item = items[name]
                 status = item.get("status", ts.DISPATCHED)
-                code = item.get("error_code", ts.E_RUNNING)
-                if status not in ts.FINAL_STATUSES:
-                    code = ts.E_RUNNING
-                    running = True
+                code = ts.item_error_code(status, item.get("error_code", ts.E_RUNNING))
                 content = {k: item.get(k, d) for k, d in (
                     ("mode", 1), ("source_agent_id", ""), ("source_file_dir", ""), ("source_file_name", ""),
                     ("dest_agent_id", r), ("dest_file_dir", ""), ("dest_file_name", ""), ("progress", 0),
@@ -190,8 +187,6 @@ class FileEndpoints:
                     content["dest_path"] = item["dest_path"]
                 out.append({"bk_agent_id": r, "error_code": code, "error_msg": item.get("error_msg", ""),
                             "content": content})
-        if running:
-            return Reply({"result": out}, API_RUNNING, "transfer is still running")
         return {"result": out}
 
     async def async_terminate_transfer_file(self, body: dict, _req):

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 
 from gse.common import dbclient as db
 from gse.common.agentstate import is_alive, now_ms, parse_host_id
-from gse.common.errors import API_RUNNING, BadRequest, GseError
+from gse.common.errors import BadRequest, GseError, TaskNotKnown
 from gse.common import taskstate as ts
 from gse.pb import agent_pb2 as apb
 from gse.pb import dbproxy_pb2 as dpb
 
 from . import validate as v
 from .agents_view import AgentsView
-from .app import Api, Reply
+from .app import Api
 from .command_guard import CommandGuard
 from .taskservers import TaskServers
 
@@ -135,6 +135,7 @@ class TaskEndpoints:
                            f"{blocked.message}", BLOCKED)
         task_id = ts.new_task_id()
         targets = await self._resolve([a for a, _c, _u in agents], agents)
+        _refuse_aliases(targets)
         at = now_ms()
         warning_text = "; ".join(f"{w.name}: {w.message}" for w in warnings)
         meta = {"kind": "script", "created": at, "atomic_ids": ",".join(str(t.atomic_task_id) for t in atomic),
@@ -196,7 +197,7 @@ class TaskEndpoints:
                 wanted.append((aid, container, v.integer(item, "atomic_task_id", where=w2, minimum=0),
                                v.integer(item, "offset", required=False, default=0, where=w2, minimum=0),
                                v.integer(item, "limit", required=False, default=0, where=w2, minimum=0)))
-        meta = await self._meta(task_id)
+        meta = await self._meta(task_id, TaskNotKnown)
         if not wanted:      # no atomic tasks named: every atomic task of the task, whole output
             ids = [int(x) for x in meta.get("atomic_ids", "").split(",") if x]
             for i, at in enumerate(body["agent_tasks"]):
@@ -236,7 +237,7 @@ class TaskEndpoints:
             return await self.view.records(list(unfinished), SESSION_FIELDS) if unfinished else {}
 
         screens, records = await asyncio.gather(outputs(), session_records())
-        out, running = [], False
+        out = []
         for n, (aid, container, tid, off, limit) in enumerate(wanted):
             f, screen = items[n], screens.get(n, NO_OUTPUT)
             entry = {"bk_agent_id": aid, "bk_container_id": container, "atomic_task_id": tid}
@@ -253,17 +254,15 @@ class TaskEndpoints:
                                                                       at_ms):
                 # The result is stored but its output not yet (replicas are written in parallel): the caller
                 # must not take the item as finished with a short screen; it will read it whole next time.
-                status, code, msg, running = ts.RUNNING, ts.E_RUNNING, "", True
+                status, msg = ts.RUNNING, ""
             elif status not in ts.FINAL_STATUSES:
                 record = records.get(real[aid])
                 gone = not self._within_grace(f, at_ms) and (
                     record is None or (not is_alive(record, at_ms) and
                                        at_ms - int(record.get("deadline", 0) or 0) > self.offline_grace_ms))
                 if gone:
-                    code, msg = ts.E_AGENT_OFFLINE, "agent went offline before reporting a result"
-                else:
-                    code, running = ts.E_RUNNING, True
-            entry.update(status=status, error_code=code, error_msg=msg, start_time=int(f.get("start_time", 0)),
+                    status, code, msg = ts.FAILED, ts.E_AGENT_OFFLINE, "agent went offline before reporting a result"
+            entry.update(status=status, error_code=ts.item_error_code(status, code), error_msg=msg, start_time=int(f.get("start_time", 0)),
                          end_time=int(f.get("end_time", 0)), script_exit_code=int(f.get("exit_code", 0)), tag="",
                          screen=screen.value.decode("utf-8", "replace") if screen.ok else "")
             if f.get("warning"):
@@ -271,8 +270,6 @@ class TaskEndpoints:
             if f.get("truncated") == "1":
                 entry["truncated"] = True
             out.append(entry)
-        if running:
-            return Reply({"result": out}, API_RUNNING, "task is still running")
         return {"result": out}
 
     async def async_terminate_execute_script(self, body: dict, _req):
@@ -323,9 +320,13 @@ class TaskEndpoints:
             raise BadRequest("'task_id' is not a task id")
         return task_id
 
-    async def _meta(self, task_id: str) -> dict:
+    async def _meta(self, task_id: str, unknown: type[GseError] | None = None) -> dict:
+        """The task's record; an unknown id raises `unknown(task_id)` (result reads: TaskNotKnown) or, for
+        operations on a task, a BadRequest."""
         (r,) = await self.db.execute([db.hgetall(ts.task_key(task_id))])
         if not (r.ok and r.found):
+            if unknown is not None:
+                raise unknown(task_id)
             raise BadRequest(f"'task_id' {task_id} is unknown (or its results expired)")
         return db.text_fields(r)
 
@@ -351,6 +352,19 @@ class TaskEndpoints:
             bad = [r.error for r in res if not r.ok]
             if bad:
                 raise GseError(f"storing task state failed: {bad[0]}")
+
+
+def _refuse_aliases(targets: list[Target]) -> None:
+    """One agent named twice in one task (by bk_agent_id and as cloud:ip, or as two cloud:ip forms) is refused
+    like a duplicate id: its items would be one record, and two run-as users on one host cannot share it."""
+    first: dict[tuple[str, str], int] = {}
+    for n, t in enumerate(targets):
+        if not t.agent_id:
+            continue
+        seen = first.setdefault((t.agent_id, t.container), n)
+        if seen != n:
+            raise BadRequest(f"'agents[{n}].bk_agent_id' {t.requested} names the same agent as "
+                             f"'agents[{seen}].bk_agent_id' {targets[seen].requested}")
 
 
 def _check_acyclic(tasks: dict[int, apb.AtomicTask]) -> None:

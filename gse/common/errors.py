@@ -35,6 +35,18 @@ class Unauthorized(GseError):
     http_status = 401
 
 
+class TaskNotKnown(GseError):
+    """A result read for a task id that is not known (yet, or any more): the top-level 1000115, "poll again".
+
+    The one rule of result reads (spec section 4, correction): once a task is known, its result answers
+    top-level code 0 and every item that has not ended carries 115 (`taskstate.item_error_code`); job
+    platforms treat any other top-level code as a failed call, so 1000115 is never "still running"."""
+    code = API_RUNNING
+
+    def __init__(self, task_id: str):
+        super().__init__(f"task {task_id} is not known yet (or its results expired); poll again")
+
+
 class NotFound(GseError):
     code = API_NOT_FOUND
 

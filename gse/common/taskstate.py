@@ -27,6 +27,14 @@ E_FAILED = 65535
 DEFAULT_TTL_MS = 24 * 3600 * 1000
 
 
+def item_error_code(status: int, error_code: int) -> int:
+    """The `error_code` a result read shows for an item: 115 while it has not ended, else its own code.
+
+    With `errors.TaskNotKnown` this is the whole rule of result reads (spec section 4, correction): the
+    top-level code is 0 for a known task however many items still run."""
+    return error_code if status in FINAL_STATUSES else E_RUNNING
+
+
 def task_key(task_id: str) -> str:
     return f"gse:task:{task_id}"
 
