@@ -280,6 +280,37 @@ def test_blocked_command_never_reaches_an_agent(tc, tapi, tmp_path):
     assert not marker.exists()
 
 
+def test_16_mib_script_checked_fast_while_other_callers_are_served(tc, tapi, tmp_path):
+    """The issue's hostile shape (`true ` then one long line) at 16 MiB: submitted in a few seconds at most on a
+    loaded machine (it took minutes), the script arrives whole, and list_agent_state callers meanwhile are
+    answered promptly (the rule check and the body parsing stay off the event loop)."""
+    import threading
+
+    a = ids(tc)[0]
+    content = "#!/bin/sh\ntrue " + "a" * (16 * 1024 * 1024 - 20) + "\n"
+    store = str(tmp_path / "big")
+    done: dict = {}
+
+    def submit_big():
+        t0 = time.monotonic()
+        done["tid"] = submit(tapi, [a], [f"wc -c < {store}/big.sh"],
+                             scripts=[{"script_name": "big.sh", "script_store_dir": store, "script_content": content}])
+        done["s"] = time.monotonic() - t0
+
+    th = threading.Thread(target=submit_big)
+    th.start()
+    lat = []
+    while th.is_alive():
+        t0 = time.monotonic()
+        assert tapi.states([a])[a]["status_code"] == 2
+        lat.append(time.monotonic() - t0)
+    th.join()
+    assert done["s"] < 5.0, done
+    assert lat and max(lat) < 1.0, sorted(lat)[-5:]
+    res = wait_done(tapi, done["tid"], [a], 1, timeout=60)[(a, 0)]
+    assert res["status"] == 2 and res["screen"].strip() == str(len(content.encode()))
+
+
 def test_live_warn_rule_recorded_on_every_item(tc, tapi):
     zk = KazooClient(hosts=tc.zookeeper, timeout=5)
     zk.start(10)
@@ -306,6 +337,17 @@ def test_live_warn_rule_recorded_on_every_item(tc, tapi):
         zk.delete(f"{tc.zk_root}/config/command_rules")
         zk.stop()
         zk.close()
+
+
+def test_thousand_task_chain_accepted_and_a_long_cycle_named(tapi):
+    chain = [{"atomic_task_id": i, "atomic_task_id_idx": [i - 1] * 3} for i in range(1, 1000)]
+    body = {"agents": [{"bk_agent_id": "b" * 32}],
+            "atomic_tasks": [{"atomic_task_id": i, "command": "true"} for i in range(1000)],
+            "atomic_tasks_relations": chain}
+    assert tapi.call(RUN, body)["code"] == 0
+    body["atomic_tasks_relations"] = chain + [{"atomic_task_id": 0, "atomic_task_id_idx": [999]}]
+    r = tapi.call(RUN, body)
+    assert r["code"] == 1000400 and "cycle" in r["message"]
 
 
 @pytest.mark.parametrize("body,field", [

@@ -32,6 +32,7 @@ Decisions the issue left open:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import logging
@@ -48,6 +49,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 from gse.common.errors import API_UNAVAILABLE, GseError
+from gse.common.taskstate import find_cycle
 
 log = logging.getLogger(__name__)
 
@@ -499,8 +501,8 @@ class TaskRun:
     # --- validation ---------------------------------------------------------------------------------------------
 
     def _validate(self) -> str | None:
-        ids = [t.atomic_task_id for t in self.atomic_tasks]
-        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        ids = collections.Counter(t.atomic_task_id for t in self.atomic_tasks)
+        dupes = sorted(i for i, n in ids.items() if n > 1)
         if dupes:
             return f"duplicate atomic task ids: {dupes}"
         for task in self.atomic_tasks:
@@ -512,34 +514,9 @@ class TaskRun:
             for dep in deps:
                 if dep not in self._items:
                     return f"atomic task {tid} depends on unknown atomic task {dep}"
-        cycle = self._find_cycle()
+        cycle = find_cycle({tid: item.deps for tid, item in self._items.items()})
         if cycle:
             return f"dependency cycle among atomic tasks: {' -> '.join(map(str, cycle))}"
-        return None
-
-    def _find_cycle(self) -> list[int] | None:
-        state: dict[int, int] = {}  # 1 visiting, 2 done
-        path: list[int] = []
-
-        def visit(node: int) -> list[int] | None:
-            state[node] = 1
-            path.append(node)
-            for dep in self._items[node].deps:
-                if state.get(dep) == 1:
-                    return path[path.index(dep):] + [dep]
-                if dep not in state:
-                    found = visit(dep)
-                    if found:
-                        return found
-            path.pop()
-            state[node] = 2
-            return None
-
-        for tid in self._items:
-            if tid not in state:
-                found = visit(tid)
-                if found:
-                    return found
         return None
 
     # --- items --------------------------------------------------------------------------------------------------

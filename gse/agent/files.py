@@ -18,7 +18,6 @@ import hashlib
 import logging
 import os
 import pwd
-import re
 import stat
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from pathlib import Path
 import grpc
 
 from gse.common import filestate as fst
+from gse.common import patterns
 from gse.common import taskstate as ts
 from gse.pb import agent_pb2 as pb
 from gse.pb import file_pb2 as fpb
@@ -79,10 +79,10 @@ def expand_source(store_dir: str, name: str) -> tuple[str, list[tuple[str, str, 
     store = os.path.abspath(store_dir or "/")
     if name.startswith("regex:"):
         try:
-            rx = re.compile(name[6:])
-        except re.error as exc:
-            raise FileError(ts.E_FAILED, f"bad regular expression: {exc}") from None
-        names = sorted(n for n in _listdir(store) if rx.fullmatch(n))
+            rx = patterns.compile_user(name[6:], what="the regex: file name")     # linear time (RE2)
+        except ValueError as exc:
+            raise FileError(ts.E_FAILED, str(exc)) from None
+        names = sorted(n for n in _listdir(store) if rx.fullmatch(os.fsencode(n)))
         return store, [(n, os.path.join(store, n), False) for n in names if os.path.isfile(os.path.join(store, n))]
     if any(ch in name for ch in "*?["):
         names = sorted(n for n in _listdir(store) if fnmatch.fnmatchcase(n, name))

@@ -26,6 +26,8 @@ from prometheus_client import Counter, Histogram
 
 from gse.common.errors import API_BAD_REQUEST, API_INTERNAL, API_NOT_FOUND, OK, GseError, Unauthorized
 
+from .bodies import BodyParser
+
 log = logging.getLogger("gse.apiserver")
 
 REQUESTS = Counter("gse_api_requests_total", "API requests", ["endpoint", "code"])
@@ -103,6 +105,7 @@ class Api:
         self.routes: dict[str, tuple[str, Handler]] = {}
         self.max_body = max_body
         self.max_auth_body = min(max_auth_body, max_body)
+        self.bodies = BodyParser()
 
     def route(self, path: str, handler: Handler, name: str | None = None) -> None:
         self.routes[path.rstrip("/")] = (name or path.rstrip("/").rsplit("/", 1)[-1], handler)
@@ -119,7 +122,7 @@ class Api:
             return None
         try:
             creds = json.loads(header)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise Unauthorized("X-Bkapi-Authorization is not valid JSON") from None
         if not isinstance(creds, dict):
             raise Unauthorized("X-Bkapi-Authorization must be a JSON object")
@@ -210,16 +213,7 @@ class Api:
             chunks.append(chunk)
 
     async def _body(self, request: web.Request, limit: int) -> dict:
-        raw = await self._read(request, limit)
-        if not raw.strip():
-            return {}
-        try:
-            body = json.loads(raw)
-        except ValueError as exc:
-            raise GseError(f"request body is not valid JSON: {exc}", API_BAD_REQUEST) from None
-        if not isinstance(body, dict):
-            raise GseError("request body must be a JSON object", API_BAD_REQUEST)
-        return body
+        return await self.bodies.parse(await self._read(request, limit))
 
 
 def _dumps(obj) -> str:

@@ -12,6 +12,7 @@ import os
 
 from gse.common import dbclient as db
 from gse.common import filestate as fs
+from gse.common import patterns
 from gse.common import taskstate as ts
 from gse.common.agentstate import is_alive, now_ms
 from gse.common.errors import BadRequest, TaskNotKnown
@@ -61,6 +62,11 @@ class FileEndpoints:
             src, dst = v.obj(t, "source"), v.obj(t, "target")
             sa = v.obj(src, "agent")
             name = v.string(src, "file_name", where=f"{w}source.", max_len=1024)
+            if name.startswith("regex:"):       # matched on the agent in linear time (RE2): refuse what it cannot
+                try:
+                    patterns.compile_user(name[6:], what=f"'{w}source.file_name'")
+                except ValueError as exc:
+                    raise BadRequest(str(exc)) from None
             tgt_name = v.string(dst, "file_name", required=False, where=f"{w}target.", max_len=255)
             if "/" in tgt_name or tgt_name in (".", ".."):
                 raise BadRequest(f"'{w}target.file_name' must be a plain file name")

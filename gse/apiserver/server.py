@@ -98,6 +98,7 @@ class ApiServerService(Service):
         if not c.dbproxy.addresses:
             await self.discovery.watch_service("dbproxy", self.db.on_view)
         self.api = self.build_api()
+        await self.api.bodies.start()
         self.runner = web.AppRunner(self.api.make_app(), access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, c.host, c.port, backlog=1024)
@@ -112,6 +113,9 @@ class ApiServerService(Service):
         await self.discovery.stop()
         if self.runner is not None:
             await self.runner.cleanup()
+        if self.api is not None:
+            self.api.bodies.close()
+        self.guard.close()
         await self.db.close()
         await self.taskservers.close()
         await super().stop(grace)

@@ -105,20 +105,22 @@ class TaskEndpoints:
             timeout = v.integer(t, "timeout_seconds", required=False, default=0, where=where, minimum=0,
                                 maximum=30 * 86400)
             tasks[tid] = apb.AtomicTask(atomic_task_id=tid, command=cmd, timeout_seconds=timeout)
-        for i, r in enumerate(v.lst(body, "atomic_tasks_relations", required=False, non_empty=False)):
+        relations = v.lst(body, "atomic_tasks_relations", required=False, non_empty=False, max_len=10_000)
+        for i, r in enumerate(relations):
             where = f"atomic_tasks_relations[{i}]."
             if not isinstance(r, dict):
                 raise BadRequest(f"'atomic_tasks_relations[{i}]' must be an object")
             tid = v.integer(r, "atomic_task_id", where=where)
             if tid not in tasks:
                 raise BadRequest(f"'{where}atomic_task_id' {tid} is not one of the atomic_tasks")
-            deps = v.lst(r, "atomic_task_id_idx", required=False, non_empty=False)
+            deps = v.lst(r, "atomic_task_id_idx", required=False, non_empty=False, max_len=1000)
             for j, d in enumerate(deps):
                 if isinstance(d, bool) or not isinstance(d, int) or d not in tasks:
                     raise BadRequest(f"'{where}atomic_task_id_idx[{j}]' is not one of the atomic_tasks")
                 if d == tid:
                     raise BadRequest(f"'{where}atomic_task_id_idx[{j}]': a task cannot depend on itself")
-            tasks[tid].depends_on.extend(d for d in deps if d not in tasks[tid].depends_on)
+            known = set(tasks[tid].depends_on)
+            tasks[tid].depends_on.extend(d for d in dict.fromkeys(deps) if d not in known)
         _check_acyclic(tasks)
         return list(tasks.values())
 
@@ -128,8 +130,8 @@ class TaskEndpoints:
         agents = self._agents(body)
         scripts = self._scripts(body)
         atomic = self._atomic(body)
-        texts = [t.command for t in atomic] + [s.content.decode("utf-8", "replace") for s in scripts]
-        blocked, warnings = self.guard.check(texts)
+        texts = [t.command for t in atomic] + [s.content for s in scripts]
+        blocked, warnings = await self.guard.check_async(texts)
         if blocked is not None:
             raise GseError(f"refused by high-risk command rule '{blocked.name}' ({blocked.severity}): "
                            f"{blocked.message}", BLOCKED)
@@ -368,18 +370,6 @@ def _refuse_aliases(targets: list[Target]) -> None:
 
 
 def _check_acyclic(tasks: dict[int, apb.AtomicTask]) -> None:
-    state: dict[int, int] = {}
-
-    def visit(t: int, path: list[int]) -> None:
-        if state.get(t) == 2:
-            return
-        if state.get(t) == 1:
-            cycle = path[path.index(t):] + [t]
-            raise BadRequest(f"'atomic_tasks_relations' has a cycle: {' -> '.join(map(str, cycle))}")
-        state[t] = 1
-        for d in tasks[t].depends_on:
-            visit(d, path + [t])
-        state[t] = 2
-
-    for t in tasks:
-        visit(t, [])
+    cycle = ts.find_cycle({t: list(a.depends_on) for t, a in tasks.items()})
+    if cycle:
+        raise BadRequest(f"'atomic_tasks_relations' has a cycle: {' -> '.join(map(str, cycle))}")

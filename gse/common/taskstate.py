@@ -53,3 +53,29 @@ def new_task_id(kind: str = "GSETASK") -> str:
 
 def valid_task_id(text: str) -> bool:
     return 0 < len(text) <= 128 and text.isprintable() and " " not in text
+
+
+def find_cycle(depends_on: dict[int, list[int]]) -> list[int] | None:
+    """A dependency cycle among atomic tasks as [a, b, ..., a], or None. Every dependency must be a key.
+
+    Iterative and linear in tasks plus dependencies: a chain of a thousand tasks is neither a deep recursion
+    nor a quadratic walk."""
+    state: dict[int, int] = {}          # 1 on the current path, 2 done
+    for root in depends_on:
+        if root in state:
+            continue
+        path: list[int] = [root]
+        its = [iter(depends_on[root])]
+        state[root] = 1
+        while its:
+            dep = next(its[-1], None)
+            if dep is None:
+                state[path.pop()] = 2
+                its.pop()
+            elif state.get(dep) == 1:
+                return path[path.index(dep):] + [dep]
+            elif dep not in state:
+                state[dep] = 1
+                path.append(dep)
+                its.append(iter(depends_on[dep]))
+    return None

@@ -1,0 +1,85 @@
+"""Request bodies: parsed within bounds (depth, values, numbers, strings), the large ones off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from gse.apiserver import bodies
+from gse.common.errors import BadRequest
+
+
+@pytest.mark.parametrize("raw,why", [
+    (b'{"a": NaN}', "NaN"), (b'{"a": [Infinity]}', "Infinity"), (b'{"a": -Infinity}', "Infinity"),
+    (b'{"a": ' + b"1" * 5000 + b"}", "not valid JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested deeper"),
+    (b'{"a": ' + b"[" * 65 + b"]" * 65 + b"}", "nested deeper"),
+    (b'{"a": "\\ud800"}', "surrogate"), (b'{"\\udfff": 1}', "surrogate"), (b'{"a": ["x\\udc00y"]}', "surrogate"),
+    (b'{"a": ' + b"[" + b"0," * (bodies.MAX_NODES + 1) + b"0]}", "more than"),
+    (b"[1, 2]", "object"), (b'"x"', "object"), (b"{", "not valid JSON"), (b"\xff\xfe{}", "not valid JSON"),
+])
+def test_body_bounds_refused_with_a_clear_message(raw, why):
+    with pytest.raises(BadRequest) as exc:
+        bodies.parse(raw)
+    assert why in exc.value.message
+
+
+def test_body_valid_shapes_pass():
+    assert bodies.parse(b"") == {} and bodies.parse(b"  \n") == {}
+    assert bodies.parse(b'{"a": "\\ud83d\\ude00", "b": [1.5, -2, true, null]}') == {"a": "\U0001F600",
+                                                                                    "b": [1.5, -2, True, None]}
+    deep = b'{"a": ' + b"[" * 62 + b"]" * 62 + b"}"
+    assert bodies.parse(deep)["a"]
+
+
+async def test_large_body_parsed_in_a_worker_while_the_loop_ticks():
+    """A 16 MiB script body takes tens of ms in json.loads with the GIL held; parsed in a worker process the
+    event loop keeps turning: its longest pause is shorter than parsing the body inline would be."""
+    parser = bodies.BodyParser()
+    await parser.start()
+    raw = json.dumps({"scripts": [{"script_content": ("true " + "a" * 100 + "\n") * (16 * 1024 * 1024 // 106)}],
+                      "n": 1}).encode()
+    bad = raw[:-1] + b', "x": "\\ud800"}'
+    t0 = time.perf_counter()
+    json.loads(raw)
+    inline_s = time.perf_counter() - t0
+    gaps = []
+
+    async def ticker():
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    t = asyncio.ensure_future(ticker())
+    try:
+        body = await parser.parse(raw)
+        with pytest.raises(BadRequest, match="surrogate"):
+            await parser.parse(bad)
+    finally:
+        t.cancel()
+        parser.close()
+    assert body["n"] == 1 and len(body["scripts"][0]["script_content"]) == 16 * 1024 * 1024 // 106 * 106
+    assert len(gaps) > 10 and max(gaps) < inline_s, (max(gaps), inline_s)
+
+
+def test_dependency_checks_are_iterative_and_linear():
+    """A chain of a thousand atomic tasks (the most a request may hold) was a recursion a thousand deep on the
+    API server and on the agent; the check is iterative and linear now."""
+    from gse.common.taskstate import find_cycle
+
+    n = 200_000
+    chain = {i: [i - 1] if i else [] for i in range(n)}
+    t0 = time.perf_counter()
+    assert find_cycle(chain) is None
+    chain[0] = [n - 1]
+    cycle = find_cycle(chain)
+    assert time.perf_counter() - t0 < 2.0
+    assert cycle[0] == cycle[-1] and len(cycle) == n + 1
+    assert find_cycle({1: [2], 2: [1], 3: []}) in ([1, 2, 1], [2, 1, 2])
+    assert find_cycle({1: [1]}) == [1, 1]
