@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from gse import certs as certs_cli
+from gse.common.errors import ErrorCode, ScriptStatus
 
 
 def api_call(url: str, app_code: str, app_secret: str, path: str, body: dict, timeout: float = 10.0) -> dict:
@@ -175,7 +176,7 @@ def resolve_targets(api: Api, spec: list[str]) -> tuple[list[str], dict[str, str
     """Targets (agent ids, cloud:ip, `all`, globs over ips) -> (agent id list, id -> label)."""
     import fnmatch
 
-    from gse.common.agentstate import parse_host_id
+    from gse.common.address import parse_host_id
 
     wanted: list[str] = []
     labels: dict[str, str] = {}
@@ -247,11 +248,11 @@ def cmd_run(args) -> int:
     summary = {"ok": [], "failed": [], "timed out": [], "offline": []}
     for aid in ids:
         item = done[aid]
-        if item["error_code"] == 0 and item["status"] == 2:
+        if item["error_code"] == ErrorCode.OK and item["status"] == ScriptStatus.SUCCESS:
             summary["ok"].append(aid)
-        elif item["error_code"] == 117:
+        elif item["error_code"] == ErrorCode.AGENT_OFFLINE:
             summary["offline"].append(aid)
-        elif item["error_code"] == 120:
+        elif item["error_code"] == ErrorCode.TIMEOUT:
             summary["timed out"].append(aid)
         else:
             summary["failed"].append(aid)

@@ -19,6 +19,7 @@ import pytest
 
 from gse.agent import executor
 from gse.agent.executor import AtomicTask, Busy, ItemUpdate, Pools, Script, TaskRun
+from gse.common.errors import ScriptStatus
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the executor tests run commands as other users")
 
@@ -75,7 +76,7 @@ class Recorder:
         return b"".join(u.output_chunk for u in self.of(tid))
 
     def running(self, tid: int) -> bool:
-        return any(u.status == executor.STATUS_RUNNING for u in self.of(tid))
+        return any(u.status == ScriptStatus.RUNNING for u in self.of(tid))
 
 
 def tasks(*commands: str, timeout: int = 10) -> list[AtomicTask]:
@@ -130,7 +131,7 @@ async def test_executor_dependency_failure_propagates(work):
         assert (final.status, final.error_code, final.exit_code) == (5, 65535, None)
         assert final.error_msg == f"dependency {dep} did not succeed"
         assert not (tmp_path / f"m{tid}").exists()
-        assert not any(u.status == executor.STATUS_RUNNING for u in rec.of(tid))
+        assert not any(u.status == ScriptStatus.RUNNING for u in rec.of(tid))
     assert (rec.final(6).status, rec.final(6).error_code) == (3, 120)
     assert rec.final(4).status == rec.final(5).status == 2
     assert (tmp_path / "m4").exists() and (tmp_path / "m5").exists()

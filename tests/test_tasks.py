@@ -184,7 +184,7 @@ def test_finished_item_whose_output_has_not_landed_reads_as_running(tc, tapi):
     import asyncio
 
     from gse.common import dbclient as db
-    from gse.common import taskstate as ts
+    from gse.common.records import TaskItem, TaskOutput
     from gse.common.tls import TLSMaterial
 
     a = ids(tc)[0]
@@ -200,11 +200,11 @@ def test_finished_item_whose_output_has_not_landed_reads_as_running(tc, tapi):
         finally:
             await client.close()
 
-    asyncio.run(write([db.delete(ts.output_key(tid, a, 0))]))      # as if the output were still on its way
+    asyncio.run(write([db.delete(TaskOutput.key(tid, a, 0))]))      # as if the output were still on its way
     r = results(tapi, tid, [a], 1)
     assert r["code"] == 0
     assert r["data"]["result"][0]["error_code"] == 115 and r["data"]["result"][0]["screen"] == ""
-    asyncio.run(write([db.hset(ts.item_key(tid, a, 0), {"end_time": int(time.time() * 1000) - 60_000})]))
+    asyncio.run(write([TaskItem.update(tid, a, 0, end_time=int(time.time() * 1000) - 60_000).op()]))
     r = results(tapi, tid, [a], 1)
     assert r["code"] == 0 and r["data"]["result"][0]["status"] == 2 and r["data"]["result"][0]["screen"] == ""
 

@@ -20,7 +20,7 @@ from kazoo.client import KazooClient
 from conftest import api_for, start_agents
 
 from gse.common import dbclient as db
-from gse.common.agentstate import agent_key
+from gse.common.records import AgentRecord
 from gse.common.config import ConfigError, load_config
 from gse.common.tls import TLSMaterial
 from gse.cli import still_running
@@ -63,7 +63,7 @@ def workers(c, ts) -> list[dict]:
     return c.healthz(ts)["workers"]
 
 
-def sessions(c, ids: list[str]) -> dict[str, dict]:
+def sessions(c, ids: list[str]) -> dict[str, AgentRecord]:
     """The session records of the agents (the `node` field says which worker holds each)."""
     d = c.certs_dir
     tls = TLSMaterial.from_dir(d, "server")
@@ -71,11 +71,11 @@ def sessions(c, ids: list[str]) -> dict[str, dict]:
     async def read():
         client = db.DbClient(tls, [p.info["address"] for p in c.dbproxies])
         try:
-            return await client.execute([db.hgetall(agent_key(a)) for a in ids])
+            return await client.execute([AgentRecord.read(a) for a in ids])
         finally:
             await client.close()
 
-    return {a: db.text_fields(r) for a, r in zip(ids, asyncio.run(read()))}
+    return {a: AgentRecord.decode(r) for a, r in zip(ids, asyncio.run(read()))}
 
 
 def gone(pid: int) -> bool:
@@ -129,7 +129,7 @@ def test_workers_share_the_agent_port_and_split_the_agents(wc):
 
     def settled():
         """The session records' nodes, once they agree with the loads the workers report."""
-        nodes = {a: s.get("node") for a, s in sessions(wc, ids).items()}
+        nodes = {a: s.node if s else None for a, s in sessions(wc, ids).items()}
         loads = {w["node_id"]: w.get("health", {}).get("agents") for w in workers(wc, ts)}
         return nodes if loads == {n: list(nodes.values()).count(n) for n in node_ids} else None
 
@@ -156,7 +156,7 @@ def test_killed_worker_restarted_and_its_agents_back(wc):
     agents = start_agents(wc, 6)
     ids = [p.info["bk_agent_id"] for p in agents]
     api.wait_alive(ids)
-    nodes = {a: s["node"] for a, s in sessions(wc, ids).items()}
+    nodes = {a: s.node for a, s in sessions(wc, ids).items()}
     before = workers(wc, ts)
     victim = max(before, key=lambda w: sum(1 for n in nodes.values() if n == w["node_id"]))
     other = next(w for w in before if w is not victim)
@@ -176,7 +176,7 @@ def test_killed_worker_restarted_and_its_agents_back(wc):
 
     def back():
         s = sessions(wc, moved)
-        return s if all(int(s[a].get("connect_time", 0)) > killed_at_ms for a in moved) else None
+        return s if all(s[a] is not None and s[a].connect_time > killed_at_ms for a in moved) else None
 
     wait_for(back, 30, "the killed worker's agents to attach again", interval=0.2)
     api.wait_alive(ids, timeout=10)

@@ -56,7 +56,8 @@ import tracemalloc
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from gse.common import dbclient as db  # noqa: E402
-from gse.common.agentstate import AGENTS_SET, RUNNING, agent_key, ip_key, now_ms  # noqa: E402
+from gse.common.errors import AgentStatus  # noqa: E402
+from gse.common.records import AgentAddress, AgentIndex, AgentRecord, now_ms  # noqa: E402
 from gse.common.tls import init_certs  # noqa: E402
 from gse.pb import agent_pb2 as pb  # noqa: E402
 from gse.taskserver.agent_access import AgentAccess, AgentSession  # noqa: E402
@@ -228,14 +229,14 @@ class FrameConn:
         a.sessions[hello.agent_id] = s
         self.session = s
         at = now_ms()
-        a.writer.add([db.set_(ip_key(hello.cloud_id, hello.ip), hello.agent_id, a.ttl_ms),
-                      db.sadd(AGENTS_SET, [hello.agent_id], a.ttl_ms)])
-        a.writer.hset(agent_key(hello.agent_id), {
-            "agent_id": hello.agent_id, "cloud_id": hello.cloud_id, "ip": hello.ip, "hostname": hello.hostname,
-            "os": hello.os, "arch": hello.arch, "version": hello.version, "run_mode": hello.run_mode,
-            "start_time": hello.start_time_ms, "boot_id": hello.boot_id, "online": 1, "node": a.node_id,
-            "connect_time": at, "report_time": at, "deadline": a.deadline_ms(at), "status_code": RUNNING,
-            "peer": s.peer}, a.ttl_ms)
+        a.writer.add([AgentAddress.write(hello.cloud_id, hello.ip, hello.agent_id, a.ttl_ms),
+                      AgentIndex.add([hello.agent_id], a.ttl_ms)])
+        a.writer.put(AgentRecord.update(
+            hello.agent_id, ttl_ms=a.ttl_ms, agent_id=hello.agent_id, cloud_id=hello.cloud_id, ip=hello.ip,
+            hostname=hello.hostname, os=hello.os, arch=hello.arch, version=hello.version, run_mode=hello.run_mode,
+            start_time=hello.start_time_ms, boot_id=hello.boot_id, online=True, node=a.node_id,
+            connect_time=at, report_time=at, deadline=a.deadline_ms(at), status_code=AgentStatus.RUNNING,
+            peer=s.peer))
         self.send(Hub.welcome)
 
     def detach(self) -> None:

@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 
 from gse import __version__
 from gse.common import framelink
-from gse.common.agentstate import valid_agent_id
+from gse.common.records import valid_agent_id
 from gse.common.config import ConfigError, LogConfig, MetricsConfig, TLSConfig
 from gse.common.service import Service
 from gse.common.tls import TLSMaterial

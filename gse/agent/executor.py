@@ -48,30 +48,10 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
-from gse.common.errors import API_UNAVAILABLE, GseError
-from gse.common.taskstate import find_cycle
+from gse.common.errors import FINAL_STATUSES, ErrorCode, ScriptStatus, Unavailable
+from gse.common.taskgraph import dependency_cycle
 
 log = logging.getLogger(__name__)
-
-# Script status of an atomic task (spec section 4).
-STATUS_DISPATCHED = 0
-STATUS_RUNNING = 1
-STATUS_SUCCESS = 2
-STATUS_TIMEOUT = 3
-STATUS_STOPPED = 4
-STATUS_FAILED = 5
-STATUS_AGENT_RESTARTED = 6
-
-# Error codes of an atomic task (spec section 4); ERR_OTHER is any other agent-side failure.
-ERR_DONE = 0
-ERR_RUNNING = 115
-ERR_AGENT_OFFLINE = 117
-ERR_TIMEOUT = 120
-ERR_USER_NOT_FOUND = 122
-ERR_TERMINATED = 126
-ERR_OTHER = 65535
-
-FINAL_STATUSES = frozenset({STATUS_SUCCESS, STATUS_TIMEOUT, STATUS_STOPPED, STATUS_FAILED, STATUS_AGENT_RESTARTED})
 
 DEFAULT_MAX_OUTPUT_BYTES = 10 * 1024 * 1024
 _FLUSH_INTERVAL_S = 0.05       # output is reported at most this often ...
@@ -145,10 +125,8 @@ class ItemUpdate:
         return self.status in FINAL_STATUSES
 
 
-class Busy(GseError):
+class Busy(Unavailable):
     """The waiting queue of a pool is full: the agent refuses more work of that kind for now."""
-
-    code = API_UNAVAILABLE
 
     def __init__(self, kind: str, queue_limit: int):
         super().__init__(f"agent busy: {kind} queue is full ({queue_limit} waiting)")
@@ -426,7 +404,7 @@ class _Item:
     def __init__(self, task: AtomicTask, deps: list[int]):
         self.task = task
         self.deps = deps
-        self.status = STATUS_DISPATCHED
+        self.status = ScriptStatus.DISPATCHED
         self.ended = asyncio.Event()
         self.start_ms = 0
         self.reported = 0
@@ -473,21 +451,21 @@ class TaskRun:
         problem = self._validate()
         if problem:
             log.warning("task %s refused: %s", self.task_id, problem)
-            self._end_all(STATUS_FAILED, ERR_OTHER, problem)
+            self._end_all(ScriptStatus.FAILED, ErrorCode.FAILED, problem)
             return
         if self._stop.is_set():
-            self._end_all(STATUS_STOPPED, ERR_TERMINATED, "terminated before start")
+            self._end_all(ScriptStatus.STOPPED, ErrorCode.TERMINATED, "terminated before start")
             return
         try:
             run_as = _RunAs.lookup(self.user)
         except KeyError:
-            self._end_all(STATUS_FAILED, ERR_USER_NOT_FOUND, f"user {self.user} not found")
+            self._end_all(ScriptStatus.FAILED, ErrorCode.USER_NOT_FOUND, f"user {self.user} not found")
             return
         try:
             credentials = run_as.credentials()
             await asyncio.to_thread(_write_scripts, self.scripts, run_as)
         except (OSError, ValueError) as exc:
-            self._end_all(STATUS_FAILED, ERR_OTHER, str(exc))
+            self._end_all(ScriptStatus.FAILED, ErrorCode.FAILED, str(exc))
             return
         await asyncio.gather(*(self._run_item(item, run_as, credentials) for item in self._items.values()))
 
@@ -514,7 +492,7 @@ class TaskRun:
             for dep in deps:
                 if dep not in self._items:
                     return f"atomic task {tid} depends on unknown atomic task {dep}"
-        cycle = find_cycle({tid: item.deps for tid, item in self._items.items()})
+        cycle = dependency_cycle({tid: item.deps for tid, item in self._items.items()})
         if cycle:
             return f"dependency cycle among atomic tasks: {' -> '.join(map(str, cycle))}"
         return None
@@ -531,15 +509,15 @@ class TaskRun:
                 deps_ended.cancel()
                 stopped.cancel()
         if self._stop.is_set():
-            self._end(item, STATUS_STOPPED, ERR_TERMINATED, "terminated before start")
+            self._end(item, ScriptStatus.STOPPED, ErrorCode.TERMINATED, "terminated before start")
             return
         for dep in item.deps:
-            if self._items[dep].status != STATUS_SUCCESS:
-                self._end(item, STATUS_FAILED, ERR_OTHER, f"dependency {dep} did not succeed")
+            if self._items[dep].status != ScriptStatus.SUCCESS:
+                self._end(item, ScriptStatus.FAILED, ErrorCode.FAILED, f"dependency {dep} did not succeed")
                 return
         program = windows_only_program(item.task.command)
         if program:
-            self._end(item, STATUS_FAILED, ERR_OTHER, f"not supported on this OS: {program} needs Windows")
+            self._end(item, ScriptStatus.FAILED, ErrorCode.FAILED, f"not supported on this OS: {program} needs Windows")
             return
         await self._execute(item, run_as, credentials)
 
@@ -557,15 +535,15 @@ class TaskRun:
                 start_new_session=True, close_fds=True, **credentials)
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             os.close(read_fd)
-            self._end(item, STATUS_FAILED, ERR_OTHER, f"cannot start command: {exc}")
+            self._end(item, ScriptStatus.FAILED, ErrorCode.FAILED, f"cannot start command: {exc}")
             return
         finally:
             os.close(write_fd)
         pgid = proc.pid
         exited = _watch_exit(proc)
-        item.status = STATUS_RUNNING
+        item.status = ScriptStatus.RUNNING
         item.start_ms = _now_ms()
-        self._emit(item, STATUS_RUNNING, ERR_RUNNING, "running")
+        self._emit(item, ScriptStatus.RUNNING, ErrorCode.RUNNING, "running")
         transport = None
         try:
             transport, reader = await loop.connect_read_pipe(
@@ -578,8 +556,8 @@ class TaskRun:
                 stopped.cancel()
             ending = None
             if exited not in done:
-                ending = (STATUS_STOPPED, ERR_TERMINATED, "terminated") if stopped in done else \
-                    (STATUS_TIMEOUT, ERR_TIMEOUT, f"timed out after {item.task.timeout_seconds} s")
+                ending = (ScriptStatus.STOPPED, ErrorCode.TERMINATED, "terminated") if stopped in done else \
+                    (ScriptStatus.TIMEOUT, ErrorCode.TIMEOUT, f"timed out after {item.task.timeout_seconds} s")
                 await self._kill_group(pgid, exited)
             returncode = await exited
             _reap_group(pgid)
@@ -594,12 +572,12 @@ class TaskRun:
         exit_code = _exit_code(returncode)
         if ending is None:
             if returncode == 0:
-                ending = (STATUS_SUCCESS, ERR_DONE, "")
+                ending = (ScriptStatus.SUCCESS, ErrorCode.OK, "")
             elif returncode < 0:
-                ending = (STATUS_FAILED, ERR_DONE, f"killed by signal {signal.Signals(-returncode).name}"
+                ending = (ScriptStatus.FAILED, ErrorCode.OK, f"killed by signal {signal.Signals(-returncode).name}"
                           if -returncode in signal.valid_signals() else f"killed by signal {-returncode}")
             else:
-                ending = (STATUS_FAILED, ERR_DONE, f"exited with code {returncode}")
+                ending = (ScriptStatus.FAILED, ErrorCode.OK, f"exited with code {returncode}")
         self._end(item, *ending, exit_code=exit_code)
 
     async def _kill_group(self, pgid: int, exited: asyncio.Future[int]) -> None:
@@ -628,7 +606,7 @@ class TaskRun:
     # --- output and updates -------------------------------------------------------------------------------------
 
     def _on_output(self, item: _Item, data: bytes) -> None:
-        if item.truncated or item.status != STATUS_RUNNING:
+        if item.truncated or item.status != ScriptStatus.RUNNING:
             return  # beyond the bound: keep draining the pipe, drop the bytes
         room = self.max_output_bytes - item.reported
         if len(data) > room:
@@ -648,8 +626,8 @@ class TaskRun:
         if item.flush_timer is not None:
             item.flush_timer.cancel()
             item.flush_timer = None
-        if item.pending and item.status == STATUS_RUNNING:
-            self._emit(item, STATUS_RUNNING, ERR_RUNNING, "running")
+        if item.pending and item.status == ScriptStatus.RUNNING:
+            self._emit(item, ScriptStatus.RUNNING, ErrorCode.RUNNING, "running")
 
     def _emit(self, item: _Item, status: int, error_code: int, error_msg: str,
               end_ms: int = 0, exit_code: int | None = None) -> None:

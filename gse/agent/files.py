@@ -25,9 +25,8 @@ from pathlib import Path
 
 import grpc
 
-from gse.common import filestate as fst
 from gse.common import patterns
-from gse.common import taskstate as ts
+from gse.common.errors import ErrorCode, ScriptStatus
 from gse.pb import agent_pb2 as pb
 from gse.pb import file_pb2 as fpb
 from gse.pb import file_pb2_grpc as fpb_grpc
@@ -70,7 +69,7 @@ def parse_permission(digits: int) -> int:
         return 0
     text = str(digits)
     if len(text) > 4 or any(ch not in "01234567" for ch in text):
-        raise FileError(ts.E_FAILED, f"permission {digits} is not chmod digits")
+        raise FileError(ErrorCode.FAILED, f"permission {digits} is not chmod digits")
     return int(text, 8)
 
 
@@ -81,7 +80,7 @@ def expand_source(store_dir: str, name: str) -> tuple[str, list[tuple[str, str, 
         try:
             rx = patterns.compile_user(name[6:], what="the regex: file name")     # linear time (RE2)
         except ValueError as exc:
-            raise FileError(ts.E_FAILED, str(exc)) from None
+            raise FileError(ErrorCode.FAILED, str(exc)) from None
         names = sorted(n for n in _listdir(store) if rx.fullmatch(os.fsencode(n)))
         return store, [(n, os.path.join(store, n), False) for n in names if os.path.isfile(os.path.join(store, n))]
     if any(ch in name for ch in "*?["):
@@ -116,20 +115,20 @@ def _listdir(d: str) -> list[str]:
 def safe_destination(dest_dir: str, rel: str) -> str:
     """The final path of `rel` under `dest_dir`, refusing `..` escapes and symlinks that lead outside."""
     if not os.path.isabs(dest_dir):
-        raise FileError(fst.E_NOT_WRITABLE, f"target dir {dest_dir!r} is not an absolute path")
+        raise FileError(ErrorCode.NOT_WRITABLE, f"target dir {dest_dir!r} is not an absolute path")
     root = os.path.normpath(dest_dir)
     final = os.path.normpath(os.path.join(root, rel))
     if rel.startswith("/") or os.path.commonpath([root, final]) != root or final == root:
-        raise FileError(fst.E_NOT_WRITABLE, f"target path {rel!r} leaves the target dir")
+        raise FileError(ErrorCode.NOT_WRITABLE, f"target path {rel!r} leaves the target dir")
     real_root = os.path.realpath(root)
     # The deepest ancestor that exists decides where missing directories would be created.
     ancestor = os.path.dirname(final)
     while not os.path.lexists(ancestor) and ancestor != root:
         ancestor = os.path.dirname(ancestor)
     if os.path.lexists(ancestor) and os.path.commonpath([real_root, os.path.realpath(ancestor)]) != real_root:
-        raise FileError(fst.E_NOT_WRITABLE, f"target {final} goes through a symlink out of the target dir")
+        raise FileError(ErrorCode.NOT_WRITABLE, f"target {final} goes through a symlink out of the target dir")
     if os.path.islink(final):
-        raise FileError(fst.E_NOT_WRITABLE, f"target {final} is a symlink; refusing to write through it")
+        raise FileError(ErrorCode.NOT_WRITABLE, f"target {final} is a symlink; refusing to write through it")
     return final
 
 
@@ -189,7 +188,7 @@ class FileManager:
                         last = exc
                         await s.close()
                 if self._session is None:
-                    raise FileError(ts.E_FAILED, f"no BitTorrent port free in {self.cfg.bt_port}-"
+                    raise FileError(ErrorCode.FAILED, f"no BitTorrent port free in {self.cfg.bt_port}-"
                                                  f"{self.cfg.bt_port_max}: {last}")
             return self._session
 
@@ -308,7 +307,7 @@ class FileManager:
             base, found = await asyncio.to_thread(expand_source, req.store_dir, req.file_name)
             manifest.source_dir = base
             if not found:
-                raise FileError(fst.E_SOURCE_MISSING, f"source {os.path.join(req.store_dir, req.file_name)} "
+                raise FileError(ErrorCode.SOURCE_MISSING, f"source {os.path.join(req.store_dir, req.file_name)} "
                                                       f"does not exist (or the pattern matched nothing)")
             entries = []
             for index, (rel, path, is_dir) in enumerate(found):
@@ -316,12 +315,12 @@ class FileManager:
                 e = pb.FileEntry(index=index, rel_path=rel, is_dir=is_dir, size=0 if is_dir else st.st_size,
                                  mode=stat.S_IMODE(st.st_mode))
                 if not is_dir and st.st_size > req.max_file_size > 0:
-                    raise FileError(fst.E_TOO_LARGE, f"{path} is {st.st_size} bytes; the limit is {req.max_file_size}")
+                    raise FileError(ErrorCode.TOO_LARGE, f"{path} is {st.st_size} bytes; the limit is {req.max_file_size}")
                 entries.append((e, path))
             if req.md5 and len(entries) == 1 and not entries[0][0].is_dir:
                 actual = await asyncio.to_thread(_md5_file, entries[0][1])
                 if actual != req.md5.lower():
-                    raise FileError(fst.E_CHECKSUM, f"source md5 is {actual}, the request expected {req.md5}")
+                    raise FileError(ErrorCode.CHECKSUM, f"source md5 is {actual}, the request expected {req.md5}")
             url = f"{req.tracker_url}?gse_token={req.token}"
             for e, path in entries:
                 state.paths[e.index] = path
@@ -341,7 +340,7 @@ class FileManager:
             manifest.error_code, manifest.error_msg = exc.code, exc.message
         except Exception as exc:  # noqa: BLE001 - whatever failed, the transfer must hear of it
             log.exception("preparing the source failed", extra={"transfer_id": req.transfer_id})
-            manifest.error_code, manifest.error_msg = ts.E_FAILED, f"source failed: {exc!r}"
+            manifest.error_code, manifest.error_msg = ErrorCode.FAILED, f"source failed: {exc!r}"
         self.agent.send(pb.AgentFrame(file_manifest=manifest))
 
     async def _seed(self, torrent_bytes: bytes, path: str, url: str, rate: int):
@@ -434,7 +433,7 @@ class FileManager:
         final = ""
         try:
             async with self.agent.tasks.pools.slot("file"):
-                self.report(self._progress(ft, e, status=ts.RUNNING, error_code=ts.E_RUNNING, type=kind,
+                self.report(self._progress(ft, e, status=ScriptStatus.RUNNING, error_code=ErrorCode.RUNNING, type=kind,
                                            start_time_ms=start), force=True)
                 single = len(ft.entries) == 1 and not e.is_dir
                 rel = ft.dest_name if (single and ft.dest_name) else e.rel_path
@@ -448,10 +447,10 @@ class FileManager:
                         if ft.auto_mkdir or os.path.commonpath([ft.dest_dir, parent]) != os.path.normpath(ft.dest_dir):
                             await self._make_dirs(ft, parent, 0o755)
                         else:
-                            raise FileError(fst.E_NOT_WRITABLE, f"target dir {parent} does not exist "
+                            raise FileError(ErrorCode.NOT_WRITABLE, f"target dir {parent} does not exist "
                                                                 f"(auto_mkdir is off)")
                     if not _can_write(parent, ft.user or "root"):
-                        raise FileError(fst.E_NOT_WRITABLE, f"target dir {parent} is not writable for "
+                        raise FileError(ErrorCode.NOT_WRITABLE, f"target dir {parent} is not writable for "
                                                             f"{ft.user or 'root'}")
                     safe_destination(ft.dest_dir, rel)     # again, now that the parents exist
                     if kind == "direct":
@@ -461,18 +460,18 @@ class FileManager:
                     mode = parse_permission(ft.permission) or e.mode
                     os.chmod(final, mode)
                     os.chown(final, uid, gid)
-            self.report(self._progress(ft, e, status=ts.SUCCESS, error_code=0, progress=100, type=kind,
+            self.report(self._progress(ft, e, status=ScriptStatus.SUCCESS, error_code=0, progress=100, type=kind,
                                        start_time_ms=start, end_time_ms=int(time.time() * 1000), final=True,
                                        dest_path=final))
         except FileError as exc:
-            self.report(self._progress(ft, e, status=ts.FAILED, error_code=exc.code, error_msg=exc.message,
+            self.report(self._progress(ft, e, status=ScriptStatus.FAILED, error_code=exc.code, error_msg=exc.message,
                                        type=kind, start_time_ms=start, end_time_ms=int(time.time() * 1000),
                                        final=True, dest_path=final))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the entry fails; the agent goes on
             log.exception("file entry failed", extra={"transfer_id": ft.transfer_id, "index": e.index})
-            self.report(self._progress(ft, e, status=ts.FAILED, error_code=ts.E_FAILED, error_msg=repr(exc),
+            self.report(self._progress(ft, e, status=ScriptStatus.FAILED, error_code=ErrorCode.FAILED, error_msg=repr(exc),
                                        type=kind, start_time_ms=start, end_time_ms=int(time.time() * 1000),
                                        final=True, dest_path=final))
 
@@ -499,20 +498,20 @@ class FileManager:
         try:
             pw = pwd.getpwnam(name)
         except KeyError:
-            raise FileError(ts.E_USER_NOT_FOUND, f"owner {name!r} not found") from None
+            raise FileError(ErrorCode.USER_NOT_FOUND, f"owner {name!r} not found") from None
         return pw.pw_uid, pw.pw_gid
 
     async def _make_dirs(self, ft: pb.FileTarget, path: str, mode: int) -> None:
         root = os.path.normpath(ft.dest_dir)
         if not os.path.isdir(root):
             if not ft.auto_mkdir:
-                raise FileError(fst.E_NOT_WRITABLE, f"target dir {root} does not exist (auto_mkdir is off)")
+                raise FileError(ErrorCode.NOT_WRITABLE, f"target dir {root} does not exist (auto_mkdir is off)")
         try:
             os.makedirs(path, exist_ok=True)
             if path != root and mode:
                 os.chmod(path, mode)
         except OSError as exc:
-            raise FileError(fst.E_NOT_WRITABLE, f"cannot create {path}: {exc.strerror}") from None
+            raise FileError(ErrorCode.NOT_WRITABLE, f"cannot create {path}: {exc.strerror}") from None
 
     async def _direct(self, state: TransferState, ft: pb.FileTarget, e: pb.FileEntry, final: str, start: int,
                       verify_torrent: bool = False) -> None:
@@ -536,7 +535,7 @@ class FileManager:
                         md5.update(chunk.data)
                         done = chunk.offset + len(chunk.data)
                         speed = int(done / max(0.001, time.monotonic() - t0) / 1024)
-                        self.report(self._progress(ft, e, status=ts.RUNNING, error_code=ts.E_RUNNING,
+                        self.report(self._progress(ft, e, status=ScriptStatus.RUNNING, error_code=ErrorCode.RUNNING,
                                                    progress=int(100 * done / max(1, e.size)), speed=speed,
                                                    type="mixed" if verify_torrent else "direct",
                                                    start_time_ms=start))
@@ -546,17 +545,17 @@ class FileManager:
                 os.close(fd)
         except grpc.aio.AioRpcError as exc:
             _unlink(tmp)
-            raise FileError(ts.E_FAILED, f"direct download failed: {exc.code().name}: {exc.details()}") from None
+            raise FileError(ErrorCode.FAILED, f"direct download failed: {exc.code().name}: {exc.details()}") from None
         if done != e.size:
             _unlink(tmp)
-            raise FileError(fst.E_CHECKSUM, f"got {done} bytes of {e.size}")
+            raise FileError(ErrorCode.CHECKSUM, f"got {done} bytes of {e.size}")
         if verify_torrent:
             ok = await asyncio.to_thread(_verify_pieces, tmp, e.torrent)
         else:
             ok = md5.hexdigest() == e.md5
         if not ok:
             _unlink(tmp)
-            raise FileError(fst.E_CHECKSUM, "checksum mismatch after direct download")
+            raise FileError(ErrorCode.CHECKSUM, "checksum mismatch after direct download")
         os.replace(tmp, final)
         state.temps.discard(tmp)
 
@@ -573,7 +572,7 @@ class FileManager:
             if p.total_done != last["done"]:
                 last["done"], last["at"] = p.total_done, time.monotonic()
             last["failures"] = p.hash_failures
-            self.report(self._progress(ft, e, status=ts.RUNNING, error_code=ts.E_RUNNING, progress=int(p.progress),
+            self.report(self._progress(ft, e, status=ScriptStatus.RUNNING, error_code=ErrorCode.RUNNING, progress=int(p.progress),
                                        speed=int(p.download_rate / 1024), type="bt", start_time_ms=start))
 
         from .torrent import TorrentError
@@ -668,7 +667,7 @@ class FileManager:
                     if chunk.last or piece >= ti.num_pieces():
                         break
             except grpc.aio.AioRpcError as exc:
-                raise FileError(ts.E_FAILED, f"direct download failed: {exc.code().name}: {exc.details()}") from None
+                raise FileError(ErrorCode.FAILED, f"direct download failed: {exc.code().name}: {exc.details()}") from None
             finally:
                 call.cancel()
             await asyncio.sleep(0.5)          # let libtorrent check what was added

@@ -19,7 +19,8 @@ from typing import Callable
 
 from prometheus_client import Counter
 
-from gse.common import taskstate as ts
+from gse.common.errors import FINAL_STATUSES, ErrorCode, ScriptStatus
+from gse.common.logs import trace
 from gse.pb import agent_pb2 as pb
 
 from .executor import AtomicTask, Busy, ItemUpdate, Pools, Script, TaskRun
@@ -89,8 +90,8 @@ class TaskManager:
                         item.result = pb.TaskItemResult.FromString(bytes.fromhex(blob))
                     else:
                         item.result = pb.TaskItemResult(
-                            task_id=task_id, atomic_task_id=int(atomic), status=ts.AGENT_RESTARTED,
-                            error_code=ts.E_FAILED, error_msg="the agent restarted while this ran",
+                            task_id=task_id, atomic_task_id=int(atomic), status=ScriptStatus.AGENT_RESTARTED,
+                            error_code=ErrorCode.FAILED, error_msg="the agent restarted while this ran",
                             end_time_ms=now, final=True)
                     item.dirty = True
                     self.items[(task_id, int(atomic))] = item
@@ -121,7 +122,10 @@ class TaskManager:
             TASKS.labels("refused").inc()
             return
         self.runs[req.task_id] = run
-        t = asyncio.ensure_future(self._run(req.task_id, run, atomic))
+        with trace(task_id=req.task_id, request_id=req.request_id):   # the run's log lines name the task
+            log.info("task received", extra={"user": req.user or "root", "atomic_tasks": len(atomic),
+                                             "scripts": len(scripts)})
+            t = asyncio.ensure_future(self._run(req.task_id, run, atomic))
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
 
@@ -166,8 +170,8 @@ class TaskManager:
     def _fail_all(self, task_id: str, atomic, message: str) -> None:
         now = int(time.time() * 1000)
         for a in atomic:
-            self._on_update(task_id, ItemUpdate(a.atomic_task_id, ts.FAILED, ts.E_FAILED, message, now, now,
-                                                None, b"", False))
+            self._on_update(task_id, ItemUpdate(a.atomic_task_id, ScriptStatus.FAILED, ErrorCode.FAILED, message,
+                                                now, now, None, b"", False))
 
     def _on_update(self, task_id: str, u: ItemUpdate) -> None:
         item = self.items.get((task_id, u.atomic_task_id))
@@ -175,7 +179,7 @@ class TaskManager:
             item = self.items[(task_id, u.atomic_task_id)] = Item(task_id, u.atomic_task_id)
         if u.output_chunk:
             item.out += u.output_chunk
-        final = u.status in ts.FINAL_STATUSES
+        final = u.status in FINAL_STATUSES
         item.result = pb.TaskItemResult(
             task_id=task_id, atomic_task_id=u.atomic_task_id, status=u.status, error_code=u.error_code,
             error_msg=u.error_msg, start_time_ms=u.start_time_ms or 0, end_time_ms=u.end_time_ms or 0,
@@ -183,6 +187,9 @@ class TaskManager:
             output_size=len(item.out), truncated=u.truncated, final=final)
         item.dirty = True
         if final:
+            log.info("item finished", extra={"task_id": task_id, "atomic_task_id": u.atomic_task_id,
+                                             "status": int(u.status), "error_code": int(u.error_code),
+                                             "exit_code": u.exit_code, "output_bytes": len(item.out)})
             self._journal(task_id)
         self._schedule(now=final)
 

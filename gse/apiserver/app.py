@@ -24,7 +24,8 @@ from typing import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import Counter, Histogram
 
-from gse.common.errors import API_BAD_REQUEST, API_INTERNAL, API_NOT_FOUND, OK, GseError, Unauthorized
+from gse.common.errors import ApiCode, BadRequest, GseError, NotFound, Unauthorized
+from gse.common.logs import set_trace
 
 from .bodies import BodyParser
 
@@ -75,13 +76,12 @@ def tenant_of(headers) -> str:
     if value is None or value == "":
         return DEFAULT_TENANT
     if not _TENANT.fullmatch(value):
-        raise GseError("header X-Bk-Tenant-Id is not a tenant id (letters, digits, '_', '.', '-'; "
-                       "at most 64)", API_BAD_REQUEST)
+        raise BadRequest("header X-Bk-Tenant-Id is not a tenant id (letters, digits, '_', '.', '-'; at most 64)")
     return value
 
 
 def envelope(code: int, message: str, data, request_id: str) -> dict:
-    return {"result": code == OK, "code": code, "message": message, "data": data, "request_id": request_id}
+    return {"result": code == ApiCode.OK, "code": code, "message": message, "data": data, "request_id": request_id}
 
 
 class BodyTooLarge(Exception):
@@ -166,12 +166,13 @@ class Api:
             entry = self.routes.get(path)
         name = entry[0] if entry else "unknown"
         t0 = time.perf_counter()
-        status, code = 200, OK
+        status, code = 200, ApiCode.OK
+        set_trace(request_id=request_id)     # this request's task: every line it logs names the request
         try:
             if entry is None:
-                raise GseError(f"no such endpoint: {request.path}", API_NOT_FOUND)
+                raise NotFound(f"no such endpoint: {request.path}")
             if request.method not in ("POST", "GET"):
-                raise GseError(f"method {request.method} is not allowed; use POST", API_BAD_REQUEST)
+                raise BadRequest(f"method {request.method} is not allowed; use POST")
             tenant = tenant_of(request.headers)
             body, app_code, user = await self._authed_body(request)
             data = await entry[1](body, Request(app_code, user, request_id, path, tenant))
@@ -179,18 +180,16 @@ class Api:
                 code = data.code
                 payload = envelope(data.code, data.message, data.data, request_id)
             else:
-                payload = envelope(OK, "success", data, request_id)
+                payload = envelope(ApiCode.OK, "success", data, request_id)
         except GseError as exc:
             code, status = exc.code, exc.http_status
-            if exc.code == API_NOT_FOUND:
-                status = 404
             payload = envelope(exc.code, exc.message, None, request_id)
         except BodyTooLarge:
-            code = API_BAD_REQUEST
+            code = ApiCode.BAD_REQUEST
             payload = envelope(code, f"request body larger than {self.max_body} bytes", None, request_id)
         except Exception:  # noqa: BLE001 - logged here, never shown to the caller
             log.exception("endpoint failed", extra={"endpoint": name, "request_id": request_id})
-            code, status = API_INTERNAL, 500
+            code, status = ApiCode.INTERNAL, 500
             payload = envelope(code, f"internal error; see the server log for request {request_id}", None,
                                request_id)
         LATENCY.labels(name).observe(time.perf_counter() - t0)

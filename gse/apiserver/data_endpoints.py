@@ -16,6 +16,7 @@ slot has one.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 from collections import defaultdict
@@ -23,12 +24,11 @@ from collections import defaultdict
 from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
 
 from gse.common import dataroutes as dr
-from gse.common.agentstate import is_alive, now_ms
 from gse.common.datastate import (CHANNEL_ALLOC_BASE, DATA_CONFIG, MAX_CHANNEL_ID, MESSAGE_SLOTS, ROUTE_DIR,
                                   SEQ_DIR, STREAMTO_DIR)
 from gse.common.discovery import Discovery
-from gse.common.errors import AGENT_NOT_FOUND, BadRequest, GseError, Unauthorized, Unavailable
-from gse.common.taskstate import E_AGENT_OFFLINE
+from gse.common.errors import ApiCode, BadRequest, ErrorCode, GseError, Unauthorized, Unavailable
+from gse.common.records import SESSION_FIELDS, now_ms
 from gse.pb import agent_pb2 as apb
 from gse.pb import data_pb2 as dpb
 
@@ -344,9 +344,9 @@ class DataEndpoints:
         slot = slots.get(slot_id) if isinstance(slots, dict) else None
         if not isinstance(slot, dict) or not slot.get("callback_url"):
             raise BadRequest(f"'slot_id' {slot_id} has no callback registered (ZooKeeper config/{MESSAGE_SLOTS})")
-        if slot.get("token") and slot["token"] != token:
+        if slot.get("token") and not hmac.compare_digest(str(slot["token"]).encode(), token.encode()):
             raise Unauthorized(f"'token' does not match slot {slot_id}")
-        records = await self.view.by_ids(ids, ("online", "deadline", "node"))
+        records = await self.view.by_ids(ids, SESSION_FIELDS)
         at = now_ms()
         results = []
         by_node: dict[str, list[str]] = defaultdict(list)
@@ -354,12 +354,12 @@ class DataEndpoints:
         for a in dict.fromkeys(ids):
             rec = records.get(a)
             if rec is None:
-                results.append({"bk_agent_id": a, "code": AGENT_NOT_FOUND, "message": "agent not found"})
-            elif not is_alive(rec, at):
-                results.append({"bk_agent_id": a, "code": E_AGENT_OFFLINE, "message": "agent is offline"})
+                results.append({"bk_agent_id": a, "code": ApiCode.AGENT_NOT_FOUND, "message": "agent not found"})
+            elif not rec.alive(at):
+                results.append({"bk_agent_id": a, "code": ErrorCode.AGENT_OFFLINE, "message": "agent is offline"})
             else:
-                by_node[rec.get("node", "")].append(rec["agent_id"])
-                requested[rec["agent_id"]] = a
+                by_node[rec.node].append(rec.agent_id)
+                requested[rec.agent_id] = a
         if by_node:
             frame = apb.ServerFrame(plugin_message=dpb.PluginMessage(
                 message_id=message_id, slot_id=slot_id, content=raw,

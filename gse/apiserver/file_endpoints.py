@@ -7,25 +7,27 @@ coordinates it with a file server. Targets that are offline are answered 117 at 
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 
-from gse.common import dbclient as db
-from gse.common import filestate as fs
 from gse.common import patterns
-from gse.common import taskstate as ts
-from gse.common.agentstate import is_alive, now_ms
-from gse.common.errors import BadRequest, TaskNotKnown
+from gse.common.errors import BadRequest, ErrorCode, ScriptStatus, TaskNotKnown, item_error_code
+from gse.common.logs import set_trace
+from gse.common.records import SESSION_FIELDS, FileItem, FileResults, TaskRecord, item_name, new_task_id, now_ms
 from gse.pb import taskserver_pb2 as pb
 
 from . import validate as v
 from .app import Api
-from .task_endpoints import SESSION_FIELDS, TaskEndpoints
+from .task_endpoints import TaskEndpoints
+
+log = logging.getLogger("gse.apiserver.files")
 
 MB = 1024 * 1024
 
 
 class FileEndpoints:
+    """File transfers (spec §4): each tasks[] item is started on the task server holding its source."""
+
     def __init__(self, tasks: TaskEndpoints):
         self.t = tasks          # shares agent resolution, storage and the task server stubs
         self.db = tasks.db
@@ -96,75 +98,82 @@ class FileEndpoints:
 
     # ---- endpoints --------------------------------------------------------------------------------
 
-    async def async_transfer_file(self, body: dict, _req):
+    async def async_transfer_file(self, body: dict, req):
+        """`{timeout_seconds, auto_mkdir, upload_speed, download_speed, tasks: [{source, target}]}` ->
+        `{result: {task_id}}` (spec §4)."""
         tasks = self._tasks(body)
         timeout = v.integer(body, "timeout_seconds", required=False, default=3600, minimum=0, maximum=7 * 86400)
         auto_mkdir = body.get("auto_mkdir", False) is True
         keep_seeding = body.get("keep_source_seeding", False) is True   # extension: the source seeds on after the end
         up, down = self._speed(body, "upload_speed"), self._speed(body, "download_speed")
-        task_id = ts.new_task_id("GSEFILE")
+        task_id = new_task_id("GSEFILE")
+        set_trace(task_id=task_id)
         ids = list(dict.fromkeys([t["source_agent"] for t in tasks] + [a for t in tasks for a, _u in t["agents"]]))
         records = await self.t.view.by_ids(ids, SESSION_FIELDS)
         at = now_ms()
-        alive = {r: rec for r, rec in records.items() if is_alive(rec, at)}
+        alive = {r: rec for r, rec in records.items() if rec.alive(at)}
         coordinators: dict[int, str] = {}
         initial_ops = []
         specs = []
         for i, t in enumerate(tasks):
             src = alive.get(t["source_agent"])
             targets: list[tuple[str, str, str]] = []
+            placeholder = item_name(i, -1)
             for requested, user in t["agents"]:
                 rec = alive.get(requested)
-                item = {"mode": 1, "source_agent_id": t["source_agent"], "source_file_dir": t["source_dir"],
-                        "source_file_name": t["source_name"], "dest_agent_id": requested,
-                        "dest_file_dir": t["dest_dir"], "dest_file_name": t["dest_name"] or t["source_name"],
-                        "progress": 0, "speed": 0, "size": 0, "status": ts.FAILED, "status_info": "", "type": "",
-                        "start_time": 0, "end_time": at}
+                item = FileItem(mode=1, source_agent_id=t["source_agent"], source_file_dir=t["source_dir"],
+                                source_file_name=t["source_name"], dest_agent_id=requested,
+                                dest_file_dir=t["dest_dir"], dest_file_name=t["dest_name"] or t["source_name"],
+                                progress=0, speed=0, size=0, status=ScriptStatus.FAILED, status_info="", type="",
+                                start_time=0, end_time=at)
                 if src is None or rec is None:
-                    msg = "target agent is offline" if rec is None else "source agent is offline"
-                    item.update(error_code=ts.E_AGENT_OFFLINE, error_msg=msg)
-                    real = rec["agent_id"] if rec else requested
-                    initial_ops.append(db.hset(fs.result_key(task_id, real), {
-                        fs.item_field(i, -1): fs.encode(item),
-                        fs.PROGRESS + fs.item_field(i, -1): fs.encode(item)}, self.t.ttl))
+                    item.error_code = ErrorCode.AGENT_OFFLINE
+                    item.error_msg = "target agent is offline" if rec is None else "source agent is offline"
+                    real = rec.agent_id if rec else requested
+                    initial_ops.append(FileResults.update(task_id, real, {
+                        placeholder: item, item_name(i, -1, progress=True): item}, self.t.ttl).op())
                 else:
-                    targets.append((rec["agent_id"], user, rec.get("node", "")))
+                    targets.append((rec.agent_id, user, rec.node))
                     # A placeholder until the source's manifest names the entries (then those replace it).
-                    item.update(status=ts.DISPATCHED, error_code=ts.E_RUNNING, error_msg="", end_time=0)
-                    initial_ops.append(db.hset(fs.result_key(task_id, rec["agent_id"]),
-                                               {fs.item_field(i, -1): fs.encode(item)}, self.t.ttl))
+                    item.status, item.error_code, item.error_msg, item.end_time = \
+                        ScriptStatus.DISPATCHED, ErrorCode.RUNNING, "", 0
+                    initial_ops.append(FileResults.update(task_id, rec.agent_id, {placeholder: item},
+                                                          self.t.ttl).op())
             if src is None or not targets:
                 continue
-            coordinators[i] = src.get("node", "")
+            coordinators[i] = src.node
             specs.append((i, coordinators[i], pb.TransferSpec(
-                task_id=task_id, task_index=i, transfer_id=f"{task_id}/{i}", source_agent=src["agent_id"],
+                task_id=task_id, task_index=i, transfer_id=f"{task_id}/{i}", source_agent=src.agent_id,
                 source_user=t["source_user"], source_dir=t["source_dir"], source_name=t["source_name"],
                 md5=t["md5"], dest_dir=t["dest_dir"], dest_name=t["dest_name"], owner=t["owner"],
                 permission=t["permission"], target_agents=[a for a, _u, _n in targets],
                 target_users=[u for _a, u, _n in targets], target_nodes={a: n for a, _u, n in targets},
                 timeout_seconds=timeout, auto_mkdir=auto_mkdir, upload_rate=up, download_rate=down,
                 keep_seeding=keep_seeding)))
-        agents_all = sorted({(alive.get(a) or {}).get("agent_id", a) for a in ids})
-        meta = {"kind": "file", "created": at, "coordinators": json.dumps(coordinators),
-                "agents": json.dumps(agents_all), "tasks": len(tasks)}
-        await self.t._write([db.hset(ts.task_key(task_id), meta, self.t.ttl), *initial_ops])
+        targets_all = sorted({alive[a].agent_id if a in alive else a for a in ids})
+        await self.t._write([TaskRecord.update(task_id, ttl_ms=self.t.ttl, kind="file", created=at,
+                                               request_id=req.request_id, coordinators=coordinators,
+                                               targets=targets_all, tasks=len(tasks)).op(), *initial_ops])
+        log.info("transfer accepted", extra={"kind": "file", "tasks": len(tasks), "transfers": len(specs)})
         for i, node, spec in specs:
             failures = await self.t.servers.start_transfer(node, spec)
             if failures:
                 _aid, code, msg = failures[0]
+                log.warning("transfer not started", extra={"task_index": i, "node": node, "error": msg})
                 ops = []
                 for target in spec.target_agents:
-                    item = {"mode": 1, "source_agent_id": spec.source_agent, "dest_agent_id": target,
-                            "source_file_dir": spec.source_dir, "source_file_name": spec.source_name,
-                            "dest_file_dir": spec.dest_dir, "dest_file_name": spec.dest_name or spec.source_name,
-                            "status": ts.FAILED, "error_code": code, "error_msg": msg, "end_time": now_ms()}
-                    ops.append(db.hset(fs.result_key(task_id, target), {
-                        fs.item_field(i, -1): fs.encode(item), fs.PROGRESS + fs.item_field(i, -1): fs.encode(item)},
-                        self.t.ttl))
+                    item = FileItem(mode=1, source_agent_id=spec.source_agent, dest_agent_id=target,
+                                    source_file_dir=spec.source_dir, source_file_name=spec.source_name,
+                                    dest_file_dir=spec.dest_dir, dest_file_name=spec.dest_name or spec.source_name,
+                                    status=ScriptStatus.FAILED, error_code=code, error_msg=msg, end_time=now_ms())
+                    ops.append(FileResults.update(task_id, target, {
+                        item_name(i, -1): item, item_name(i, -1, progress=True): item}, self.t.ttl).op())
                 await self.t._write(ops)
         return {"result": {"task_id": task_id}}
 
     async def get_transfer_file_result(self, body: dict, _req):
+        """`{task_id, agents?: [{bk_agent_id}]}` -> `{result: [{bk_agent_id, error_code, error_msg, content}]}`
+        (spec §4); no agents: every target of the task."""
         task_id = self.t._task_id(body)
         meta = await self.t._meta(task_id, TaskNotKnown)
         requested = []
@@ -173,38 +182,34 @@ class FileEndpoints:
                 raise BadRequest(f"'agents[{i}]' must be an object with bk_agent_id")
             requested.append(v.agent_ids({"x": [v.string(a, "bk_agent_id", where=f"agents[{i}].")]}, "x")[0])
         if not requested:
-            requested = json.loads(meta.get("agents", "[]"))
-        real = await self.t._real_ids(requested)
-        res = await self.db.execute([db.hgetall(fs.result_key(task_id, real[r])) for r in requested])
+            requested = list(meta.targets or [])
+        real = await self.t.view.resolve(requested)
+        res = await self.db.execute([FileResults.read(task_id, real.get(r, r)) for r in requested])
         out = []
         for r, reply in zip(requested, res):
-            items = fs.entry_items(fs.merged(dict(reply.fields))) if reply.ok and reply.found else {}
-            for name in sorted(items, key=_order):
+            items = FileResults.decode(reply)
+            for name in sorted(items, key=FileResults.order):
                 item = items[name]
-                status = item.get("status", ts.DISPATCHED)
-                code = ts.item_error_code(status, item.get("error_code", ts.E_RUNNING))
-                content = {k: item.get(k, d) for k, d in (
+                status = ScriptStatus.DISPATCHED if item.status is None else item.status
+                code = item_error_code(status, item.error_code)
+                content = {k: d if (x := getattr(item, k)) is None else x for k, d in (
                     ("mode", 1), ("source_agent_id", ""), ("source_file_dir", ""), ("source_file_name", ""),
                     ("dest_agent_id", r), ("dest_file_dir", ""), ("dest_file_name", ""), ("progress", 0),
-                    ("speed", 0), ("size", 0), ("status", status), ("status_info", ""), ("type", ""),
-                    ("start_time", 0), ("end_time", 0))}
-                content["status"] = status
-                if item.get("dest_path"):
-                    content["dest_path"] = item["dest_path"]
-                out.append({"bk_agent_id": r, "error_code": code, "error_msg": item.get("error_msg", ""),
+                    ("speed", 0), ("size", 0), ("status_info", ""), ("type", ""), ("start_time", 0),
+                    ("end_time", 0))}
+                content["status"] = int(status)
+                if item.dest_path:
+                    content["dest_path"] = item.dest_path
+                out.append({"bk_agent_id": r, "error_code": code, "error_msg": item.error_msg or "",
                             "content": content})
         return {"result": out}
 
     async def async_terminate_transfer_file(self, body: dict, _req):
         task_id = self.t._task_id(body)
         meta = await self.t._meta(task_id)
-        if meta.get("kind") != "file":
+        if meta.kind != "file":
             raise BadRequest(f"'task_id' {task_id} is not a file transfer")
-        for index, node in json.loads(meta.get("coordinators", "{}")).items():
+        for index, node in (meta.coordinators or {}).items():
             await self.t.servers.terminate_transfer(node, f"{task_id}/{index}")
         return {"result": {"task_id": task_id}}
 
-
-def _order(name: str) -> tuple:
-    parts = name.split(":")
-    return (int(parts[0]), int(parts[1]), len(parts))

@@ -8,14 +8,17 @@ per agent; agents that are offline get error 117 at once.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass
 
-from gse.common import dbclient as db
-from gse.common.agentstate import is_alive, now_ms, parse_host_id
-from gse.common.errors import BadRequest, GseError, TaskNotKnown
-from gse.common import taskstate as ts
+from gse.common.errors import (BadRequest, Blocked, ErrorCode, GseError, ScriptStatus, TaskNotKnown,
+                               item_error_code)
+from gse.common.logs import set_trace
+from gse.common.records import (SESSION_FIELDS, AgentRecord, TaskItem, TaskOutput, TaskRecord, new_task_id, now_ms,
+                                valid_task_id)
+from gse.common.taskgraph import dependency_cycle
 from gse.pb import agent_pb2 as apb
 from gse.pb import dbproxy_pb2 as dpb
 
@@ -25,23 +28,24 @@ from .app import Api
 from .command_guard import CommandGuard
 from .taskservers import TaskServers
 
-# What dispatch and result reads need of an agent's session record.
-SESSION_FIELDS = ("online", "deadline", "node")
-NO_OUTPUT = dpb.Result(ok=True)        # what an item without output reads as
+log = logging.getLogger("gse.apiserver.tasks")
 
-BLOCKED = 1000403      # refused by a high-risk command rule (decision: its own code, distinct from bad input)
+NO_OUTPUT = dpb.Result(ok=True)        # what an item without output reads as
 
 
 @dataclass
 class Target:
+    """One agent a task names: as the caller wrote it, its bk_agent_id, and its session (None: never seen)."""
     requested: str         # the id as the caller wrote it
     agent_id: str          # the real bk_agent_id ("" when never seen)
     container: str
     user: str
-    record: dict | None
+    record: AgentRecord | None
 
 
 class TaskEndpoints:
+    """Script tasks (spec §4): dispatch to the task servers holding the targets, results from Redis."""
+
     def __init__(self, view: AgentsView, servers: TaskServers, guard: CommandGuard, *, max_hosts: int,
                  result_ttl_ms: int, offline_grace_ms: int, default_limit: int = 10 * 1024 * 1024):
         self.view = view
@@ -121,51 +125,62 @@ class TaskEndpoints:
                     raise BadRequest(f"'{where}atomic_task_id_idx[{j}]': a task cannot depend on itself")
             known = set(tasks[tid].depends_on)
             tasks[tid].depends_on.extend(d for d in dict.fromkeys(deps) if d not in known)
-        _check_acyclic(tasks)
+        cycle = dependency_cycle({t: list(a.depends_on) for t, a in tasks.items()})
+        if cycle:
+            raise BadRequest(f"'atomic_tasks_relations' has a cycle: {' -> '.join(map(str, cycle))}")
         return list(tasks.values())
 
     # ---- endpoints --------------------------------------------------------------------------------
 
-    async def async_execute_script(self, body: dict, _req):
+    async def async_execute_script(self, body: dict, req):
+        """`{agents, scripts?, atomic_tasks, atomic_tasks_relations?}` -> `{result: {task_id}}` (spec §4)."""
         agents = self._agents(body)
         scripts = self._scripts(body)
         atomic = self._atomic(body)
         texts = [t.command for t in atomic] + [s.content for s in scripts]
         blocked, warnings = await self.guard.check_async(texts)
         if blocked is not None:
-            raise GseError(f"refused by high-risk command rule '{blocked.name}' ({blocked.severity}): "
-                           f"{blocked.message}", BLOCKED)
-        task_id = ts.new_task_id()
+            raise Blocked(f"refused by high-risk command rule '{blocked.name}' ({blocked.severity}): "
+                          f"{blocked.message}")
+        task_id = new_task_id()
+        set_trace(task_id=task_id)
         targets = await self._resolve([a for a, _c, _u in agents], agents)
         _refuse_aliases(targets)
         at = now_ms()
         warning_text = "; ".join(f"{w.name}: {w.message}" for w in warnings)
-        meta = {"kind": "script", "created": at, "atomic_ids": ",".join(str(t.atomic_task_id) for t in atomic),
-                "agents": len(targets), "warnings": warning_text}
-        ops = [db.hset(ts.task_key(task_id), meta, self.ttl)]
+        ops = [TaskRecord.update(task_id, ttl_ms=self.ttl, kind="script", created=at, request_id=req.request_id,
+                                 atomic_ids=[t.atomic_task_id for t in atomic], agent_count=len(targets),
+                                 warnings=warning_text).op()]
         by_node_user: dict[tuple[str, str], list[str]] = defaultdict(list)
         offline: set[int] = set()
         for n, t in enumerate(targets):
-            if t.record is not None and is_alive(t.record, at):
-                by_node_user[(t.record.get("node", ""), t.user)].append(t.agent_id)
+            if t.record is not None and t.record.alive(at):
+                by_node_user[(t.record.node, t.user)].append(t.agent_id)
             else:
                 offline.add(n)
         # Items of reachable agents get only fields that results never write (no status), so that this
         # write may land before or after the agents' results: an item without a status reads as dispatched.
         for n, t in enumerate(targets):
-            alive = n not in offline
+            aid = t.agent_id or t.requested
             for a in atomic:
-                fields = {"dispatch_time": at, "warning": warning_text} if alive else \
-                    {"status": ts.FAILED, "error_code": ts.E_AGENT_OFFLINE, "error_msg": "agent is offline",
-                     "end_time": at, "warning": warning_text}
-                ops.append(db.hset(ts.item_key(task_id, t.agent_id or t.requested, a.atomic_task_id), fields, self.ttl))
+                if n in offline:
+                    w = TaskItem.update(task_id, aid, a.atomic_task_id, ttl_ms=self.ttl, status=ScriptStatus.FAILED,
+                                        error_code=ErrorCode.AGENT_OFFLINE, error_msg="agent is offline",
+                                        end_time=at, warning=warning_text)
+                else:
+                    w = TaskItem.update(task_id, aid, a.atomic_task_id, ttl_ms=self.ttl, dispatch_time=at,
+                                        warning=warning_text)
+                ops.append(w.op())
         by_user: dict[str, dict[str, list[str]]] = defaultdict(dict)
         for (node, user), ids in by_node_user.items():
             by_user[user][node] = ids
+        log.info("task accepted", extra={"kind": "script", "targets": len(targets), "offline": len(offline),
+                                         "atomic_tasks": len(atomic), "warnings": len(warnings)})
         dispatches = []
         for user, by_node in by_user.items():
             frame = apb.ServerFrame(task=apb.TaskRequest(task_id=task_id, user=user, scripts=scripts,
-                                                         atomic_tasks=atomic, created_ms=at)).SerializeToString()
+                                                         atomic_tasks=atomic, created_ms=at,
+                                                         request_id=req.request_id)).SerializeToString()
             dispatches.append(self.servers.dispatch(frame, by_node))
         written, *dispatched = await asyncio.gather(self._write(ops), *dispatches, return_exceptions=True)
         if isinstance(written, Exception):
@@ -176,14 +191,18 @@ class TaskEndpoints:
                 raise d
             failures += d
         if failures:
+            log.warning("task not delivered to some agents", extra={"count": len(failures),
+                                                                    "first": failures[0][2]})
             end = now_ms()
-            await self._write([db.hset(ts.item_key(task_id, aid, a.atomic_task_id),
-                                       {"status": ts.FAILED, "error_code": code, "error_msg": msg, "end_time": end},
-                                       self.ttl)
+            await self._write([TaskItem.update(task_id, aid, a.atomic_task_id, ttl_ms=self.ttl,
+                                               status=ScriptStatus.FAILED, error_code=code, error_msg=msg,
+                                               end_time=end).op()
                                for aid, code, msg in failures for a in atomic])
         return {"result": {"task_id": task_id}}
 
     async def get_execute_script_result(self, body: dict, _req):
+        """`{task_id, agent_tasks: [{bk_agent_id, atomic_tasks: [{atomic_task_id, offset, limit}]}]}` ->
+        `{result: [...]}` (spec §4); `offset`/`limit` page the output in bytes."""
         task_id = self._task_id(body)
         wanted = []
         for i, at in enumerate(v.lst(body, "agent_tasks", max_len=self.max_hosts)):
@@ -201,20 +220,18 @@ class TaskEndpoints:
                                v.integer(item, "limit", required=False, default=0, where=w2, minimum=0)))
         meta = await self._meta(task_id, TaskNotKnown)
         if not wanted:      # no atomic tasks named: every atomic task of the task, whole output
-            ids = [int(x) for x in meta.get("atomic_ids", "").split(",") if x]
             for i, at in enumerate(body["agent_tasks"]):
                 aid = at["bk_agent_id"]
-                for tid in ids:
+                for tid in meta.atomic_ids or []:
                     wanted.append((aid, at.get("bk_container_id", "") or "", tid, 0, 0))
         requested = list(dict.fromkeys(w[0] for w in wanted))
-        real = await self._real_ids(requested)
-        res = await self.db.execute([db.hgetall(ts.item_key(task_id, real[aid], tid))
-                                     for aid, _c, tid, _o, _l in wanted])
-        items = [db.text_fields(r) if r.ok and r.found else None for r in res]
+        real = await self.view.resolve(requested)
+        real = {r: real.get(r, r) for r in requested}
+        res = await self.db.execute([TaskItem.read(task_id, real[aid], tid) for aid, _c, tid, _o, _l in wanted])
+        items = [TaskItem.decode(r) for r in res]
         # Output is read only for items that have some past the offset (`out_end`, written with every chunk,
         # or the final `output_size`): most items of a big task that is being polled have none yet.
-        need = [n for n, f in enumerate(items) if f is not None and
-                max(int(f.get("out_end", 0) or 0), int(f.get("output_size", 0) or 0)) > wanted[n][3]]
+        need = [n for n, f in enumerate(items) if f is not None and f.output_known > wanted[n][3]]
 
         async def outputs() -> dict:
             if not need:
@@ -222,8 +239,7 @@ class TaskEndpoints:
             ops = []
             for n in need:
                 aid, _c, tid, off, limit = wanted[n]
-                last = off + (limit or self.default_limit) - 1
-                ops.append(db.getrange(ts.output_key(task_id, real[aid], tid), off, last))
+                ops.append(TaskOutput.read(task_id, real[aid], tid, off, limit or self.default_limit))
             return dict(zip(need, await self.db.execute(ops)))
 
         # Only agents with unfinished items are looked up: an agent gone for good must not keep a caller
@@ -232,8 +248,7 @@ class TaskEndpoints:
         # broadcast being polled reads no session records at all in its first `offline_grace_s`.
         at_ms = now_ms()
         unfinished = {real[w[0]] for w, f in zip(wanted, items)
-                      if f is not None and int(f.get("status", ts.DISPATCHED)) not in ts.FINAL_STATUSES
-                      and not self._within_grace(f, at_ms)}
+                      if f is not None and not f.final and not self._within_grace(f, at_ms)}
 
         async def session_records() -> dict:
             return await self.view.records(list(unfinished), SESSION_FIELDS) if unfinished else {}
@@ -244,32 +259,30 @@ class TaskEndpoints:
             f, screen = items[n], screens.get(n, NO_OUTPUT)
             entry = {"bk_agent_id": aid, "bk_container_id": container, "atomic_task_id": tid}
             if f is None:
-                entry.update(status=ts.FAILED, error_code=ts.E_FAILED,
+                entry.update(status=ScriptStatus.FAILED, error_code=ErrorCode.FAILED,
                              error_msg="this agent and atomic task are not part of the task", start_time=0,
                              end_time=0, script_exit_code=0, tag="", screen="")
                 out.append(entry)
                 continue
-            status = int(f.get("status", ts.DISPATCHED))
-            code = int(f.get("error_code", ts.E_RUNNING))
-            msg = f.get("error_msg", "")
-            if status in ts.FINAL_STATUSES and not self._output_landed(f, screen, off, limit or self.default_limit,
-                                                                      at_ms):
+            status, code, msg = f.status, f.error_code, f.error_msg
+            if f.final and not self._output_landed(f, screen, off, limit or self.default_limit, at_ms):
                 # The result is stored but its output not yet (replicas are written in parallel): the caller
                 # must not take the item as finished with a short screen; it will read it whole next time.
-                status, msg = ts.RUNNING, ""
-            elif status not in ts.FINAL_STATUSES:
+                status, msg = ScriptStatus.RUNNING, ""
+            elif not f.final:
                 record = records.get(real[aid])
                 gone = not self._within_grace(f, at_ms) and (
-                    record is None or (not is_alive(record, at_ms) and
-                                       at_ms - int(record.get("deadline", 0) or 0) > self.offline_grace_ms))
+                    record is None or (not record.alive(at_ms) and at_ms - record.deadline > self.offline_grace_ms))
                 if gone:
-                    status, code, msg = ts.FAILED, ts.E_AGENT_OFFLINE, "agent went offline before reporting a result"
-            entry.update(status=status, error_code=ts.item_error_code(status, code), error_msg=msg, start_time=int(f.get("start_time", 0)),
-                         end_time=int(f.get("end_time", 0)), script_exit_code=int(f.get("exit_code", 0)), tag="",
+                    status, code, msg = (ScriptStatus.FAILED, ErrorCode.AGENT_OFFLINE,
+                                         "agent went offline before reporting a result")
+            entry.update(status=int(status), error_code=item_error_code(status, code), error_msg=msg,
+                         start_time=f.start_time,
+                         end_time=f.end_time, script_exit_code=f.exit_code, tag="",
                          screen=screen.value.decode("utf-8", "replace") if screen.ok else "")
-            if f.get("warning"):
-                entry["warning"] = f["warning"]
-            if f.get("truncated") == "1":
+            if f.warning:
+                entry["warning"] = f.warning
+            if f.truncated:
                 entry["truncated"] = True
             out.append(entry)
         return {"result": out}
@@ -285,8 +298,8 @@ class TaskEndpoints:
         by_node: dict[str, list[str]] = defaultdict(list)
         at = now_ms()
         for t in await self._resolve(ids):
-            if t.record is not None and is_alive(t.record, at):
-                by_node[t.record.get("node", "")].append(t.agent_id)
+            if t.record is not None and t.record.alive(at):
+                by_node[t.record.node].append(t.agent_id)
         await self.servers.terminate(task_id, by_node)
         return {"result": {"task_id": task_id}}
 
@@ -294,49 +307,39 @@ class TaskEndpoints:
 
     OUTPUT_LAG_MS = 30_000
 
-    def _output_landed(self, f: dict, screen, off: int, limit: int, at_ms: int) -> bool:
+    def _output_landed(self, f: TaskItem, screen, off: int, limit: int, at_ms: int) -> bool:
         """Whether the output read for a finished item is all the agent reported (`output_size`). A read
         that came up short is only waited for `OUTPUT_LAG_MS` after the item ended: output that never
         arrives (a write lost on every replica) must not keep a caller polling forever."""
-        size = int(f.get("output_size", 0) or 0)
-        expected = max(0, min(size - off, limit))
+        expected = max(0, min(f.output_size - off, limit))
         if expected == 0:
             return True
         got = len(screen.value) if screen.ok else 0
         if got >= expected:
             return True
-        end = int(f.get("end_time", 0) or 0)
-        return end > 0 and at_ms - end > self.OUTPUT_LAG_MS
+        return f.end_time > 0 and at_ms - f.end_time > self.OUTPUT_LAG_MS
 
-    def _within_grace(self, item: dict, at_ms: int) -> bool:
+    def _within_grace(self, item: TaskItem, at_ms: int) -> bool:
         """Dispatched to a live agent no longer than offline_grace ago (so it cannot read as gone yet)."""
-        try:
-            dispatched = int(item.get("dispatch_time", 0) or 0)
-        except ValueError:
-            return False
-        return dispatched > 0 and at_ms - dispatched <= self.offline_grace_ms
+        return item.dispatch_time > 0 and at_ms - item.dispatch_time <= self.offline_grace_ms
 
     def _task_id(self, body: dict) -> str:
         task_id = v.string(body, "task_id", max_len=128)
-        if not ts.valid_task_id(task_id):
+        if not valid_task_id(task_id):
             raise BadRequest("'task_id' is not a task id")
+        set_trace(task_id=task_id)
         return task_id
 
-    async def _meta(self, task_id: str, unknown: type[GseError] | None = None) -> dict:
+    async def _meta(self, task_id: str, unknown: type[GseError] | None = None) -> TaskRecord:
         """The task's record; an unknown id raises `unknown(task_id)` (result reads: TaskNotKnown) or, for
         operations on a task, a BadRequest."""
-        (r,) = await self.db.execute([db.hgetall(ts.task_key(task_id))])
-        if not (r.ok and r.found):
+        (r,) = await self.db.execute([TaskRecord.read(task_id)])
+        meta = TaskRecord.decode(r)
+        if meta is None:
             if unknown is not None:
                 raise unknown(task_id)
             raise BadRequest(f"'task_id' {task_id} is unknown (or its results expired)")
-        return db.text_fields(r)
-
-    async def _real_ids(self, requested: list[str]) -> dict[str, str]:
-        """Requested id -> bk_agent_id; cloud:ip forms resolved (one round trip, only if there are any)."""
-        hosts = {r: h for r in requested if (h := parse_host_id(r)) is not None}
-        resolved = await self.view.resolve_hosts(list(hosts.values())) if hosts else {}
-        return {r: resolved.get(hosts[r], r) if r in hosts else r for r in requested}
+        return meta
 
     async def _resolve(self, requested: list[str], agents=None) -> list[Target]:
         records = await self.view.by_ids(requested, SESSION_FIELDS)
@@ -345,7 +348,7 @@ class TaskEndpoints:
         for r in requested:
             rec = records.get(r)
             c, u = users.get(r, ("", "root"))
-            out.append(Target(r, rec.get("agent_id", "") if rec else "", c, u, rec))
+            out.append(Target(r, rec.agent_id if rec else "", c, u, rec))
         return out
 
     async def _write(self, ops) -> None:
@@ -367,9 +370,3 @@ def _refuse_aliases(targets: list[Target]) -> None:
         if seen != n:
             raise BadRequest(f"'agents[{n}].bk_agent_id' {t.requested} names the same agent as "
                              f"'agents[{seen}].bk_agent_id' {targets[seen].requested}")
-
-
-def _check_acyclic(tasks: dict[int, apb.AtomicTask]) -> None:
-    cycle = ts.find_cycle({t: list(a.depends_on) for t, a in tasks.items()})
-    if cycle:
-        raise BadRequest(f"'atomic_tasks_relations' has a cycle: {' -> '.join(map(str, cycle))}")

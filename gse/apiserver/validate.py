@@ -5,7 +5,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from gse.common.agentstate import parse_host_id, valid_agent_id
+from gse.common.address import parse_host_id
+from gse.common.records import valid_agent_id
 from gse.common.errors import BadRequest
 
 

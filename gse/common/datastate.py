@@ -8,8 +8,7 @@ ZooKeeper (source of truth for routing; data servers apply changes live):
                                                cluster/dispatch_message replies
   <root>/dataserver/<node-id>                  ephemeral: address and load of one data server
 
-Redis (through dbproxy):
-  gse:snapshot:<bk_agent_id>                   string, JSON: the latest host snapshot of an agent (TTL 60 s)
+Redis (through dbproxy): the latest host snapshot of each agent (gse.common.records.HostSnapshotRecord).
 
 Reserved channel ids: GSE's own records travel on channels no plugin should use. Channel ids the API
 allocates start at CHANNEL_ALLOC_BASE.
@@ -23,9 +22,6 @@ CHANNEL_HOST_SNAPSHOT = 1999001
 CHANNEL_DATASERVER_OPS = 1999002
 CHANNEL_ALLOC_BASE = 2000000
 MAX_CHANNEL_ID = 2**32 - 1
-
-SNAPSHOT_PREFIX = "gse:snapshot:"
-SNAPSHOT_TTL_MS = 60_000
 
 DATA_CONFIG = "data"            # under <root>/config
 STREAMTO_DIR = "streamto"
@@ -41,7 +37,3 @@ MD_CLOUD_ID = "x-gse-cloud-id"
 MD_IP = "x-gse-ip"
 
 STREAM_METHOD = "/gse.pb.DataIngest/Stream"
-
-
-def snapshot_key(agent_id: str) -> str:
-    return SNAPSHOT_PREFIX + agent_id

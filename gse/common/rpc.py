@@ -1,13 +1,22 @@
 """The one place gRPC servers and channels are made: mutual TLS, the role check (gse/common/roles.py),
-keepalive, message sizes, health service."""
+keepalive, message sizes, health service, the trace metadata that follows a task across daemons, and the
+pool of channels by address."""
 
 from __future__ import annotations
+
+import asyncio
+from typing import Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import roles
+from .logs import TRACE, current_trace
 from .tls import TLSMaterial
+
+# gRPC metadata keys of the trace (gse.common.logs): the task and the API request a call is about.
+MD_TASK_ID = "x-gse-task-id"
+MD_REQUEST_ID = "x-gse-request-id"
 
 MAX_MESSAGE = 64 * 1024 * 1024
 
@@ -45,9 +54,51 @@ CHANNEL_OPTIONS = [
 def make_server(tls: TLSMaterial, options=(), deny: roles.DenyList | None = None,
                 access=roles.ACCESS) -> grpc.aio.Server:
     """A gRPC server whose every call first passes the role check of `access` (gse/common/roles.py) and,
-    with `deny`, the revocation list."""
+    with `deny`, the revocation list; handlers then run inside the caller's trace."""
     return grpc.aio.server(options=[*SERVER_OPTIONS, *options],
-                           interceptors=[roles.RoleInterceptor(access, deny)])
+                           interceptors=[roles.RoleInterceptor(access, deny), TraceInterceptor()])
+
+
+def trace_metadata() -> tuple[tuple[str, str], ...]:
+    """The current trace as call metadata (empty when there is none): pass as `metadata=` on calls about a
+    task, so the callee's log lines name it too."""
+    t = current_trace()
+    md = []
+    if t.get("task_id"):
+        md.append((MD_TASK_ID, t["task_id"]))
+    if t.get("request_id"):
+        md.append((MD_REQUEST_ID, t["request_id"]))
+    return tuple(md)
+
+
+class TraceInterceptor(grpc.aio.ServerInterceptor):
+    """Restores the caller's trace (task_id, request_id metadata) around a unary handler. Calls without
+    trace metadata pass through untouched, so the hot paths (dbproxy batches, data streams) pay nothing."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        md = handler_call_details.invocation_metadata
+        if handler is None or not md or handler.unary_unary is None:
+            return handler
+        t = {}
+        for k, v in md:
+            if k == MD_TASK_ID:
+                t["task_id"] = v
+            elif k == MD_REQUEST_ID:
+                t["request_id"] = v
+        if not t:
+            return handler
+        inner = handler.unary_unary
+
+        async def traced(request, context):
+            token = TRACE.set(t)
+            try:
+                return await inner(request, context)
+            finally:
+                TRACE.reset(token)
+
+        return grpc.unary_unary_rpc_method_handler(traced, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
 
 
 def bind(server: grpc.aio.Server, tls: TLSMaterial, host: str, port: int) -> int:
@@ -67,6 +118,40 @@ def make_channel(tls: TLSMaterial, target: str, options=()) -> grpc.aio.Channel:
     if tls.server_name:
         opts.append(("grpc.ssl_target_name_override", tls.server_name))
     return grpc.aio.secure_channel(target, tls.channel_credentials(), options=opts)
+
+
+class ChannelPool:
+    """Channels to peers by address (mutual TLS via `make_channel`), made on first use; the one place a
+    daemon keeps the channels of a service it calls (dbproxies, task servers, file servers)."""
+
+    def __init__(self, tls: TLSMaterial, options=()):
+        self.tls = tls
+        self.options = tuple(options)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = make_channel(self.tls, address, self.options)
+        return ch
+
+    def retain(self, addresses: Iterable[str]) -> None:
+        """Close the channels to every address not in `addresses` (peers that left the view)."""
+        keep = set(addresses)
+        for addr in [a for a in self._channels if a not in keep]:
+            asyncio.ensure_future(self._channels.pop(addr).close())
+
+    def renew(self, address: str) -> grpc.aio.Channel:
+        """Drop the channel to `address` (it failed in a way a new connection may not) and make a new one."""
+        old = self._channels.pop(address, None)
+        if old is not None:
+            asyncio.ensure_future(old.close())
+        return self.get(address)
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for ch in channels:
+            await ch.close()
 
 
 def add_health(server: grpc.aio.Server):

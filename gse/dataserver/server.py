@@ -19,11 +19,11 @@ from gse import __version__
 from gse.common import dbclient as db
 from gse.common import rpc
 from gse.common.config import ConfigError, DbProxyClientConfig
-from gse.common.datastate import (CHANNEL_DATASERVER_OPS, CHANNEL_HOST_SNAPSHOT, DEFAULT_DATASERVER_PORT,
-                                  snapshot_key)
+from gse.common.datastate import CHANNEL_DATASERVER_OPS, CHANNEL_HOST_SNAPSHOT, DEFAULT_DATASERVER_PORT
 from gse.common.dbclient import DbClient
 from gse.common.discovery import Discovery
 from gse.common.errors import Unavailable
+from gse.common.records import HostSnapshotRecord
 from gse.common.service import BaseConfig, Service
 from gse.common.tls import TLSMaterial
 
@@ -98,7 +98,7 @@ class SnapshotCache:
             if not self.latest or not self.db.addresses:
                 continue
             latest, self.latest = self.latest, {}
-            ops = [db.set_(snapshot_key(aid), body, self.ttl_ms) for aid, body in latest.items()]
+            ops = [HostSnapshotRecord.write(aid, body, self.ttl_ms) for aid, body in latest.items()]
             try:
                 await self.db.execute(ops)
                 self.written += len(ops)

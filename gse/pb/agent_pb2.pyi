@@ -90,20 +90,22 @@ class AtomicTask(_message.Message):
     def __init__(self, atomic_task_id: _Optional[int] = ..., command: _Optional[str] = ..., timeout_seconds: _Optional[int] = ..., depends_on: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
-    __slots__ = ("task_id", "user", "scripts", "atomic_tasks", "created_ms", "max_output_bytes")
+    __slots__ = ("task_id", "user", "scripts", "atomic_tasks", "created_ms", "max_output_bytes", "request_id")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     SCRIPTS_FIELD_NUMBER: _ClassVar[int]
     ATOMIC_TASKS_FIELD_NUMBER: _ClassVar[int]
     CREATED_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     user: str
     scripts: _containers.RepeatedCompositeFieldContainer[TaskScript]
     atomic_tasks: _containers.RepeatedCompositeFieldContainer[AtomicTask]
     created_ms: int
     max_output_bytes: int
-    def __init__(self, task_id: _Optional[str] = ..., user: _Optional[str] = ..., scripts: _Optional[_Iterable[_Union[TaskScript, _Mapping]]] = ..., atomic_tasks: _Optional[_Iterable[_Union[AtomicTask, _Mapping]]] = ..., created_ms: _Optional[int] = ..., max_output_bytes: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, task_id: _Optional[str] = ..., user: _Optional[str] = ..., scripts: _Optional[_Iterable[_Union[TaskScript, _Mapping]]] = ..., atomic_tasks: _Optional[_Iterable[_Union[AtomicTask, _Mapping]]] = ..., created_ms: _Optional[int] = ..., max_output_bytes: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class TerminateTask(_message.Message):
     __slots__ = ("task_id",)
@@ -278,7 +280,7 @@ class FileEntry(_message.Message):
     def __init__(self, index: _Optional[int] = ..., rel_path: _Optional[str] = ..., is_dir: _Optional[bool] = ..., size: _Optional[int] = ..., mode: _Optional[int] = ..., md5: _Optional[str] = ..., torrent: _Optional[bytes] = ..., info_hash: _Optional[bytes] = ...) -> None: ...
 
 class FileSource(_message.Message):
-    __slots__ = ("task_id", "transfer_id", "store_dir", "file_name", "md5", "user", "fileserver", "token", "tracker_url", "direct_max", "max_file_size", "upload_rate", "timeout_seconds", "keep_seeding", "targets")
+    __slots__ = ("task_id", "transfer_id", "store_dir", "file_name", "md5", "user", "fileserver", "token", "tracker_url", "direct_max", "max_file_size", "upload_rate", "timeout_seconds", "keep_seeding", "targets", "request_id")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     STORE_DIR_FIELD_NUMBER: _ClassVar[int]
@@ -294,6 +296,7 @@ class FileSource(_message.Message):
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     KEEP_SEEDING_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     transfer_id: str
     store_dir: str
@@ -309,7 +312,8 @@ class FileSource(_message.Message):
     timeout_seconds: int
     keep_seeding: bool
     targets: int
-    def __init__(self, task_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., store_dir: _Optional[str] = ..., file_name: _Optional[str] = ..., md5: _Optional[str] = ..., user: _Optional[str] = ..., fileserver: _Optional[str] = ..., token: _Optional[str] = ..., tracker_url: _Optional[str] = ..., direct_max: _Optional[int] = ..., max_file_size: _Optional[int] = ..., upload_rate: _Optional[int] = ..., timeout_seconds: _Optional[int] = ..., keep_seeding: _Optional[bool] = ..., targets: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, task_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., store_dir: _Optional[str] = ..., file_name: _Optional[str] = ..., md5: _Optional[str] = ..., user: _Optional[str] = ..., fileserver: _Optional[str] = ..., token: _Optional[str] = ..., tracker_url: _Optional[str] = ..., direct_max: _Optional[int] = ..., max_file_size: _Optional[int] = ..., upload_rate: _Optional[int] = ..., timeout_seconds: _Optional[int] = ..., keep_seeding: _Optional[bool] = ..., targets: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class FileManifest(_message.Message):
     __slots__ = ("task_id", "transfer_id", "entries", "error_code", "error_msg", "source_dir")
@@ -328,7 +332,7 @@ class FileManifest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., entries: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., error_code: _Optional[int] = ..., error_msg: _Optional[str] = ..., source_dir: _Optional[str] = ...) -> None: ...
 
 class FileTarget(_message.Message):
-    __slots__ = ("task_id", "transfer_id", "coordinator", "dest_dir", "dest_name", "owner", "permission", "auto_mkdir", "entries", "fileserver", "tracker_url", "tokens", "download_rate", "upload_rate", "timeout_seconds", "source_agent_id", "source_dir", "max_connections", "user", "task_index")
+    __slots__ = ("task_id", "transfer_id", "coordinator", "dest_dir", "dest_name", "owner", "permission", "auto_mkdir", "entries", "fileserver", "tracker_url", "tokens", "download_rate", "upload_rate", "timeout_seconds", "source_agent_id", "source_dir", "max_connections", "user", "task_index", "request_id")
     class TokensEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -356,6 +360,7 @@ class FileTarget(_message.Message):
     MAX_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     TASK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     transfer_id: str
     coordinator: str
@@ -376,7 +381,8 @@ class FileTarget(_message.Message):
     max_connections: int
     user: str
     task_index: int
-    def __init__(self, task_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., coordinator: _Optional[str] = ..., dest_dir: _Optional[str] = ..., dest_name: _Optional[str] = ..., owner: _Optional[str] = ..., permission: _Optional[int] = ..., auto_mkdir: _Optional[bool] = ..., entries: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., fileserver: _Optional[str] = ..., tracker_url: _Optional[str] = ..., tokens: _Optional[_Mapping[str, str]] = ..., download_rate: _Optional[int] = ..., upload_rate: _Optional[int] = ..., timeout_seconds: _Optional[int] = ..., source_agent_id: _Optional[str] = ..., source_dir: _Optional[str] = ..., max_connections: _Optional[int] = ..., user: _Optional[str] = ..., task_index: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, task_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., coordinator: _Optional[str] = ..., dest_dir: _Optional[str] = ..., dest_name: _Optional[str] = ..., owner: _Optional[str] = ..., permission: _Optional[int] = ..., auto_mkdir: _Optional[bool] = ..., entries: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., fileserver: _Optional[str] = ..., tracker_url: _Optional[str] = ..., tokens: _Optional[_Mapping[str, str]] = ..., download_rate: _Optional[int] = ..., upload_rate: _Optional[int] = ..., timeout_seconds: _Optional[int] = ..., source_agent_id: _Optional[str] = ..., source_dir: _Optional[str] = ..., max_connections: _Optional[int] = ..., user: _Optional[str] = ..., task_index: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class FileProgress(_message.Message):
     __slots__ = ("task_id", "transfer_id", "index", "status", "error_code", "error_msg", "progress", "speed", "size", "type", "start_time_ms", "end_time_ms", "final", "dest_path", "mode", "task_index", "source_path")

@@ -16,9 +16,9 @@ import time
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge
 
-from gse.common import dbclient as db
 from gse.common import framelink, roles
-from gse.common.agentstate import AGENTS_SET, RUNNING, UNKNOWN, agent_key, ip_key, now_ms, valid_agent_id
+from gse.common.errors import AgentStatus
+from gse.common.records import AgentAddress, AgentIndex, AgentRecord, now_ms, valid_agent_id
 from gse.pb import agent_pb2 as pb
 
 from .batch_writer import BatchWriter
@@ -187,15 +187,15 @@ class AgentAccess:
         SESSIONS.set(len(self.sessions))
         ATTACHES.inc()
         at = now_ms()
-        self.writer.add([db.set_(ip_key(hello.cloud_id, hello.ip), hello.agent_id, self.ttl_ms),
-                         db.sadd(AGENTS_SET, [hello.agent_id], self.ttl_ms)])
-        self.writer.hset(agent_key(hello.agent_id), {
-            "agent_id": hello.agent_id, "cloud_id": hello.cloud_id, "ip": hello.ip, "hostname": hello.hostname,
-            "os": hello.os, "arch": hello.arch, "version": hello.version, "run_mode": hello.run_mode,
-            "start_time": hello.start_time_ms, "boot_id": hello.boot_id, "online": 1, "node": self.node_id,
-            "parent_ip": self.parent_ip, "parent_port": self.parent_port, "connect_time": at,
-            "report_time": at, "deadline": self.deadline_ms(at), "status_code": RUNNING, "peer": session.peer,
-        }, self.ttl_ms)
+        self.writer.add([AgentAddress.write(hello.cloud_id, hello.ip, hello.agent_id, self.ttl_ms),
+                         AgentIndex.add([hello.agent_id], self.ttl_ms)])
+        self.writer.put(AgentRecord.update(
+            hello.agent_id, ttl_ms=self.ttl_ms,
+            agent_id=hello.agent_id, cloud_id=hello.cloud_id, ip=hello.ip, hostname=hello.hostname,
+            os=hello.os, arch=hello.arch, version=hello.version, run_mode=hello.run_mode,
+            start_time=hello.start_time_ms, boot_id=hello.boot_id, online=True, node=self.node_id,
+            parent_ip=self.parent_ip, parent_port=self.parent_port, connect_time=at,
+            report_time=at, deadline=self.deadline_ms(at), status_code=AgentStatus.RUNNING, peer=session.peer))
         session.send(pb.ServerFrame(welcome=pb.Welcome(
             node_id=self.node_id, heartbeat_interval_ms=int(self.hb_interval_s * 1000),
             parent_ip=self.parent_ip, parent_port=self.parent_port,
@@ -214,22 +214,26 @@ class AgentAccess:
         if self.sessions.get(session.agent_id) is session:
             del self.sessions[session.agent_id]
             SESSIONS.set(len(self.sessions))
-            self.writer.hset(agent_key(session.agent_id), {
-                "online": 0, "status_code": UNKNOWN, "disconnect_time": now_ms(), "last_status_code": RUNNING},
-                self.ttl_ms)
+            self.writer.put(AgentRecord.update(
+                session.agent_id, ttl_ms=self.ttl_ms, online=False, status_code=AgentStatus.UNKNOWN,
+                disconnect_time=now_ms(), last_status_code=AgentStatus.RUNNING))
 
     def _heartbeat(self, session: AgentSession, hb) -> None:
         HEARTBEATS.inc()
         at = now_ms()
-        fields = {"report_time": at, "deadline": self.deadline_ms(at), "online": 1,
-                  "cpu_rate": round(hb.cpu_rate, 2), "mem_rate": round(hb.mem_rate, 2)}
         if hb.HasField("host"):     # on one heartbeat in host_snapshot_every; the others carry liveness only
             h = hb.host
-            fields.update({
-                "host_cpu_rate": round(h.cpu_rate, 2), "host_mem_rate": round(h.mem_rate, 2),
-                "cpu_num": h.cpu_num, "mem_size": h.mem_size, "load1": round(h.load1, 2), "uptime_s": h.uptime_s,
-                "proc_count": h.proc_count, "disk_total": h.disk_total, "disk_used": h.disk_used})
-        self.writer.hset(agent_key(session.agent_id), fields, self.ttl_ms, lazy=True)
+            write = AgentRecord.update(
+                session.agent_id, ttl_ms=self.ttl_ms, report_time=at, deadline=self.deadline_ms(at), online=True,
+                cpu_rate=round(hb.cpu_rate, 2), mem_rate=round(hb.mem_rate, 2),
+                host_cpu_rate=round(h.cpu_rate, 2), host_mem_rate=round(h.mem_rate, 2), cpu_num=h.cpu_num,
+                mem_size=h.mem_size, load1=round(h.load1, 2), uptime_s=h.uptime_s, proc_count=h.proc_count,
+                disk_total=h.disk_total, disk_used=h.disk_used)
+        else:
+            write = AgentRecord.update(
+                session.agent_id, ttl_ms=self.ttl_ms, report_time=at, deadline=self.deadline_ms(at), online=True,
+                cpu_rate=round(hb.cpu_rate, 2), mem_rate=round(hb.mem_rate, 2))
+        self.writer.put(write, lazy=True)
 
     # ---- housekeeping -----------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from prometheus_client import Counter, Histogram
 
 from gse.common import dbclient as db
 from gse.common.errors import Unavailable
+from gse.common.records import HashWrite
 
 log = logging.getLogger("gse.taskserver.writer")
 
@@ -41,12 +42,13 @@ class BatchWriter:
         self._waiters: list[asyncio.Future] = []
         self._wake = asyncio.Event()
 
-    def hset(self, key: str, fields: dict, ttl_ms: int = 0, lazy: bool = False) -> None:
-        pending = self._hashes.get(key)
+    def put(self, write: HashWrite, lazy: bool = False) -> None:
+        """Queue a record write (gse.common.records), merged with what waits for the same key."""
+        pending = self._hashes.get(write.key)
         if pending is None:
-            self._hashes[key] = (dict(fields), ttl_ms)
+            self._hashes[write.key] = (dict(write.fields), write.ttl_ms)
         else:
-            pending[0].update(fields)
+            pending[0].update(write.fields)
         if not lazy:
             self._wake.set()
 
@@ -84,7 +86,7 @@ class BatchWriter:
             waiters, self._waiters = self._waiters, []
             # Ordered ops first: an item's output (SETRANGE) then never lands in a later chunk than the hash
             # that says the item is finished.
-            ops = extra + [db.hset(k, f, ttl) for k, (f, ttl) in hashes.items()]
+            ops = extra + [HashWrite(k, f, ttl).op() for k, (f, ttl) in hashes.items()]
             t0 = time.perf_counter()
             try:
                 for i in range(0, len(ops), self.max_batch):

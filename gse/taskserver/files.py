@@ -14,20 +14,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 
 from gse.common import dbclient as db
-from gse.common import filestate as fs
-from gse.common import taskstate as ts
-from gse.common.rpc import make_channel
-from gse.common.tls import TLSMaterial
+from gse.common.errors import FINAL_STATUSES, ErrorCode, ScriptStatus
+from gse.common.peers import Peers
+from gse.common.records import FileItem, FileResults, item_name
+from gse.common.records.file import PROGRESS
 from gse.pb import agent_pb2 as apb
 from gse.pb import file_pb2 as fpb
-from gse.pb import file_pb2_grpc as fpb_grpc
 from gse.pb import taskserver_pb2 as pb
-from gse.pb import taskserver_pb2_grpc as pb_grpc
 
 from .agent_access import AgentAccess, AgentSession
 from .batch_writer import BatchWriter
@@ -48,44 +46,6 @@ class Transfer:
     source_dir: str = ""
     upload_requested: set[int] = field(default_factory=set)
     targets_sent: bool = False
-
-
-class Peers:
-    """Stubs of the other task servers (internal task API) and of the file servers, from ZooKeeper."""
-
-    def __init__(self, tls: TLSMaterial):
-        self.tls = tls
-        self.taskservers: dict[str, str] = {}     # node id -> task_address
-        self.fileservers: dict[str, str] = {}     # node id -> address
-        self._channels: dict[str, grpc.aio.Channel] = {}
-
-    def on_taskservers(self, view: dict) -> None:
-        self.taskservers = {n: i["task_address"] for n, i in view.items() if i.get("task_address")}
-
-    def on_fileservers(self, view: dict) -> None:
-        self.fileservers = {n: (i.get("load", 0), i["address"]) for n, i in view.items() if i.get("address")}
-
-    def channel(self, address: str) -> grpc.aio.Channel:
-        ch = self._channels.get(address)
-        if ch is None:
-            ch = self._channels[address] = make_channel(self.tls, address)
-        return ch
-
-    def task(self, node: str) -> pb_grpc.TaskServiceStub | None:
-        addr = self.taskservers.get(node)
-        return pb_grpc.TaskServiceStub(self.channel(addr)) if addr else None
-
-    def file(self, address: str) -> fpb_grpc.FileServiceStub:
-        return fpb_grpc.FileServiceStub(self.channel(address))
-
-    def pick_fileserver(self) -> str | None:
-        if not self.fileservers:
-            return None
-        return min(self.fileservers.values())[1]
-
-    async def close(self) -> None:
-        for ch in self._channels.values():
-            await ch.close()
 
 
 class FileCoordinator:
@@ -135,26 +95,26 @@ class FileCoordinator:
             by_node.setdefault(t.spec.target_nodes.get(aid, ""), []).append(aid)
         return by_node
 
-    def _item(self, t: Transfer, target: str, entry, **kw) -> dict:
+    def _item(self, t: Transfer, target: str, entry, **kw) -> FileItem:
         spec = t.spec
         dest_name = spec.dest_name if (spec.dest_name and len(t.entries) == 1) else (entry.rel_path if entry else "")
-        item = {"mode": 1, "source_agent_id": spec.source_agent, "source_file_dir": t.source_dir or spec.source_dir,
-                "source_file_name": entry.rel_path if entry else spec.source_name, "dest_agent_id": target,
-                "dest_file_dir": spec.dest_dir, "dest_file_name": dest_name, "progress": 0, "speed": 0,
-                "size": entry.size if entry else 0, "status": ts.DISPATCHED, "status_info": "", "type": "",
-                "start_time": 0, "end_time": 0, "error_code": ts.E_RUNNING, "error_msg": ""}
-        item.update(kw)
+        item = FileItem(mode=1, source_agent_id=spec.source_agent, source_file_dir=t.source_dir or spec.source_dir,
+                        source_file_name=entry.rel_path if entry else spec.source_name, dest_agent_id=target,
+                        dest_file_dir=spec.dest_dir, dest_file_name=dest_name, progress=0, speed=0,
+                        size=entry.size if entry else 0, status=ScriptStatus.DISPATCHED, status_info="", type="",
+                        start_time=0, end_time=0, error_code=ErrorCode.RUNNING, error_msg="")
+        for k, v in kw.items():
+            setattr(item, k, v)
         return item
 
     async def _write_items(self, t: Transfer, make, progress: bool = False) -> None:
-        prefix = fs.PROGRESS if progress else ""
         ops = []
         for target in t.spec.target_agents:
-            fields = {}
+            items = {}
             for entry in t.entries or [None]:
                 index = entry.index if entry else -1
-                fields[prefix + fs.item_field(t.spec.task_index, index)] = fs.encode(make(target, entry))
-            ops.append(db.hset(fs.result_key(t.spec.task_id, target), fields, self.ttl))
+                items[item_name(t.spec.task_index, index, progress=progress)] = make(target, entry)
+            ops.append(FileResults.update(t.spec.task_id, target, items, self.ttl).op())
         for i in range(0, len(ops), 5000):
             await self.db.execute(ops[i:i + 5000])
 
@@ -163,17 +123,17 @@ class FileCoordinator:
     async def start(self, spec: pb.TransferSpec) -> list[tuple[str, int, str]]:
         source = self.access.sessions.get(spec.source_agent)
         if source is None or source.closed:
-            return [(spec.source_agent, ts.E_AGENT_OFFLINE, "source agent is not attached to this task server")]
+            return [(spec.source_agent, ErrorCode.AGENT_OFFLINE, "source agent is not attached to this task server")]
         address = self.peers.pick_fileserver()
         if address is None:
-            return [(spec.source_agent, ts.E_FAILED, "no file server is registered")]
+            return [(spec.source_agent, ErrorCode.FAILED, "no file server is registered")]
         members = [spec.source_agent, *spec.target_agents]
         try:
             reply = await self.peers.file(address).CreateTransfer(fpb.CreateTransferRequest(
                 transfer_id=spec.transfer_id, area=spec.area, members=members, timeout_seconds=spec.timeout_seconds,
                 max_rate=max(spec.upload_rate, spec.download_rate)), timeout=10)
         except grpc.aio.AioRpcError as exc:
-            return [(spec.source_agent, ts.E_FAILED, f"file server {address}: {exc.code().name}: {exc.details()}")]
+            return [(spec.source_agent, ErrorCode.FAILED, f"file server {address}: {exc.code().name}: {exc.details()}")]
         timeout = spec.timeout_seconds or 3600
         t = Transfer(spec, address, dict(reply.tokens), reply.tracker_url, reply.rate_limit, reply.max_connections,
                      time.monotonic() + timeout)
@@ -197,7 +157,7 @@ class FileCoordinator:
         if m.error_code:
             await self._write_items(t, lambda target, e: self._item(t, target, e))
             await self._write_items(t, lambda target, e: self._item(
-                t, target, e, status=ts.FAILED, error_code=m.error_code, error_msg=m.error_msg, end_time=now),
+                t, target, e, status=ScriptStatus.FAILED, error_code=m.error_code, error_msg=m.error_msg, end_time=now),
                 progress=True)
             await self.end(t, terminated=True)
             return
@@ -211,7 +171,7 @@ class FileCoordinator:
         except grpc.aio.AioRpcError as exc:
             await self._write_items(t, lambda target, e: self._item(t, target, e))
             await self._write_items(t, lambda target, e: self._item(
-                t, target, e, status=ts.FAILED, error_code=ts.E_FAILED,
+                t, target, e, status=ScriptStatus.FAILED, error_code=ErrorCode.FAILED,
                 error_msg=f"file server refused the torrents: {exc.details()}", end_time=now), progress=True)
             await self.end(t, terminated=True)
             return
@@ -240,10 +200,10 @@ class FileCoordinator:
             missed += await self._send(f.SerializeToString(), by_node)
         t.targets_sent = True
         if missed:
-            ops = [db.hset(fs.result_key(spec.task_id, aid), {
-                fs.PROGRESS + fs.item_field(spec.task_index, e.index): fs.encode(self._item(
-                    t, aid, e, status=ts.FAILED, error_code=ts.E_AGENT_OFFLINE, error_msg="agent is offline",
-                    end_time=now)) for e in t.entries}, self.ttl) for aid in missed]
+            ops = [FileResults.update(spec.task_id, aid, {
+                item_name(spec.task_index, e.index, progress=True): self._item(
+                    t, aid, e, status=ScriptStatus.FAILED, error_code=ErrorCode.AGENT_OFFLINE,
+                    error_msg="agent is offline", end_time=now) for e in t.entries}, self.ttl).op() for aid in missed]
             await self.db.execute(ops)
 
     def on_need_direct(self, transfer_id: str, index: int) -> bool:
@@ -278,24 +238,24 @@ class FileCoordinator:
         t = self.transfers.get(transfer_id)
         if t is None:
             return False
-        await self._finish_open_items(t, ts.STOPPED, ts.E_TERMINATED, "terminated")
+        await self._finish_open_items(t, ScriptStatus.STOPPED, ErrorCode.TERMINATED, "terminated")
         await self.end(t, terminated=True)
         return True
 
     async def _finish_open_items(self, t: Transfer, status: int, code: int, message: str) -> None:
         """Items not final yet end with `code` (timeout, terminate)."""
-        keys = [fs.result_key(t.spec.task_id, a) for a in t.spec.target_agents]
-        res = await self.db.execute([db.hgetall(k) for k in keys])
+        targets = list(t.spec.target_agents)
+        res = await self.db.execute([FileResults.read(t.spec.task_id, a) for a in targets])
         now = int(time.time() * 1000)
         ops = []
-        for key, r in zip(keys, res):
-            fields = {}
-            for name, item in fs.entry_items(fs.merged(dict(r.fields), t.spec.task_index)).items():
-                if item.get("status") not in ts.FINAL_STATUSES:
-                    item.update(status=status, error_code=code, error_msg=message, end_time=now)
-                    fields[fs.PROGRESS + name] = fs.encode(item)
-            if fields:
-                ops.append(db.hset(key, fields, self.ttl))
+        for target, r in zip(targets, res):
+            items = {}
+            for name, item in FileResults.decode(r, t.spec.task_index).items():
+                if item.status not in FINAL_STATUSES:
+                    items[PROGRESS + name] = replace(item, status=status, error_code=code, error_msg=message,
+                                                     end_time=now)
+            if items:
+                ops.append(FileResults.update(t.spec.task_id, target, items, self.ttl).op())
         if ops:
             await self.db.execute(ops)
 
@@ -311,17 +271,15 @@ class FileCoordinator:
 
     async def _check(self, t: Transfer) -> None:
         if time.monotonic() > t.deadline:
-            await self._finish_open_items(t, ts.TIMEOUT, fs.E_TIMEOUT, "transfer timed out")
+            await self._finish_open_items(t, ScriptStatus.TIMEOUT, ErrorCode.TIMEOUT, "transfer timed out")
             await self.end(t, terminated=True)
             return
         if not t.targets_sent:
             return
-        keys = [fs.result_key(t.spec.task_id, a) for a in t.spec.target_agents]
-        res = await self.db.execute([db.hgetall(k) for k in keys])
+        res = await self.db.execute([FileResults.read(t.spec.task_id, a) for a in t.spec.target_agents])
         for r in res:
-            items = [i for n, i in fs.entry_items(fs.merged(dict(r.fields), t.spec.task_index)).items()
-                     if not n.endswith(":up")]
-            if not items or any(i.get("status") not in ts.FINAL_STATUSES for i in items):
+            items = [i for n, i in FileResults.decode(r, t.spec.task_index).items() if not n.endswith(":up")]
+            if not items or any(i.status not in FINAL_STATUSES for i in items):
                 return
         await self.end(t, terminated=False)
 
@@ -336,19 +294,18 @@ class FileReports:
 
     def on_report(self, session: AgentSession, report: apb.FileReport) -> None:
         finals = []
-        by_key: dict[str, dict] = {}
+        by_task: dict[str, dict[str, FileItem]] = {}
         for p in report.items:
-            item = {"mode": p.mode, "progress": p.progress, "speed": p.speed, "size": p.size, "status": p.status,
-                    "status_info": "", "type": p.type, "start_time": p.start_time_ms, "end_time": p.end_time_ms,
-                    "error_code": p.error_code, "error_msg": p.error_msg, "dest_path": p.dest_path,
-                    "source_path": p.source_path}
-            key = fs.result_key(p.task_id, session.agent_id)
-            name = fs.PROGRESS + fs.item_field(p.task_index, p.index) + ("" if p.mode == 1 else ":up")
-            by_key.setdefault(key, {})[name] = fs.encode(item)
+            item = FileItem(mode=p.mode, progress=p.progress, speed=p.speed, size=p.size, status=p.status,
+                            status_info="", type=p.type, start_time=p.start_time_ms, end_time=p.end_time_ms,
+                            error_code=p.error_code, error_msg=p.error_msg, dest_path=p.dest_path,
+                            source_path=p.source_path)
+            name = item_name(p.task_index, p.index, progress=True, upload=p.mode != 1)
+            by_task.setdefault(p.task_id, {})[name] = item
             if p.final:
                 finals.append(apb.ItemRef(task_id=f"file:{p.transfer_id}", atomic_task_id=p.index))
-        for key, fields in by_key.items():
-            self.writer.hset(key, fields, self.ttl)
+        for task_id, items in by_task.items():
+            self.writer.put(FileResults.update(task_id, session.agent_id, items, self.ttl))
         if finals:
             self.acks.when_stored(session, finals)
 

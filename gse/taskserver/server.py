@@ -10,6 +10,7 @@ from gse.common import framelink, rpc
 from gse.common.config import ConfigError, DbProxyClientConfig
 from gse.common.dbclient import DbClient
 from gse.common.discovery import Discovery
+from gse.common.peers import Peers
 from gse.common.service import BaseConfig, Service, advertised_host
 from gse.common.tls import TLSMaterial
 from gse.common.workers import MAX_WORKERS
@@ -20,7 +21,7 @@ from .agent_access import AgentAccess
 from .balancer import Balancer
 from .batch_writer import BatchWriter
 from .data_relay import DataRelay
-from .files import FileCoordinator, FileReports, Peers
+from .files import FileCoordinator, FileReports
 from .tasks import AckBatcher, ResultRecorder, TaskService
 
 log = logging.getLogger("gse.taskserver")

@@ -15,8 +15,8 @@ import time
 import grpc
 from prometheus_client import Counter
 
-from gse.common import dbclient as db
-from gse.common.taskstate import E_AGENT_OFFLINE, item_key, output_key
+from gse.common.errors import ErrorCode
+from gse.common.records import TaskItem, TaskOutput
 from gse.pb import agent_pb2 as apb
 from gse.pb import taskserver_pb2 as pb
 from gse.pb import taskserver_pb2_grpc as pb_grpc
@@ -44,7 +44,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
         for aid in agent_ids:
             s = sessions.get(aid)
             if s is None or s.closed:
-                failures.append(pb.AgentFailure(agent_id=aid, code=E_AGENT_OFFLINE,
+                failures.append(pb.AgentFailure(agent_id=aid, code=ErrorCode.AGENT_OFFLINE,
                                                 message="agent is not attached to this task server"))
             else:
                 s.send(frame)
@@ -68,12 +68,12 @@ class TaskService(pb_grpc.TaskServiceServicer):
 
     async def TerminateTransfer(self, request, context):
         found = await self.files.terminate(request.task_id)
-        failures = [] if found else [pb.AgentFailure(code=E_AGENT_OFFLINE, message="no such live transfer here")]
+        failures = [] if found else [pb.AgentFailure(code=ErrorCode.AGENT_OFFLINE, message="no such live transfer here")]
         return pb.DispatchReply(failures=failures)
 
     async def NeedDirect(self, request, context):
         ok = self.files.on_need_direct(request.transfer_id, request.index)
-        failures = [] if ok else [pb.AgentFailure(agent_id=request.agent_id, code=E_AGENT_OFFLINE,
+        failures = [] if ok else [pb.AgentFailure(agent_id=request.agent_id, code=ErrorCode.AGENT_OFFLINE,
                                                   message="no such live transfer here")]
         return pb.DispatchReply(failures=failures)
 
@@ -148,24 +148,24 @@ class ResultRecorder:
         ops = []
         for out in report.outputs:
             OUTPUT_BYTES.inc(len(out.data))
-            ops.append(db.setrange(output_key(out.task_id, aid, out.atomic_task_id), out.offset, out.data, ttl))
+            ops.append(TaskOutput.write(out.task_id, aid, out.atomic_task_id, out.offset, out.data, ttl))
         if ops:
             self.writer.add(ops)
             # Readers fetch output only for items that have some (`out_end` merges into the item's hash write).
             for out in report.outputs:
-                self.writer.hset(item_key(out.task_id, aid, out.atomic_task_id),
-                                 {"out_end": out.offset + len(out.data)}, ttl)
+                self.writer.put(TaskItem.update(out.task_id, aid, out.atomic_task_id, ttl_ms=ttl,
+                                                out_end=out.offset + len(out.data)))
         finals = []
         for r in report.results:
             fields = {"status": r.status, "error_code": r.error_code, "error_msg": r.error_msg,
-                      "output_size": r.output_size, "truncated": int(r.truncated)}
+                      "output_size": r.output_size, "truncated": r.truncated}
             if r.start_time_ms:
                 fields["start_time"] = r.start_time_ms
             if r.end_time_ms:
                 fields["end_time"] = r.end_time_ms
             if r.has_exit_code:
                 fields["exit_code"] = r.exit_code
-            self.writer.hset(item_key(r.task_id, aid, r.atomic_task_id), fields, ttl)
+            self.writer.put(TaskItem.update(r.task_id, aid, r.atomic_task_id, ttl_ms=ttl, **fields))
             if r.final:
                 finals.append(apb.ItemRef(task_id=r.task_id, atomic_task_id=r.atomic_task_id))
         FINAL_RESULTS.inc(len(finals))

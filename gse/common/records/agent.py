@@ -1,0 +1,172 @@
+"""Agent records: the session each task server keeps for the agents it holds, and the indexes over them.
+
+  gse:agent:<bk_agent_id>          AgentRecord (hash): identity, session (online, node, parent), heartbeat figures
+  gse:agentip:<bk_cloud_id>:<ip>   AgentAddress (string): the bk_agent_id last seen at that address in that area
+  gse:agents                       AgentIndex (set): every bk_agent_id seen (for "all" targets)
+  gse:snapshot:<bk_agent_id>       HostSnapshotRecord (string, JSON): the latest host snapshot (data path)
+
+Writers: the task server holding the agent (taskserver/agent_access.py) writes the session and indexes; the
+data server writes snapshots. Readers: the API server (agent state, task dispatch), operator tools.
+
+An agent is alive when its record says online and its heartbeat deadline has not passed: the holding task
+server writes `deadline` with every heartbeat, so an agent whose task server died without a word still
+turns offline once the deadline is over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+from gse.common import dbclient as db
+from gse.common.errors import AgentStatus
+
+from .base import DAY_MS, hash_record
+
+MAX_AGENT_ID = 64
+SESSION_TTL_MS = 7 * DAY_MS
+SNAPSHOT_TTL_MS = 60_000
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds: the unit of every time stored in a record."""
+    return int(time.time() * 1000)
+
+
+def valid_agent_id(text: str) -> bool:
+    """A bk_agent_id as agents make and the API accepts it: 1-64 printable characters without ':' or ' '
+    (spec §2; ':' would be ambiguous with the "cloud:ip" form)."""
+    return 0 < len(text) <= MAX_AGENT_ID and text.isprintable() and ":" not in text and " " not in text
+
+
+@hash_record(prefix="gse:agent:", ttl_ms=SESSION_TTL_MS)
+@dataclasses.dataclass(slots=True)
+class AgentRecord:
+    """The session of one agent, keyed by its bk_agent_id. Times are wall-clock ms; rates are percent."""
+    # identity, from the agent's hello
+    agent_id: str = ""
+    cloud_id: int = 0
+    ip: str = ""
+    hostname: str = ""
+    os: str = ""
+    arch: str = ""
+    version: str = ""
+    run_mode: int = 1               # 1 agent, 0 proxy
+    start_time: int = 0             # when the agent process started
+    boot_id: int = 0                # changes every time the agent process starts
+    # session
+    online: bool = False
+    node: str = ""                  # node id of the task server holding the agent
+    parent_ip: str = ""             # what get_agent_info shows as the agent's parent (task server or proxy)
+    parent_port: int = 0
+    peer: str = ""                  # the agent's address as the task server sees it
+    connect_time: int = 0
+    disconnect_time: int = 0
+    report_time: int = 0            # the last heartbeat
+    deadline: int = 0               # alive until this time unless another heartbeat comes
+    status_code: int = AgentStatus.UNKNOWN
+    last_status_code: int = AgentStatus.UNKNOWN
+    remark: str = ""
+    # the agent process's own figures (every heartbeat)
+    cpu_rate: float = 0.0
+    mem_rate: float = 0.0
+    # the host snapshot (one heartbeat in host_snapshot_every)
+    host_cpu_rate: float = 0.0
+    host_mem_rate: float = 0.0
+    cpu_num: int = 0
+    mem_size: int = 0               # bytes
+    load1: float = 0.0
+    uptime_s: int = 0
+    proc_count: int = 0
+    disk_total: int = 0             # bytes, root filesystem
+    disk_used: int = 0
+
+    def alive(self, at_ms: int | None = None) -> bool:
+        """Online and within its heartbeat deadline at `at_ms` (default now)."""
+        return self.online and (at_ms or now_ms()) <= self.deadline
+
+    def status(self, at_ms: int | None = None) -> int:
+        """The v2 `status_code` (spec §4): RUNNING only while alive; otherwise what was stored, never RUNNING."""
+        if self.alive(at_ms):
+            return AgentStatus.RUNNING
+        return self.status_code if self.status_code != AgentStatus.RUNNING else AgentStatus.UNKNOWN
+
+
+# What dispatch and result polling need of a session (an HMGET of these instead of the whole hash).
+SESSION_FIELDS = ("agent_id", "online", "deadline", "node")
+
+
+class AgentAddress:
+    """`gse:agentip:<bk_cloud_id>:<ip>` -> the bk_agent_id last seen there (string key, session TTL)."""
+    PREFIX = "gse:agentip:"
+
+    @staticmethod
+    def key(cloud_id: int, ip: str) -> str:
+        return f"{AgentAddress.PREFIX}{cloud_id}:{ip}"
+
+    @staticmethod
+    def write(cloud_id: int, ip: str, agent_id: str, ttl_ms: int = SESSION_TTL_MS) -> db.Op:
+        return db.set_(AgentAddress.key(cloud_id, ip), agent_id, ttl_ms)
+
+    @staticmethod
+    def read(cloud_id: int, ip: str) -> db.Op:
+        return db.get(AgentAddress.key(cloud_id, ip))
+
+    @staticmethod
+    def decode(result) -> str | None:
+        return result.value.decode() if result.ok and result.found else None
+
+
+class AgentIndex:
+    """`gse:agents`: the set of every bk_agent_id seen (what "all" targets and list_agents read)."""
+    KEY = "gse:agents"
+
+    @staticmethod
+    def add(agent_ids, ttl_ms: int = SESSION_TTL_MS) -> db.Op:
+        return db.sadd(AgentIndex.KEY, agent_ids, ttl_ms)
+
+    @staticmethod
+    def read() -> db.Op:
+        return db.smembers(AgentIndex.KEY)
+
+    @staticmethod
+    def decode(result) -> list[str]:
+        return [m.decode() for m in result.values] if result.ok else []
+
+
+@dataclasses.dataclass(slots=True)
+class HostSnapshotRecord:
+    """`gse:snapshot:<bk_agent_id>`: the latest host snapshot an agent sent on the data path (JSON as the
+    agent sent it, TTL 60 s), read for list_agent_info's cpu/mem figures."""
+    cpu_rate: float
+    mem_rate: float
+    cpu_num: int
+    mem_size: int
+    time: int
+
+    PREFIX = "gse:snapshot:"
+
+    @staticmethod
+    def key(agent_id: str) -> str:
+        return HostSnapshotRecord.PREFIX + agent_id
+
+    @staticmethod
+    def write(agent_id: str, body: bytes, ttl_ms: int = SNAPSHOT_TTL_MS) -> db.Op:
+        return db.set_(HostSnapshotRecord.key(agent_id), body, ttl_ms)
+
+    @staticmethod
+    def read(agent_id: str) -> db.Op:
+        return db.get(HostSnapshotRecord.key(agent_id))
+
+    @staticmethod
+    def decode(result) -> "HostSnapshotRecord | None":
+        """None when absent or not of the snapshot's shape ({cpu: {rate, num}, mem: {rate, total}, time})."""
+        if not (result.ok and result.found):
+            return None
+        try:
+            s = json.loads(result.value)
+            return HostSnapshotRecord(float(s["cpu"]["rate"]), float(s["mem"]["rate"]), int(s["cpu"]["num"]),
+                                      int(s["mem"]["total"]), int(s.get("time", 0)))
+        except (ValueError, KeyError, TypeError):
+            return None

@@ -1,0 +1,100 @@
+"""Task records: what a task is, what each (agent, atomic task) item did, and its output.
+
+  gse:task:<task_id>                          TaskRecord (hash): kind, creation, atomic ids, targets
+  gse:ti:<task_id>:<bk_agent_id>:<atomic_id>  TaskItem (hash): one item's status, codes, times, output size
+  gse:to:<task_id>:<bk_agent_id>:<atomic_id>  TaskOutput (string): the item's output, written at offsets
+
+Writers: the API server writes the task and each item's dispatch fields (or its 117 when the agent is
+offline); the task server holding the agent writes results and output from the agent's reports. The two
+never write the same fields, so their writes may land in any order: an item without `status` reads as
+dispatched. Readers: get_execute_script_result, get_transfer_file_result, the file coordinator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+from gse.common import dbclient as db
+from gse.common.errors import FINAL_STATUSES, ErrorCode, ScriptStatus
+
+from .base import DAY_MS, Json, hash_record
+
+RESULT_TTL_MS = DAY_MS
+
+
+def new_task_id(kind: str = "GSETASK") -> str:
+    """`<kind>:<UTC yyyymmddHHMMSS>:<16 hex>`; kind GSETASK (scripts), GSEFILE (files), GSEPROC (processes)."""
+    return f"{kind}:{time.strftime('%Y%m%d%H%M%S', time.gmtime())}:{os.urandom(8).hex()}"
+
+
+def valid_task_id(text: str) -> bool:
+    """What the API accepts as a task id: 1-128 printable characters without spaces."""
+    return 0 < len(text) <= 128 and text.isprintable() and " " not in text
+
+
+@hash_record(prefix="gse:task:", ttl_ms=RESULT_TTL_MS)
+@dataclasses.dataclass(slots=True)
+class TaskRecord:
+    """One task as the API server stored it before dispatching it. `kind` is script, file or push."""
+    kind: str = ""
+    created: int = 0                # ms
+    request_id: str = ""            # the API request that made it (for following it through the logs)
+    # scripts
+    atomic_ids: Json = None         # [atomic_task_id, ...] in request order
+    agent_count: int = 0
+    warnings: str = ""              # high-risk rule warnings, "; "-joined
+    # files
+    coordinators: Json = None       # {"<tasks[] index>": node id of the task server coordinating it}
+    targets: Json = None            # [bk_agent_id, ...]: every agent with result items (default of result reads)
+    tasks: int = 0                  # how many tasks[] items
+
+
+@hash_record(prefix="gse:ti:", ttl_ms=RESULT_TTL_MS)
+@dataclasses.dataclass(slots=True)
+class TaskItem:
+    """One atomic task on one agent (key parts: task_id, bk_agent_id, atomic_task_id). Times in ms."""
+    # written by the API server at dispatch
+    dispatch_time: int = 0
+    warning: str = ""
+    # written by the task server from the agent's reports (or by the API server: 117 for offline agents)
+    status: int = ScriptStatus.DISPATCHED
+    error_code: int = ErrorCode.RUNNING
+    error_msg: str = ""
+    start_time: int = 0
+    end_time: int = 0
+    exit_code: int = 0
+    output_size: int = 0            # bytes of output the agent produced, when final
+    truncated: bool = False         # the output went past the task's limit
+    out_end: int = 0                # output bytes stored so far (readers skip the output read when 0)
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+    @property
+    def output_known(self) -> int:
+        """The output bytes known to exist (stored so far, or the final size)."""
+        return max(self.out_end, self.output_size)
+
+
+
+class TaskOutput:
+    """`gse:to:<task_id>:<bk_agent_id>:<atomic_id>`: an item's output bytes. Chunks are written at their
+    offset (SETRANGE), so a chunk sent twice lands on the same bytes."""
+    PREFIX = "gse:to:"
+
+    @staticmethod
+    def key(task_id: str, agent_id: str, atomic_id: int) -> str:
+        return f"{TaskOutput.PREFIX}{task_id}:{agent_id}:{atomic_id}"
+
+    @staticmethod
+    def write(task_id: str, agent_id: str, atomic_id: int, offset: int, data: bytes,
+              ttl_ms: int = RESULT_TTL_MS) -> db.Op:
+        return db.setrange(TaskOutput.key(task_id, agent_id, atomic_id), offset, data, ttl_ms)
+
+    @staticmethod
+    def read(task_id: str, agent_id: str, atomic_id: int, offset: int, limit: int) -> db.Op:
+        """Bytes [offset, offset + limit) (limit > 0)."""
+        return db.getrange(TaskOutput.key(task_id, agent_id, atomic_id), offset, offset + limit - 1)
