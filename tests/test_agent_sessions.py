@@ -37,6 +37,9 @@ def test_agents_attach_alive_in_all_four_calls(cluster, api):
     infos = api.infos([ids[1], host_form])
     assert infos[host_form]["bk_host_ip"] == agents[0].info["ip"]
     assert infos[ids[1]]["code"] == 0 and infos[ids[1]]["status"] == "running"
+    # The host figures ride on the first heartbeat, written lazily (within 0.5 s of its arrival).
+    infos = wait_for(lambda: (i := api.infos([ids[1], host_form]))[ids[1]]["cpu_num"] >= 1 and i, 10,
+                     "the first heartbeat's host figures")
     assert infos[ids[1]]["cpu_num"] >= 1 and infos[ids[1]]["mem_size"] > 0
     assert infos[ids[1]]["bk_os_type"] == "linux"
 
