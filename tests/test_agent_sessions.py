@@ -217,6 +217,7 @@ def test_host_snapshot_rides_on_some_heartbeats_liveness_on_all(make_cluster):
     agent = c.start_agent(servers=[ts.info["address"]])
     aid = agent.info["bk_agent_id"]
     api.wait_alive([aid])
+    wait_for(lambda: api.infos([aid])[aid]["cpu_num"] >= 1, 10, "the first heartbeat's host figures")
     seen = set()
     deadline = time.monotonic() + 8 * HEARTBEAT_S
     while time.monotonic() < deadline:

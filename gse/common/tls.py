@@ -101,7 +101,7 @@ def make_ca(cn: str = "GSE cluster CA", days: int = 3650):
 
 def certify(ca_key, ca_cert, public_key, role: str, cn: str = "", sans=(), agent_id: str = "", days: int = 825):
     """A certificate for `public_key` naming `role` (and `agent_id`), signed by the CA."""
-    from .agentstate import valid_agent_id
+    from .records import valid_agent_id
     if agent_id and not valid_agent_id(agent_id):
         raise CertError("bk_agent_id must be 1-64 printable characters")
     if agent_id and role not in (roles.AGENT, roles.PROXY):
