@@ -71,15 +71,15 @@ async def test_large_body_parsed_in_a_worker_while_the_loop_ticks():
 def test_dependency_checks_are_iterative_and_linear():
     """A chain of a thousand atomic tasks (the most a request may hold) was a recursion a thousand deep on the
     API server and on the agent; the check is iterative and linear now."""
-    from gse.common.taskstate import find_cycle
+    from gse.common.taskgraph import dependency_cycle
 
     n = 200_000
     chain = {i: [i - 1] if i else [] for i in range(n)}
     t0 = time.perf_counter()
-    assert find_cycle(chain) is None
+    assert dependency_cycle(chain) is None
     chain[0] = [n - 1]
-    cycle = find_cycle(chain)
+    cycle = dependency_cycle(chain)
     assert time.perf_counter() - t0 < 2.0
     assert cycle[0] == cycle[-1] and len(cycle) == n + 1
-    assert find_cycle({1: [2], 2: [1], 3: []}) in ([1, 2, 1], [2, 1, 2])
-    assert find_cycle({1: [1]}) == [1, 1]
+    assert dependency_cycle({1: [2], 2: [1], 3: []}) in ([1, 2, 1], [2, 1, 2])
+    assert dependency_cycle({1: [1]}) == [1, 1]
