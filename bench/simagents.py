@@ -24,6 +24,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from gse.common import framelink  # noqa: E402
+from gse.common.address import split_host_port  # noqa: E402
+from gse.common.backoff import Backoff  # noqa: E402
 from gse.common.tls import TLSMaterial  # noqa: E402
 from gse.pb import agent_pb2 as pb  # noqa: E402
 
@@ -77,7 +79,8 @@ class SimAgent:
 
     async def run(self) -> None:
         idx = self.i % len(self.servers)
-        attempt, redirect, redirects = 0, None, 0
+        backoff = Backoff(1.0, 30.0)      # as the real agent (gse.agent.agent: reconnect defaults)
+        redirect, redirects = None, 0
         no_redirect_until = 0.0
         while True:
             address = redirect or self.servers[idx % len(self.servers)]
@@ -90,20 +93,19 @@ class SimAgent:
                 no_redirect_until = time.monotonic() + 60.0     # as the real agent: no redirects for a while
             redirect, redirects = None, 0
             if connected_s > 10:
-                attempt = 0
+                backoff.reset()
             idx += 1
-            # as the real agent: full jitter, never narrower than the spread the server told
-            await asyncio.sleep(random.uniform(0, max(self.spread_s, min(30.0, 1.0 * 2 ** attempt))))
-            attempt += 1
+            backoff.floor_s = self.spread_s      # as the real agent: never narrower than the spread told
+            await backoff.sleep()
 
     async def session(self, address: str, redirects: int) -> tuple[str | None, float]:
         loop = asyncio.get_running_loop()
-        host, _, port = address.rpartition(":")
+        host, port = split_host_port(address)
         self.stats.connects += 1
         self.first, self.gone = loop.create_future(), loop.create_future()
         started = 0.0
         try:
-            self.link = await framelink.dial(self.ctx, host, int(port), self, server_hostname=host,
+            self.link = await framelink.dial(self.ctx, host, port, self, server_hostname=host,
                                              local_ip=self.ip if self.bind else "", timeout=30)
             self.link.write(self.hello(redirects))
             first = await asyncio.wait_for(self.first, 30)

@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 from gse.cli import api_call  # noqa: E402
+from gse.common.address import split_host_port  # noqa: E402
 from gse.devcluster import Cluster, wait_for  # noqa: E402
 from simagents import agent_id, spawn_workers, stop_workers  # noqa: E402
 
@@ -228,7 +229,7 @@ def main() -> int:
 
         if k >= 2 and not args.no_reconnect:
             victim = servers[0]
-            vport = int(victim.info["address"].rsplit(":", 1)[1])
+            vport = split_host_port(victim.info["address"])[1]
             moved = [a for a, (_s, port) in api.parents(ids).items() if port == vport]
             t0 = time.monotonic()
             victim.kill()

@@ -7,6 +7,7 @@ import time
 
 from conftest import HEARTBEAT_S, api_for, start_agents
 
+from gse.common.address import split_host_port
 from gse.devcluster import wait_for
 
 
@@ -23,7 +24,7 @@ def test_agents_attach_alive_in_all_four_calls(cluster, api):
         assert status["data"][f"0:{p.info['ip']}"] == {"ip": p.info["ip"], "bk_cloud_id": 0, "bk_agent_alive": 1}
 
     info = api.call("/api/c/compapi/v2/gse/get_agent_info", {"hosts": hosts})["data"]
-    ts_ports = {int(t.info["address"].rsplit(":", 1)[1]) for t in cluster.taskservers}
+    ts_ports = {split_host_port(t.info["address"])[1] for t in cluster.taskservers}
     for p in agents:
         entry = info[f"0:{p.info['ip']}"]
         assert entry["version"] and entry["parent_ip"] == "127.0.0.1" and entry["parent_port"] in ts_ports
@@ -96,8 +97,8 @@ def test_taskserver_killed_agents_reattach_elsewhere(cluster, api):
     api.wait_alive(ids)
     before = api.infos(ids)
     victim = cluster.taskservers[0]
-    victim_port = int(victim.info["address"].rsplit(":", 1)[1])
-    survivor_port = int(cluster.taskservers[1].info["address"].rsplit(":", 1)[1])
+    victim_port = split_host_port(victim.info["address"])[1]
+    survivor_port = split_host_port(cluster.taskservers[1].info["address"])[1]
     moved = [i for i in ids if before[i]["parent_port"] == victim_port]
     if not moved:  # all landed on the other server: kill that one instead
         victim, victim_port, survivor_port = cluster.taskservers[1], survivor_port, victim_port
@@ -127,7 +128,7 @@ def test_redirect_to_less_loaded_peer(make_cluster):
     ids = [p.info["bk_agent_id"] for p in agents]
     api.wait_alive(ids)
     second = c.start_taskserver(**fast)
-    second_port = int(second.info["address"].rsplit(":", 1)[1])
+    second_port = split_host_port(second.info["address"])[1]
 
     def balanced():
         infos = api.infos(ids)
@@ -242,7 +243,7 @@ def test_agent_port_refuses_bad_links_and_keeps_serving(make_cluster):
     c.start_dbproxy()
     ts = c.start_taskserver(hello_timeout_s=1.0)
     good = c.start_agent(servers=[ts.info["address"]])
-    host, port = ts.info["address"].rsplit(":", 1)
+    host, port = split_host_port(ts.info["address"])
     certs = c.certs_dir
     tls = TLSMaterial((certs / "ca.crt").read_bytes(), (certs / "agent.crt").read_bytes(),
                       (certs / "agent.key").read_bytes())

@@ -23,6 +23,7 @@ from kazoo.client import KazooClient
 from conftest import ApiClient, _new_cluster, api_for
 
 from gse.agent.ipc_client import MessageClient, ReportClient
+from gse.common.address import split_host_port
 from gse.common.datastate import CHANNEL_DATASERVER_OPS
 from gse.devcluster import wait_for
 
@@ -80,7 +81,7 @@ def dapi(dc) -> ApiClient:
 
 @pytest.fixture(scope="module")
 def rds(infra):
-    host, port = infra.redis[0].split(":")
+    host, port = split_host_port(infra.redis[0])
     r = redis.Redis(host=host, port=int(port))
     yield r
     r.close()
@@ -114,10 +115,10 @@ def connected(agent) -> bool:
 def add_streamto(api, mode: str, c, **kw) -> int:
     st = {"name": f"{mode}-{uuid.uuid4().hex[:6]}", "report_mode": mode}
     if mode == "kafka":
-        host, port = c.kafka.split(":")
+        host, port = split_host_port(c.kafka)
         st["kafka"] = {"storage_address": [{"ip": host, "port": int(port)}]}
     elif mode == "redis":
-        host, port = c.redis[0].split(":")
+        host, port = split_host_port(c.redis[0])
         st["redis"] = {"storage_address": [{"ip": host, "port": int(port)}]}
     else:
         st["data_log_path"] = kw["path"]

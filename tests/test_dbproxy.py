@@ -9,6 +9,7 @@ import redis
 from conftest import api_for, start_agents
 
 from gse.common import dbclient as db
+from gse.common.address import split_host_port
 from gse.common.tls import TLSMaterial
 from gse.dbproxy.store import Ring
 
@@ -56,7 +57,7 @@ def test_batch_sharded_and_replicated(make_cluster):
             await client.close()
 
     asyncio.run(go())
-    nodes = [redis.Redis(host="127.0.0.1", port=int(a.rsplit(":", 1)[1])) for a in c.redis]
+    nodes = [redis.Redis(host="127.0.0.1", port=split_host_port(a)[1]) for a in c.redis]
     key = f"{c.key_prefix}h3"
     assert all(n.exists(key) for n in nodes)                 # R=2 over two nodes: on both
     assert all(n.ttl(key) > 0 for n in nodes)
@@ -78,7 +79,7 @@ def test_three_nodes_each_key_on_two(make_cluster):
             await client.close()
 
     asyncio.run(go())
-    nodes = [redis.Redis(host="127.0.0.1", port=int(a.rsplit(":", 1)[1])) for a in c.redis]
+    nodes = [redis.Redis(host="127.0.0.1", port=split_host_port(a)[1]) for a in c.redis]
     per_key = [sum(1 for n in nodes if n.exists(f"{c.key_prefix}k{i}")) for i in range(300)]
     assert set(per_key) == {2}
     per_node = [len(n.keys(f"{c.key_prefix}k*")) for n in nodes]

@@ -16,6 +16,7 @@ from kazoo.client import KazooClient
 
 from conftest import api_for, start_agents
 
+from gse.common.address import split_host_port
 from gse.devcluster import wait_for
 
 
@@ -29,7 +30,7 @@ def zk(cluster):
 
 
 def _node(cluster, service: str, proc) -> str:
-    port = proc.info["address"].rsplit(":", 1)[1]
+    port = split_host_port(proc.info["address"])[1]
     return f"{cluster.zk_root}/{service}/127.0.0.1-{port}"
 
 
@@ -73,7 +74,7 @@ def test_zookeeper_restart_keeps_serving(make_cluster):
     agents = start_agents(c, 2)
     ids = [p.info["bk_agent_id"] for p in agents]
     api.wait_alive(ids)
-    port = int(c.zookeeper.rsplit(":", 1)[1])
+    port = split_host_port(c.zookeeper)[1]
     zk_proc.kill()
     # With ZooKeeper gone, the daemons keep serving what they can: agents stay attached and visible.
     for _ in range(5):

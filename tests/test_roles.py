@@ -16,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gse.common import framelink, roles, rpc
+from gse.common.address import split_host_port
 from gse.common.safefile import write_private
 from gse.common.tls import CA, CertError, TLSMaterial, init_certs
 from gse.pb import agent_pb2 as apb
@@ -160,7 +161,7 @@ def test_agent_port_takes_only_agent_and_proxy_certificates(make_cluster):
     c = make_cluster()
     c.start_dbproxy()
     ts = c.start_taskserver()
-    host, port = ts.info["address"].rsplit(":", 1)
+    host, port = split_host_port(ts.info["address"])
 
     class Inbox:
         def __init__(self):

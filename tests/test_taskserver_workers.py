@@ -20,6 +20,7 @@ from kazoo.client import KazooClient
 from conftest import api_for, start_agents
 
 from gse.common import dbclient as db
+from gse.common.address import split_host_port
 from gse.common.records import AgentRecord
 from gse.common.config import ConfigError, load_config
 from gse.common.tls import TLSMaterial
@@ -143,7 +144,7 @@ def test_workers_share_the_agent_port_and_split_the_agents(wc):
         nodes = wait_for(settled, 15, "session records and worker loads to agree", interval=0.2)
     assert set(nodes.values()) == node_ids
     infos = api.infos(ids)
-    assert {infos[a]["parent_port"] for a in ids} == {int(ts.info["address"].rsplit(":", 1)[1])}
+    assert {infos[a]["parent_port"] for a in ids} == {split_host_port(ts.info["address"])[1]}
 
     # A task through the API reaches the agents of both workers (dispatched by the records' node).
     results = run_everywhere(api, ids, "echo from-$((20+22))")

@@ -23,8 +23,10 @@ from google.protobuf.message import DecodeError
 
 from gse import __version__
 from gse.common import framelink
+from gse.common.backoff import Backoff
 from gse.common.records import valid_agent_id
-from gse.common.config import ConfigError, LogConfig, MetricsConfig, TLSConfig
+from gse.common.address import split_host_port
+from gse.common.config import ConfigError, LogConfig, MetricsConfig, TLSConfig, check_addresses
 from gse.common.service import Service
 from gse.common.tls import TLSMaterial
 from gse.pb import agent_pb2 as pb
@@ -44,6 +46,10 @@ class ReconnectConfig:
     base_s: float = 1.0        # the first retry waits up to this long (uniformly random)
     max_s: float = 30.0        # the retry window doubles up to this
     stable_s: float = 10.0     # a session that lasted this long resets the backoff
+
+    def validate(self) -> None:
+        if not 0 < self.base_s <= self.max_s:
+            raise ConfigError("reconnect: need 0 < base_s <= max_s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,10 +103,7 @@ class AgentConfig:
         self.tls.require()
         if not self.servers:
             raise ConfigError("servers: at least one task server address (host:port) is required")
-        for s in self.servers:
-            host, _, port = s.rpartition(":")
-            if not host or not port.isdigit():
-                raise ConfigError(f"servers: '{s}' is not host:port")
+        check_addresses("servers", self.servers)
         if self.heartbeat_interval_s <= 0:
             raise ConfigError("heartbeat_interval_s must be positive")
         if self.run_mode not in (0, 1):
@@ -129,8 +132,8 @@ def load_or_create_agent_id(data_dir: str | os.PathLike) -> str:
 
 def route_ip(server: str) -> str:
     """The local address the kernel would use to reach `server` (no packet is sent)."""
-    host = server.rpartition(":")[0].strip("[]")
     try:
+        host = split_host_port(server)[0]
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_DGRAM) as s:
             s.connect((host, 9))
@@ -211,6 +214,7 @@ class Agent(Service):
         self.attached = asyncio.Event()
         self.sessions = 0
         self.reconnect_spread_s = 0.0         # told by the task server (Welcome / Tune): see run()
+        self.backoff: Backoff | None = None   # the reconnect back-off of run()
         self._out: asyncio.Queue | None = None      # frames to the current task server
         t = config.tasks
         self.tasks = TaskManager(config.data_dir, self.send,
@@ -264,7 +268,10 @@ class Agent(Service):
         c = self.config
         servers = list(c.servers)
         idx = int(self.agent_id[:8], 16) % len(servers) if self.agent_id[:8].isalnum() else 0
-        attempt = 0
+        # Full jitter, never narrower than the spread the last server asked for (`floor_s`, kept current by
+        # _set_spread): when a server holding thousands of agents dies, they come back to its peers at a rate
+        # the peers can take.
+        self.backoff = backoff = Backoff(c.reconnect.base_s, c.reconnect.max_s, floor_s=self.reconnect_spread_s)
         redirect: str | None = None
         redirects = 0
         no_redirect_until = 0.0
@@ -282,31 +289,28 @@ class Agent(Service):
                 no_redirect_until = time.monotonic() + REDIRECT_COOLDOWN_S
             redirect, redirects = None, 0
             if outcome.connected_s >= c.reconnect.stable_s:
-                attempt = 0
+                backoff.reset()
             idx += 1
-            # Full jitter, never narrower than the spread the last server asked for: when a server holding
-            # thousands of agents dies, they come back to its peers at a rate the peers can take.
-            window = max(self.reconnect_spread_s, min(c.reconnect.max_s, c.reconnect.base_s * (2 ** attempt)))
-            attempt += 1
-            await asyncio.sleep(random.uniform(0, window))
+            await backoff.sleep()
 
     def _set_spread(self, spread_ms: int) -> None:
         spread = max(0, spread_ms) / 1000
         if spread != self.reconnect_spread_s:
             log.info("reconnect spread", extra={"spread_s": spread})
             self.reconnect_spread_s = spread
+            if self.backoff is not None:
+                self.backoff.floor_s = spread
 
     async def _session(self, address: str, redirects: int) -> _Outcome:
         outcome = _Outcome()
-        host, _, port = address.rpartition(":")
-        host = host.strip("[]")
+        host, port = split_host_port(address)
         inbox = _Inbox()
         beat: asyncio.Task | None = None
         writer: asyncio.Task | None = None
         started = 0.0
         link = None
         try:
-            link = await framelink.dial(self.ssl, host, int(port), inbox,
+            link = await framelink.dial(self.ssl, host, port, inbox,
                                         server_hostname=self.tls.server_name or host, local_ip=self.config.bind_ip,
                                         timeout=self.config.connect_timeout_s)
             link.write(self.hello(redirects).SerializeToString())

@@ -44,7 +44,9 @@ import psutil
 from prometheus_client import Counter, Gauge
 
 from gse.common import rpc
-from gse.common.config import ConfigError
+from gse.common.backoff import Backoff
+from gse.common.address import split_host_port
+from gse.common.config import ConfigError, check_addresses
 from gse.common.datastate import (CHANNEL_HOST_SNAPSHOT, MD_AGENT_ID, MD_CLOUD_ID, MD_IP, STREAM_METHOD)
 from gse.common.tls import TLSMaterial
 from gse.pb import agent_pb2 as apb
@@ -55,6 +57,8 @@ from .relay import SourceRelay
 from .spool import Spool
 
 log = logging.getLogger("gse.agent.data")
+
+RECONNECT_BASE_S = 0.2     # the first reconnect to a data server waits up to this long
 
 RECORDS_IN = Counter("gse_agent_data_records_total", "Records read from plugins (and the agent's own)")
 BATCHES_SENT = Counter("gse_agent_data_batches_sent_total", "Batches written to a data server (resends too)")
@@ -102,14 +106,11 @@ class DataConfig:
             raise ConfigError("data: need batch_max_bytes <= spool_segment_bytes <= spool_max_bytes")
         if self.max_inflight_batches < 1 or self.max_inflight_bytes < self.batch_max_bytes:
             raise ConfigError("data: max_inflight_batches >= 1 and max_inflight_bytes >= batch_max_bytes")
-        if self.respread_interval_s <= 0 or self.snapshot_interval_s <= 0:
-            raise ConfigError("data: respread_interval_s and snapshot_interval_s must be positive")
+        if self.respread_interval_s <= 0 or self.snapshot_interval_s <= 0 or self.reconnect_max_s <= 0:
+            raise ConfigError("data: respread_interval_s, snapshot_interval_s and reconnect_max_s must be positive")
         if self.ipc_mode & ~0o770:
             raise ConfigError("data: ipc_mode must not give others access (0660 or tighter)")
-        for s in self.servers:
-            host, _, port = s.rpartition(":")
-            if not host or not port.isdigit():
-                raise ConfigError(f"data.servers: '{s}' is not host:port")
+        check_addresses("data.servers", self.servers)
 
 
 class _Open:
@@ -334,14 +335,14 @@ class DataPipeline:
     def _channel(self, address: str) -> grpc.aio.Channel:
         if self.relay is None:
             return rpc.make_channel(self.tls, address)
-        host, _, port = address.rpartition(":")
-        self.relay.target = (host.strip("[]"), int(port))
-        name = self.tls.server_name or host.strip("[]")
+        self.relay.target = split_host_port(address)
+        name = self.tls.server_name or self.relay.target[0]
         return rpc.make_channel(self.tls, self.relay.grpc_target,
                                 [("grpc.ssl_target_name_override", name), ("grpc.default_authority", address)])
 
     async def _send_loop(self) -> None:
-        attempt = 0
+        # Full jitter from 0.2 s up to reconnect_max_s; a stream that lasted 10 s starts over.
+        backoff = Backoff(min(RECONNECT_BASE_S, self.cfg.reconnect_max_s), self.cfg.reconnect_max_s)
         while True:
             address = self._pick()
             if address is None:
@@ -355,14 +356,12 @@ class DataPipeline:
                 log.exception("data stream failed unexpectedly", extra={"server": address})
                 ok = False
             if ok and time.monotonic() - started > 10:
-                attempt = 0
+                backoff.reset()
             if self._move_to is not None:
                 continue
             if not ok:
-                self._avoid[address] = time.monotonic() + min(30.0, 2.0 * (attempt + 1))
-            window = min(self.cfg.reconnect_max_s, 0.2 * (2 ** attempt))
-            attempt = min(attempt + 1, 10)
-            await asyncio.sleep(random.uniform(window / 2, window))
+                self._avoid[address] = time.monotonic() + min(30.0, 2.0 * (backoff.attempt + 1))
+            await backoff.sleep()
 
     async def _stream(self, address: str) -> bool:
         """One stream to one data server; False when it failed (rather than being left on purpose)."""

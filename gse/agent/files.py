@@ -26,6 +26,7 @@ from pathlib import Path
 import grpc
 
 from gse.common import patterns
+from gse.common.address import join_host_port, split_host_port
 from gse.common.errors import ErrorCode, ScriptStatus
 from gse.pb import agent_pb2 as pb
 from gse.pb import file_pb2 as fpb
@@ -179,7 +180,7 @@ class FileManager:
                 host = self.agent.config.bind_ip or "0.0.0.0"
                 last: Exception | None = None
                 for port in range(self.cfg.bt_port, self.cfg.bt_port_max + 1):
-                    s = TorrentSession(f"{host}:{port}")
+                    s = TorrentSession(join_host_port(host, port))
                     try:
                         await s.start()
                         self._session = s
@@ -203,10 +204,9 @@ class FileManager:
                 relay = self._relays.get(address)
                 if relay is None:
                     relay = self._relays[address] = SourceRelay(self.agent.config.bind_ip)
-                    host, _, port = address.rpartition(":")
-                    relay.target = (host.strip("[]"), int(port))
+                    relay.target = split_host_port(address)
                     asyncio.ensure_future(relay.start())
-                host = address.rpartition(":")[0].strip("[]")
+                host = relay.target[0]
                 ch = rpc.make_channel(self.agent.tls, relay.grpc_target,
                                       [("grpc.ssl_target_name_override", self.agent.tls.server_name or host),
                                        ("grpc.default_authority", address)])

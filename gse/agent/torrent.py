@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import libtorrent as lt
 
+from gse.common.address import join_host_port, split_host_port
+
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.15  # seconds between alert pops
@@ -104,10 +106,10 @@ async def make_torrent(path: str, piece_size: int = 0) -> bytes:
 
 
 def _split_listen(listen_interface: str) -> tuple[str, int]:
-    host, sep, port = listen_interface.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"listen_interface must be IP:PORT, got {listen_interface!r}")
-    return host.strip("[]"), int(port)
+    try:
+        return split_host_port(listen_interface, listen=True)
+    except ValueError as exc:
+        raise ValueError(f"listen_interface must be IP:PORT: {exc}") from None
 
 
 class Torrent:
@@ -277,9 +279,9 @@ class TorrentSession:
     """One libtorrent session per agent; `start()` binds the listen socket and starts the alert pump."""
 
     def __init__(self, listen_interface: str, download_rate_limit: int = 0, upload_rate_limit: int = 0):
-        host, _port = _split_listen(listen_interface)
+        host, port = _split_listen(listen_interface)
         settings = {
-            "listen_interfaces": listen_interface if ":" not in host else f"[{host}]:{_port}",
+            "listen_interfaces": join_host_port(host, port),
             "enable_dht": False,
             "enable_lsd": False,
             "enable_upnp": False,

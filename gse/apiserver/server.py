@@ -7,6 +7,7 @@ import logging
 
 from aiohttp import web
 
+from gse.common.address import join_host_port
 from gse.common.config import ConfigError, DbProxyClientConfig
 from gse.common.dbclient import DbClient
 from gse.common.discovery import Discovery
@@ -106,7 +107,7 @@ class ApiServerService(Service):
         self.port = site._server.sockets[0].getsockname()[1]
         await self.discovery.register(self.name, self.node_id, {
             "url": f"http://{c.advertise_host or c.host}:{self.port}",
-            "metrics": f"{c.metrics.host}:{self.ops.port}"})
+            "metrics": join_host_port(c.metrics.host, self.ops.port)})
         log.info("api server serving", extra={"port": self.port})
 
     async def stop(self, grace: float) -> None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import ipaddress
 
 
-def split_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
-    """(host, port) of "host:port", "[v6]:port", or a bare host when `default_port` is given.
-    Raises ValueError naming the text when it is not an address (empty host, no port, port out of range)."""
+def split_host_port(text: str, default_port: int | None = None, *, listen: bool = False) -> tuple[str, int]:
+    """(host, port) of "host:port", "[v6]:port", or a bare host when `default_port` is given. `listen`: an
+    address to bind, where port 0 means any free port. Raises ValueError naming the text when it is not an
+    address (empty host, no port, port out of range)."""
     text = text.strip()
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
@@ -33,8 +34,8 @@ def split_host_port(text: str, default_port: int | None = None) -> tuple[str, in
         if default_port is None:
             raise ValueError(f"{text!r} has no port (host:port)")
         return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"{text!r}: port must be 1-65535")
+    if not (port_text.isascii() and port_text.isdigit()) or not (0 if listen else 1) <= int(port_text) < 65536:
+        raise ValueError(f"{text!r}: port must be {0 if listen else 1}-65535")
     return host, int(port_text)
 
 

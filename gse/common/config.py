@@ -13,9 +13,11 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
+
+from .address import split_host_port
 
 
 class ConfigError(ValueError):
@@ -201,13 +203,24 @@ class TLSConfig:
                 raise ConfigError(f"tls.{name} is required (make certificates with 'gse certs init')")
 
 
+def check_addresses(key: str, addresses: Iterable[str], default_port: int | None = None) -> None:
+    """Every entry of config key `key` is host:port (gse.common.address); ConfigError naming the key and the
+    entry otherwise."""
+    for a in addresses:
+        try:
+            split_host_port(a, default_port)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class ZooKeeperConfig:
-    hosts: str = "127.0.0.1:2181"
+    hosts: str = "127.0.0.1:2181"      # host[:port],host[:port],... (kazoo's form; the port defaults to 2181)
     root: str = "/gse"
     session_timeout_s: float = 10.0
 
     def validate(self) -> None:
+        check_addresses("zookeeper.hosts", self.hosts.split(","), default_port=2181)
         if not self.root.startswith("/") or self.root.endswith("/") and self.root != "/":
             raise ConfigError(f"zookeeper.root '{self.root}' must be an absolute path without a trailing slash")
 
@@ -235,3 +248,6 @@ class MetricsConfig:
 class DbProxyClientConfig:
     addresses: tuple[str, ...] = ()     # empty = the dbproxies registered in ZooKeeper
     timeout_s: float = 5.0
+
+    def validate(self) -> None:
+        check_addresses("dbproxy.addresses", self.addresses)

@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import roles
+from .address import join_host_port
 from .logs import TRACE, current_trace
 from .tls import TLSMaterial
 
@@ -103,14 +104,10 @@ class TraceInterceptor(grpc.aio.ServerInterceptor):
 
 def bind(server: grpc.aio.Server, tls: TLSMaterial, host: str, port: int) -> int:
     """Bind a mutual-TLS listener; returns the port (useful with port 0). There is no plaintext listener."""
-    bound = server.add_secure_port(f"{_host(host)}:{port}", tls.server_credentials())
+    bound = server.add_secure_port(join_host_port(host, port), tls.server_credentials())
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     return bound
-
-
-def _host(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def make_channel(tls: TLSMaterial, target: str, options=()) -> grpc.aio.Channel:

@@ -10,7 +10,8 @@ The supervisor is what `python -m gse.<daemon>` runs as when `workers` > 1. It
 - starts the workers as `python -m gse.<daemon> ... --set <derived keys> --worker I --supervisor PID
   --ready-fd FD`; a worker writes one JSON line to FD once it is ready (ports bound, ZooKeeper node made);
 - tells systemd READY=1 once every worker is ready and its /healthz is ok;
-- restarts a worker that exits, after 1 s doubling to 30 s (1 s again once the worker had lived 60 s);
+- restarts a worker that exits, after a full-jitter back-off whose window doubles from 1 s to 30 s (1 s again
+  once the worker had lived 60 s);
 - forwards SIGHUP (reload); on SIGTERM/SIGINT stops every worker within the stop bound, then exits;
 - serves /healthz (ok while every worker is alive and healthy) and its own /metrics.
 A worker is killed by the kernel when its supervisor dies (PR_SET_PDEATHSIG), so none outlives it.
@@ -33,6 +34,8 @@ from typing import Any
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 
+from .address import join_host_port
+from .backoff import Backoff
 from .service import STOP_BOUND_S, OpsServer, Service
 
 log = logging.getLogger("gse.workers")
@@ -102,10 +105,9 @@ class Worker:
         return self.proc.pid if self.proc is not None else None
 
 
-def _dial(host: str) -> str:
-    """The address to reach a listener bound to `host` from this machine."""
-    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"[{host}]" if ":" in host else host
+def _dial(host: str, port: int) -> str:
+    """The address to reach a listener bound to `host`:`port` from this machine."""
+    return join_host_port({"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host), port)
 
 
 class Supervisor(Service):
@@ -246,24 +248,26 @@ class Supervisor(Service):
         return True
 
     async def _keep(self, w: Worker) -> None:
-        """Restart worker `w` whenever it exits, with backoff."""
-        delay = BACKOFF_MIN_S
+        """Restart worker `w` whenever it exits, with back-off (gse.common.backoff)."""
+        backoff = Backoff(BACKOFF_MIN_S, BACKOFF_MAX_S)
         while True:
             code = await w.proc.wait()
             lived = time.monotonic() - w.started_at
             if lived >= BACKOFF_RESET_S:
-                delay = BACKOFF_MIN_S
+                backoff.reset()
+            delay = backoff.next()
             log.warning("worker exited; restarting it", extra={
-                "worker": w.index, "pid": w.pid, "code": code, "lived_s": round(lived, 1), "restart_in_s": delay})
+                "worker": w.index, "pid": w.pid, "code": code, "lived_s": round(lived, 1),
+                "restart_in_s": round(delay, 2)})
             while True:
                 await asyncio.sleep(delay)
-                delay = min(BACKOFF_MAX_S, delay * 2)
                 try:
                     await self._spawn(w)
                     break
                 except OSError as exc:
+                    delay = backoff.next()
                     log.error("cannot start a worker", extra={"worker": w.index, "error": str(exc),
-                                                               "retry_in_s": delay})
+                                                               "retry_in_s": round(delay, 2)})
             w.restarts += 1
             RESTARTS.labels(str(w.index)).inc()
 
@@ -283,7 +287,7 @@ class Supervisor(Service):
                  "ok": False}
         if not w.alive or not w.ops_port or self._http is None:
             return state
-        state["ops"] = f"{_dial(self.config.metrics.host)}:{w.ops_port}"
+        state["ops"] = _dial(self.config.metrics.host, w.ops_port)
         try:
             async with self._http.get(f"http://{state['ops']}/healthz") as r:
                 body = await r.json()

@@ -18,6 +18,7 @@ import time
 from gse import __version__
 from gse.common import dbclient as db
 from gse.common import rpc
+from gse.common.address import join_host_port
 from gse.common.config import ConfigError, DbProxyClientConfig
 from gse.common.datastate import CHANNEL_DATASERVER_OPS, CHANNEL_HOST_SNAPSHOT, DEFAULT_DATASERVER_PORT
 from gse.common.dbclient import DbClient
@@ -152,9 +153,9 @@ class DataServerService(Service):
                                                                       self.outputs.sinks.values()}}
 
     def _registration(self) -> dict:
-        return {"address": f"{self.advertise}:{self.port}", "area": self.config.area, "load": self.ingest.load,
+        return {"address": join_host_port(self.advertise, self.port), "area": self.config.area, "load": self.ingest.load,
                 "records_per_s": round(self.records_per_s, 1), "bytes_per_s": round(self.bytes_per_s),
-                "metrics": f"{self.config.metrics.host}:{self.ops.port}"}
+                "metrics": join_host_port(self.config.metrics.host, self.ops.port)}
 
     def _on_streamtos(self, streamtos: dict[int, dict]) -> None:
         self.outputs.apply(streamtos)

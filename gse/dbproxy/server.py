@@ -10,7 +10,8 @@ import time
 from prometheus_client import Counter, Gauge, Histogram
 
 from gse.common import rpc
-from gse.common.config import ConfigError
+from gse.common.address import join_host_port
+from gse.common.config import ConfigError, check_addresses
 from gse.common.discovery import Discovery
 from gse.common.service import BaseConfig, Service
 from gse.common.tls import TLSMaterial
@@ -45,10 +46,7 @@ class DbProxyConfig(BaseConfig):
         super().validate()
         if not self.redis:
             raise ConfigError("redis: at least one node (host:port) is required")
-        for addr in self.redis:
-            host, _, port = addr.rpartition(":")
-            if not host or not port.isdigit():
-                raise ConfigError(f"redis: '{addr}' is not host:port")
+        check_addresses("redis", self.redis)
         if not 1 <= self.replicas <= len(self.redis):
             raise ConfigError(f"replicas must be between 1 and the number of redis nodes ({len(self.redis)})")
 
@@ -103,7 +101,7 @@ class DbProxyService(Service):
         await self.discovery.start()
         await self.discovery.register(self.name, self.node_id, {
             "address": f"{c.advertise_host or c.host}:{self.port}",
-            "metrics": f"{c.metrics.host}:{self.ops.port}",
+            "metrics": join_host_port(c.metrics.host, self.ops.port),
             "redis": list(c.redis), "replicas": c.replicas,
         })
         log.info("dbproxy serving", extra={"port": self.port, "redis": list(c.redis), "replicas": c.replicas})

@@ -25,6 +25,7 @@ from aiohttp import web
 from prometheus_client import Counter, Gauge
 
 from gse.common import rpc
+from gse.common.address import join_host_port
 from gse.common.config import ConfigError
 from gse.common.discovery import Discovery
 from gse.common.service import BaseConfig, Service
@@ -265,7 +266,7 @@ class FileServerService(Service):
         site = web.TCPSite(self.tracker_runner, c.host, c.tracker_port)
         await site.start()
         self.tracker_port = site._server.sockets[0].getsockname()[1]
-        tracker_url = f"http://{self.advertise}:{self.tracker_port}/announce"
+        tracker_url = f"http://{join_host_port(self.advertise, self.tracker_port)}/announce"
         tracker.public_url = tracker_url
         self.service = FileService(c, tracker, tracker_url)
         self.server = rpc.make_server(self.tls)
@@ -276,8 +277,8 @@ class FileServerService(Service):
         await rpc.set_serving(health, True)
         await self.discovery.start()
         await self.discovery.register(self.name, self.node_id, {
-            "address": f"{self.advertise}:{self.port}", "tracker_url": tracker_url,
-            "metrics": f"{c.metrics.host}:{self.ops.port}", "load": 0})
+            "address": join_host_port(self.advertise, self.port), "tracker_url": tracker_url,
+            "metrics": join_host_port(c.metrics.host, self.ops.port), "load": 0})
         log.info("file server serving", extra={"port": self.port, "tracker": tracker_url})
 
     async def run(self) -> None:
@@ -285,8 +286,9 @@ class FileServerService(Service):
             await asyncio.sleep(10)
             self.service.expire()
             await self.discovery.update(self.name, self.node_id, {
-                "address": f"{self.advertise}:{self.port}", "tracker_url": self.service.tracker_url,
-                "metrics": f"{self.config.metrics.host}:{self.ops.port}", "load": len(self.service.transfers)})
+                "address": join_host_port(self.advertise, self.port), "tracker_url": self.service.tracker_url,
+                "metrics": join_host_port(self.config.metrics.host, self.ops.port),
+                "load": len(self.service.transfers)})
 
     async def stop(self, grace: float) -> None:
         await self.discovery.stop()

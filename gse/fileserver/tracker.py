@@ -29,6 +29,7 @@ from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
 
+from gse.common.address import join_host_port
 from gse.fileserver import bencode
 
 log = logging.getLogger(__name__)
@@ -315,8 +316,7 @@ class Tracker:
         self._runner = runner
         bound = runner.addresses[0][1] if runner.addresses else port
         if self.public_url is None:
-            shown = f"[{host}]" if ":" in host else host
-            self.public_url = f"http://{shown}:{bound}{ANNOUNCE_PATH}"
+            self.public_url = f"http://{join_host_port(host, bound)}{ANNOUNCE_PATH}"
         log.info("tracker listening", extra={"host": host, "port": bound})
         return bound
 

@@ -20,6 +20,7 @@ import time
 import aiohttp
 from prometheus_client import Counter
 
+from gse.common.backoff import Backoff
 from gse.pb import agent_pb2 as apb
 from gse.pb import data_pb2 as pb
 
@@ -32,6 +33,9 @@ REPLIES = Counter("gse_taskserver_plugin_replies_total", "Plugin replies to disp
 
 MAX_QUEUED = 10_000
 CONCURRENCY = 32
+POST_TRIES = 3              # a callback post is tried this many times,
+POST_BACKOFF_BASE_S = 0.5   # with a full-jitter back-off between tries (gse.common.backoff)
+POST_BACKOFF_CAP_S = 2.0
 
 
 class DataRelay:
@@ -110,7 +114,10 @@ class DataRelay:
             url, body = await self._queue.get()
             if self._http is None:
                 self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-            for attempt in range(3):
+            backoff = Backoff(POST_BACKOFF_BASE_S, POST_BACKOFF_CAP_S)
+            for attempt in range(POST_TRIES):
+                if attempt:
+                    await backoff.sleep()
                 try:
                     async with self._http.post(url, json=body) as resp:
                         if resp.status < 300:
@@ -119,7 +126,6 @@ class DataRelay:
                         error = f"HTTP {resp.status}"
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                     error = repr(exc)
-                await asyncio.sleep(0.5 * 2 ** attempt)
             else:
                 REPLIES.labels("failed").inc()
                 log.warning("plugin reply not posted", extra={"url": url, "message_id": body["message_id"],

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 
 from gse.common import framelink, rpc
+from gse.common.address import join_host_port
 from gse.common.config import ConfigError, DbProxyClientConfig
 from gse.common.dbclient import DbClient
 from gse.common.discovery import Discovery
@@ -122,9 +123,10 @@ class TaskServerService(Service):
                     "zookeeper": self.discovery.connected, "dbproxies": self.db.addresses}
 
     def _registration(self) -> dict:
-        return {"agent_address": f"{self.advertise}:{self.agent_port}",
-                "task_address": f"{self.advertise}:{self.task_port}", "area": self.config.area,
-                "load": self.access.load if self.access else 0, "metrics": f"{self.config.metrics.host}:{self.ops.port}"}
+        return {"agent_address": join_host_port(self.advertise, self.agent_port),
+                "task_address": join_host_port(self.advertise, self.task_port), "area": self.config.area,
+                "load": self.access.load if self.access else 0,
+                "metrics": join_host_port(self.config.metrics.host, self.ops.port)}
 
     async def start(self) -> None:
         await super().start()
@@ -138,7 +140,7 @@ class TaskServerService(Service):
         self.agent_sock = framelink.bind(c.host, c.agent_port, reuse_port=c.workers > 1)
         self.agent_port = self.agent_sock.getsockname()[1]
         self.balancer = Balancer(self.node_id, c.area, slack=c.balance.slack, ratio=c.balance.ratio,
-                                 enabled=c.balance.enabled, agent_address=f"{self.advertise}:{self.agent_port}")
+                                 enabled=c.balance.enabled, agent_address=join_host_port(self.advertise, self.agent_port))
         ttl = int(c.result_ttl_s * 1000)
         host_every = max(1, round(c.host_snapshot_interval_s / c.heartbeat_interval_s))
         self.access = AgentAccess(self.node_id, self.advertise, self.agent_port, self.writer,
