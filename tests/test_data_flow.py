@@ -387,6 +387,80 @@ async def test_dispatch_message_round_trip_to_the_slot_callback(dc, dapi):
         await runner.cleanup()
 
 
+async def test_plugin_message_sent_on_its_own_reaches_the_slot_of_its_plugin_name(dc, dapi):
+    """Spec section 9, with bk-gse-sdk's exact shapes: SendMessage without a dispatch before it (meta `{name,
+    transmit_type: 0, topic: "", message_id, session_id: ""}`) is posted to the callback of the slot registered
+    for the plugin's name; the SDK's reply to a dispatch (also session_id "") goes to the dispatching slot."""
+    posts: dict[str, asyncio.Queue] = {"mon": asyncio.Queue(), "other": asyncio.Queue(), "disp": asyncio.Queue()}
+
+    async def callback(request):
+        await posts[request.match_info["which"]].put(await request.json())
+        return web.json_response({"result": True})
+
+    app = web.Application()
+    app.router.add_post("/cb/{which}", callback)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/cb"
+    zk = KazooClient(hosts=dc.zookeeper)
+    zk.start(10)
+    plugin = None
+    try:
+        path = f"{dc.zk_root}/config/message_slots"
+        zk.ensure_path(path)
+        zk.set(path, json.dumps({
+            "101": {"callback_url": f"{base}/mon", "token": "t1", "plugin_name": "bkmonitorbeat"},
+            "102": {"callback_url": f"{base}/other", "token": "t2", "plugin_name": "bkunifylogbeat"},
+            "103": {"callback_url": f"{base}/disp", "token": "t3", "plugin_name": ""}}).encode())
+        agent = dc.agents[1]
+        aid = agent.info["bk_agent_id"]
+        plugin = await MessageClient().connect(str(Path(agent.info["run_dir"]) / "ipc.state.message"))
+        await plugin.keepalive("bkmonitorbeat", version="3.1")
+
+        def up(message_id, text):
+            return plugin.respond({"name": "bkmonitorbeat", "transmit_type": 0, "topic": "", "message_id": message_id,
+                                   "session_id": ""}, text.encode())
+
+        async def posted(which):
+            return await asyncio.wait_for(posts[which].get(), 15)
+
+        # The slots document reaches the task server through a ZooKeeper watch: resend until it has.
+        for attempt in range(50):
+            await up(f"up-{attempt}", "hello é")
+            try:
+                got = await asyncio.wait_for(posts["mon"].get(), 0.3)
+                break
+            except asyncio.TimeoutError:
+                continue
+        else:
+            raise AssertionError("the unsolicited message never reached the plugin's slot")
+        assert got["bk_agent_id"] == aid and got["content"] == "hello é" and got["message_id"].startswith("up-")
+        await up("up-last", "second")
+        while (got := await posted("mon"))["message_id"] != "up-last":
+            pass
+        assert got == {"message_id": "up-last", "bk_agent_id": aid, "content": "second"}
+
+        r = await asyncio.to_thread(dapi.call, "/api/v2/cluster/dispatch_message", {
+            "slot_id": "103", "token": "t3", "message_id": "down-1", "agent_id_list": [aid], "content": "q"})
+        assert r["code"] == 0, r
+        meta, payload = await plugin.receive(timeout=10)
+        assert meta["message_id"] == "down-1" and payload == b"q"
+        await up("down-1", "answer")             # the SDK replies with the dispatch's message id, session_id ""
+        assert await posted("disp") == {"message_id": "down-1", "bk_agent_id": aid, "content": "answer"}
+        await asyncio.sleep(0.5)
+        assert posts["other"].empty() and posts["disp"].empty()
+        while not posts["mon"].empty():
+            assert posts["mon"].get_nowait()["message_id"] != "down-1"
+    finally:
+        if plugin is not None:
+            await plugin.close()
+        zk.stop()
+        zk.close()
+        await runner.cleanup()
+
+
 async def test_host_snapshots_visible_in_list_agent_info(dc, dapi, rds):
     aid = dc.agents[0].info["bk_agent_id"]
     key = f"{dc.key_prefix}gse:snapshot:{aid}"

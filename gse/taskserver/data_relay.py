@@ -3,10 +3,13 @@
 - **Data server view.** The task server follows the data servers registered in ZooKeeper (address and load)
   and tells its agents: on attach, at once when membership changes, and when only loads changed at most
   every `view_interval_s` (one serialized frame for all agents). Agents never talk to ZooKeeper.
-- **Plugin replies.** cluster/dispatch_message reaches a plugin through this stream; the plugin's respond comes
-  back as a PluginReply and is POSTed as `{message_id, bk_agent_id, content}` to the callback registered for
-  its slot in the ZooKeeper document `<root>/config/message_slots`
-  (`{"<slot_id>": {"callback_url": "http://...", "token": "...", "plugin_name": ""}}`, applied live).
+- **Plugin messages.** cluster/dispatch_message reaches a plugin through this stream; what a plugin sends on
+  the message socket (0x900a) comes back as a PluginReply and is POSTed as `{message_id, bk_agent_id,
+  content}` to a callback registered in the ZooKeeper document `<root>/config/message_slots`
+  (`{"<slot_id>": {"callback_url": "http://...", "token": "...", "plugin_name": "..."}}`, applied live):
+  a reply to a dispatched message to the dispatching slot (the agent names it), a message the plugin sent
+  on its own (spec section 9: no dispatch before it, `session_id` "") to every slot registered for that
+  plugin name.
   Posts run beside the stream (bounded concurrency and queue), with three tries and backoff; a reply for a
   slot without a callback, or one that could not be posted, is counted and logged.
 """
@@ -90,24 +93,40 @@ class DataRelay:
     def on_slots(self, value) -> None:
         self.slots = value if isinstance(value, dict) else {}
 
+    def callbacks(self, reply: pb.PluginReply) -> list[str]:
+        """Where a plugin's message goes: the slot the agent named (a reply to its dispatch) when that slot is
+        configured, else every slot whose `plugin_name` is the plugin's (a message it sent on its own)."""
+        slot = self.slots.get(reply.slot_id) if reply.slot_id else None
+        if isinstance(slot, dict):
+            chosen = [slot]
+        elif reply.plugin_name:
+            chosen = [s for _sid, s in sorted(self.slots.items(), key=lambda kv: str(kv[0]))
+                      if isinstance(s, dict) and s.get("plugin_name") == reply.plugin_name]
+        else:
+            chosen = []
+        urls = [s.get("callback_url") for s in chosen]
+        return [u for u in urls if isinstance(u, str) and u.startswith(("http://", "https://"))]
+
     def on_plugin_reply(self, session: AgentSession, reply: pb.PluginReply) -> None:
         if self._queue is None:
             self._queue = asyncio.Queue(MAX_QUEUED)
             self._workers = [asyncio.ensure_future(self._worker()) for _ in range(CONCURRENCY)]
-        slot = self.slots.get(reply.slot_id)
-        url = slot.get("callback_url") if isinstance(slot, dict) else None
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        urls = self.callbacks(reply)
+        if not urls:
             REPLIES.labels("no_callback").inc()
-            log.warning("plugin reply for a slot without a callback dropped",
-                        extra={"slot_id": reply.slot_id, "message_id": reply.message_id, "agent_id": session.agent_id})
+            log.warning("plugin message without a slot callback dropped",
+                        extra={"slot_id": reply.slot_id, "plugin": reply.plugin_name, "message_id": reply.message_id,
+                               "agent_id": session.agent_id})
             return
         body = {"message_id": reply.message_id, "bk_agent_id": session.agent_id,
                 "content": reply.content.decode("utf-8", "replace")}
-        try:
-            self._queue.put_nowait((url, body))
-        except asyncio.QueueFull:
-            REPLIES.labels("queue_full").inc()
-            log.warning("plugin reply dropped: callback queue full", extra={"slot_id": reply.slot_id})
+        for url in urls:
+            try:
+                self._queue.put_nowait((url, body))
+            except asyncio.QueueFull:
+                REPLIES.labels("queue_full").inc()
+                log.warning("plugin message dropped: callback queue full",
+                            extra={"slot_id": reply.slot_id, "plugin": reply.plugin_name})
 
     async def _worker(self) -> None:
         while True:
