@@ -250,6 +250,47 @@ async def test_executor_runs_as_user_with_login_environment(login_user, monkeypa
     assert "GSE_AGENT_ONLY" not in env
 
 
+async def test_executor_login_environment_captured_once_and_refreshed(login_user):
+    """The profiles are sourced once per user, not per command: three tasks, one capture; the environment and the
+    profile's umask reach every command; a changed profile (and only that, or the age bound) means a new capture."""
+    u = login_user
+    profile = os.path.join(u.home, ".profile")
+    with open(profile, "a") as f:
+        f.write(f'umask 027\necho sourced >> {u.store}/sourced\n')
+    login = executor.LoginEnvironments(max_age_s=600)
+
+    async def env_of() -> dict[str, str]:
+        rec = await run_task(tasks('echo "umask=$(umask)"; env'), user=u.name, login=login)
+        assert rec.final(1).status == 2, rec.output(1)
+        return parse_env(rec.output(1))
+
+    os.chmod(u.store, 0o777)
+    for _ in range(3):
+        env = await env_of()
+        assert env["GSE_PROFILE_MARKER"] == u.marker and env["umask"] == "0027"
+        assert env["PATH"].split(":")[0] == f"{u.home}/gsebin" and "SHLVL" not in env
+    assert login.captures == 1 and open(f"{u.store}/sourced").read().count("sourced") == 1
+    with open(profile, "a") as f:
+        f.write("export GSE_PROFILE_MARKER=changed\n")
+    assert (await env_of())["GSE_PROFILE_MARKER"] == "changed" and login.captures == 2
+    login.max_age_s = 0.2
+    await asyncio.sleep(0.3)
+    await env_of()
+    assert login.captures == 3
+
+
+async def test_executor_login_capture_that_fails_falls_back_to_sourcing_per_command(login_user):
+    u = login_user
+    with open(os.path.join(u.home, ".profile"), "a") as f:
+        f.write("sleep 1\n")
+    login = executor.LoginEnvironments(max_age_s=600, capture_timeout_s=0.3)
+    rec = await run_task(tasks("echo mark=$GSE_PROFILE_MARKER"), user=u.name, login=login)
+    assert rec.final(1).status == 2 and rec.output(1) == f"mark={u.marker}\n".encode()
+    assert login.captures == 1
+    await run_task(tasks("true"), user=u.name, login=login)
+    assert login.captures == 1          # not retried at once: a failing capture must not double every command
+
+
 async def test_executor_defaults_to_root():
     rec = await run_task(tasks('echo "uid=$(id -u)"; env'), user="")
     env = parse_env(rec.output(1))

@@ -27,6 +27,7 @@ from gse.common.backoff import Backoff
 from gse.common.records import valid_agent_id
 from gse.common.address import split_host_port
 from gse.common.config import ConfigError, LogConfig, MetricsConfig, TLSConfig, check_addresses
+from gse.common.screen import check_code_page
 from gse.common.service import Service
 from gse.common.tls import TLSMaterial
 from gse.pb import agent_pb2 as pb
@@ -60,10 +61,22 @@ class TaskConfig:
     queue_limit: int = 256         # waiting tasks per kind beyond the pool; more is refused as busy
     max_output_bytes: int = 10 * 1024 * 1024    # per item; beyond it the output is truncated and says so
     kill_grace_s: float = 3.0      # TERM, then KILL after this long
+    # The encoding commands write on this host (the original agent's task.host_code_page_name): output is
+    # converted from it to UTF-8, undecodable bytes escaped (gse/common/screen.py).
+    host_code_page_name: str = "utf8"
+    # Each user's login environment is captured once and reused for this long (and redone at once when a profile
+    # file changes); 0 sources the profiles for every command instead (gse/agent/executor.py).
+    login_env_max_age_s: float = 600.0
 
     def validate(self) -> None:
         if min(self.pool_script, self.pool_file, self.pool_proc) < 1 or self.queue_limit < 0:
             raise ConfigError("tasks: pools must be at least 1 and queue_limit not negative")
+        if self.login_env_max_age_s < 0:
+            raise ConfigError("tasks.login_env_max_age_s must not be negative")
+        try:
+            check_code_page(self.host_code_page_name)
+        except ValueError as exc:
+            raise ConfigError(f"tasks.host_code_page_name: {exc}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +233,8 @@ class Agent(Service):
         self.tasks = TaskManager(config.data_dir, self.send,
                                  Pools({"script": t.pool_script, "file": t.pool_file, "proc": t.pool_proc},
                                        {"script": t.queue_limit, "file": t.queue_limit, "proc": t.queue_limit}),
-                                 t.max_output_bytes, t.kill_grace_s)
+                                 t.max_output_bytes, t.kill_grace_s, code_page=t.host_code_page_name,
+                                 login_env_max_age_s=t.login_env_max_age_s)
         self.data = DataPipeline(config.data, data_dir=config.data_dir, run_dir=config.run_dir, tls=self.tls,
                                  identity=self.identity, send=self.send, ip=self.ip, bind_ip=config.bind_ip)
         self.files = FileManager(self, config.data_dir, config.files)
@@ -256,6 +270,7 @@ class Agent(Service):
         if self.config.data.enabled:
             await self.data.start()
         recovered = self.tasks.recover()
+        self.tasks.prewarm()
         if recovered:
             log.info("task results kept across a restart", extra={"items": recovered})
         resumed = self.files.recover()

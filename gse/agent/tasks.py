@@ -23,7 +23,7 @@ from gse.common.errors import FINAL_STATUSES, ErrorCode, ScriptStatus
 from gse.common.logs import trace
 from gse.pb import agent_pb2 as pb
 
-from .executor import AtomicTask, Busy, ItemUpdate, Pools, Script, TaskRun
+from .executor import AtomicTask, Busy, ItemUpdate, LoginEnvironments, Pools, Script, TaskRun
 
 log = logging.getLogger("gse.agent.tasks")
 
@@ -47,13 +47,16 @@ class Item:
 
 class TaskManager:
     def __init__(self, data_dir: str, send: Callable[[pb.AgentFrame], bool], pools: Pools,
-                 max_output_bytes: int = 10 * 1024 * 1024, kill_grace_s: float = 3.0, flush_s: float = 0.05):
+                 max_output_bytes: int = 10 * 1024 * 1024, kill_grace_s: float = 3.0, flush_s: float = 0.05,
+                 code_page: str = "utf8", login_env_max_age_s: float = 600.0):
         self.journal_dir = Path(data_dir) / "tasks"
         self.journal_dir.mkdir(parents=True, exist_ok=True)
         self.send = send                    # returns False while not attached
         self.pools = pools
         self.max_output = max_output_bytes
         self.kill_grace_s = kill_grace_s
+        self.code_page = code_page
+        self.login = LoginEnvironments(login_env_max_age_s)
         self.flush_s = flush_s
         self.items: dict[tuple[str, int], Item] = {}
         self.runs: dict[str, TaskRun] = {}
@@ -102,6 +105,12 @@ class TaskManager:
                 path.unlink(missing_ok=True)
         return n
 
+    def prewarm(self, user: str = "root") -> None:
+        """Capture `user`'s login environment now (in the background), so the first task does not pay for it."""
+        t = asyncio.ensure_future(self.login.prewarm(user))
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
     # ---- from the server --------------------------------------------------------------------------
 
     def on_task(self, req: pb.TaskRequest) -> None:
@@ -116,7 +125,8 @@ class TaskManager:
         try:
             run = TaskRun(req.task_id, req.user or "root", scripts, atomic, relations,
                           on_update=lambda u, tid=req.task_id: self._on_update(tid, u),
-                          max_output_bytes=req.max_output_bytes or self.max_output, kill_grace_s=self.kill_grace_s)
+                          max_output_bytes=req.max_output_bytes or self.max_output, kill_grace_s=self.kill_grace_s,
+                          code_page=self.code_page, login=self.login)
         except ValueError as exc:
             self._fail_all(req.task_id, atomic, str(exc))
             TASKS.labels("refused").inc()

@@ -18,6 +18,7 @@ from gse.common.errors import (BadRequest, Blocked, ErrorCode, GseError, ScriptS
 from gse.common.logs import set_trace
 from gse.common.records import (SESSION_FIELDS, AgentRecord, TaskItem, TaskOutput, TaskRecord, new_task_id, now_ms,
                                 valid_task_id)
+from gse.common.screen import whole_chars
 from gse.common.taskgraph import dependency_cycle
 from gse.pb import agent_pb2 as apb
 from gse.pb import dbproxy_pb2 as dpb
@@ -239,7 +240,8 @@ class TaskEndpoints:
             ops = []
             for n in need:
                 aid, _c, tid, off, limit = wanted[n]
-                ops.append(TaskOutput.read(task_id, real[aid], tid, off, limit or self.default_limit))
+                # 3 bytes beyond the page: a first character longer than `limit` still fits whole.
+                ops.append(TaskOutput.read(task_id, real[aid], tid, off, (limit or self.default_limit) + 3))
             return dict(zip(need, await self.db.execute(ops)))
 
         # Only agents with unfinished items are looked up: an agent gone for good must not keep a caller
@@ -279,7 +281,7 @@ class TaskEndpoints:
             entry.update(status=int(status), error_code=item_error_code(status, code), error_msg=msg,
                          start_time=f.start_time,
                          end_time=f.end_time, script_exit_code=f.exit_code, tag="",
-                         screen=screen.value.decode("utf-8", "replace") if screen.ok else "")
+                         screen=page_text(screen, limit or self.default_limit))
             if f.warning:
                 entry["warning"] = f.warning
             if f.truncated:
@@ -314,7 +316,7 @@ class TaskEndpoints:
         expected = max(0, min(f.output_size - off, limit))
         if expected == 0:
             return True
-        got = len(screen.value) if screen.ok else 0
+        got = min(len(screen.value), limit) if screen.ok else 0
         if got >= expected:
             return True
         return f.end_time > 0 and at_ms - f.end_time > self.OUTPUT_LAG_MS
@@ -357,6 +359,15 @@ class TaskEndpoints:
             bad = [r.error for r in res if not r.ok]
             if bad:
                 raise GseError(f"storing task state failed: {bad[0]}")
+
+
+def page_text(screen, limit: int) -> str:
+    """An item's `screen` page from the bytes read at its offset: whole characters only, at most `limit` bytes
+    unless its first character alone is longer (gse/common/screen.py). Stored output is UTF-8 the agent
+    converted; anything else (an offset inside a character) reads as U+FFFD rather than failing."""
+    if not screen.ok:
+        return ""
+    return whole_chars(screen.value, limit).decode("utf-8", "replace")
 
 
 def _refuse_aliases(targets: list[Target]) -> None:
