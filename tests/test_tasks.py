@@ -382,6 +382,8 @@ def test_result_codes_unknown_task_is_1000115_running_items_115_under_code_0(tc,
     assert res[(a, 0)]["error_code"] == 0 and res[(a, 1)]["error_code"] == 0
     r = tapi.call(TERMINATE, {"task_id": "GSETASK:nope", "agents": [{"bk_agent_id": a}]})
     assert r["code"] == 1000400 and "unknown" in r["message"]
+    r = tapi.call("/api/v2/task/get_transfer_file_result", {"task_id": tid})      # found by the API fuzz test
+    assert r["code"] == 1000400 and "not a file transfer" in r["message"]
     r = tapi.call(TERMINATE, {"task_id": 5, "agents": []})
     assert r["code"] == 1000400 and "task_id" in r["message"]
 

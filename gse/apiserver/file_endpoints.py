@@ -23,6 +23,7 @@ from .task_endpoints import TaskEndpoints
 log = logging.getLogger("gse.apiserver.files")
 
 MB = 1024 * 1024
+MAX_SPEED_MB = 1_000_000       # MB/s: beyond any link, and bytes/s of it fit the int64 of the wire
 
 
 class FileEndpoints:
@@ -51,8 +52,8 @@ class FileEndpoints:
     @staticmethod
     def _speed(body: dict, field: str) -> int:
         value = body.get(field, 0) or 0
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise BadRequest(f"'{field}' must be a number of MB/s (0 = unlimited)")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_SPEED_MB:
+            raise BadRequest(f"'{field}' must be a number of MB/s from 0 (unlimited) to {MAX_SPEED_MB}")
         return int(value * MB)
 
     def _tasks(self, body: dict) -> list[dict]:
@@ -176,6 +177,8 @@ class FileEndpoints:
         (spec §4); no agents: every target of the task."""
         task_id = self.t._task_id(body)
         meta = await self.t._meta(task_id, TaskNotKnown)
+        if meta.kind not in ("file", "push"):
+            raise BadRequest(f"'task_id' {task_id} is not a file transfer")
         requested = []
         for i, a in enumerate(v.lst(body, "agents", required=False, non_empty=False, max_len=self.t.max_hosts)):
             if not isinstance(a, dict):

@@ -32,6 +32,9 @@ from .taskservers import TaskServers
 log = logging.getLogger("gse.apiserver.tasks")
 
 NO_OUTPUT = dpb.Result(ok=True)        # what an item without output reads as
+MAX_ITEMS_PER_READ = 100_000
+READ_BUDGET = 64 * 1024 * 1024
+MAX_OFFSET = 2 ** 40     # output offsets and limits: far beyond any item's output, well inside Redis' int64
 
 
 @dataclass
@@ -217,14 +220,27 @@ class TaskEndpoints:
                 if not isinstance(item, dict):
                     raise BadRequest(f"'{where}atomic_tasks[{j}]' must be an object")
                 wanted.append((aid, container, v.integer(item, "atomic_task_id", where=w2, minimum=0),
-                               v.integer(item, "offset", required=False, default=0, where=w2, minimum=0),
-                               v.integer(item, "limit", required=False, default=0, where=w2, minimum=0)))
+                               v.integer(item, "offset", required=False, default=0, where=w2, minimum=0,
+                                         maximum=MAX_OFFSET),
+                               v.integer(item, "limit", required=False, default=0, where=w2, minimum=0,
+                                         maximum=MAX_OFFSET)))
         meta = await self._meta(task_id, TaskNotKnown)
+        if meta.kind not in ("", "script"):
+            raise BadRequest(f"'task_id' {task_id} is not a script task")
         if not wanted:      # no atomic tasks named: every atomic task of the task, whole output
             for i, at in enumerate(body["agent_tasks"]):
                 aid = at["bk_agent_id"]
                 for tid in meta.atomic_ids or []:
                     wanted.append((aid, at.get("bk_container_id", "") or "", tid, 0, 0))
+                if len(wanted) > MAX_ITEMS_PER_READ:
+                    break
+        if len(wanted) > MAX_ITEMS_PER_READ:
+            raise BadRequest(f"'agent_tasks' names more than {MAX_ITEMS_PER_READ} items; read them in several calls")
+        # Output per item: `limit` (0 = the whole output, up to default_limit), but no more than READ_BUDGET for
+        # the call in all (at least 64 KiB per item): one read must not fetch gigabytes. A shorter page is
+        # what a paging client expects anyway (it advances by what it got).
+        share = max(64 * 1024, READ_BUDGET // max(1, len(wanted)))
+        wanted = [(a, c, t, off, min(limit or self.default_limit, share)) for a, c, t, off, limit in wanted]
         requested = list(dict.fromkeys(w[0] for w in wanted))
         real = await self.view.resolve(requested)
         real = {r: real.get(r, r) for r in requested}
