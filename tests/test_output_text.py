@@ -176,3 +176,13 @@ def test_screen_decoder_and_pages_unit():
         assert out == stored
     with pytest.raises(ValueError):
         OutputDecoder("utf-16")
+
+
+def test_host_code_page_setting_checked_at_load():
+    from gse.agent.agent import TaskConfig
+    from gse.common.config import ConfigError
+
+    TaskConfig(host_code_page_name="gb18030").validate()
+    for bad in ("utf-16", "rot13", "klingon"):
+        with pytest.raises(ConfigError, match="host_code_page_name"):
+            TaskConfig(host_code_page_name=bad).validate()

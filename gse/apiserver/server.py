@@ -99,12 +99,12 @@ class ApiServerService(Service):
         if not c.dbproxy.addresses:
             await self.discovery.watch_service("dbproxy", self.db.on_view)
         self.api = self.build_api()
-        await self.api.bodies.start()
         self.runner = web.AppRunner(self.api.make_app(), access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, c.host, c.port, backlog=1024)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
+        await self.api.bodies.start()       # the body-parsing worker, before anyone is told to come
         await self.discovery.register(self.name, self.node_id, {
             "url": f"http://{c.advertise_host or c.host}:{self.port}",
             "metrics": join_host_port(c.metrics.host, self.ops.port)})
