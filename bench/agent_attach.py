@@ -29,7 +29,7 @@ from gse.cli import api_call  # noqa: E402
 from gse.devcluster import Cluster  # noqa: E402
 
 sys.path.insert(0, HERE)
-from simagents import agent_id, spawn_workers, stop_workers  # noqa: E402
+from simagents import agent_id, prepare, spawn_workers, stop_workers  # noqa: E402
 
 
 def count_alive(cluster: Cluster, ids: list[str]) -> int:
@@ -62,8 +62,10 @@ def run_one(n: int, workers: int, heartbeat: float, steady: float, timeout: floa
         tsp = psutil.Process(ts.pid)
         idle_rss = tsp.memory_info().rss
         ids = [agent_id(tag, i) for i in range(n)]
+        idents = prepare(cluster, n, workers, tag, base, "issued")     # each agent its own certificate
         t0 = time.monotonic()
-        procs = spawn_workers(n, workers, ts.info["address"], str(cluster.certs_dir), tag, base, heartbeat)
+        procs = spawn_workers(n, workers, ts.info["address"], str(cluster.certs_dir), tag, base, heartbeat,
+                              identities=idents)
         alive = 0
         while time.monotonic() - t0 < timeout:
             alive = count_alive(cluster, ids)

@@ -6,7 +6,15 @@ link (gse/common/framelink.py, the real agent's transport) to a task server, hea
 backoff. A link costs one file descriptor; run several of these processes to hold more agents than one
 process may open files.
 
-    python bench/simagents.py --servers 127.0.0.1:48668 --certs DIR --count 1000 --first 0 --tag ab12
+Identity (--identity), as the cluster's checks want it:
+  issued   each agent has its own certificate naming its id (--bundle: JSON lines {"i", "cert", "key"},
+           made by `prepare` below with the cluster CA, as an operator would with `gse certs issue`)
+  enroll   each agent makes its key and enrolls with a one-time token (--tokens: one per line, line k for
+           agent --first + k), exactly as the real agent does, then attaches with its new certificate
+  shared   one certificate naming no agent (DIR/agent.crt; the cluster must be in shared-certificate mode)
+
+    python bench/simagents.py --servers 127.0.0.1:48668 --certs DIR --count 1000 --first 0 --tag ab12 \
+        --identity issued --bundle agents-0.jsonl
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from gse.common import framelink  # noqa: E402
 from gse.common.address import split_host_port  # noqa: E402
 from gse.common.backoff import Backoff  # noqa: E402
-from gse.common.tls import TLSMaterial  # noqa: E402
+from gse.common.tls import TLSMaterial, make_csr, new_key, pem_key  # noqa: E402
 from gse.pb import agent_pb2 as pb  # noqa: E402
 
 BASE_IP = int(ipaddress.ip_address("127.64.0.0"))
@@ -46,18 +54,55 @@ class Stats:
         self.connects = 0
         self.redirects = 0
         self.failures = 0
+        self.enrolled = 0
+        self.enroll_failures = 0
+        self.refused: dict[str, int] = {}
+
+
+class Identity:
+    """Where a simulated agent's TLS context comes from (see the module docstring)."""
+
+    def __init__(self, mode: str, certs: str, bundle: str = "", tokens: str = ""):
+        self.mode = mode
+        self.ca = open(f"{certs}/ca.crt", "rb").read()
+        self.shared = None
+        self.pairs: dict[int, tuple[bytes, bytes]] = {}
+        self.tokens: list[str] = []
+        if mode == "shared":
+            self.shared = framelink.client_context(TLSMaterial.from_dir(certs, "agent"))
+        elif mode == "issued":
+            with open(bundle) as f:
+                for line in f:
+                    d = json.loads(line)
+                    self.pairs[d["i"]] = (d["cert"].encode(), d["key"].encode())
+        elif mode == "enroll":
+            with open(tokens) as f:
+                self.tokens = [t.strip() for t in f if t.strip()]
+            self.no_cert = framelink.client_context(TLSMaterial(self.ca, b"", b""), with_certificate=False)
+        else:
+            raise SystemExit(f"--identity {mode}: not issued, enroll or shared")
+
+    def context(self, i: int):
+        """The agent's own context, made once (26 KB and ~2 ms each: made when the agent first connects)."""
+        if self.shared is not None:
+            return self.shared
+        cert, key = self.pairs.pop(i)
+        return framelink.client_context(TLSMaterial(self.ca, cert, key))
 
 
 class SimAgent:
     """One simulated agent; also its link's handler (framelink calls link_open / link_frame / link_lost)."""
 
-    def __init__(self, i: int, tag: str, servers: list[str], ctx, stats: Stats, heartbeat_s: float, bind: bool):
+    def __init__(self, i: int, tag: str, servers: list[str], identity: Identity, stats: Stats, heartbeat_s: float,
+                 bind: bool, token: str = ""):
         self.i = i
         self.id = agent_id(tag, i)
         self.ip = agent_ip(i)
         self.bind = bind
         self.servers = servers
-        self.ctx = ctx
+        self.identity = identity
+        self.token = token
+        self.ctx = None
         self.stats = stats
         self.heartbeat_s = heartbeat_s
         self.server: str | None = None
@@ -77,7 +122,44 @@ class SimAgent:
     def hello(self, redirects: int) -> bytes:
         return pb.AgentFrame(hello=pb.AgentHello(redirects=redirects, **self.hello_fields)).SerializeToString()
 
+    async def enroll(self) -> None:
+        """As the real agent: key made here, CSR with the token, certificate back, then our own context."""
+        key = new_key()
+        frame = pb.AgentFrame(enroll=pb.Enroll(token=self.token, agent_id=self.id,
+                                               csr=make_csr(key, self.id))).SerializeToString()
+        backoff = Backoff(1.0, 30.0)      # as the real agent (gse.agent.agent: reconnect defaults)
+        while True:
+            address = self.servers[(self.i + backoff.attempt) % len(self.servers)]
+            host, port = split_host_port(address)
+            loop = asyncio.get_running_loop()
+            self.first, self.gone = loop.create_future(), loop.create_future()
+            link = None
+            try:
+                link = await framelink.dial(self.identity.no_cert, host, port, self, server_hostname=host,
+                                            local_ip=self.ip if self.bind else "", timeout=30)
+                link.write(frame)
+                answer = await asyncio.wait_for(self.first, 30)
+            except (OSError, asyncio.TimeoutError):
+                answer = None
+            finally:
+                if link is not None:
+                    link.close()
+            if answer is not None and answer.WhichOneof("body") == "enrolled":
+                self.ctx = framelink.client_context(TLSMaterial(self.identity.ca, answer.enrolled.certificate,
+                                                                pem_key(key)))
+                self.stats.enrolled += 1
+                return
+            self.stats.enroll_failures += 1
+            if answer is not None and answer.WhichOneof("body") == "refused":
+                code = answer.refused.code or "refused"
+                self.stats.refused[code] = self.stats.refused.get(code, 0) + 1
+            await backoff.sleep()
+
     async def run(self) -> None:
+        if self.identity.mode == "enroll":
+            await self.enroll()
+        else:
+            self.ctx = self.identity.context(self.i)
         idx = self.i % len(self.servers)
         backoff = Backoff(1.0, 30.0)      # as the real agent (gse.agent.agent: reconnect defaults)
         redirect, redirects = None, 0
@@ -118,6 +200,9 @@ class SimAgent:
                 return first.redirect.address, 0.0
             if kind != "welcome":
                 self.stats.failures += 1
+                if kind == "refused":
+                    code = first.refused.code or "refused"
+                    self.stats.refused[code] = self.stats.refused.get(code, 0) + 1
                 return None, 0.0
             started = time.monotonic()
             self.server = address
@@ -202,13 +287,15 @@ LIVENESS = pb.AgentFrame(heartbeat=pb.Heartbeat(seq=2, cpu_rate=0.1, mem_rate=0.
 
 
 async def main_async(args) -> None:
-    tls = TLSMaterial((open(f"{args.certs}/ca.crt", "rb").read()), open(f"{args.certs}/agent.crt", "rb").read(),
-                      open(f"{args.certs}/agent.key", "rb").read())
-    ctx = framelink.client_context(tls)
+    identity = Identity(args.identity, args.certs, args.bundle, args.tokens)
     stats = Stats()
     servers = args.servers.split(",")
-    agents = [SimAgent(i, args.tag, servers, ctx, stats, args.heartbeat, not args.no_bind)
-              for i in range(args.first, args.first + args.count)]
+    tokens = identity.tokens
+    if identity.mode == "enroll" and len(tokens) < args.count:
+        raise SystemExit(f"--tokens: {len(tokens)} tokens for {args.count} agents")
+    agents = [SimAgent(i, args.tag, servers, identity, stats, args.heartbeat, not args.no_bind,
+                       tokens[k] if tokens else "")
+              for k, i in enumerate(range(args.first, args.first + args.count))]
     tasks = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -225,7 +312,9 @@ async def main_async(args) -> None:
     async def report():
         while True:
             print(json.dumps({"t": round(time.time(), 3), "attached": stats.attached, "connects": stats.connects,
-                              "redirects": stats.redirects, "failures": stats.failures}), flush=True)
+                              "redirects": stats.redirects, "failures": stats.failures,
+                              "enrolled": stats.enrolled, "enroll_failures": stats.enroll_failures,
+                              "refused": stats.refused}), flush=True)
             await asyncio.sleep(args.report_s)
 
     reporter = asyncio.ensure_future(report())
@@ -236,10 +325,44 @@ async def main_async(args) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def prepare(c, n: int, workers: int, tag: str, directory: str, mode: str = "issued") -> list[dict]:
+    """What each of `workers` simulator processes needs for `n` agents of cluster `c` (a devcluster
+    Cluster) under identity `mode`: per-worker --identity/--bundle/--tokens arguments. issued: the
+    certificates are made here with the cluster CA (~0.4 ms each); enroll: one-time tokens are made in
+    ZooKeeper; shared: the cluster is switched to shared-certificate mode."""
+    from gse.common.safefile import write_private
+    from gse.common.tls import issue, pem_cert
+    per = (n + workers - 1) // workers
+    out = []
+    if mode == "shared":
+        c.zk_put_config("agent_auth", {"shared_certificate": True})
+    tokens = c.enroll_tokens(n, ttl_s=24 * 3600) if mode == "enroll" else []
+    for w in range(workers):
+        first, count = w * per, min(per, n - w * per)
+        if count <= 0:
+            break
+        args = {"identity": mode, "first": first, "count": count}
+        if mode == "issued":
+            path = os.path.join(directory, f"agents-{w}.jsonl")
+            lines = []
+            for i in range(first, first + count):
+                key, cert = issue(c.ca.key, c.ca.cert, "agent", agent_id=agent_id(tag, i))
+                lines.append(json.dumps({"i": i, "cert": pem_cert(cert).decode(), "key": pem_key(key).decode()}))
+            write_private(path, ("\n".join(lines) + "\n").encode(), sync=False)
+            args["bundle"] = path
+        elif mode == "enroll":
+            path = os.path.join(directory, f"tokens-{w}.txt")
+            write_private(path, ("\n".join(tokens[first:first + count]) + "\n").encode(), sync=False)
+            args["tokens"] = path
+        out.append(args)
+    return out
+
+
 def spawn_workers(n: int, workers: int, server: str, certs: str, tag: str, log_dir: str,
-                  heartbeat: float = 10.0, ramp_rate: float = 0.0) -> list:
+                  heartbeat: float = 10.0, ramp_rate: float = 0.0, identities: list[dict] | None = None) -> list:
     """Start `workers` processes holding `n` simulated agents between them (ids and ips from `tag`);
-    `ramp_rate`: agents started per second over all workers (0: each worker's default, 1,000/s)."""
+    `ramp_rate`: agents started per second over all workers (0: each worker's default, 1,000/s);
+    `identities`: what `prepare` made (default: the shared certificate)."""
     import subprocess
     per = (n + workers - 1) // workers
     procs = []
@@ -247,13 +370,27 @@ def spawn_workers(n: int, workers: int, server: str, certs: str, tag: str, log_d
         count = min(per, n - w * per)
         if count <= 0:
             break
+        ident = identities[w] if identities else {"identity": "shared"}
+        extra = ["--identity", ident["identity"]] + (["--bundle", ident["bundle"]] if "bundle" in ident else []) \
+            + (["--tokens", ident["tokens"]] if "tokens" in ident else [])
         log = open(os.path.join(log_dir, f"worker-{w}.log"), "w")
         procs.append(subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--servers", server, "--certs", certs, "--count", str(count),
-             "--first", str(w * per), "--tag", tag, "--heartbeat", str(heartbeat), "--report-s", "5",
+             "--first", str(w * per), "--tag", tag, "--heartbeat", str(heartbeat), "--report-s", "5", *extra,
              *(["--ramp-batch", "10", "--ramp-pause", str(10 * workers / ramp_rate)] if ramp_rate > 0 else [])],
             stdout=log, stderr=subprocess.STDOUT))
     return procs
+
+
+def start_for(c, n: int, servers: list[str], directory: str, mode: str = "issued", workers: int = 0,
+              heartbeat: float = 10.0, ramp_rate: float = 0.0) -> tuple[list[str], list]:
+    """`n` simulated agents on cluster `c` with identity `mode`: (their bk_agent_ids, the worker processes)."""
+    workers = workers or max(1, (n + 4999) // 5000)
+    tag = os.urandom(2).hex()
+    idents = prepare(c, n, workers, tag, directory, mode)
+    procs = spawn_workers(n, workers, ",".join(servers), str(c.certs_dir), tag, directory, heartbeat, ramp_rate,
+                          idents)
+    return [agent_id(tag, i) for i in range(n)], procs
 
 
 def stop_workers(procs: list) -> None:
@@ -270,7 +407,10 @@ def stop_workers(procs: list) -> None:
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--servers", required=True, help="comma-separated task server addresses")
-    p.add_argument("--certs", required=True, help="directory with ca.crt, agent.crt, agent.key")
+    p.add_argument("--certs", required=True, help="directory with ca.crt (and agent.crt/.key for --identity shared)")
+    p.add_argument("--identity", default="shared", choices=("issued", "enroll", "shared"))
+    p.add_argument("--bundle", default="", help="--identity issued: JSON lines {i, cert, key}")
+    p.add_argument("--tokens", default="", help="--identity enroll: one token per line")
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--first", type=int, default=0, help="index of the first agent (ids and ips derive from it)")
     p.add_argument("--tag", default="5e", help="hex prefix of the agent ids")

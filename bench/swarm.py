@@ -2,12 +2,14 @@
 
 Starts its own cluster (ZooKeeper, two Redis nodes, dbproxy R=2, K task servers, the API server) and N
 simulated agents (bench/simagents.py: the real agent protocol over real mutual TLS, each from its own
-127.x.y.z address, heartbeating like an agent and answering tasks in-process, no fork) spread over worker
-processes (a process may hold ~19,000 files; each agent uses one). Prints its figures and ends with one
-JSON line:
+127.x.y.z address with a certificate of its own naming its bk_agent_id, heartbeating like an agent and
+answering tasks in-process, no fork) spread over worker processes (a process may hold ~19,000 files; each
+agent uses one). The trust checks are on as in production: roles, the certificate's id against the hello's,
+and a revocation list of --revoked entries. Prints its figures and ends with one JSON line:
 
-  agents, taskservers       what ran
-  attach_s                  from starting the workers until every agent is alive in the API
+  agents, taskservers       what ran (identity: how agents got their certificates, --identity)
+  attach_s                  from starting the workers until every agent is alive in the API (with
+                            --identity enroll: enrolling included)
   heartbeat_cpu_pct         task servers' CPU (sum, percent of one core) at steady heartbeat
   rss_mb_per_1k             task servers' RSS (sum) per 1,000 agents
   broadcast_p50_s / _max_s  async_execute_script to all N until every result is readable, over --rounds
@@ -49,7 +51,7 @@ sys.path.insert(0, HERE)
 from gse.cli import api_call  # noqa: E402
 from gse.common.address import split_host_port  # noqa: E402
 from gse.devcluster import Cluster, wait_for  # noqa: E402
-from simagents import agent_id, spawn_workers, stop_workers  # noqa: E402
+from simagents import agent_id, prepare, spawn_workers, stop_workers  # noqa: E402
 
 CHUNK = 5000
 
@@ -156,6 +158,10 @@ def main() -> int:
                    help="task servers' reconnect_rate: agents/s a peer takes after a failure (what this machine "
                         "handles besides the survivor's own agents)")
     p.add_argument("--attach-timeout", type=float, default=600.0)
+    p.add_argument("--identity", default="issued", choices=("issued", "enroll", "shared"),
+                   help="each agent's certificate: issued for it (default), enrolled with a token, or one shared "
+                        "certificate (the cluster switched to shared-certificate mode)")
+    p.add_argument("--revoked", type=int, default=1000, help="ids on the revocation list (none of the swarm's)")
     p.add_argument("--no-reconnect", action="store_true")
     p.add_argument("--reconnect-timeout", type=float, default=180.0)
     args = p.parse_args()
@@ -168,7 +174,7 @@ def main() -> int:
     base = tempfile.mkdtemp(prefix=f"gse-swarm-{n}-")
     c = Cluster(base, heartbeat_interval_s=args.heartbeat)
     procs = []
-    out = {"agents": n, "taskservers": k, "ts_workers": args.ts_workers}
+    out = {"agents": n, "taskservers": k, "ts_workers": args.ts_workers, "identity": args.identity}
     try:
         c.start_zookeeper()
         c.start_redis()
@@ -182,9 +188,14 @@ def main() -> int:
         tsp = [p for t in servers for p in family(t.pid)]
         tag = os.urandom(2).hex()
         ids = [agent_id(tag, i) for i in range(n)]
+        if args.revoked:
+            c.zk_put_config("revoked", {"agents": {os.urandom(16).hex(): {} for _ in range(args.revoked)}})
+        t0 = time.monotonic()
+        idents = prepare(c, n, workers, tag, base, args.identity)
+        print(f"identities ({args.identity}) for {n} agents made in {time.monotonic() - t0:.1f} s", flush=True)
         t0 = time.monotonic()
         procs = spawn_workers(n, workers, ",".join(t.info["address"] for t in servers), str(c.certs_dir), tag,
-                              base, args.heartbeat, ramp_rate=args.ramp)
+                              base, args.heartbeat, ramp_rate=args.ramp, identities=idents)
         wait_for(lambda: api.alive(ids) == n, args.attach_timeout, f"{n} agents alive", interval=1.0)
         out["attach_s"] = round(time.monotonic() - t0, 2)
         print(f"attach: all {n} alive in {out['attach_s']} s", flush=True)

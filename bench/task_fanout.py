@@ -34,7 +34,7 @@ sys.path.insert(0, HERE)
 
 from gse.cli import api_call, still_running  # noqa: E402
 from gse.devcluster import Cluster, wait_for  # noqa: E402
-from simagents import agent_id, spawn_workers, stop_workers  # noqa: E402
+from simagents import agent_id, prepare, spawn_workers, stop_workers  # noqa: E402
 
 RUN = "/api/v2/task/async_execute_script"
 RESULT = "/api/v2/task/get_execute_script_result"
@@ -117,7 +117,8 @@ def many_agents(n: int, rounds: int, workers: int) -> dict:
         c.start_apiserver()
         api = Api(c)
         ids = [agent_id(tag, i) for i in range(n)]
-        procs = spawn_workers(n, workers, ts.info["address"], str(c.certs_dir), tag, base)
+        procs = spawn_workers(n, workers, ts.info["address"], str(c.certs_dir), tag, base,
+                              identities=prepare(c, n, workers, tag, base, "issued"))
 
         def all_alive():
             r = api("/api/v2/cluster/list_agent_state", {"agent_id_list": ids})

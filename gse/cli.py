@@ -39,7 +39,10 @@ def cmd_dev_up(args) -> int:
     if desc.exists():
         stop_from_description(desc)       # a previous detached cluster in the same dir: replace it
         desc.unlink()
-    cluster = Cluster(base, log_format="text", heartbeat_interval_s=args.heartbeat)
+    # Each agent enrolls with a one-time token, as a node manager installs one; --agent-identity issued
+    # makes their certificates here instead.
+    cluster = Cluster(base, log_format="text", heartbeat_interval_s=args.heartbeat,
+                      agent_identity=args.agent_identity)
     try:
         print(f"starting a local GSE cluster in {cluster.base} ...", flush=True)
         cluster.up(agents=args.agents, taskservers=args.taskservers, redis_nodes=args.redis)
@@ -361,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--heartbeat", type=float, default=10.0, help="agent heartbeat interval, seconds")
     up.add_argument("--dir", default=".gse-dev")
     up.add_argument("--detach", action="store_true")
+    up.add_argument("--agent-identity", choices=("enroll", "issued", "shared"), default="enroll",
+                    help="how each agent gets its certificate: enrolled with a one-time token (default), issued "
+                         "here for its id, or one shared certificate (the cluster switched to shared mode)")
     up.set_defaults(func=cmd_dev_up)
     down = dev.add_parser("down", help="stop a detached local cluster")
     down.add_argument("--dir", default=".gse-dev")

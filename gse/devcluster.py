@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from gse.common.tls import init_certs
+from gse.common.tls import CA, init_certs
 
 ZK_CLASSPATH = "/usr/share/java/zookeeper.jar:/usr/share/java/zookeeper-jute.jar:/usr/share/java/*:/etc/zookeeper/conf"
 
@@ -139,7 +139,14 @@ class Cluster:
 
     def __init__(self, base: str | os.PathLike, *, zk_root: str = "/gse", key_prefix: str = "",
                  app_code: str = "gse-dev", app_secret: str | None = None, log_format: str = "text",
-                 heartbeat_interval_s: float = 10.0, heartbeat_misses: int = 3, zk_session_timeout_s: float = 10.0):
+                 heartbeat_interval_s: float = 10.0, heartbeat_misses: int = 3, zk_session_timeout_s: float = 10.0,
+                 agent_identity: str = "issued"):
+        """`agent_identity`: how each agent gets its certificate of its own: "issued" (made here for its
+        bk_agent_id, as an operator would with `gse certs issue`) or "enroll" (the agent makes its key and
+        enrolls with a one-time token, as a node manager installs it); "shared": every agent uses the one
+        certificate naming no agent (the cluster is switched to shared-certificate mode when agents start)."""
+        if agent_identity not in ("issued", "enroll", "shared"):
+            raise ValueError(f"agent_identity {agent_identity!r} is not issued, enroll or shared")
         self.base = Path(base).resolve()
         self.base.mkdir(parents=True, exist_ok=True)
         (self.base / "logs").mkdir(exist_ok=True)
@@ -152,7 +159,10 @@ class Cluster:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.heartbeat_misses = heartbeat_misses
         self.zk_session_timeout_s = zk_session_timeout_s
+        self.agent_identity = agent_identity
         self.certs_dir = init_certs(self.base / "certs", shared_agent=True)
+        self._ca: CA | None = None
+        self._shared_on = False
         self.procs: list[Proc] = []
         self.zookeeper: str | None = None
         self.redis: list[str] = []
@@ -258,7 +268,7 @@ class Cluster:
         cfg = {**self._common(mport), "host": "127.0.0.1", "agent_port": port,
                "task_port": free_port() if workers == 1 else 0,
                "heartbeat_interval_s": self.heartbeat_interval_s, "heartbeat_misses": self.heartbeat_misses,
-               **overrides}
+               "enroll": {"ca_key": str(self.certs_dir / "ca.key")}, **overrides}
         proc = self._daemon("taskserver", name, cfg, {"address": f"127.0.0.1:{port}", "workers": workers})
         self.taskservers.append(proc)
         return self.wait_healthy(proc, timeout=max(30.0, 15.0 * workers)) if wait else proc
@@ -309,7 +319,63 @@ class Cluster:
         self.dataservers.append(proc)
         return self.wait_healthy(proc) if wait else proc
 
-    def agent_config(self, index: int, ip: str, servers: list[str] | None = None, certs: str = "agent",
+    @property
+    def ca(self) -> CA:
+        if self._ca is None:
+            self._ca = CA.load(self.certs_dir / "ca.crt", self.certs_dir / "ca.key")
+        return self._ca
+
+    def zk_put_config(self, name: str, doc) -> None:
+        """Write `<root>/config/<name>` (JSON): what an operator's tool does; daemons apply it live."""
+        from kazoo.client import KazooClient
+        zk = KazooClient(hosts=self.zookeeper, timeout=10)
+        zk.start(timeout=15)
+        try:
+            path = f"{self.zk_root}/config/{name}"
+            zk.ensure_path(path)
+            zk.set(path, json.dumps(doc, sort_keys=True).encode())
+        finally:
+            zk.stop()
+            zk.close()
+
+    def enroll_tokens(self, count: int = 1, ttl_s: float = 3600.0, agent_ids: list[str] | None = None) -> list[str]:
+        """One-time enrollment tokens, as `gse certs token` makes them."""
+        from kazoo.client import KazooClient
+
+        from gse.common.enrollment import make_tokens
+        zk = KazooClient(hosts=self.zookeeper, timeout=10)
+        zk.start(timeout=15)
+        try:
+            return make_tokens(zk, self.zk_root, count, ttl_s, agent_ids)
+        finally:
+            zk.stop()
+            zk.close()
+
+    def agent_identity_files(self, d: Path, mode: str | None = None) -> dict:
+        """Give the agent living in `d` its identity (see `agent_identity`); returns its `tls` and `enroll`
+        config sections. Its bk_agent_id is made here once and kept in `d/data/agent_id`."""
+        from gse.agent.agent import load_or_create_agent_id
+        from gse.common.safefile import write_private
+        mode = mode or self.agent_identity
+        ca = str(self.certs_dir / "ca.crt")
+        if mode == "shared":
+            return {"tls": {"ca": ca, "cert": str(self.certs_dir / "agent.crt"),
+                            "key": str(self.certs_dir / "agent.key")}}
+        agent_id = load_or_create_agent_id(d / "data")
+        tls_dir = d / "tls"
+        tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tls = {"ca": ca, "cert": str(tls_dir / "agent.crt"), "key": str(tls_dir / "agent.key")}
+        if (tls_dir / "agent.crt").exists():
+            return {"tls": tls}
+        if mode == "issued":
+            self.ca.issue_files(tls_dir, "agent", "agent", agent_id=agent_id, sync=False)
+            return {"tls": tls}
+        token_file = d / "enroll.token"
+        (token,) = self.enroll_tokens(1)
+        write_private(token_file, token.encode() + b"\n")
+        return {"tls": tls, "enroll": {"token_file": str(token_file)}}
+
+    def agent_config(self, index: int, ip: str, servers: list[str] | None = None, identity: str | None = None,
                      **overrides) -> dict:
         d = self.base / "agents" / f"agent-{index}"
         return {
@@ -318,8 +384,7 @@ class Cluster:
             "cloud_id": 0, "ip": ip, "bind_ip": ip,
             "heartbeat_interval_s": self.heartbeat_interval_s,
             "reconnect": {"base_s": 0.5, "max_s": 5.0},
-            "tls": {"ca": str(self.certs_dir / "ca.crt"), "cert": str(self.certs_dir / f"{certs}.crt"),
-                    "key": str(self.certs_dir / f"{certs}.key")},
+            **self.agent_identity_files(d, identity),
             "log": {"level": "info", "format": self.log_format},
             "metrics": {"host": "127.0.0.1", "port": free_port()},
             **overrides,
@@ -330,6 +395,9 @@ class Cluster:
         index = len(self.agents) + 1 if index is None else index
         ip = ip or f"127.0.0.{10 + index}"
         cfg = config or self.agent_config(index, ip, **overrides)
+        if cfg["tls"]["cert"] == str(self.certs_dir / "agent.crt") and not self._shared_on:
+            self.zk_put_config("agent_auth", {"shared_certificate": True})
+            self._shared_on = True
         name = f"agent-{index}"
         proc = self._daemon("agent", name, cfg, {"ip": ip, "data_dir": cfg["data_dir"], "run_dir": cfg["run_dir"],
                                                  "bk_cloud_id": cfg.get("cloud_id", 0)})

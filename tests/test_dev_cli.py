@@ -6,8 +6,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import ApiClient
+
+from gse.common.roles import of_pem
 
 
 def _alive(pid: int) -> bool:
@@ -40,6 +43,13 @@ def test_dev_up_detach_and_down(tmp_path):
         assert {s["status_code"] for s in states.values()} == {2}
         pids = [p["pid"] for p in desc["processes"]]
         assert all(_alive(p) for p in pids)
+        # Every agent enrolled with a token and holds a certificate naming its own id.
+        for a in desc["agents"]:
+            cert = Path(a["data_dir"]).parent / "tls" / "agent.crt"
+            assert of_pem(cert.read_bytes()).agent_id == a["bk_agent_id"]
+        tok = subprocess.run([sys.executable, "-m", "gse.cli", "certs", "token", "--count", "2", "--dev-dir", str(d)],
+                             capture_output=True, text=True, timeout=60)
+        assert tok.returncode == 0 and [t[:5] for t in tok.stdout.split()] == ["gse1_", "gse1_"], tok.stderr
     finally:
         down = subprocess.run([sys.executable, "-m", "gse.cli", "dev", "down", "--dir", str(d)],
                               capture_output=True, text=True, timeout=120)

@@ -1,8 +1,15 @@
 """The agent: one per host. Holds one link to a task server (gse/common/framelink.py) and heartbeats over it.
 
-It keeps its `bk_agent_id` (32 hex characters, made once) in its data dir, connects to one of the
-configured task servers, follows redirects to less loaded peers, and fails over to another server with
-jittered exponential backoff (full jitter: no thundering herd when a server with thousands of agents dies).
+Its identity: the `bk_agent_id` its certificate names (`gse://agent/<id>`), else the one it made once
+(32 hex characters) and keeps in its data dir. An agent without a certificate of its own enrolls once
+before anything else: it makes its key on the host (written 0600 from its first byte; the key never
+leaves the host), sends a certificate request with the one-time token its node manager gave it
+(`enroll.token` or `enroll.token_file`, removed once used) to a task server, and keeps the certificate it
+gets back (gse/taskserver/enroll.py is the other side).
+
+It connects to one of the configured task servers, follows redirects to less loaded peers, and fails over
+to another server with jittered exponential backoff (full jitter: no thundering herd when a server with
+thousands of agents dies).
 """
 
 from __future__ import annotations
@@ -22,14 +29,15 @@ import psutil
 from google.protobuf.message import DecodeError
 
 from gse import __version__
-from gse.common import framelink
-from gse.common.backoff import Backoff
-from gse.common.records import valid_agent_id
+from gse.common import framelink, roles
 from gse.common.address import split_host_port
+from gse.common.backoff import Backoff
 from gse.common.config import ConfigError, LogConfig, MetricsConfig, TLSConfig, check_addresses
+from gse.common.records import valid_agent_id
+from gse.common.safefile import write_private, write_public
 from gse.common.screen import check_code_page
 from gse.common.service import Service
-from gse.common.tls import TLSMaterial
+from gse.common.tls import TLSMaterial, make_csr, new_key, pem_key
 from gse.pb import agent_pb2 as pb
 
 from .data import DataConfig, DataPipeline
@@ -92,6 +100,13 @@ class FileConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EnrollmentConfig:
+    """Used only while tls.cert does not exist: the agent enrolls once with this one-time token."""
+    token: str = ""              # the token itself (`gse certs token`), or
+    token_file: str = ""         # a file holding it (the node manager writes it at install; removed once used)
+
+
+@dataclasses.dataclass(frozen=True)
 class AgentConfig:
     data_dir: str = "/var/lib/gse/agent"
     run_dir: str = "/var/run/gse"
@@ -108,6 +123,7 @@ class AgentConfig:
     data: DataConfig = DataConfig()      # plugin data: IPC sockets, batching, spool, data servers
     files: FileConfig = FileConfig()
     tls: TLSConfig = TLSConfig()
+    enroll: EnrollmentConfig = EnrollmentConfig()
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
     stop_grace_s: float = 5.0
@@ -136,10 +152,16 @@ def load_or_create_agent_id(data_dir: str | os.PathLike) -> str:
             raise ConfigError(f"{path} does not hold a valid bk_agent_id")
         return agent_id
     agent_id = uuid.uuid4().hex
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(agent_id + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_public(path, (agent_id + "\n").encode())
+    return agent_id
+
+
+def adopt_agent_id(data_dir: str | os.PathLike, agent_id: str) -> str:
+    """The certificate names the agent: keep its id in `data_dir/agent_id` too (tools read it there)."""
+    path = Path(data_dir) / "agent_id"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.read_text().strip() != agent_id:
+        write_public(path, (agent_id + "\n").encode())
     return agent_id
 
 
@@ -210,17 +232,28 @@ class _Outcome:
     connected_s: float = 0.0
 
 
+def _same_key(cert_pem: bytes, key) -> bool:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pub = x509.load_pem_x509_certificate(cert_pem).public_key()
+    return pub.public_bytes(*fmt) == key.public_key().public_bytes(*fmt)
+
+
 class Agent(Service):
     name = "agent"
 
     def __init__(self, config: AgentConfig, *args):
         super().__init__(config, *args)
-        self.tls = TLSMaterial.load(config.tls)
-        self.agent_id = load_or_create_agent_id(config.data_dir)
+        self.tls: TLSMaterial | None = None     # None until enrolled (start() enrolls first)
+        self.ssl = None
+        if Path(config.tls.cert).exists():
+            self._use_certificate()
+        else:
+            self.agent_id = load_or_create_agent_id(config.data_dir)
         self.boot_id = random.getrandbits(62)
         self.start_ms = int(time.time() * 1000)
         self.ip = config.ip or config.bind_ip or route_ip(config.servers[0])
-        self.ssl = framelink.client_context(self.tls)
         self.sampler = HostSampler()
         self.server: str | None = None        # the task server we are attached to
         self.parent: tuple[str, int] | None = None
@@ -238,6 +271,103 @@ class Agent(Service):
         self.data = DataPipeline(config.data, data_dir=config.data_dir, run_dir=config.run_dir, tls=self.tls,
                                  identity=self.identity, send=self.send, ip=self.ip, bind_ip=config.bind_ip)
         self.files = FileManager(self, config.data_dir, config.files)
+
+    def _use_certificate(self) -> None:
+        """Load the TLS material; a certificate naming an agent gives the agent its id."""
+        self.tls = TLSMaterial.load(self.config.tls)
+        self.ssl = framelink.client_context(self.tls)
+        named = self.tls.identity().agent_id
+        if named:
+            self.agent_id = adopt_agent_id(self.config.data_dir, named)
+        else:           # a shared certificate (the cluster must be in shared-certificate mode)
+            self.agent_id = load_or_create_agent_id(self.config.data_dir)
+        if hasattr(self, "data"):
+            self.data.tls = self.tls
+
+    # ---- enrollment ---------------------------------------------------------------------------------
+
+    def _token(self) -> str:
+        e = self.config.enroll
+        if e.token:
+            return e.token.strip()
+        if e.token_file:
+            try:
+                return Path(e.token_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"enroll.token_file {e.token_file}: {exc.strerror}") from None
+        return ""
+
+    def _enroll_key(self):
+        """The key of the certificate to come: made here (0600 from its first byte), or the one an earlier
+        attempt made."""
+        from cryptography.hazmat.primitives import serialization
+        path = Path(self.config.tls.key)
+        if path.exists():
+            return serialization.load_pem_private_key(path.read_bytes(), None)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = new_key()
+        write_private(path, pem_key(key))
+        return key
+
+    async def enroll(self) -> None:
+        """Get a certificate of our own: until a task server signs our request (or refuses the token: then
+        the operator must give another; we keep trying with the longest backoff)."""
+        c = self.config
+        token = self._token()
+        if not token:
+            raise ConfigError(f"tls.cert {c.tls.cert} does not exist and no enrollment token is configured "
+                              f"(enroll.token or enroll.token_file)")
+        key = self._enroll_key()
+        csr = make_csr(key, self.agent_id)
+        ca_only = TLSMaterial(Path(c.tls.ca).read_bytes(), b"", b"", c.tls.server_name)
+        ctx = framelink.client_context(ca_only, with_certificate=False)
+        frame = pb.AgentFrame(enroll=pb.Enroll(token=token, agent_id=self.agent_id, csr=csr)).SerializeToString()
+        servers = list(c.servers)
+        backoff = Backoff(c.reconnect.base_s, c.reconnect.max_s)
+        log.info("enrolling", extra={"bk_agent_id": self.agent_id})
+        while True:
+            address = servers[backoff.attempt % len(servers)]
+            answer = await self._enroll_once(ctx, address, frame)
+            kind = answer.WhichOneof("body") if answer is not None else None
+            if kind == "enrolled":
+                cert = answer.enrolled.certificate
+                ident = roles.of_pem(cert)
+                mine = _same_key(cert, key)
+                if ident.role == roles.AGENT and ident.agent_id == self.agent_id and mine:
+                    write_public(c.tls.cert, cert)
+                    if c.enroll.token_file:
+                        Path(c.enroll.token_file).unlink(missing_ok=True)
+                    log.info("enrolled", extra={"bk_agent_id": self.agent_id, "serial": ident.serial,
+                                                "server": address})
+                    self._use_certificate()
+                    return
+                log.error("the certificate received is not ours; not kept",
+                          extra={"server": address, "role": ident.role, "agent_id": ident.agent_id})
+            elif kind == "refused":
+                log.error("enrollment refused", extra={"server": address, "code": answer.refused.code,
+                                                       "reason": answer.refused.reason})
+            # A refused token will not become good by itself: wait the longest (the operator must give another).
+            backoff.floor_s = c.reconnect.max_s if kind == "refused" and answer.refused.code.startswith("token") \
+                else 0.0
+            await backoff.sleep()
+
+    async def _enroll_once(self, ctx, address: str, frame: bytes) -> pb.ServerFrame | None:
+        host, port = split_host_port(address)
+        inbox = _Inbox()
+        link = None
+        try:
+            link = await framelink.dial(ctx, host, port, inbox,
+                                        server_hostname=self.config.tls.server_name or host,
+                                        local_ip=self.config.bind_ip, timeout=self.config.connect_timeout_s)
+            link.write(frame)
+            return await asyncio.wait_for(inbox.get(), 30)
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.warning("enrollment: task server unreachable",
+                        extra={"server": address, "error": str(exc) or repr(exc)})
+            return None
+        finally:
+            if link is not None:
+                link.close()
 
     def send(self, frame: pb.AgentFrame) -> bool:
         """Queue a frame to the task server; False while not attached (the caller keeps what it sent)."""
@@ -266,6 +396,8 @@ class Agent(Service):
 
     async def start(self) -> None:
         await super().start()
+        if self.tls is None:
+            await self.enroll()
         Path(self.config.run_dir).mkdir(parents=True, exist_ok=True)
         if self.config.data.enabled:
             await self.data.start()

@@ -28,6 +28,7 @@ import grpc
 from gse.common import patterns
 from gse.common.address import join_host_port, split_host_port
 from gse.common.errors import ErrorCode, ScriptStatus
+from gse.common.safefile import write_private
 from gse.pb import agent_pb2 as pb
 from gse.pb import file_pb2 as fpb
 from gse.pb import file_pb2_grpc as fpb_grpc
@@ -401,10 +402,8 @@ class FileManager:
         return self.dir / (transfer_id.replace("/", "_").replace(":", "_") + ".target")
 
     def _journal(self, ft: pb.FileTarget) -> None:
-        p = self._journal_path(ft.transfer_id)
-        tmp = p.with_suffix(".tmp")
-        tmp.write_bytes(ft.SerializeToString())
-        os.replace(tmp, p)
+        # 0600 from its first byte: it holds the transfer's tokens (tracker and file server).
+        write_private(self._journal_path(ft.transfer_id), ft.SerializeToString())
 
     def recover(self) -> int:
         """After a restart: take up the transfers this agent was receiving."""

@@ -65,22 +65,27 @@ def _load_chain(ctx: ssl.SSLContext, cert: bytes, key: bytes) -> None:
         os.close(fd)
 
 
-def server_context(tls) -> ssl.SSLContext:
-    """Mutual TLS for the task server's agent port, from a gse.common.tls.TLSMaterial."""
+def server_context(tls, certificate_optional: bool = False) -> ssl.SSLContext:
+    """Mutual TLS for the task server's agent port, from a gse.common.tls.TLSMaterial. With
+    `certificate_optional` a client may show no certificate (its link's identity says so: such a link may
+    only enroll); a certificate shown is verified all the same."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     _load_chain(ctx, tls.cert, tls.key)
     ctx.load_verify_locations(cadata=tls.ca.decode())
-    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.verify_mode = ssl.CERT_OPTIONAL if certificate_optional else ssl.CERT_REQUIRED
     ctx.set_alpn_protocols([ALPN])
     ctx.num_tickets = 0             # links live for days: session tickets would only cost bytes
     return ctx
 
 
-def client_context(tls) -> ssl.SSLContext:
+def client_context(tls, with_certificate: bool = True) -> ssl.SSLContext:
+    """The agent's side; without a certificate (`with_certificate=False`, only `tls.ca` is used) for the one
+    Enroll exchange of an agent that has none yet."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    _load_chain(ctx, tls.cert, tls.key)
+    if with_certificate:
+        _load_chain(ctx, tls.cert, tls.key)
     ctx.load_verify_locations(cadata=tls.ca.decode())
     ctx.set_alpn_protocols([ALPN])
     return ctx

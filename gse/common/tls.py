@@ -45,7 +45,8 @@ class CertError(ValueError):
 
 
 def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "GSE"), x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "GSE"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
 def new_key():

@@ -14,6 +14,7 @@ import logging
 import grpc
 from prometheus_client import Counter, Gauge
 
+from gse.common import roles
 from gse.common.datastate import MD_AGENT_ID, MD_CLOUD_ID, MD_IP
 from gse.pb import data_pb2 as pb
 
@@ -56,6 +57,10 @@ class Ingest:
         agent_id = md.get(MD_AGENT_ID, "")
         if not agent_id or len(agent_id) > 64:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"metadata {MD_AGENT_ID} is required")
+        certified = roles.peer_identity(context).agent_id
+        if certified and certified != agent_id:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"the stream names agent {agent_id} but the certificate is agent {certified}")
         if self.closing:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "data server is stopping")
         proto = (b"", md.get(MD_CLOUD_ID, "0").encode(), md.get(MD_IP, "").encode(), agent_id.encode())

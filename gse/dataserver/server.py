@@ -17,7 +17,7 @@ import time
 
 from gse import __version__
 from gse.common import dbclient as db
-from gse.common import rpc
+from gse.common import roles, rpc
 from gse.common.address import join_host_port
 from gse.common.config import ConfigError, DbProxyClientConfig
 from gse.common.datastate import CHANNEL_DATASERVER_OPS, CHANNEL_HOST_SNAPSHOT, DEFAULT_DATASERVER_PORT
@@ -114,6 +114,7 @@ class DataServerService(Service):
         super().__init__(config, *args)
         self.tls = TLSMaterial.load(config.tls)
         self.discovery = Discovery(config.zookeeper)
+        self.deny = roles.DenyList()
         self.db = DbClient(self.tls, config.dbproxy.addresses, config.dbproxy.timeout_s)
         c = config
         self.outputs = Outputs(SinkSettings(
@@ -164,10 +165,11 @@ class DataServerService(Service):
         await super().start()
         c = self.config
         await self.discovery.start()
+        await self.discovery.watch_config("revoked", self.deny.apply)     # revoked agents: refused here too
         if not c.dbproxy.addresses:
             await self.discovery.watch_service("dbproxy", self.db.on_view)
         await self.table.start()                # creates the outputs of the stream_tos it finds
-        self.server = rpc.make_server(self.tls)
+        self.server = rpc.make_server(self.tls, deny=self.deny)
         self.server.add_generic_rpc_handlers((self.ingest.handler(),))
         health = rpc.add_health(self.server)
         self.port = rpc.bind(self.server, self.tls, c.host, c.port)

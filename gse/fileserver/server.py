@@ -24,7 +24,7 @@ import grpc
 from aiohttp import web
 from prometheus_client import Counter, Gauge
 
-from gse.common import rpc
+from gse.common import roles, rpc
 from gse.common.address import join_host_port
 from gse.common.config import ConfigError
 from gse.common.discovery import Discovery
@@ -244,6 +244,7 @@ class FileServerService(Service):
         super().__init__(config, *args)
         self.tls = TLSMaterial.load(config.tls)
         self.discovery = Discovery(config.zookeeper)
+        self.deny = roles.DenyList()
         self.server = None
         self.port = 0
         self.tracker_runner: web.AppRunner | None = None
@@ -269,13 +270,14 @@ class FileServerService(Service):
         tracker_url = f"http://{join_host_port(self.advertise, self.tracker_port)}/announce"
         tracker.public_url = tracker_url
         self.service = FileService(c, tracker, tracker_url)
-        self.server = rpc.make_server(self.tls)
+        self.server = rpc.make_server(self.tls, deny=self.deny)
         pb_grpc.add_FileServiceServicer_to_server(self.service, self.server)
         health = rpc.add_health(self.server)
         self.port = rpc.bind(self.server, self.tls, c.host, c.port)
         await self.server.start()
         await rpc.set_serving(health, True)
         await self.discovery.start()
+        await self.discovery.watch_config("revoked", self.deny.apply)     # revoked agents: refused here too
         await self.discovery.register(self.name, self.node_id, {
             "address": join_host_port(self.advertise, self.port), "tracker_url": tracker_url,
             "metrics": join_host_port(c.metrics.host, self.ops.port), "load": 0})

@@ -175,8 +175,26 @@ class ResultAck(_message.Message):
     items: _containers.RepeatedCompositeFieldContainer[ItemRef]
     def __init__(self, items: _Optional[_Iterable[_Union[ItemRef, _Mapping]]] = ...) -> None: ...
 
+class Enroll(_message.Message):
+    __slots__ = ("token", "agent_id", "csr")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CSR_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    agent_id: str
+    csr: bytes
+    def __init__(self, token: _Optional[str] = ..., agent_id: _Optional[str] = ..., csr: _Optional[bytes] = ...) -> None: ...
+
+class Enrolled(_message.Message):
+    __slots__ = ("certificate", "ca")
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    CA_FIELD_NUMBER: _ClassVar[int]
+    certificate: bytes
+    ca: bytes
+    def __init__(self, certificate: _Optional[bytes] = ..., ca: _Optional[bytes] = ...) -> None: ...
+
 class AgentFrame(_message.Message):
-    __slots__ = ("hello", "heartbeat", "report", "plugin_reply", "file_manifest", "file_report", "need_direct")
+    __slots__ = ("hello", "heartbeat", "report", "plugin_reply", "file_manifest", "file_report", "need_direct", "enroll")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +202,7 @@ class AgentFrame(_message.Message):
     FILE_MANIFEST_FIELD_NUMBER: _ClassVar[int]
     FILE_REPORT_FIELD_NUMBER: _ClassVar[int]
     NEED_DIRECT_FIELD_NUMBER: _ClassVar[int]
+    ENROLL_FIELD_NUMBER: _ClassVar[int]
     hello: AgentHello
     heartbeat: Heartbeat
     report: TaskReport
@@ -191,7 +210,8 @@ class AgentFrame(_message.Message):
     file_manifest: FileManifest
     file_report: FileReport
     need_direct: NeedDirect
-    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., report: _Optional[_Union[TaskReport, _Mapping]] = ..., plugin_reply: _Optional[_Union[_data_pb2.PluginReply, _Mapping]] = ..., file_manifest: _Optional[_Union[FileManifest, _Mapping]] = ..., file_report: _Optional[_Union[FileReport, _Mapping]] = ..., need_direct: _Optional[_Union[NeedDirect, _Mapping]] = ...) -> None: ...
+    enroll: Enroll
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., report: _Optional[_Union[TaskReport, _Mapping]] = ..., plugin_reply: _Optional[_Union[_data_pb2.PluginReply, _Mapping]] = ..., file_manifest: _Optional[_Union[FileManifest, _Mapping]] = ..., file_report: _Optional[_Union[FileReport, _Mapping]] = ..., need_direct: _Optional[_Union[NeedDirect, _Mapping]] = ..., enroll: _Optional[_Union[Enroll, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("node_id", "heartbeat_interval_ms", "parent_ip", "parent_port", "reconnect_spread_ms", "host_snapshot_every")
@@ -224,13 +244,15 @@ class Redirect(_message.Message):
     def __init__(self, address: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Refused(_message.Message):
-    __slots__ = ("reason",)
+    __slots__ = ("reason", "code")
     REASON_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
     reason: str
-    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+    code: str
+    def __init__(self, reason: _Optional[str] = ..., code: _Optional[str] = ...) -> None: ...
 
 class ServerFrame(_message.Message):
-    __slots__ = ("welcome", "redirect", "task", "terminate", "ack", "data_servers", "plugin_message", "file_source", "file_target", "upload_request", "end_transfer", "tune", "refused")
+    __slots__ = ("welcome", "redirect", "task", "terminate", "ack", "data_servers", "plugin_message", "file_source", "file_target", "upload_request", "end_transfer", "tune", "refused", "enrolled")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     REDIRECT_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +266,7 @@ class ServerFrame(_message.Message):
     END_TRANSFER_FIELD_NUMBER: _ClassVar[int]
     TUNE_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
+    ENROLLED_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     redirect: Redirect
     task: TaskRequest
@@ -257,7 +280,8 @@ class ServerFrame(_message.Message):
     end_transfer: EndTransfer
     tune: Tune
     refused: Refused
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., task: _Optional[_Union[TaskRequest, _Mapping]] = ..., terminate: _Optional[_Union[TerminateTask, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., data_servers: _Optional[_Union[_data_pb2.DataServerView, _Mapping]] = ..., plugin_message: _Optional[_Union[_data_pb2.PluginMessage, _Mapping]] = ..., file_source: _Optional[_Union[FileSource, _Mapping]] = ..., file_target: _Optional[_Union[FileTarget, _Mapping]] = ..., upload_request: _Optional[_Union[UploadRequest, _Mapping]] = ..., end_transfer: _Optional[_Union[EndTransfer, _Mapping]] = ..., tune: _Optional[_Union[Tune, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ...) -> None: ...
+    enrolled: Enrolled
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., task: _Optional[_Union[TaskRequest, _Mapping]] = ..., terminate: _Optional[_Union[TerminateTask, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., data_servers: _Optional[_Union[_data_pb2.DataServerView, _Mapping]] = ..., plugin_message: _Optional[_Union[_data_pb2.PluginMessage, _Mapping]] = ..., file_source: _Optional[_Union[FileSource, _Mapping]] = ..., file_target: _Optional[_Union[FileTarget, _Mapping]] = ..., upload_request: _Optional[_Union[UploadRequest, _Mapping]] = ..., end_transfer: _Optional[_Union[EndTransfer, _Mapping]] = ..., tune: _Optional[_Union[Tune, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., enrolled: _Optional[_Union[Enrolled, _Mapping]] = ...) -> None: ...
 
 class FileEntry(_message.Message):
     __slots__ = ("index", "rel_path", "is_dir", "size", "mode", "md5", "torrent", "info_hash")

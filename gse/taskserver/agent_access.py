@@ -1,8 +1,10 @@
 """Agent access (48668): one long-lived link per agent (gse/common/framelink.py).
 
 The agent opens the link with its hello; the server answers Welcome (or Redirect to a less loaded peer,
-or Refused), then the agent heartbeats. There is no coroutine per agent: frames are handled as they are
-decrypted, and outgoing frames are serialized once by whoever sends them and written as bytes, so a
+or Refused), then the agent heartbeats. Who may attach as which agent is decided in identity.py (role,
+revocation, the certificate's agent id, shared-certificate mode); a link showing no certificate may only
+enroll (enroll.py), when this server enrolls. There is no coroutine per agent: frames are handled as they
+are decrypted, and outgoing frames are serialized once by whoever sends them and written as bytes, so a
 broadcast costs one serialization for all targets. A disconnected agent is written offline at once; a
 silent one is cut after `heartbeat_misses` intervals, a link without a hello after `hello_timeout_s`.
 """
@@ -22,6 +24,7 @@ from gse.common.records import AgentAddress, AgentIndex, AgentRecord, now_ms, va
 from gse.pb import agent_pb2 as pb
 
 from .batch_writer import BatchWriter
+from .identity import AgentIdentity
 
 log = logging.getLogger("gse.taskserver.access")
 
@@ -64,7 +67,7 @@ class AgentAccess:
     def __init__(self, node_id: str, parent_ip: str, parent_port: int, writer: BatchWriter, *,
                  session_ttl_ms: int, heartbeat_interval_s: float, heartbeat_misses: int, hello_timeout_s: float,
                  balancer=None, on_report=None, on_attach=None, reconnect_rate: float = 1000.0,
-                 host_snapshot_every: int = 1):
+                 host_snapshot_every: int = 1, identity: AgentIdentity | None = None, enroller=None):
         self.node_id = node_id
         self.parent_ip = parent_ip
         self.parent_port = parent_port
@@ -84,11 +87,18 @@ class AgentAccess:
         self.host_snapshot_every = host_snapshot_every
         self.told_spread_ms = 0             # the reconnect spread the attached agents were last told
         self.unattached: dict = {}          # link -> when it connected, until its hello
+        self.pending: set = set()           # links whose hello or enrollment is being checked (async)
+        self.identity = identity or AgentIdentity(node_id, roles.DenyList())
+        self.identity.deny.listeners.append(self.cut_revoked)
+        self.enroller = enroller            # enroll.Enroller, or None: links must show a certificate
+        self._checks: set[asyncio.Task] = set()
         self.server = None
 
     async def listen(self, tls, sock) -> None:
-        """Serve agent links on a bound socket (framelink.bind), mutual TLS with `tls` (a TLSMaterial)."""
-        self.server = await framelink.listen(framelink.server_context(tls), self, sock)
+        """Serve agent links on a bound socket (framelink.bind), mutual TLS with `tls` (a TLSMaterial); with
+        an enroller, a client may also come without a certificate (to enroll, nothing else)."""
+        ctx = framelink.server_context(tls, certificate_optional=self.enroller is not None)
+        self.server = await framelink.listen(ctx, self, sock)
 
     @property
     def load(self) -> int:
@@ -133,7 +143,12 @@ class AgentAccess:
             return
         session = link.session
         if session is None:
-            self._hello(link, frame)
+            if link in self.pending:        # its hello or enrollment is being checked: nothing else is read
+                return
+            if link.identity.certified:
+                self._hello(link, frame)
+            else:
+                self._enroll(link, frame)
             return
         session.last_seen = time.monotonic()
         kind = frame.WhichOneof("body")
@@ -149,25 +164,53 @@ class AgentAccess:
             log.exception("agent frame failed; closing its link", extra={"agent_id": session.agent_id, "kind": kind})
             session.close()
 
-    def _refuse(self, link, reason: str, label: str) -> None:
+    def _refuse(self, link, reason: str, label: str, code: str = "") -> None:
         REFUSED.labels(label).inc()
         log.warning("agent link refused", extra={"peer": link.peer, "reason": reason})
-        link.write(pb.ServerFrame(refused=pb.Refused(reason=reason)).SerializeToString())
+        link.write(pb.ServerFrame(refused=pb.Refused(reason=reason, code=code)).SerializeToString())
         link.close()
 
-    def _hello(self, link, first) -> None:
+    def _spawn(self, coro) -> None:
+        t = asyncio.ensure_future(coro)
+        self._checks.add(t)
+        t.add_done_callback(self._checks.discard)
+
+    def _enroll(self, link, first) -> None:
+        """A link without a certificate: one Enroll frame, answered, then the link closes."""
+        self.unattached.pop(link, None)
+        if self.enroller is None or first.WhichOneof("body") != "enroll":
+            why = "a certificate is required" + (" (or an Enroll frame)" if self.enroller is not None else "")
+            roles.REFUSED.labels("agent_link", link.identity.label).inc()
+            self._refuse(link, why, "role", "role")
+            return
+        self.pending.add(link)
+
+        async def answer():
+            try:
+                link.write(await self.enroller.answer(link.peer, first.enroll))
+            finally:
+                self.pending.discard(link)
+                link.close()
+        self._spawn(answer())
+
+    def _hello(self, link, first, checked: bool = False) -> None:
         self.unattached.pop(link, None)
         if first.WhichOneof("body") != "hello":
             self._refuse(link, "the first frame must be a hello", "bad_hello")
             return
-        why = roles.refusal(link.identity, roles.AGENT_LINK, None, "the agent port")
-        if why:
-            roles.REFUSED.labels("agent_link", link.identity.label).inc()
-            self._refuse(link, why, "role")
-            return
         hello = first.hello
         if not valid_agent_id(hello.agent_id):
             self._refuse(link, "bk_agent_id must be 1-64 printable characters", "bad_agent_id")
+            return
+        refused = self.identity.check(link, hello.agent_id, self.sessions)
+        if refused is not None:
+            if refused[0] == "role":
+                roles.REFUSED.labels("agent_link", link.identity.label).inc()
+            self._refuse(link, refused[1], refused[0], refused[0])
+            return
+        if not checked and self.identity.needs_remote_check(link):
+            self.pending.add(link)
+            self._spawn(self._hello_checked(link, first))
             return
         if self.balancer is not None and hello.redirects == 0:
             target = self.balancer.redirect_target(hello.cloud_id, self.load + 1)
@@ -204,7 +247,34 @@ class AgentAccess:
         if self.on_attach is not None:
             self.on_attach(session)
 
+    async def _hello_checked(self, link, first) -> None:
+        """Shared-certificate mode: the hello goes on only if no other task server holds the id from another
+        address."""
+        try:
+            refused = await self.identity.check_elsewhere(link, first.hello.agent_id)
+        finally:
+            self.pending.discard(link)
+        if link.closed:
+            return
+        if refused is not None:
+            self._refuse(link, refused[1], refused[0], refused[0])
+            return
+        self._hello(link, first, checked=True)
+
+    def cut_revoked(self, added_ids) -> None:
+        """The revocation list changed: end the links of revoked agents (ids or certificate serials)."""
+        deny = self.identity.deny
+        cut = [s for s in self.sessions.values()
+               if s.agent_id in deny.agents or (s.link.identity.serial and s.link.identity.serial in deny.serials)]
+        for s in cut:
+            why = deny.revoked(roles.Identity(agent_id=s.agent_id, serial=s.link.identity.serial)) or "revoked"
+            REFUSED.labels("revoked").inc()
+            log.warning("revoked agent cut", extra={"agent_id": s.agent_id, "reason": why})
+            s.send(pb.ServerFrame(refused=pb.Refused(reason=why, code="revoked")).SerializeToString())
+            s.close()
+
     def link_lost(self, link, exc) -> None:
+        self.pending.discard(link)
         if self.unattached.pop(link, None) is not None and not link.ready:
             REFUSED.labels("tls").inc()
         session = link.session

@@ -6,14 +6,15 @@ import asyncio
 import dataclasses
 import logging
 
-from gse.common import framelink, rpc
+from gse.common import framelink, roles, rpc
 from gse.common.address import join_host_port
 from gse.common.config import ConfigError, DbProxyClientConfig
 from gse.common.dbclient import DbClient
 from gse.common.discovery import Discovery
 from gse.common.peers import Peers
 from gse.common.service import BaseConfig, Service, advertised_host
-from gse.common.tls import TLSMaterial
+from gse.common.enrollment import TokenStore
+from gse.common.tls import CA, CertError, TLSMaterial
 from gse.common.workers import MAX_WORKERS
 from gse.pb import taskserver_pb2 as task_pb
 from gse.pb import taskserver_pb2_grpc as task_pb_grpc
@@ -22,7 +23,9 @@ from .agent_access import AgentAccess
 from .balancer import Balancer
 from .batch_writer import BatchWriter
 from .data_relay import DataRelay
+from .enroll import EnrollConfig, Enroller
 from .files import FileCoordinator, FileReports
+from .identity import AgentIdentity
 from .tasks import AckBatcher, ResultRecorder, TaskService
 
 log = logging.getLogger("gse.taskserver")
@@ -61,6 +64,7 @@ class TaskServerConfig(BaseConfig):
     workers: int = 1                    # processes sharing agent_port (SO_REUSEPORT) under one supervisor
     balance: BalanceConfig = BalanceConfig()
     dbproxy: DbProxyClientConfig = DbProxyClientConfig()
+    enroll: EnrollConfig = EnrollConfig()   # agents enrolling with one-time tokens (needs the CA's key)
 
     def validate(self) -> None:
         super().validate()
@@ -98,6 +102,9 @@ class TaskServerService(Service):
         self.peers = Peers(self.tls)
         self.files: FileCoordinator | None = None
         self.data_relay: DataRelay | None = None
+        self.deny = roles.DenyList()        # <root>/config/revoked, applied live
+        self.identity = AgentIdentity(self.node_id, self.deny, self.db, lambda: self.peers.taskservers.keys())
+        self.enroller: Enroller | None = None
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
 
@@ -131,7 +138,17 @@ class TaskServerService(Service):
     async def start(self) -> None:
         await super().start()
         c = self.config
+        if c.enroll.enabled:
+            try:
+                ca = CA.load(c.enroll.ca_cert or c.tls.ca, c.enroll.ca_key)
+            except CertError as exc:
+                raise ConfigError(f"enroll: {exc}") from None
+            self.enroller = Enroller(ca, TokenStore(self.discovery), self.deny, c.enroll.cert_days,
+                                     c.enroll.max_pending)
         await self.discovery.start()
+        # Trust first: revocations and the shared-certificate switch apply from the first agent link on.
+        await self.discovery.watch_config("revoked", self.deny.apply)
+        await self.discovery.watch_config("agent_auth", self.identity.apply_config)
         if not c.dbproxy.addresses:
             await self.discovery.watch_service("dbproxy", self.db.on_view)
         self.writer = BatchWriter(self.db, c.flush_interval_s)
@@ -139,6 +156,7 @@ class TaskServerService(Service):
         # Workers of one machine share the agent port: the kernel spreads new agent connections across them.
         self.agent_sock = framelink.bind(c.host, c.agent_port, reuse_port=c.workers > 1)
         self.agent_port = self.agent_sock.getsockname()[1]
+        self.identity.node_id = self.node_id            # final now that the agent port is bound
         self.balancer = Balancer(self.node_id, c.area, slack=c.balance.slack, ratio=c.balance.ratio,
                                  enabled=c.balance.enabled, agent_address=join_host_port(self.advertise, self.agent_port))
         ttl = int(c.result_ttl_s * 1000)
@@ -148,8 +166,9 @@ class TaskServerService(Service):
                                   heartbeat_interval_s=c.heartbeat_interval_s, heartbeat_misses=c.heartbeat_misses,
                                   hello_timeout_s=c.hello_timeout_s, balancer=self.balancer,
                                   reconnect_rate=c.reconnect_rate, host_snapshot_every=host_every,
-                                  on_report=ResultRecorder(self.writer, ttl, self.acks).on_report)
-        self.task_server = rpc.make_server(self.tls)
+                                  on_report=ResultRecorder(self.writer, ttl, self.acks).on_report,
+                                  identity=self.identity, enroller=self.enroller)
+        self.task_server = rpc.make_server(self.tls, deny=self.deny)
         self.task_port = rpc.bind(self.task_server, self.tls, c.host, c.task_port)
         self.files = FileCoordinator(self.node_id, self.access, self.writer, self.db, self.peers, ttl,
                                      c.file_direct_max, c.file_max_size)
