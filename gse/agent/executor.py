@@ -54,7 +54,6 @@ import pwd
 import shlex
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from collections import deque
@@ -449,7 +448,10 @@ def windows_only_program(command: str) -> str | None:
 
 
 def _write_scripts(scripts: list[Script], run_as: _RunAs) -> None:
-    """Write each script atomically (temp file, then rename) with mode 0755, owned by the run-as user."""
+    """Write each script with mode 0755, owned by the run-as user, by the rules of `safepath`: the store dir is
+    walked without following symlinks others could have planted (and made when missing), the script is written
+    under a fresh O_EXCL name, given owner and mode on its descriptor and renamed into place."""
+    from .safepath import UnsafePath, write_file
     chown = os.geteuid() == 0 or os.geteuid() == run_as.uid
     for script in scripts:
         name, store_dir = script.name, script.store_dir
@@ -459,19 +461,10 @@ def _write_scripts(scripts: list[Script], run_as: _RunAs) -> None:
             raise ValueError(f"script store dir {store_dir!r} of {name!r} is not an absolute path")
         path = os.path.join(store_dir, name)
         try:
-            os.makedirs(store_dir, mode=0o755, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=store_dir, prefix=f".{name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(script.content.encode("utf-8"))
-                    os.fchmod(f.fileno(), 0o755)
-                    if chown:
-                        os.fchown(f.fileno(), run_as.uid, run_as.gid)
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            write_file(store_dir, name, script.content.encode("utf-8"), uid=run_as.uid if chown else -1,
+                       gid=run_as.gid if chown else -1, mode=0o755, create_dirs=True)
+        except UnsafePath as exc:
+            raise ValueError(f"writing script {path} refused: {exc}") from exc
         except OSError as exc:
             raise OSError(f"writing script {path} failed: {exc.strerror or exc}") from exc
         except UnicodeError as exc:
