@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pwd
 import shutil
@@ -80,11 +81,14 @@ def send(api, tasks, **body) -> str:
     return r["data"]["result"]["task_id"]
 
 
-def wait_done(api, task_id, agents, timeout=60) -> list[dict]:
+def wait_done(api, task_id, agents, timeout=60, path=RESULT, body=None) -> list[dict]:
+    """The items once every one is final (a running item carries 115, whatever the top-level code says)."""
     def done():
-        r = api.call(RESULT, {"task_id": task_id, "agents": [{"bk_agent_id": a} for a in agents]})
-        return r if not still_running(r) else None
-    return wait_for(done, timeout, f"transfer {task_id}", interval=0.2)["data"]["result"]
+        r = api.call(path, body if body is not None else
+                     {"task_id": task_id, "agents": [{"bk_agent_id": a} for a in agents]})
+        items = (r.get("data") or {}).get("result") or []
+        return items if items and not still_running(r) else None
+    return wait_for(done, timeout, f"transfer {task_id}", interval=0.2)
 
 
 def md5(path) -> str:
@@ -92,7 +96,8 @@ def md5(path) -> str:
 
 
 def leftovers(d) -> list[str]:
-    return [os.path.join(r, f) for r, _ds, fs in os.walk(d) for f in fs if f.startswith(".gse-")]
+    """What the agents' temporary files and private download directories left in `d`."""
+    return [os.path.join(r, f) for r, ds, fs in os.walk(d) for f in fs + ds if f.startswith(".gse-")]
 
 
 def test_small_file_direct_with_md5(fc, fapi, src, tmp_path):
@@ -119,7 +124,8 @@ def test_large_file_by_bittorrent_to_several(fc, fapi, src, tmp_path):
     assert all(i["content"]["size"] == (src / "big.bin").stat().st_size for i in items)
     for d in dests:
         assert md5(d / "big.bin") == md5(src / "big.bin")
-        assert leftovers(d) == []
+        # the private download directories go when the transfer ends (they seed on until then)
+        wait_for(lambda: leftovers(d) == [], 15, "private download directories removed")
 
 
 def test_finished_target_forgets_its_journal_before_the_transfer_ends(fc, fapi, src, tmp_path):
@@ -355,4 +361,295 @@ def test_target_killed_mid_download_resumes(make_cluster, src, tmp_path):
     c.restart(agents[1])
     (item,) = wait_done(api, tid, [a[1]], timeout=60)
     assert item["error_code"] == 0
-    assert md5(tmp_path / "k" / "big.bin") == md5(src / "big.bin") and leftovers(tmp_path / "k") == []
+    assert md5(tmp_path / "k" / "big.bin") == md5(src / "big.bin")
+    wait_for(lambda: leftovers(tmp_path / "k") == [], 15, "the private download directory removed")
+
+
+# ---- real inputs (issue 13): each kind of fault, asserting the right value --------------------------------
+
+PUSH = "/api/v2/task/async_push_file"
+
+
+def agent_log(c, bk_agent_id) -> str:
+    return next(p for p in c.agents if p.info["bk_agent_id"] == bk_agent_id).log_path.read_text()
+
+
+def test_agent_as_its_own_target_direct_bittorrent_and_push_to_all(fc, fapi, src, tmp_path):
+    """An agent that is the source and a target of one transfer gets the file like any target (a local copy)."""
+    import sys
+    a = ids(fc)
+    tid = send(fapi, [task(a[0], src, "small.txt", [a[0]], tmp_path / "self-small"),
+                      task(a[0], src, "big.bin", [a[0]], tmp_path / "self-big")], timeout_seconds=30)
+    items = wait_done(fapi, tid, [a[0]], timeout=30)
+    assert [(i["error_code"], i["content"]["type"]) for i in items] == [(0, "local"), (0, "local")], items
+    assert md5(tmp_path / "self-small" / "small.txt") == md5(src / "small.txt")
+    assert md5(tmp_path / "self-big" / "big.bin") == md5(src / "big.bin")
+    args = [sys.executable, "-m", "gse.cli", "push", "--api-url", fc.api_url(), "--app-code", fc.app_code,
+            "--app-secret", fc.app_secret, f"{a[0]}:{src}/big.bin", f"all:{tmp_path}/dst-all"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"ok {len(a)}, failed 0" in out.stdout
+    assert md5(tmp_path / "dst-all" / "big.bin") == md5(src / "big.bin")
+
+
+def test_symlinks_in_a_sent_tree_arrive_as_links(fc, fapi, tmp_path):
+    """Links inside the tree arrive as the same links; links leaving it are refused, each with its reason;
+    a loop (`current -> .`) is a link, never a recursion."""
+    a = ids(fc)
+    pkg = tmp_path / "lnsrc" / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "libfoo.so.1").write_bytes(b"\x7fELF library\n")
+    os.symlink("libfoo.so.1", pkg / "libfoo.so")
+    os.symlink(".", pkg / "current")
+    os.symlink("../libfoo.so.1", pkg / "sub" / "up")
+    os.symlink("/etc/passwd", pkg / "abs")
+    os.symlink("../../outside", pkg / "escape")
+    os.mkfifo(pkg / "pipe")                          # not a file, a directory or a link: refused, never read
+    dst = tmp_path / "lndst"
+    tid = send(fapi, [task(a[0], tmp_path / "lnsrc", "pkg", [a[1]], dst)])
+    items = {i["content"]["source_file_name"]: i for i in wait_done(fapi, tid, [a[1]])}
+    assert {n: i["error_code"] for n, i in items.items()} == {
+        "pkg": 0, "pkg/libfoo.so.1": 0, "pkg/libfoo.so": 0, "pkg/current": 0, "pkg/sub": 0, "pkg/sub/up": 0,
+        "pkg/abs": 65535, "pkg/escape": 65535, "pkg/pipe": 65535}
+    assert "pkg/abs -> /etc/passwd" in items["pkg/abs"]["error_msg"]
+    assert "leaves the sent directory" in items["pkg/escape"]["error_msg"]
+    assert "not a regular file" in items["pkg/pipe"]["error_msg"]
+    out = dst / "pkg"
+    assert sorted(os.listdir(out)) == ["current", "libfoo.so", "libfoo.so.1", "sub"]
+    assert os.readlink(out / "libfoo.so") == "libfoo.so.1" and (out / "libfoo.so").read_bytes() == b"\x7fELF library\n"
+    assert os.readlink(out / "current") == "." and os.readlink(out / "sub" / "up") == "../libfoo.so.1"
+    assert os.listdir(out / "sub") == ["up"]
+
+
+def test_a_file_named_like_a_pattern_is_that_file(fc, fapi, tmp_path):
+    """`a[1].txt` names the file `a[1].txt` when it exists; only a name no file has is a wildcard."""
+    a = ids(fc)
+    s = tmp_path / "pat"
+    s.mkdir()
+    (s / "a[1].txt").write_text("bracket\n")
+    (s / "a1.txt").write_text("plain\n")
+    (s / "a2.txt").write_text("two\n")
+    tid = send(fapi, [task(a[0], s, "a[1].txt", [a[1]], tmp_path / "p1"),
+                      task(a[0], s, "a[12].txt", [a[2]], tmp_path / "p2")])
+    exact = wait_done(fapi, tid, [a[1]])
+    pattern = wait_done(fapi, tid, [a[2]])
+    assert [i["error_code"] for i in exact] == [0] and [i["error_code"] for i in pattern] == [0, 0]
+    assert os.listdir(tmp_path / "p1") == ["a[1].txt"] and (tmp_path / "p1" / "a[1].txt").read_text() == "bracket\n"
+    assert sorted(os.listdir(tmp_path / "p2")) == ["a1.txt", "a2.txt"]
+
+
+def _rewrite_middle(path, size) -> None:
+    with open(path, "r+b") as f:
+        f.seek(size // 2)
+        f.write(os.urandom(1 << 20))
+
+
+def test_source_changed_mid_transfer_ends_items_with_127(fc, fapi, tmp_path):
+    """A 30 MB source rewritten in the middle about 2 s after the start: the source notices (size, mtime,
+    inode), every item ends promptly with 127 naming the file, and the targets never flip between modes."""
+    a = ids(fc)
+    f = tmp_path / "chg" / "big30.bin"
+    f.parent.mkdir()
+    f.write_bytes(os.urandom(30 << 20))
+    switches = ("fetching the missing pieces directly", "BitTorrent recovered")
+    before = {t: [agent_log(fc, t).count(w) for w in switches] for t in a[1:3]}
+    tid = send(fapi, [task(a[0], f.parent, f.name, [a[1], a[2]], tmp_path / "chgdst")], download_speed=2)
+    t0 = time.monotonic()
+    wait_for(lambda: any(i["content"]["progress"] > 0 for i in fapi.call(
+        RESULT, {"task_id": tid, "agents": [{"bk_agent_id": a[1]}]})["data"]["result"]), 30, "progress")
+    time.sleep(max(0.0, 2.0 - (time.monotonic() - t0)))       # the fault as reported: 2 s after the start
+    _rewrite_middle(f, 30 << 20)
+    changed = time.monotonic()
+    items = wait_done(fapi, tid, a[1:3], timeout=30)
+    took = time.monotonic() - changed
+    assert [i["error_code"] for i in items] == [127, 127], items
+    assert all(str(f) in i["error_msg"] and "changed" in i["error_msg"] for i in items), items
+    assert took < 8, f"items ended {took:.1f} s after the change"
+    assert not (tmp_path / "chgdst" / "big30.bin").exists()
+    # no flip-flopping: at most one switch to direct mode and one back (a stall on a loaded machine), per target
+    after = {t: [agent_log(fc, t).count(w) for w in switches] for t in a[1:3]}
+    assert all(n - b <= 1 for t in after for n, b in zip(after[t], before[t])), (before, after)
+
+
+def test_async_push_file_as_the_cmdb_sends_it(fc, fapi, tmp_path):
+    """bk-cmdb's host identity push (its exact request shapes): written atomically with the mode and owner
+    asked, results by agent_id_list at task/async/get_transfer_file_result."""
+    a = ids(fc)
+    store = tmp_path / "var" / "lib" / "gse" / "host"
+    identity = json.dumps({"bk_host_id": 7, "bk_cloud_id": 0, "bk_host_innerip": "127.0.0.12",
+                           "associations": {"3": {"bk_biz_id": 2, "bk_set_id": 2, "bk_module_id": 3}}})
+    r = fapi.call(PUSH, {"timeout_seconds": 1000, "auto_mkdir": True, "tasks": [{
+        "file_name": "hostid", "store_dir": str(store), "file_content": identity, "owner": "root", "right": 644,
+        "agent_id_list": [a[1]]}]})
+    assert r["code"] == 0, r
+    tid = r["data"]["result"]["task_id"]
+    (item,) = wait_done(fapi, tid, [], path="/api/v2/task/async/get_transfer_file_result",
+                        body={"task_id": tid, "agent_id_list": [a[1]]})
+    assert item["error_code"] == 0 and item["content"]["dest_agent_id"] == a[1], item
+    assert item["content"]["dest_file_name"] == "hostid" and item["content"]["size"] == len(identity)
+    st = os.stat(store / "hostid")
+    assert (store / "hostid").read_text() == identity and (st.st_uid, st.st_mode & 0o777) == (0, 0o644)
+    assert leftovers(store) == []
+
+
+def test_async_push_file_agents_form_owner_mode_and_planted_link(fc, fapi, tmp_path):
+    a = ids(fc)
+    world = tmp_path / "world"
+    world.mkdir()
+    os.chmod(world, 0o1777)
+    marker = tmp_path / "marker"
+    marker.write_text("original\n")
+    os.symlink(marker, world / "conf.ini")          # planted where the file goes: replaced, never followed
+    r = fapi.call("/api/v2/task/extensions/async_push_file", {"auto_mkdir": False, "tasks": [{
+        "file_name": "conf.ini", "store_dir": str(world), "file_content": "[a]\nb = 1\n", "owner": "nobody",
+        "right": "600", "agents": [{"bk_agent_id": a[2], "user": "root"}, {"bk_agent_id": "0:127.0.0.250"}]}]})
+    assert r["code"] == 0, r
+    tid = r["data"]["result"]["task_id"]
+    items = wait_done(fapi, tid, [], body={"task_id": tid})          # neither agents nor agent_id_list: all
+    assert sorted((i["bk_agent_id"], i["error_code"]) for i in items) == sorted([(a[2], 0), ("0:127.0.0.250", 117)])
+    st = os.lstat(world / "conf.ini")
+    assert not os.path.islink(world / "conf.ini") and (world / "conf.ini").read_text() == "[a]\nb = 1\n"
+    assert (st.st_uid, st.st_mode & 0o777) == (pwd.getpwnam("nobody").pw_uid, 0o600)
+    assert marker.read_text() == "original\n" and os.stat(marker).st_uid == 0
+
+
+def test_async_push_file_refuses_bad_input(fapi, fc):
+    a = ids(fc)
+    base = {"file_name": "hostid", "file_content": "{}", "agent_id_list": [a[1]]}
+    for bad, field in (({**base, "store_dir": "var/lib/gse"}, "store_dir"),
+                       ({**base, "store_dir": "/var/lib/../../etc"}, "store_dir"),
+                       ({**base, "store_dir": "/tmp", "file_name": "../passwd"}, "file_name"),
+                       ({**base, "store_dir": "/tmp", "file_content": "x" * (100 * 1024 + 1)}, "file_content"),
+                       ({**base, "store_dir": "/tmp", "right": 999}, "right"),
+                       ({"file_name": "hostid", "file_content": "{}", "store_dir": "/tmp"}, "agent_id_list")):
+        r = fapi.call(PUSH, {"tasks": [bad]})
+        assert r["code"] == 1000400 and field in r["message"], (field, r)
+
+
+def test_sparse_file_keeps_its_holes(fc, fapi, tmp_path):
+    """A VM-image-like file (1 MiB data, a 120 MiB hole, 1 MiB data) arrives with its holes: by BitTorrent and
+    by the local copy, the target's allocated size stays near the source's."""
+    a = ids(fc)
+    f = tmp_path / "vm" / "disk.img"
+    f.parent.mkdir()
+    with open(f, "wb") as out:
+        out.write(os.urandom(1 << 20))
+        out.seek(121 << 20)
+        out.write(os.urandom(1 << 20))
+    allocated = os.stat(f).st_blocks * 512
+    assert allocated < 4 << 20                       # the filesystem keeps holes (else the test means nothing)
+    tid = send(fapi, [task(a[0], f.parent, f.name, [a[1]], tmp_path / "vm-bt"),
+                      task(a[0], f.parent, f.name, [a[0]], tmp_path / "vm-local")])
+    items = wait_done(fapi, tid, [a[0], a[1]], timeout=90)
+    assert sorted((i["error_code"], i["content"]["type"]) for i in items) == [(0, "bt"), (0, "local")], items
+    for d in ("vm-bt", "vm-local"):
+        got = tmp_path / d / "disk.img"
+        assert md5(got) == md5(f)
+        # within a piece or two per hole edge of the source (pieces of this size are at most 1 MiB)
+        assert os.stat(got).st_blocks * 512 <= allocated + (3 << 20), (d, os.stat(got).st_blocks * 512, allocated)
+
+
+def test_targets_bound_hash_failures_and_direct_mode_keeps_holes(make_cluster, tmp_path):
+    """With a source that does not check its files (source_check_s 0), the targets still end a changed
+    source's items with 127 in bounded time, switching to direct mode once and never back. On the same
+    cluster files up to 8 MiB go direct: a sparse one travels as holes through the file server."""
+    c = make_cluster()
+    c.start_dbproxy()
+    c.start_taskserver(file_direct_max=8 << 20)
+    c.start_fileserver()
+    c.start_apiserver()
+    agents = [c.start_agent(index=80 + i, ip=f"127.0.0.{80 + i}", wait=False,
+                            files={"source_check_s": 0, "bt_stall_s": 6.0}) for i in range(2)]
+    for p in agents:
+        c.wait_healthy(p)
+    api = api_for(c)
+    a = [p.info["bk_agent_id"] for p in agents]
+    api.wait_alive(a)
+
+    sp = tmp_path / "sp" / "small.img"
+    sp.parent.mkdir()
+    with open(sp, "wb") as out:
+        out.write(os.urandom(256 << 10))
+        out.seek(7 << 20)
+        out.write(os.urandom(256 << 10))
+    tid = send(api, [task(a[0], sp.parent, sp.name, [a[1]], tmp_path / "sp-dst")])
+    (item,) = wait_done(api, tid, [a[1]])
+    got = tmp_path / "sp-dst" / "small.img"
+    assert item["error_code"] == 0 and item["content"]["type"] == "direct" and md5(got) == md5(sp)
+    assert os.stat(got).st_blocks * 512 <= os.stat(sp).st_blocks * 512 + (128 << 10)
+
+    f = tmp_path / "chg" / "big30.bin"
+    f.parent.mkdir()
+    f.write_bytes(os.urandom(30 << 20))
+    tid = send(api, [task(a[0], f.parent, f.name, [a[1]], tmp_path / "chgdst")], download_speed=4)
+    wait_for(lambda: any(i["content"]["progress"] > 0 for i in api.call(
+        RESULT, {"task_id": tid, "agents": [{"bk_agent_id": a[1]}]})["data"]["result"]), 30, "progress")
+    _rewrite_middle(f, 30 << 20)
+    changed = time.monotonic()
+    (item,) = wait_done(api, tid, [a[1]], timeout=60)
+    assert item["error_code"] == 127 and "changed during the transfer" in item["error_msg"], item
+    assert time.monotonic() - changed < 45
+    log = agents[1].log_path.read_text()
+    assert log.count("fetching the missing pieces directly") <= 1 and "BitTorrent recovered" not in log
+    assert not (tmp_path / "chgdst" / "big30.bin").exists()
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory every user can reach (pytest's own are root's, mode 0700)."""
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix="gse-files-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_source_is_read_with_the_users_permissions(fc, fapi, shared_dir, tmp_path):
+    """The agent runs as root, but a source is read as the user the task names: what that user may not read
+    is not sent (the item says why), the rest is."""
+    a = ids(fc)
+    d = shared_dir / "app"
+    d.mkdir()
+    (d / "public.txt").write_text("for everyone\n")
+    (d / "secret.txt").write_text("root only\n")
+    os.chmod(d / "secret.txt", 0o600)
+    os.chmod(d, 0o755)
+    src = {"file_name": "secret.txt", "store_dir": str(d), "agent": {"bk_agent_id": a[0], "user": "nobody"}}
+    r = fapi.call(SEND, {"timeout_seconds": 60, "auto_mkdir": True, "tasks": [
+        {"source": src, "target": {"store_dir": str(tmp_path / "one"), "agents": [{"bk_agent_id": a[1]}]}},
+        {"source": {**src, "file_name": "app", "store_dir": str(shared_dir)},
+         "target": {"store_dir": str(tmp_path / "tree"), "agents": [{"bk_agent_id": a[2]}]}}]})
+    assert r["code"] == 0, r
+    tid = r["data"]["result"]["task_id"]
+    (one,) = wait_done(fapi, tid, [a[1]])
+    assert one["error_code"] == 104 and "as nobody" in one["error_msg"] and "Permission denied" in one["error_msg"]
+    tree = {i["content"]["source_file_name"]: i["error_code"] for i in wait_done(fapi, tid, [a[2]])}
+    assert tree == {"app": 0, "app/public.txt": 0, "app/secret.txt": 104}, tree
+    assert not (tmp_path / "one" / "secret.txt").exists() and not (tmp_path / "tree" / "app" / "secret.txt").exists()
+    assert (tmp_path / "tree" / "app" / "public.txt").read_text() == "for everyone\n"
+
+
+def test_symlinks_planted_in_a_writable_target_dir_are_never_followed(fc, fapi, src, tmp_path):
+    """A world-writable target directory holding links where the files go (direct and BitTorrent) and where
+    a directory would be made: the files replace the links, nothing is written through them, the directory is
+    refused (123)."""
+    a = ids(fc)
+    world = tmp_path / "world"
+    world.mkdir()
+    os.chmod(world, 0o1777)
+    marker = tmp_path / "marker"
+    marker.mkdir()
+    (marker / "victim").write_text("original\n")
+    os.symlink(marker / "victim", world / "small.txt")
+    os.symlink(marker / "victim", world / "big.bin")
+    os.symlink(marker, world / "sub")
+    tid = send(fapi, [task(a[0], src, "small.txt", [a[1]], world), task(a[0], src, "big.bin", [a[2]], world),
+                      task(a[0], src, "small.txt", [a[3]], world / "sub" / "deeper")])
+    small = wait_done(fapi, tid, [a[1]])
+    big = wait_done(fapi, tid, [a[2]])
+    deep = wait_done(fapi, tid, [a[3]])
+    assert [i["error_code"] for i in small + big] == [0, 0], small + big
+    assert deep[0]["error_code"] == 123 and "not followed" in deep[0]["error_msg"], deep
+    for name in ("small.txt", "big.bin"):
+        assert not os.path.islink(world / name) and md5(world / name) == md5(src / name)
+    assert sorted(os.listdir(marker)) == ["victim"] and (marker / "victim").read_text() == "original\n"

@@ -92,11 +92,14 @@ class FileConfig:
     bt_port: int = 60020            # BitTorrent listen port (the next free one up to bt_port_max)
     bt_port_max: int = 60030
     bt_stall_s: float = 20.0        # no BitTorrent progress for this long: switch to direct mode
-    bt_max_hash_failures: int = 8   # ... or this many pieces failed their hash check
+    bt_max_hash_failures: int = 8   # ... or this many pieces failed their hash check (then for good)
+    source_check_s: float = 1.0     # a source checks the files it serves for changes this often (0 = never)
 
     def validate(self) -> None:
         if not 0 < self.bt_port <= self.bt_port_max < 65536:
             raise ConfigError("files: need 0 < bt_port <= bt_port_max < 65536")
+        if self.source_check_s < 0:
+            raise ConfigError("files: source_check_s must not be negative")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -537,6 +540,8 @@ class Agent(Service):
             self.files.on_upload_request(frame.upload_request)
         elif kind == "end_transfer":
             self.files.on_end(frame.end_transfer)
+        elif kind == "end_entry":
+            self.files.on_end_entry(frame.end_entry)
         elif kind == "tune":
             self._set_spread(frame.tune.reconnect_spread_ms)
         else:

@@ -18,6 +18,7 @@ outgoing connections leave from the listen address; the global rate limits also 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import logging
 import os
@@ -105,6 +106,41 @@ async def make_torrent(path: str, piece_size: int = 0) -> bytes:
         raise TorrentError(f"cannot make a torrent of {path}: {e}") from None
 
 
+def _make_torrent_fd_sync(fd: int, name: str, size: int, zero_pieces, piece_size: int) -> bytes:
+    entry = lt.create_file_entry(name, size)
+    ct = lt.create_torrent([entry], piece_size, _CREATE_V1_ONLY)
+    ct.set_priv(True)
+    ct.set_creator("gse")
+    plen = ct.piece_length()
+    zeros: dict[int, bytes] = {}
+    holes = zero_pieces(plen, ct.num_pieces()) if zero_pieces is not None else None
+    buf = bytearray(plen)                           # one buffer read into for every piece
+    view = memoryview(buf)
+    for i in range(ct.num_pieces()):
+        n = ct.piece_size(i)
+        if holes is not None and holes[i]:
+            digest = zeros.get(n)
+            if digest is None:
+                digest = zeros[n] = hashlib.sha1(bytes(n)).digest()
+        else:
+            got = os.preadv(fd, [view[:n]], i * plen)
+            if got != n:
+                raise TorrentError(f"{name} is shorter than {size} bytes now (it changed while being hashed)")
+            digest = hashlib.sha1(view[:n]).digest()   # hashlib releases the GIL for large buffers
+        ct.set_hash(i, digest)
+    return lt.bencode(ct.generate())
+
+
+async def make_torrent_fd(fd: int, name: str, size: int, zero_pieces=None, piece_size: int = 0) -> bytes:
+    """The .torrent of the open file `fd` under the file name `name` (hashing in a thread, through the
+    descriptor: no path is looked up). `zero_pieces(piece_length, num_pieces)` may name the pieces that lie
+    in holes: their hash is that of zeros, computed once, without reading them."""
+    try:
+        return await asyncio.to_thread(_make_torrent_fd_sync, fd, name, size, zero_pieces, piece_size)
+    except (RuntimeError, OSError) as e:
+        raise TorrentError(f"cannot make a torrent of {name}: {e}") from None
+
+
 def _split_listen(listen_interface: str) -> tuple[str, int]:
     try:
         return split_host_port(listen_interface, listen=True)
@@ -124,6 +160,7 @@ class Torrent:
         self.file_name = file_name  # the name on disk right now (the .part name until commit)
         self.handle: lt.torrent_handle | None = None
         self.hash_failures = 0
+        self.piece_failures: dict[int, int] = {}  # piece index -> how often it failed its hash check
         self.error: str | None = None
         self.tracker_error: str | None = None
         self.removed = False
@@ -237,6 +274,7 @@ class Torrent:
     def _dispatch(self, a: lt.alert) -> None:
         if isinstance(a, lt.hash_failed_alert):
             self.hash_failures += 1
+            self.piece_failures[a.piece_index] = self.piece_failures.get(a.piece_index, 0) + 1
             if self.role == "seed":
                 # In seed mode libtorrent verifies each piece on first request: the file changed since hashing.
                 self._fail(f"source file does not match its torrent (piece {a.piece_index} failed its hash)")
@@ -416,7 +454,8 @@ class TorrentSession:
     async def download(self, torrent_bytes: bytes, dest_dir: str, tracker_url: str | None = None, *,
                        on_progress: Callable[[Progress], None] | None = None, tmp_name: str | None = None,
                        download_rate_limit: int = 0, upload_rate_limit: int = 0,
-                       max_connections: int = 0, stripe: tuple[int, int] | None = None) -> Torrent:
+                       max_connections: int = 0, stripe: tuple[int, int] | None = None,
+                       have_pieces: list[bool] | None = None) -> Torrent:
         """Starts downloading into dest_dir under `tmp_name` (default `.gse-<info_hash>.part`).
 
         Await `Torrent.wait_complete()`, then `commit()` to move it to its final name. A .part file left by an
@@ -426,6 +465,9 @@ class TorrentSession:
         first; every other piece is wanted only once some other peer than a seed has it, so this target never
         asks the source for another target's share while that target is still fetching it. Once the share is
         in, every missing piece is wanted from anyone (so a target that went away delays, never blocks, the rest).
+
+        have_pieces marks pieces as already there without checking them (the pieces of a sparse source that lie
+        in holes, on a new file of the full size whose holes read as zeros): they are never fetched or written.
         """
         ti = _torrent_info(torrent_bytes)
         if ti.num_files() != 1:
@@ -443,6 +485,10 @@ class TorrentSession:
             atp.upload_limit = upload_rate_limit
         if max_connections > 0:
             atp.max_connections = max_connections
+        if have_pieces is not None and any(have_pieces):
+            if len(have_pieces) != ti.num_pieces():
+                raise ValueError(f"have_pieces names {len(have_pieces)} pieces of {ti.num_pieces()}")
+            atp.have_pieces = list(have_pieces)
         mine: list[int] = []
         if stripe is not None:
             k, n = stripe

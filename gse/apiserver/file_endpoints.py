@@ -1,12 +1,15 @@
-"""File distribution endpoints (v2): async_transfer_file, get_transfer_file_result (also under task/async/),
-async_terminate_transfer_file; at /api/v2/task/<name> and /api/v2/task/extensions/<name>.
+"""File distribution endpoints (v2): async_transfer_file, async_push_file, get_transfer_file_result (also
+under task/async/), async_terminate_transfer_file; at /api/v2/task/<name> and /api/v2/task/extensions/<name>.
 
 Each `tasks[]` item is one transfer, started on the task server that holds its source agent, which
-coordinates it with a file server. Targets that are offline are answered 117 at once.
+coordinates it with a file server. A pushed file (async_push_file, spec section 4) has its content in the
+request: the task server holding its first target coordinates it and the content travels with the request to
+each target. Targets that are offline are answered 117 at once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 
@@ -24,6 +27,7 @@ log = logging.getLogger("gse.apiserver.files")
 
 MB = 1024 * 1024
 MAX_SPEED_MB = 1_000_000       # MB/s: beyond any link, and bytes/s of it fit the int64 of the wire
+PUSH_MAX_BYTES = 100 * 1024    # async_push_file: file_content up to 100 KB (spec section 4)
 
 
 class FileEndpoints:
@@ -38,6 +42,7 @@ class FileEndpoints:
             api.route(f"{prefix}/async_transfer_file", self.async_transfer_file)
             api.route(f"{prefix}/get_transfer_file_result", self.get_transfer_file_result)
             api.route(f"{prefix}/async_terminate_transfer_file", self.async_terminate_transfer_file)
+            api.route(f"{prefix}/async_push_file", self.async_push_file)
         api.route("/api/v2/task/async/get_transfer_file_result", self.get_transfer_file_result)
 
     # ---- parsing ----------------------------------------------------------------------------------
@@ -48,6 +53,16 @@ class FileEndpoints:
         if not os.path.isabs(value) or ".." in value.split("/"):
             raise BadRequest(f"'{where}{field}' must be an absolute path without '..'")
         return os.path.normpath(value)
+
+    @staticmethod
+    def _permission(d: dict, field: str, where: str) -> int:
+        perm = d.get(field, 0) or 0
+        if isinstance(perm, str) and perm.isdigit():
+            perm = int(perm)
+        if isinstance(perm, bool) or not isinstance(perm, int) or any(c not in "01234567" for c in str(perm)) \
+                or len(str(perm)) > 4:
+            raise BadRequest(f"'{where}{field}' must be chmod digits such as 644")
+        return perm
 
     @staticmethod
     def _speed(body: dict, field: str) -> int:
@@ -73,12 +88,7 @@ class FileEndpoints:
             tgt_name = v.string(dst, "file_name", required=False, where=f"{w}target.", max_len=255)
             if "/" in tgt_name or tgt_name in (".", ".."):
                 raise BadRequest(f"'{w}target.file_name' must be a plain file name")
-            perm = dst.get("permission", 0) or 0
-            if isinstance(perm, str) and perm.isdigit():
-                perm = int(perm)
-            if isinstance(perm, bool) or not isinstance(perm, int) or any(c not in "01234567" for c in str(perm)) \
-                    or len(str(perm)) > 4:
-                raise BadRequest(f"'{w}target.permission' must be chmod digits such as 644")
+            perm = self._permission(dst, "permission", f"{w}target.")
             agents = []
             for j, a in enumerate(v.lst(dst, "agents", max_len=self.t.max_hosts)):
                 if not isinstance(a, dict):
@@ -95,6 +105,46 @@ class FileEndpoints:
                 "owner": v.string(dst, "owner", required=False, where=f"{w}target.", max_len=64),
                 "permission": perm, "agents": agents,
             })
+        return out
+
+    def _push_tasks(self, body: dict) -> list[dict]:
+        """async_push_file's tasks: {file_name, store_dir, file_content, md5?, owner?, right?,
+        agent_id_list | agents}."""
+        out = []
+        for i, t in enumerate(v.lst(body, "tasks", max_len=100)):
+            w = f"tasks[{i}]."
+            if not isinstance(t, dict):
+                raise BadRequest(f"'tasks[{i}]' must be an object")
+            name = v.string(t, "file_name", where=w, max_len=255)
+            if "/" in name or name in ("", ".", "..") or "\0" in name:
+                raise BadRequest(f"'{w}file_name' must be a plain file name")
+            content = t.get("file_content")
+            if not isinstance(content, str):
+                raise BadRequest(f"'{w}file_content' is required and must be a string")
+            data = content.encode("utf-8", "surrogatepass")
+            if len(data) > PUSH_MAX_BYTES:
+                raise BadRequest(f"'{w}file_content' is {len(data)} bytes; at most {PUSH_MAX_BYTES} are accepted")
+            md5 = v.string(t, "md5", required=False, where=w, max_len=64).lower()
+            if md5 and md5 != hashlib.md5(data).hexdigest():
+                raise BadRequest(f"'{w}md5' does not match file_content")
+            agents: list[tuple[str, str]] = []
+            if t.get("agents") is not None:
+                for j, a in enumerate(v.lst(t, "agents", max_len=self.t.max_hosts)):
+                    if not isinstance(a, dict):
+                        raise BadRequest(f"'{w}agents[{j}]' must be an object with bk_agent_id")
+                    aid = v.agent_ids({"x": [v.string(a, "bk_agent_id", where=f"{w}agents[{j}].")]}, "x")[0]
+                    agents.append((aid, v.string(a, "user", required=False, default="root",
+                                                 where=f"{w}agents[{j}].") or "root"))
+            if t.get("agent_id_list") is not None or not agents:
+                try:
+                    ids = v.agent_ids(t, "agent_id_list", max_len=self.t.max_hosts)
+                except BadRequest as exc:
+                    raise BadRequest(f"'{w}agent_id_list' or '{w}agents': {exc}") from None
+                agents += [(a, "root") for a in ids]
+            out.append({"file_name": name, "store_dir": self._dir(t, "store_dir", w), "content": data, "md5": md5,
+                        "owner": v.string(t, "owner", required=False, where=w, max_len=64),
+                        "permission": self._permission(t, "right", w),
+                        "agents": list(dict.fromkeys(agents))})
         return out
 
     # ---- endpoints --------------------------------------------------------------------------------
@@ -172,9 +222,74 @@ class FileEndpoints:
                 await self.t._write(ops)
         return {"result": {"task_id": task_id}}
 
+    async def async_push_file(self, body: dict, req):
+        """`{timeout_seconds, auto_mkdir, tasks: [{file_name, store_dir, file_content, md5?, owner, right,
+        agent_id_list | agents}]}` -> `{result: {task_id}}` (spec §4): files whose content the caller gives
+        (the CMDB's host identity), written on every target atomically with the owner and mode asked; results
+        through get_transfer_file_result."""
+        tasks = self._push_tasks(body)
+        timeout = v.integer(body, "timeout_seconds", required=False, default=3600, minimum=0, maximum=7 * 86400)
+        auto_mkdir = body.get("auto_mkdir", False) is True
+        task_id = new_task_id("GSEFILE")
+        set_trace(task_id=task_id)
+        ids = list(dict.fromkeys(a for t in tasks for a, _u in t["agents"]))
+        records = await self.t.view.by_ids(ids, SESSION_FIELDS)
+        at = now_ms()
+        alive = {r: rec for r, rec in records.items() if rec.alive(at)}
+        coordinators: dict[int, str] = {}
+        initial_ops, specs = [], []
+        for i, t in enumerate(tasks):
+            targets: list[tuple[str, str, str]] = []
+            placeholder = item_name(i, -1)
+            for requested, user in t["agents"]:
+                rec = alive.get(requested)
+                item = FileItem(mode=1, source_agent_id="", source_file_dir="", source_file_name=t["file_name"],
+                                dest_agent_id=requested, dest_file_dir=t["store_dir"], dest_file_name=t["file_name"],
+                                progress=0, speed=0, size=len(t["content"]), status=ScriptStatus.DISPATCHED,
+                                status_info="", type="", start_time=0, end_time=0, error_code=ErrorCode.RUNNING,
+                                error_msg="")
+                if rec is None:
+                    item.status, item.error_code, item.error_msg, item.end_time = \
+                        ScriptStatus.FAILED, ErrorCode.AGENT_OFFLINE, "target agent is offline", at
+                    initial_ops.append(FileResults.update(task_id, requested, {
+                        placeholder: item, item_name(i, -1, progress=True): item}, self.t.ttl).op())
+                else:
+                    targets.append((rec.agent_id, user, rec.node))
+                    initial_ops.append(FileResults.update(task_id, rec.agent_id, {placeholder: item},
+                                                          self.t.ttl).op())
+            if not targets:
+                continue
+            coordinators[i] = targets[0][2]
+            specs.append((i, coordinators[i], pb.TransferSpec(
+                task_id=task_id, task_index=i, transfer_id=f"{task_id}/{i}", dest_dir=t["store_dir"],
+                dest_name=t["file_name"], owner=t["owner"], permission=t["permission"], md5=t["md5"],
+                target_agents=[a for a, _u, _n in targets], target_users=[u for _a, u, _n in targets],
+                target_nodes={a: n for a, _u, n in targets}, timeout_seconds=timeout, auto_mkdir=auto_mkdir,
+                from_caller=True, content=t["content"])))
+        targets_all = sorted({alive[a].agent_id if a in alive else a for a in ids})
+        await self.t._write([TaskRecord.update(task_id, ttl_ms=self.t.ttl, kind="push", created=at,
+                                               request_id=req.request_id, coordinators=coordinators,
+                                               targets=targets_all, tasks=len(tasks)).op(), *initial_ops])
+        log.info("push accepted", extra={"kind": "push", "tasks": len(tasks), "transfers": len(specs)})
+        for i, node, spec in specs:
+            failures = await self.t.servers.start_transfer(node, spec)
+            if failures:
+                _aid, code, msg = failures[0]
+                log.warning("push not started", extra={"task_index": i, "node": node, "error": msg})
+                ops = []
+                for target in spec.target_agents:
+                    item = FileItem(mode=1, source_agent_id="", dest_agent_id=target, source_file_dir="",
+                                    source_file_name=spec.dest_name, dest_file_dir=spec.dest_dir,
+                                    dest_file_name=spec.dest_name, status=ScriptStatus.FAILED, error_code=code,
+                                    error_msg=msg, end_time=now_ms())
+                    ops.append(FileResults.update(task_id, target, {
+                        item_name(i, -1): item, item_name(i, -1, progress=True): item}, self.t.ttl).op())
+                await self.t._write(ops)
+        return {"result": {"task_id": task_id}}
+
     async def get_transfer_file_result(self, body: dict, _req):
-        """`{task_id, agents?: [{bk_agent_id}]}` -> `{result: [{bk_agent_id, error_code, error_msg, content}]}`
-        (spec §4); no agents: every target of the task."""
+        """`{task_id, agents?: [{bk_agent_id}] | agent_id_list?: [ids]}` -> `{result: [{bk_agent_id, error_code,
+        error_msg, content}]}` (spec §4); `agent_id_list` is the CMDB's form; neither: every target."""
         task_id = self.t._task_id(body)
         meta = await self.t._meta(task_id, TaskNotKnown)
         if meta.kind not in ("file", "push"):
@@ -184,6 +299,9 @@ class FileEndpoints:
             if not isinstance(a, dict):
                 raise BadRequest(f"'agents[{i}]' must be an object with bk_agent_id")
             requested.append(v.agent_ids({"x": [v.string(a, "bk_agent_id", where=f"agents[{i}].")]}, "x")[0])
+        if body.get("agent_id_list"):
+            requested += v.agent_ids(body, "agent_id_list", max_len=self.t.max_hosts)
+        requested = list(dict.fromkeys(requested))
         if not requested:
             requested = list(meta.targets or [])
         real = await self.t.view.resolve(requested)
@@ -210,7 +328,7 @@ class FileEndpoints:
     async def async_terminate_transfer_file(self, body: dict, _req):
         task_id = self.t._task_id(body)
         meta = await self.t._meta(task_id)
-        if meta.kind != "file":
+        if meta.kind not in ("file", "push"):
             raise BadRequest(f"'task_id' {task_id} is not a file transfer")
         for index, node in (meta.coordinators or {}).items():
             await self.t.servers.terminate_transfer(node, f"{task_id}/{index}")

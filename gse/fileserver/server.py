@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 import os
 import secrets
@@ -189,11 +190,18 @@ class FileService(pb_grpc.FileServiceServicer):
                 if chunk.offset != blob.received and chunk.offset != 0:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                         f"chunk at {chunk.offset}, expected {blob.received}")
-                if chunk.data:
+                if chunk.zeros:
+                    # a hole of the source: the relay file keeps it as a hole (extended, nothing written)
+                    if chunk.data or chunk.zeros < 0 or chunk.offset + chunk.zeros > max(blob.size, 0):
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a hole chunk carries no data and "
+                                                                              "stays inside the entry")
+                    if os.fstat(fd).st_size < chunk.offset + chunk.zeros:
+                        os.ftruncate(fd, chunk.offset + chunk.zeros)
+                elif chunk.data:
                     await asyncio.to_thread(os.pwrite, fd, chunk.data, chunk.offset)
                     RELAYED.labels("in").inc(len(chunk.data))
                 async with blob.cond:
-                    blob.received = max(blob.received, chunk.offset + len(chunk.data))
+                    blob.received = max(blob.received, chunk.offset + len(chunk.data) + chunk.zeros)
                     blob.cond.notify_all()
         finally:
             if fd is not None:
@@ -223,7 +231,16 @@ class FileService(pb_grpc.FileServiceServicer):
                     return
                 if fd is None:
                     fd = os.open(blob.path, os.O_RDONLY)
-                n = min(CHUNK, upto - offset)
+                hole = _hole_at(fd, offset, upto)
+                if hole:
+                    last = size >= 0 and offset + hole >= size
+                    yield pb.Chunk(transfer_id=transfer.transfer_id, index=request.index, offset=offset,
+                                   zeros=hole, size=size, last=last)
+                    offset += hole
+                    if last:
+                        return
+                    continue
+                n = min(CHUNK, upto - offset, _data_until(fd, offset, upto) - offset)
                 data = await asyncio.to_thread(os.pread, fd, n, offset)
                 RELAYED.labels("out").inc(len(data))
                 last = size >= 0 and offset + len(data) >= size
@@ -235,6 +252,41 @@ class FileService(pb_grpc.FileServiceServicer):
         finally:
             if fd is not None:
                 os.close(fd)
+
+
+HOLE_MIN = 64 * 1024          # holes shorter than this are sent as data
+
+
+def _hole_at(fd: int, offset: int, upto: int) -> int:
+    """Length of the hole (reads as zeros, not stored) starting at `offset`, up to `upto`; 0 if data is there
+    or the hole is shorter than HOLE_MIN."""
+    try:
+        data = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:
+            return 0
+        data = upto                                 # no data after offset: a hole to the end
+    n = min(data, upto) - offset
+    return n if n >= HOLE_MIN else 0
+
+
+def _data_until(fd: int, offset: int, upto: int) -> int:
+    """Where the data run at `offset` ends (the next hole of at least HOLE_MIN), at most `upto`."""
+    pos = offset
+    while pos < upto:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_HOLE)
+        except OSError:
+            return upto
+        if start >= upto:
+            return upto
+        if _hole_at(fd, start, upto):
+            return max(start, offset + 1)
+        try:
+            pos = os.lseek(fd, start, os.SEEK_DATA)
+        except OSError:
+            return upto
+    return upto
 
 
 class FileServerService(Service):

@@ -194,7 +194,7 @@ class Enrolled(_message.Message):
     def __init__(self, certificate: _Optional[bytes] = ..., ca: _Optional[bytes] = ...) -> None: ...
 
 class AgentFrame(_message.Message):
-    __slots__ = ("hello", "heartbeat", "report", "plugin_reply", "file_manifest", "file_report", "need_direct", "enroll")
+    __slots__ = ("hello", "heartbeat", "report", "plugin_reply", "file_manifest", "file_report", "need_direct", "enroll", "source_changed")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +203,7 @@ class AgentFrame(_message.Message):
     FILE_REPORT_FIELD_NUMBER: _ClassVar[int]
     NEED_DIRECT_FIELD_NUMBER: _ClassVar[int]
     ENROLL_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_CHANGED_FIELD_NUMBER: _ClassVar[int]
     hello: AgentHello
     heartbeat: Heartbeat
     report: TaskReport
@@ -211,7 +212,8 @@ class AgentFrame(_message.Message):
     file_report: FileReport
     need_direct: NeedDirect
     enroll: Enroll
-    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., report: _Optional[_Union[TaskReport, _Mapping]] = ..., plugin_reply: _Optional[_Union[_data_pb2.PluginReply, _Mapping]] = ..., file_manifest: _Optional[_Union[FileManifest, _Mapping]] = ..., file_report: _Optional[_Union[FileReport, _Mapping]] = ..., need_direct: _Optional[_Union[NeedDirect, _Mapping]] = ..., enroll: _Optional[_Union[Enroll, _Mapping]] = ...) -> None: ...
+    source_changed: FileSourceChanged
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., report: _Optional[_Union[TaskReport, _Mapping]] = ..., plugin_reply: _Optional[_Union[_data_pb2.PluginReply, _Mapping]] = ..., file_manifest: _Optional[_Union[FileManifest, _Mapping]] = ..., file_report: _Optional[_Union[FileReport, _Mapping]] = ..., need_direct: _Optional[_Union[NeedDirect, _Mapping]] = ..., enroll: _Optional[_Union[Enroll, _Mapping]] = ..., source_changed: _Optional[_Union[FileSourceChanged, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("node_id", "heartbeat_interval_ms", "parent_ip", "parent_port", "reconnect_spread_ms", "host_snapshot_every")
@@ -252,7 +254,7 @@ class Refused(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., code: _Optional[str] = ...) -> None: ...
 
 class ServerFrame(_message.Message):
-    __slots__ = ("welcome", "redirect", "task", "terminate", "ack", "data_servers", "plugin_message", "file_source", "file_target", "upload_request", "end_transfer", "tune", "refused", "enrolled")
+    __slots__ = ("welcome", "redirect", "task", "terminate", "ack", "data_servers", "plugin_message", "file_source", "file_target", "upload_request", "end_transfer", "tune", "refused", "enrolled", "end_entry")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     REDIRECT_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -267,6 +269,7 @@ class ServerFrame(_message.Message):
     TUNE_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     ENROLLED_FIELD_NUMBER: _ClassVar[int]
+    END_ENTRY_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     redirect: Redirect
     task: TaskRequest
@@ -281,10 +284,11 @@ class ServerFrame(_message.Message):
     tune: Tune
     refused: Refused
     enrolled: Enrolled
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., task: _Optional[_Union[TaskRequest, _Mapping]] = ..., terminate: _Optional[_Union[TerminateTask, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., data_servers: _Optional[_Union[_data_pb2.DataServerView, _Mapping]] = ..., plugin_message: _Optional[_Union[_data_pb2.PluginMessage, _Mapping]] = ..., file_source: _Optional[_Union[FileSource, _Mapping]] = ..., file_target: _Optional[_Union[FileTarget, _Mapping]] = ..., upload_request: _Optional[_Union[UploadRequest, _Mapping]] = ..., end_transfer: _Optional[_Union[EndTransfer, _Mapping]] = ..., tune: _Optional[_Union[Tune, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., enrolled: _Optional[_Union[Enrolled, _Mapping]] = ...) -> None: ...
+    end_entry: EndEntry
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., task: _Optional[_Union[TaskRequest, _Mapping]] = ..., terminate: _Optional[_Union[TerminateTask, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., data_servers: _Optional[_Union[_data_pb2.DataServerView, _Mapping]] = ..., plugin_message: _Optional[_Union[_data_pb2.PluginMessage, _Mapping]] = ..., file_source: _Optional[_Union[FileSource, _Mapping]] = ..., file_target: _Optional[_Union[FileTarget, _Mapping]] = ..., upload_request: _Optional[_Union[UploadRequest, _Mapping]] = ..., end_transfer: _Optional[_Union[EndTransfer, _Mapping]] = ..., tune: _Optional[_Union[Tune, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., enrolled: _Optional[_Union[Enrolled, _Mapping]] = ..., end_entry: _Optional[_Union[EndEntry, _Mapping]] = ...) -> None: ...
 
 class FileEntry(_message.Message):
-    __slots__ = ("index", "rel_path", "is_dir", "size", "mode", "md5", "torrent", "info_hash")
+    __slots__ = ("index", "rel_path", "is_dir", "size", "mode", "md5", "torrent", "info_hash", "link_target", "holes", "error_code", "error_msg", "content")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     REL_PATH_FIELD_NUMBER: _ClassVar[int]
     IS_DIR_FIELD_NUMBER: _ClassVar[int]
@@ -293,6 +297,11 @@ class FileEntry(_message.Message):
     MD5_FIELD_NUMBER: _ClassVar[int]
     TORRENT_FIELD_NUMBER: _ClassVar[int]
     INFO_HASH_FIELD_NUMBER: _ClassVar[int]
+    LINK_TARGET_FIELD_NUMBER: _ClassVar[int]
+    HOLES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MSG_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
     index: int
     rel_path: str
     is_dir: bool
@@ -301,10 +310,15 @@ class FileEntry(_message.Message):
     md5: str
     torrent: bytes
     info_hash: bytes
-    def __init__(self, index: _Optional[int] = ..., rel_path: _Optional[str] = ..., is_dir: _Optional[bool] = ..., size: _Optional[int] = ..., mode: _Optional[int] = ..., md5: _Optional[str] = ..., torrent: _Optional[bytes] = ..., info_hash: _Optional[bytes] = ...) -> None: ...
+    link_target: str
+    holes: _containers.RepeatedScalarFieldContainer[int]
+    error_code: int
+    error_msg: str
+    content: bytes
+    def __init__(self, index: _Optional[int] = ..., rel_path: _Optional[str] = ..., is_dir: _Optional[bool] = ..., size: _Optional[int] = ..., mode: _Optional[int] = ..., md5: _Optional[str] = ..., torrent: _Optional[bytes] = ..., info_hash: _Optional[bytes] = ..., link_target: _Optional[str] = ..., holes: _Optional[_Iterable[int]] = ..., error_code: _Optional[int] = ..., error_msg: _Optional[str] = ..., content: _Optional[bytes] = ...) -> None: ...
 
 class FileSource(_message.Message):
-    __slots__ = ("task_id", "transfer_id", "store_dir", "file_name", "md5", "user", "fileserver", "token", "tracker_url", "direct_max", "max_file_size", "upload_rate", "timeout_seconds", "keep_seeding", "targets", "request_id")
+    __slots__ = ("task_id", "transfer_id", "store_dir", "file_name", "md5", "user", "fileserver", "token", "tracker_url", "direct_max", "max_file_size", "upload_rate", "timeout_seconds", "keep_seeding", "targets", "request_id", "coordinator")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     STORE_DIR_FIELD_NUMBER: _ClassVar[int]
@@ -321,6 +335,7 @@ class FileSource(_message.Message):
     KEEP_SEEDING_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     transfer_id: str
     store_dir: str
@@ -337,7 +352,8 @@ class FileSource(_message.Message):
     keep_seeding: bool
     targets: int
     request_id: str
-    def __init__(self, task_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., store_dir: _Optional[str] = ..., file_name: _Optional[str] = ..., md5: _Optional[str] = ..., user: _Optional[str] = ..., fileserver: _Optional[str] = ..., token: _Optional[str] = ..., tracker_url: _Optional[str] = ..., direct_max: _Optional[int] = ..., max_file_size: _Optional[int] = ..., upload_rate: _Optional[int] = ..., timeout_seconds: _Optional[int] = ..., keep_seeding: _Optional[bool] = ..., targets: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    coordinator: str
+    def __init__(self, task_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., store_dir: _Optional[str] = ..., file_name: _Optional[str] = ..., md5: _Optional[str] = ..., user: _Optional[str] = ..., fileserver: _Optional[str] = ..., token: _Optional[str] = ..., tracker_url: _Optional[str] = ..., direct_max: _Optional[int] = ..., max_file_size: _Optional[int] = ..., upload_rate: _Optional[int] = ..., timeout_seconds: _Optional[int] = ..., keep_seeding: _Optional[bool] = ..., targets: _Optional[int] = ..., request_id: _Optional[str] = ..., coordinator: _Optional[str] = ...) -> None: ...
 
 class FileManifest(_message.Message):
     __slots__ = ("task_id", "transfer_id", "entries", "error_code", "error_msg", "source_dir")
@@ -461,6 +477,30 @@ class NeedDirect(_message.Message):
     coordinator: str
     index: int
     def __init__(self, transfer_id: _Optional[str] = ..., coordinator: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
+
+class FileSourceChanged(_message.Message):
+    __slots__ = ("transfer_id", "coordinator", "index", "error_msg")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MSG_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    coordinator: str
+    index: int
+    error_msg: str
+    def __init__(self, transfer_id: _Optional[str] = ..., coordinator: _Optional[str] = ..., index: _Optional[int] = ..., error_msg: _Optional[str] = ...) -> None: ...
+
+class EndEntry(_message.Message):
+    __slots__ = ("transfer_id", "index", "error_code", "error_msg")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MSG_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    index: int
+    error_code: int
+    error_msg: str
+    def __init__(self, transfer_id: _Optional[str] = ..., index: _Optional[int] = ..., error_code: _Optional[int] = ..., error_msg: _Optional[str] = ...) -> None: ...
 
 class UploadRequest(_message.Message):
     __slots__ = ("transfer_id", "indexes", "announce")

@@ -62,7 +62,7 @@ class EndTransferReply(_message.Message):
     def __init__(self) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("transfer_id", "index", "offset", "data", "token", "size", "last")
+    __slots__ = ("transfer_id", "index", "offset", "data", "token", "size", "last", "zeros")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class Chunk(_message.Message):
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
+    ZEROS_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     index: int
     offset: int
@@ -77,7 +78,8 @@ class Chunk(_message.Message):
     token: str
     size: int
     last: bool
-    def __init__(self, transfer_id: _Optional[str] = ..., index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., token: _Optional[str] = ..., size: _Optional[int] = ..., last: _Optional[bool] = ...) -> None: ...
+    zeros: int
+    def __init__(self, transfer_id: _Optional[str] = ..., index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., token: _Optional[str] = ..., size: _Optional[int] = ..., last: _Optional[bool] = ..., zeros: _Optional[int] = ...) -> None: ...
 
 class UploadReply(_message.Message):
     __slots__ = ("received",)

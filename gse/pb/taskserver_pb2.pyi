@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TransferSpec(_message.Message):
-    __slots__ = ("task_id", "task_index", "transfer_id", "source_agent", "source_user", "source_dir", "source_name", "md5", "dest_dir", "dest_name", "owner", "permission", "target_agents", "target_users", "target_nodes", "timeout_seconds", "auto_mkdir", "upload_rate", "download_rate", "area", "keep_seeding")
+    __slots__ = ("task_id", "task_index", "transfer_id", "source_agent", "source_user", "source_dir", "source_name", "md5", "dest_dir", "dest_name", "owner", "permission", "target_agents", "target_users", "target_nodes", "timeout_seconds", "auto_mkdir", "upload_rate", "download_rate", "area", "keep_seeding", "from_caller", "content")
     class TargetNodesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,8 @@ class TransferSpec(_message.Message):
     DOWNLOAD_RATE_FIELD_NUMBER: _ClassVar[int]
     AREA_FIELD_NUMBER: _ClassVar[int]
     KEEP_SEEDING_FIELD_NUMBER: _ClassVar[int]
+    FROM_CALLER_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     task_index: int
     transfer_id: str
@@ -57,7 +59,9 @@ class TransferSpec(_message.Message):
     download_rate: int
     area: int
     keep_seeding: bool
-    def __init__(self, task_id: _Optional[str] = ..., task_index: _Optional[int] = ..., transfer_id: _Optional[str] = ..., source_agent: _Optional[str] = ..., source_user: _Optional[str] = ..., source_dir: _Optional[str] = ..., source_name: _Optional[str] = ..., md5: _Optional[str] = ..., dest_dir: _Optional[str] = ..., dest_name: _Optional[str] = ..., owner: _Optional[str] = ..., permission: _Optional[int] = ..., target_agents: _Optional[_Iterable[str]] = ..., target_users: _Optional[_Iterable[str]] = ..., target_nodes: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[int] = ..., auto_mkdir: _Optional[bool] = ..., upload_rate: _Optional[int] = ..., download_rate: _Optional[int] = ..., area: _Optional[int] = ..., keep_seeding: _Optional[bool] = ...) -> None: ...
+    from_caller: bool
+    content: bytes
+    def __init__(self, task_id: _Optional[str] = ..., task_index: _Optional[int] = ..., transfer_id: _Optional[str] = ..., source_agent: _Optional[str] = ..., source_user: _Optional[str] = ..., source_dir: _Optional[str] = ..., source_name: _Optional[str] = ..., md5: _Optional[str] = ..., dest_dir: _Optional[str] = ..., dest_name: _Optional[str] = ..., owner: _Optional[str] = ..., permission: _Optional[int] = ..., target_agents: _Optional[_Iterable[str]] = ..., target_users: _Optional[_Iterable[str]] = ..., target_nodes: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[int] = ..., auto_mkdir: _Optional[bool] = ..., upload_rate: _Optional[int] = ..., download_rate: _Optional[int] = ..., area: _Optional[int] = ..., keep_seeding: _Optional[bool] = ..., from_caller: _Optional[bool] = ..., content: _Optional[bytes] = ...) -> None: ...
 
 class NeedDirectRequest(_message.Message):
     __slots__ = ("transfer_id", "index", "agent_id")
@@ -68,6 +72,18 @@ class NeedDirectRequest(_message.Message):
     index: int
     agent_id: str
     def __init__(self, transfer_id: _Optional[str] = ..., index: _Optional[int] = ..., agent_id: _Optional[str] = ...) -> None: ...
+
+class SourceChangedRequest(_message.Message):
+    __slots__ = ("transfer_id", "index", "agent_id", "error_msg")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MSG_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    index: int
+    agent_id: str
+    error_msg: str
+    def __init__(self, transfer_id: _Optional[str] = ..., index: _Optional[int] = ..., agent_id: _Optional[str] = ..., error_msg: _Optional[str] = ...) -> None: ...
 
 class DispatchRequest(_message.Message):
     __slots__ = ("frame", "agent_ids")

@@ -59,6 +59,11 @@ class TaskServiceStub:
                 request_serializer=gse_dot_pb_dot_taskserver__pb2.NeedDirectRequest.SerializeToString,
                 response_deserializer=gse_dot_pb_dot_taskserver__pb2.DispatchReply.FromString,
                 _registered_method=True)
+        self.SourceChanged = channel.unary_unary(
+                '/gse.pb.TaskService/SourceChanged',
+                request_serializer=gse_dot_pb_dot_taskserver__pb2.SourceChangedRequest.SerializeToString,
+                response_deserializer=gse_dot_pb_dot_taskserver__pb2.DispatchReply.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -96,6 +101,13 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SourceChanged(self, request, context):
+        """The source's task server tells the coordinator that an entry's source file changed mid-transfer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +134,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
             'NeedDirect': grpc.unary_unary_rpc_method_handler(
                     servicer.NeedDirect,
                     request_deserializer=gse_dot_pb_dot_taskserver__pb2.NeedDirectRequest.FromString,
+                    response_serializer=gse_dot_pb_dot_taskserver__pb2.DispatchReply.SerializeToString,
+            ),
+            'SourceChanged': grpc.unary_unary_rpc_method_handler(
+                    servicer.SourceChanged,
+                    request_deserializer=gse_dot_pb_dot_taskserver__pb2.SourceChangedRequest.FromString,
                     response_serializer=gse_dot_pb_dot_taskserver__pb2.DispatchReply.SerializeToString,
             ),
     }
@@ -259,6 +276,33 @@ class TaskService:
             target,
             '/gse.pb.TaskService/NeedDirect',
             gse_dot_pb_dot_taskserver__pb2.NeedDirectRequest.SerializeToString,
+            gse_dot_pb_dot_taskserver__pb2.DispatchReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SourceChanged(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gse.pb.TaskService/SourceChanged',
+            gse_dot_pb_dot_taskserver__pb2.SourceChangedRequest.SerializeToString,
             gse_dot_pb_dot_taskserver__pb2.DispatchReply.FromString,
             options,
             channel_credentials,

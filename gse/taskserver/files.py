@@ -4,14 +4,18 @@ The task server holding a transfer's source agent coordinates it: it creates the
 server (so a transfer exists only because a task server made it), asks the source for its manifest
 (the files found, their torrents), registers the torrents, writes every target's initial result items
 and sends one FileTarget frame to all targets (through the task servers holding them, one call per
-server), relays "BitTorrent keeps failing" to the source as an upload request, and ends the transfer when
-every item is final, on timeout, or on terminate. Any task server records the file reports of the agents
-it holds and acknowledges final ones once stored.
+server), relays "BitTorrent keeps failing" to the source as an upload request, ends the entries whose
+source file changed (127 on every target), and ends the transfer when every item is final, on timeout,
+or on terminate. A pushed file (async_push_file: content from the caller) has no source and no file
+server: the task server holding its first target coordinates it and the content rides in the FileTarget
+frame. Any task server records the file reports of the agents it holds and acknowledges final ones once
+stored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -31,6 +35,8 @@ from .agent_access import AgentAccess, AgentSession
 from .batch_writer import BatchWriter
 
 log = logging.getLogger("gse.taskserver.files")
+
+SETTLE_S = 2.0      # after an early end, items are checked once more this much later (see _settle)
 
 
 @dataclass
@@ -60,6 +66,7 @@ class FileCoordinator:
         self.direct_max = direct_max
         self.max_file_size = max_file_size
         self.transfers: dict[str, Transfer] = {}
+        self._settling: set[asyncio.Task] = set()
 
     # ---- sending ----------------------------------------------------------------------------------
 
@@ -121,6 +128,8 @@ class FileCoordinator:
     # ---- the transfer ------------------------------------------------------------------------------
 
     async def start(self, spec: pb.TransferSpec) -> list[tuple[str, int, str]]:
+        if spec.from_caller:
+            return await self._start_push(spec)
         source = self.access.sessions.get(spec.source_agent)
         if source is None or source.closed:
             return [(spec.source_agent, ErrorCode.AGENT_OFFLINE, "source agent is not attached to this task server")]
@@ -144,7 +153,7 @@ class FileCoordinator:
             token=t.tokens[spec.source_agent], tracker_url=reply.tracker_url, direct_max=self.direct_max,
             max_file_size=self.max_file_size, upload_rate=_cap(spec.upload_rate, t.rate),
             timeout_seconds=spec.timeout_seconds, keep_seeding=spec.keep_seeding,
-            targets=len(spec.target_agents))).SerializeToString())
+            targets=len(spec.target_agents), coordinator=self.node_id)).SerializeToString())
         log.info("transfer started", extra={"transfer_id": spec.transfer_id, "targets": len(spec.target_agents),
                                             "fileserver": address})
         return []
@@ -180,6 +189,27 @@ class FileCoordinator:
             # The source seeded before the tracker knew its torrents; its first announce was refused.
             session.send(apb.ServerFrame(upload_request=apb.UploadRequest(
                 transfer_id=t.spec.transfer_id, announce=True)).SerializeToString())
+        await self._send_targets(t)
+
+    async def _start_push(self, spec: pb.TransferSpec) -> list[tuple[str, int, str]]:
+        """A file whose content the caller gave (async_push_file): one entry, delivered in the FileTarget
+        frame itself; no source agent, no file server."""
+        timeout = spec.timeout_seconds or 3600
+        t = Transfer(spec, "", {}, "", 0, 0, time.monotonic() + timeout)
+        t.entries = [apb.FileEntry(index=0, rel_path=spec.dest_name, size=len(spec.content),
+                                   mode=_mode(spec.permission) or 0o644, content=spec.content,
+                                   md5=spec.md5 or hashlib.md5(spec.content).hexdigest())]
+        t.source_dir = spec.source_dir
+        self.transfers[spec.transfer_id] = t
+        await self._write_items(t, lambda target, e: self._item(t, target, e))
+        await self._send_targets(t)
+        log.info("push started", extra={"transfer_id": spec.transfer_id, "targets": len(spec.target_agents)})
+        return []
+
+    async def _send_targets(self, t: Transfer) -> None:
+        """One FileTarget frame per run-as user to every target, wherever it is attached; the unreachable
+        ones are answered 117 at once."""
+        now = int(time.time() * 1000)
         spec = t.spec
         frame = apb.ServerFrame(file_target=apb.FileTarget(
             task_id=spec.task_id, transfer_id=spec.transfer_id, coordinator=self.node_id, dest_dir=spec.dest_dir,
@@ -220,18 +250,33 @@ class FileCoordinator:
             log.info("direct mode requested", extra={"transfer_id": transfer_id, "index": index})
         return True
 
+    async def on_source_changed(self, transfer_id: str, index: int, message: str) -> bool:
+        """The source's file of entry `index` changed mid-transfer: every target's item of that entry ends
+        with 127 (the message names the file) and the targets stop fetching it; the other entries go on."""
+        t = self.transfers.get(transfer_id)
+        if t is None:
+            return False
+        log.warning("source changed; ending its entry", extra={"transfer_id": transfer_id, "index": index})
+        frame = apb.ServerFrame(end_entry=apb.EndEntry(transfer_id=transfer_id, index=index,
+                                                       error_code=ErrorCode.CHECKSUM, error_msg=message))
+        await self._send(frame.SerializeToString(), self._targets_by_node(t))
+        await self._finish_open_items(t, ScriptStatus.FAILED, ErrorCode.CHECKSUM, message, index=index)
+        return True
+
     async def end(self, t: Transfer, terminated: bool) -> None:
         self.transfers.pop(t.spec.transfer_id, None)
         frame = apb.ServerFrame(end_transfer=apb.EndTransfer(
             transfer_id=t.spec.transfer_id, task_id=t.spec.task_id, terminated=terminated)).SerializeToString()
         by_node = self._targets_by_node(t)
-        by_node.setdefault(self.node_id, []).append(t.spec.source_agent)
+        if t.spec.source_agent:
+            by_node.setdefault(self.node_id, []).append(t.spec.source_agent)
         await self._send(frame, by_node)
-        try:
-            await self.peers.file(t.fileserver).EndTransfer(
-                fpb.EndTransferRequest(transfer_id=t.spec.transfer_id), timeout=10)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("file server did not end the transfer", extra={"error": exc.code().name})
+        if t.fileserver:
+            try:
+                await self.peers.file(t.fileserver).EndTransfer(
+                    fpb.EndTransferRequest(transfer_id=t.spec.transfer_id), timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("file server did not end the transfer", extra={"error": exc.code().name})
         log.info("transfer ended", extra={"transfer_id": t.spec.transfer_id, "terminated": terminated})
 
     async def terminate(self, transfer_id: str) -> bool:
@@ -240,10 +285,27 @@ class FileCoordinator:
             return False
         await self._finish_open_items(t, ScriptStatus.STOPPED, ErrorCode.TERMINATED, "terminated")
         await self.end(t, terminated=True)
+        self._settle(t, ScriptStatus.STOPPED, ErrorCode.TERMINATED, "terminated")
         return True
 
-    async def _finish_open_items(self, t: Transfer, status: int, code: int, message: str) -> None:
-        """Items not final yet end with `code` (timeout, terminate)."""
+    def _settle(self, t: Transfer, status: int, code: int, message: str) -> None:
+        """Once more, SETTLE_S after a transfer ended early: a progress report an agent sent just before it
+        heard of the end may be stored (by whichever task server holds it, batched) after the outcome was
+        written; an item it left running gets the outcome again."""
+        async def again() -> None:
+            await asyncio.sleep(SETTLE_S)
+            try:
+                await self._finish_open_items(t, status, code, message)
+            except Exception:  # noqa: BLE001 - best effort; the items were written once already
+                log.exception("settling a transfer's items failed", extra={"transfer_id": t.spec.transfer_id})
+        task = asyncio.ensure_future(again())
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _finish_open_items(self, t: Transfer, status: int, code: int, message: str,
+                                 index: int | None = None) -> None:
+        """Items not final yet (of entry `index` only, if given) end with `code` (timeout, terminate, a
+        changed source)."""
         targets = list(t.spec.target_agents)
         res = await self.db.execute([FileResults.read(t.spec.task_id, a) for a in targets])
         now = int(time.time() * 1000)
@@ -251,6 +313,8 @@ class FileCoordinator:
         for target, r in zip(targets, res):
             items = {}
             for name, item in FileResults.decode(r, t.spec.task_index).items():
+                if index is not None and name != item_name(t.spec.task_index, index):
+                    continue
                 if item.status not in FINAL_STATUSES:
                     items[PROGRESS + name] = replace(item, status=status, error_code=code, error_msg=message,
                                                      end_time=now)
@@ -273,6 +337,7 @@ class FileCoordinator:
         if time.monotonic() > t.deadline:
             await self._finish_open_items(t, ScriptStatus.TIMEOUT, ErrorCode.TIMEOUT, "transfer timed out")
             await self.end(t, terminated=True)
+            self._settle(t, ScriptStatus.TIMEOUT, ErrorCode.TIMEOUT, "transfer timed out")
             return
         if not t.targets_sent:
             return
@@ -308,6 +373,11 @@ class FileReports:
             self.writer.put(FileResults.update(task_id, session.agent_id, items, self.ttl))
         if finals:
             self.acks.when_stored(session, finals)
+
+
+def _mode(digits: int) -> int:
+    """chmod digits as written (644) -> the mode (0o644); 0 stays 0. The API server has checked them."""
+    return int(str(digits), 8) if digits else 0
 
 
 def _cap(requested: int, cap: int) -> int:

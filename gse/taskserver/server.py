@@ -177,6 +177,7 @@ class TaskServerService(Service):
             "file_manifest": lambda s, m: self._spawn(self.files.on_manifest(s, m)),
             "file_report": reports.on_report,
             "need_direct": self._need_direct,
+            "source_changed": self._source_changed,
         })
         self.data_relay = DataRelay(self.access, c.area, c.data_view_interval_s)
         self.access.handlers["plugin_reply"] = self.data_relay.on_plugin_reply
@@ -212,6 +213,16 @@ class TaskServerService(Service):
         if stub is not None:
             self._spawn(stub.NeedDirect(task_pb.NeedDirectRequest(
                 transfer_id=msg.transfer_id, index=msg.index, agent_id=session.agent_id), timeout=10))
+
+    def _source_changed(self, session, msg) -> None:
+        if msg.coordinator == self.node_id:
+            self._spawn(self.files.on_source_changed(msg.transfer_id, msg.index, msg.error_msg))
+            return
+        stub = self.peers.task(msg.coordinator)
+        if stub is not None:
+            self._spawn(stub.SourceChanged(task_pb.SourceChangedRequest(
+                transfer_id=msg.transfer_id, index=msg.index, agent_id=session.agent_id, error_msg=msg.error_msg),
+                timeout=10))
 
     async def run(self) -> None:
         self._tasks = [asyncio.ensure_future(t) for t in (

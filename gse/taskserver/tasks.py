@@ -71,6 +71,12 @@ class TaskService(pb_grpc.TaskServiceServicer):
         failures = [] if found else [pb.AgentFailure(code=ErrorCode.AGENT_OFFLINE, message="no such live transfer here")]
         return pb.DispatchReply(failures=failures)
 
+    async def SourceChanged(self, request, context):
+        ok = await self.files.on_source_changed(request.transfer_id, request.index, request.error_msg)
+        failures = [] if ok else [pb.AgentFailure(agent_id=request.agent_id, code=E_AGENT_OFFLINE,
+                                                  message="no such live transfer here")]
+        return pb.DispatchReply(failures=failures)
+
     async def NeedDirect(self, request, context):
         ok = self.files.on_need_direct(request.transfer_id, request.index)
         failures = [] if ok else [pb.AgentFailure(agent_id=request.agent_id, code=ErrorCode.AGENT_OFFLINE,
