@@ -54,6 +54,8 @@ class Stats:
         self.connects = 0
         self.redirects = 0
         self.failures = 0
+        self.answered = 0       # tasks answered
+        self.duplicates = 0     # tasks delivered again after they were answered (not run twice)
         self.enrolled = 0
         self.enroll_failures = 0
         self.refused: dict[str, int] = {}
@@ -107,6 +109,8 @@ class SimAgent:
         self.heartbeat_s = heartbeat_s
         self.server: str | None = None
         self.tasks_done = 0
+        self.seen: set[str] = set()                  # task ids answered (a task delivered twice runs once)
+        self.unacked: dict[tuple[str, int], pb.TaskReport] = {}   # as the real agent: kept until acknowledged
         self.spread_s = 0.0
         self.hello_fields = dict(agent_id=self.id, cloud_id=0, ip=self.ip, hostname=f"sim-{i}", os="linux",
                                  arch="x86_64", version="0.1.0-sim", run_mode=1,
@@ -213,6 +217,8 @@ class SimAgent:
             # spread heartbeats over the interval; timers, not a coroutine per agent
             self.seq = 0
             self.beat_handle = loop.call_later(random.uniform(0, self.interval), self.beat)
+            for report in {id(r): r for r in self.unacked.values()}.values():     # as the real agent: resend
+                self.link.write(pb.AgentFrame(report=report).SerializeToString())
             went = await self.gone
             return went, time.monotonic() - started
         except (OSError, asyncio.TimeoutError):
@@ -254,7 +260,19 @@ class SimAgent:
             return
         kind = frame.WhichOneof("body")
         if kind == "task":
-            self.answer(link, frame.task)
+            task = frame.task
+            if task.task_id in self.seen:
+                self.stats.duplicates += 1
+                return
+            self.seen.add(task.task_id)
+            delay = _delay(task)
+            if delay:
+                asyncio.get_running_loop().call_later(delay, self.answer, task)
+            else:
+                self.answer(task)
+        elif kind == "ack":
+            for ref in frame.ack.items:
+                self.unacked.pop((ref.task_id, ref.atomic_task_id), None)
         elif kind == "tune":
             self.spread_s = frame.tune.reconnect_spread_ms / 1000
         elif kind == "redirect":
@@ -262,13 +280,16 @@ class SimAgent:
                 self.gone.set_result(frame.redirect.address)
             link.close()
 
-    def answer(self, link, task) -> None:
-        """Answer a task in-process: `echo X` prints X, anything else succeeds silently. No fork: the
-        figure measured is the control plane's, not the host's."""
+    def answer(self, task) -> None:
+        """Answer a task in-process: `echo X` prints X, anything else succeeds silently (`sleep S; ...`
+        answers S seconds later). No fork: the figure measured is the control plane's, not the host's. The
+        report is kept until acknowledged and sent again after a reconnect, as the real agent does."""
         now = int(time.time() * 1000)
         report = pb.TaskReport()
         for t in task.atomic_tasks:
-            out = (t.command[5:] + "\n").encode() if t.command.startswith("echo ") else b""
+            cmd = t.command.split(";", 1)[1].strip() if t.command.startswith("sleep ") and ";" in t.command \
+                else t.command
+            out = (cmd[5:] + "\n").encode() if cmd.startswith("echo ") else b""
             if out:
                 report.outputs.append(pb.TaskOutput(task_id=task.task_id, atomic_task_id=t.atomic_task_id,
                                                     offset=0, data=out))
@@ -276,8 +297,22 @@ class SimAgent:
                 task_id=task.task_id, atomic_task_id=t.atomic_task_id, status=2, error_code=0,
                 start_time_ms=now, end_time_ms=now, exit_code=0, has_exit_code=True, output_size=len(out),
                 final=True))
-        link.write(pb.AgentFrame(report=report).SerializeToString())
+            self.unacked[(task.task_id, t.atomic_task_id)] = report
+        if self.link is not None:
+            self.link.write(pb.AgentFrame(report=report).SerializeToString())
         self.tasks_done += 1
+        self.stats.answered += 1
+
+
+def _delay(task) -> float:
+    """Seconds to wait before answering: a leading `sleep S;` of the first atomic task."""
+    cmd = task.atomic_tasks[0].command if task.atomic_tasks else ""
+    if cmd.startswith("sleep ") and ";" in cmd:
+        try:
+            return max(0.0, float(cmd[6:cmd.index(";")]))
+        except ValueError:
+            return 0.0
+    return 0.0
 
 
 _SNAP = pb.HostSnapshot(cpu_num=2, mem_size=8 << 30, cpu_rate=3.0, mem_rate=40.0, load1=0.1, uptime_s=3600,
@@ -314,7 +349,8 @@ async def main_async(args) -> None:
             print(json.dumps({"t": round(time.time(), 3), "attached": stats.attached, "connects": stats.connects,
                               "redirects": stats.redirects, "failures": stats.failures,
                               "enrolled": stats.enrolled, "enroll_failures": stats.enroll_failures,
-                              "refused": stats.refused}), flush=True)
+                              "refused": stats.refused, "answered": stats.answered,
+                              "duplicates": stats.duplicates}), flush=True)
             await asyncio.sleep(args.report_s)
 
     reporter = asyncio.ensure_future(report())

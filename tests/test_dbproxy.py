@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import redis
 
@@ -11,6 +12,7 @@ from conftest import api_for, start_agents
 from gse.common import dbclient as db
 from gse.common.address import split_host_port
 from gse.common.tls import TLSMaterial
+from gse.devcluster import wait_for
 from gse.dbproxy.store import Ring
 
 
@@ -109,3 +111,126 @@ def test_one_redis_node_stopped_reads_still_answered(make_cluster):
     # A new agent attaching while the node is down is written to the survivor and readable.
     (late,) = start_agents(c, 1)
     api.wait_alive([late.info["bk_agent_id"]])
+
+
+def _execute(c, ops):
+    async def go():
+        client = _client(c)
+        try:
+            return await client.execute(ops)
+        finally:
+            await client.close()
+    return asyncio.run(go())
+
+
+def _redis_port(proc) -> int:
+    return proc.info["port"]
+
+
+def _ops_and_reads(n: int, tag: str):
+    """Writes of every kind the daemons use, and the reads that must find them afterwards."""
+    writes, reads, want = [], [], []
+    for i in range(n):
+        writes.append(db.hset(f"{tag}:h{i}", {"a": i, "b": "x"}, ttl_ms=600_000))
+        writes.append(db.set_(f"{tag}:s{i}", f"v{i}", ttl_ms=600_000))
+        writes.append(db.setrange(f"{tag}:o{i}", 0, f"out{i}"))
+        writes.append(db.sadd(f"{tag}:set", [f"m{i}"]))
+        reads += [db.hgetall(f"{tag}:h{i}"), db.get(f"{tag}:s{i}"), db.getrange(f"{tag}:o{i}", 0, -1)]
+        want += [{"a": str(i), "b": "x"}, f"v{i}", f"out{i}"]
+    return writes, reads, want
+
+
+def _check_reads(results, want, tag: str, n: int, members) -> None:
+    got = []
+    for r, w in zip(results, want):
+        assert r.ok, r.error
+        got.append(db.text_fields(r) if isinstance(w, dict) else r.value.decode())
+    assert got == want, f"{tag}: {sum(1 for g, w in zip(got, want) if g != w)} of {len(want)} reads differ"
+    assert sorted(m.decode() for m in members.values) == sorted(f"m{i}" for i in range(n))
+
+
+def test_redis_node_restarted_empty_gets_back_what_it_missed(make_cluster):
+    """Node A is killed; writes go on (to B, with hints); A comes back empty (no persistence) and is
+    repaired (a full copy, then the hints); then B is killed and everything is read from A alone."""
+    c = make_cluster(own_infra=True)
+    c.start_zookeeper()
+    a = c.start_redis()
+    b = c.start_redis()
+    dp = c.start_dbproxy(replicas=2, probe_interval_s=0.2)
+    before, before_reads, before_want = _ops_and_reads(200, "before")
+    during, during_reads, during_want = _ops_and_reads(200, "during")
+
+    def write(ops):
+        res = _execute(c, ops)
+        assert all(r.ok for r in res), [r.error for r in res if not r.ok][:3]
+
+    write(before)
+    a.kill()
+    wait_for(lambda: '"down"' in json.dumps(c.healthz(dp)["redis"]), 10, "dbproxy to see node A down")
+    write(during)
+    c.start_redis(port=_redis_port(a), name=a.name)            # back, empty
+    wait_for(lambda: set(c.healthz(dp)["redis"].values()) == {"up"}, 30, "node A repaired")
+    b.kill()
+    wait_for(lambda: '"down"' in json.dumps(c.healthz(dp)["redis"]), 10, "dbproxy to see node B down")
+    res = _execute(c, before_reads + during_reads + [db.smembers("before:set"), db.smembers("during:set")])
+    n = len(before_reads)
+    _check_reads(res[:n], before_want, "before", 200, res[-2])
+    _check_reads(res[n:-2], during_want, "during", 200, res[-1])
+
+
+def test_redis_node_paused_gets_the_hinted_writes(make_cluster):
+    """Node A stops answering (SIGSTOP) but keeps its data; writes meanwhile leave hints; A answers again and
+    gets exactly the keys it missed, overwriting its stale copies; then B is killed and A serves them all."""
+    import signal
+
+    c = make_cluster(own_infra=True)
+    c.start_zookeeper()
+    a = c.start_redis()
+    b = c.start_redis()
+    dp = c.start_dbproxy(replicas=2, probe_interval_s=0.2, redis_timeout_s=0.5)
+    first, _r, _w = _ops_and_reads(100, "k")
+    second = [db.hset(f"k:h{i}", {"a": i + 1000}) for i in range(100)] + \
+        [db.set_(f"k:s{i}", f"w{i}", ttl_ms=600_000) for i in range(100)]
+
+    def write(ops):
+        res = _execute(c, ops)
+        assert all(r.ok for r in res), [r.error for r in res if not r.ok][:3]
+
+    write(first)
+    a.signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: '"down"' in json.dumps(c.healthz(dp)["redis"]), 10, "dbproxy to see node A down")
+        write(second)
+    finally:
+        a.signal(signal.SIGCONT)
+    wait_for(lambda: set(c.healthz(dp)["redis"].values()) == {"up"}, 30, "node A repaired")
+    direct = redis.Redis(host="127.0.0.1", port=_redis_port(a))
+    assert direct.hget(f"{c.key_prefix}k:h7", "a") == b"1007"       # the stale copy was replaced
+    assert not direct.keys(f"{c.key_prefix}__gse:hints:*")            # every hint applied and forgotten
+    b.kill()
+    wait_for(lambda: '"down"' in json.dumps(c.healthz(dp)["redis"]), 10, "dbproxy to see node B down")
+    res = _execute(c, [db.hgetall(f"k:h{i}") for i in range(100)] +
+                   [db.get(f"k:s{i}") for i in range(100)])
+    assert [db.text_fields(r)["a"] for r in res[:100]] == [str(i + 1000) for i in range(100)]
+    assert [r.value.decode() for r in res[100:]] == [f"w{i}" for i in range(100)]
+
+
+def test_read_falls_back_when_a_replica_lacks_the_key(make_cluster):
+    """A key missing on its first replica (deleted behind dbproxy's back) is read from the next one, and the
+    first one gets it back (read repair)."""
+    c = make_cluster(own_infra=True)
+    c.start_zookeeper()
+    c.start_redis()
+    c.start_redis()
+    c.start_dbproxy(replicas=2, probe_interval_s=0.2)
+    nodes = {p.info["port"]: redis.Redis(host="127.0.0.1", port=p.info["port"]) for p in c.procs if p.kind == "redis"}
+    ring = Ring([f"127.0.0.1:{p}" for p in nodes])
+    _execute(c, [db.hset(f"r{i}", {"v": i}) for i in range(50)])
+    for i in range(50):             # drop each key from the replica dbproxy reads first
+        first = ring.replicas(f"r{i}", 2)[0]
+        nodes[int(first.rsplit(":", 1)[1])].delete(f"{c.key_prefix}r{i}")
+    res = _execute(c, [db.hgetall(f"r{i}") for i in range(50)])
+    assert [db.text_fields(r).get("v") for r in res] == [str(i) for i in range(50)]
+    wait_for(lambda: all(n.exists(f"{c.key_prefix}r{i}") for n in nodes.values() for i in range(50)), 10,
+             "read repair to restore the keys")
+

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,6 +30,7 @@ log = logging.getLogger("gse.agent.tasks")
 
 TASKS = Counter("gse_agent_tasks_total", "Tasks received", ["outcome"])
 CHUNK = 1024 * 1024
+SEEN_MAX = 10_000           # task ids remembered against a second delivery of the same task
 
 
 @dataclass
@@ -60,6 +62,7 @@ class TaskManager:
         self.flush_s = flush_s
         self.items: dict[tuple[str, int], Item] = {}
         self.runs: dict[str, TaskRun] = {}
+        self.seen: OrderedDict[str, None] = OrderedDict()     # task ids received lately (newest last)
         self._flush_handle: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task] = set()
 
@@ -114,8 +117,13 @@ class TaskManager:
     # ---- from the server --------------------------------------------------------------------------
 
     def on_task(self, req: pb.TaskRequest) -> None:
-        if req.task_id in self.runs:
-            return      # sent twice (a dispatch retried): already running
+        """Run a task the server sent; a task id seen before (a dispatch re-routed or retried) is not run again."""
+        if req.task_id in self.seen or any(t == req.task_id for t, _a in self.items):
+            log.info("task received again; not run twice", extra={"task_id": req.task_id})
+            return
+        self.seen[req.task_id] = None
+        while len(self.seen) > SEEN_MAX:
+            self.seen.popitem(last=False)
         atomic = [AtomicTask(t.atomic_task_id, t.command, t.timeout_seconds) for t in req.atomic_tasks]
         for a in atomic:
             self.items.setdefault((req.task_id, a.atomic_task_id), Item(req.task_id, a.atomic_task_id))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from gse.common import dbclient as db
 from gse.common.address import parse_host_id
+from gse.common.errors import Unavailable
 from gse.common.records import AgentAddress, AgentRecord, HostSnapshotRecord
 
 
@@ -25,6 +26,7 @@ class AgentsView:
         if not uniq:
             return {}
         results = await self.db.execute([AgentAddress.read(c, ip) for c, ip in uniq])
+        _check_reads(results)
         return {h: aid for h, r in zip(uniq, results) if (aid := AgentAddress.decode(r)) is not None}
 
     async def resolve(self, requested: list[str]) -> dict[str, str]:
@@ -41,9 +43,11 @@ class AgentsView:
             return {}
         if fields:
             results = await self.db.execute([AgentRecord.pick(a, names=fields) for a in uniq])
+            _check_reads(results)
             recs = {a: AgentRecord.decode(r, fields) for a, r in zip(uniq, results)}
         else:
             results = await self.db.execute([AgentRecord.read(a) for a in uniq])
+            _check_reads(results)
             recs = {a: AgentRecord.decode(r) for a, r in zip(uniq, results)}
         out = {}
         for a, rec in recs.items():
@@ -72,3 +76,10 @@ class AgentsView:
             return {}
         results = await self.db.execute([HostSnapshotRecord.read(a) for a in uniq])
         return {a: s for a, r in zip(uniq, results) if (s := HostSnapshotRecord.decode(r)) is not None}
+
+
+def _check_reads(results) -> None:
+    """A read dbproxy could not answer (no replica of the key up) is an outage, not an unknown agent."""
+    for r in results:
+        if not r.ok and r.retryable:
+            raise Unavailable(f"agent state cannot be read now: {r.error}")

@@ -61,6 +61,7 @@ class ApiServerService(Service):
         self.runner: web.AppRunner | None = None
         self.port = 0
         self.api: Api | None = None
+        self.tasks: TaskEndpoints | None = None
         self.taskservers = TaskServers(self.tls, config.taskserver_timeout_s)
         self.guard = CommandGuard()
 
@@ -86,6 +87,7 @@ class ApiServerService(Service):
                               result_ttl_ms=int(c.result_ttl_s * 1000),
                               offline_grace_ms=int(c.offline_grace_s * 1000))
         tasks.register(api)
+        self.tasks = tasks
         FileEndpoints(tasks).register(api)
         return api
 
@@ -114,6 +116,8 @@ class ApiServerService(Service):
         await self.discovery.stop()
         if self.runner is not None:
             await self.runner.cleanup()
+        if self.tasks is not None:
+            await self.tasks.close()
         if self.api is not None:
             self.api.bodies.close()
         self.guard.close()

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
 from gse.common.errors import (BadRequest, Blocked, ErrorCode, GseError, ScriptStatus, TaskNotKnown,
-                               item_error_code)
+                               Unavailable, item_error_code)
 from gse.common.logs import set_trace
 from gse.common.records import (SESSION_FIELDS, AgentRecord, TaskItem, TaskOutput, TaskRecord, new_task_id, now_ms,
                                 valid_task_id)
@@ -30,6 +31,8 @@ from .command_guard import CommandGuard
 from .taskservers import TaskServers
 
 log = logging.getLogger("gse.apiserver.tasks")
+
+REROUTE_INTERVAL_S = 0.5    # how often the sessions of agents that moved are read again while re-routing
 
 NO_OUTPUT = dpb.Result(ok=True)        # what an item without output reads as
 MAX_ITEMS_PER_READ = 100_000
@@ -60,6 +63,7 @@ class TaskEndpoints:
         self.ttl = result_ttl_ms
         self.offline_grace_ms = offline_grace_ms
         self.default_limit = default_limit
+        self._background: set[asyncio.Task] = set()
 
     def register(self, api: Api) -> None:
         for prefix in ("/api/v2/task", "/api/v2/task/extensions"):
@@ -178,31 +182,96 @@ class TaskEndpoints:
         by_user: dict[str, dict[str, list[str]]] = defaultdict(dict)
         for (node, user), ids in by_node_user.items():
             by_user[user][node] = ids
+        # Stored before it is dispatched: a store that fails answers an error and no agent runs anything.
+        await self._write(ops)
         log.info("task accepted", extra={"kind": "script", "targets": len(targets), "offline": len(offline),
                                          "atomic_tasks": len(atomic), "warnings": len(warnings)})
-        dispatches = []
-        for user, by_node in by_user.items():
-            frame = apb.ServerFrame(task=apb.TaskRequest(task_id=task_id, user=user, scripts=scripts,
-                                                         atomic_tasks=atomic, created_ms=at,
-                                                         request_id=req.request_id)).SerializeToString()
-            dispatches.append(self.servers.dispatch(frame, by_node))
-        written, *dispatched = await asyncio.gather(self._write(ops), *dispatches, return_exceptions=True)
-        if isinstance(written, Exception):
-            raise written
-        failures = []
-        for d in dispatched:
-            if isinstance(d, Exception):
-                raise d
-            failures += d
-        if failures:
-            log.warning("task not delivered to some agents", extra={"count": len(failures),
-                                                                    "first": failures[0][2]})
-            end = now_ms()
-            await self._write([TaskItem.update(task_id, aid, a.atomic_task_id, ttl_ms=self.ttl,
-                                               status=ScriptStatus.FAILED, error_code=code, error_msg=msg,
-                                               end_time=end).op()
-                               for aid, code, msg in failures for a in atomic])
+        frames = {user: apb.ServerFrame(task=apb.TaskRequest(
+            task_id=task_id, user=user, scripts=scripts, atomic_tasks=atomic, created_ms=at,
+            request_id=req.request_id)).SerializeToString() for user in by_user}
+        sessions = {t.agent_id: t.record for t in targets if t.record is not None}
+        moved = await self._dispatch(task_id, frames, by_user, sessions, [a.atomic_task_id for a in atomic])
+        if moved:
+            self._spawn(self._reroute(task_id, frames, moved, [a.atomic_task_id for a in atomic],
+                                      time.monotonic() + self.offline_grace_ms / 1000))
         return {"result": {"task_id": task_id}}
+
+    async def _dispatch(self, task_id: str, frames: dict[str, bytes], by_user: dict[str, dict[str, list[str]]],
+                        sessions: dict[str, AgentRecord], atomic_ids: list[int]) -> dict[str, tuple]:
+        """Send the task's frame (one per run-as user) to the task servers holding the agents. Agents a task
+        server no longer holds (it restarted, the agent moved) are returned as {bk_agent_id: (user, node,
+        connect_time)} to be re-routed; any other failure ends the agent's items with its code."""
+        results = await asyncio.gather(*(self.servers.dispatch(frames[user], by_node)
+                                         for user, by_node in by_user.items()))
+        moved: dict[str, tuple] = {}
+        failed = []
+        for (user, by_node), failures in zip(by_user.items(), results):
+            node_of = {a: n for n, ids in by_node.items() for a in ids}
+            for aid, code, msg in failures:
+                if code == ErrorCode.AGENT_OFFLINE:
+                    rec = sessions.get(aid)
+                    moved[aid] = (user, node_of.get(aid, ""), rec.connect_time if rec else 0)
+                else:
+                    failed.append((aid, code, msg))
+        if failed:
+            log.warning("task refused by some agents' task servers", extra={"count": len(failed),
+                                                                          "first": failed[0][2]})
+            await self._fail_items(task_id, atomic_ids, failed)
+        return moved
+
+    async def _reroute(self, task_id: str, frames: dict[str, bytes], pending: dict[str, tuple],
+                       atomic_ids: list[int], deadline: float) -> None:
+        """Deliver the task to agents whose task server did not hold them any more, once their session shows
+        them attached again (to another task server, or anew to the same one), until `deadline`
+        (offline_grace_s after the dispatch); what is still undelivered then ends with 117."""
+        log.info("re-routing task to agents that moved", extra={"agents": len(pending)})
+        rerouted = 0
+        try:
+            while pending and time.monotonic() < deadline:
+                await asyncio.sleep(REROUTE_INTERVAL_S)
+                records = await self.view.records(list(pending), SESSION_FIELDS)
+                at = now_ms()
+                by_user: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+                for aid, (user, node, connected) in pending.items():
+                    rec = records.get(aid)
+                    if rec is not None and rec.alive(at) and (rec.node != node or rec.connect_time > connected):
+                        by_user[user][rec.node].append(aid)
+                if not by_user:
+                    continue
+                sessions = {aid: records[aid] for by_node in by_user.values() for ids in by_node.values()
+                            for aid in ids}
+                tried = set(sessions)
+                moved = await self._dispatch(task_id, frames, by_user, sessions, atomic_ids)
+                for aid in tried:
+                    pending.pop(aid, None)
+                pending.update(moved)
+                rerouted += len(tried) - len(moved)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - what is left ends with 117 below, never silently running
+            log.exception("re-routing failed")
+        if pending:
+            await self._fail_items(task_id, atomic_ids, [
+                (aid, ErrorCode.AGENT_OFFLINE, "agent was not reachable on any task server") for aid in pending])
+        log.info("task re-routed", extra={"delivered": rerouted, "undelivered": len(pending)})
+
+    async def _fail_items(self, task_id: str, atomic_ids: list[int], failures: list[tuple[str, int, str]]) -> None:
+        end = now_ms()
+        await self._write([TaskItem.update(task_id, aid, tid, ttl_ms=self.ttl, status=ScriptStatus.FAILED,
+                                           error_code=code, error_msg=msg, end_time=end).op()
+                           for aid, code, msg in failures for tid in atomic_ids])
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.ensure_future(coro)
+        self._background.add(t)
+        t.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        """Stop re-routing (at shutdown)."""
+        for t in list(self._background):
+            t.cancel()
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=2)
 
     async def get_execute_script_result(self, body: dict, _req):
         """`{task_id, agent_tasks: [{bk_agent_id, atomic_tasks: [{atomic_task_id, offset, limit}]}]}` ->
@@ -370,11 +439,14 @@ class TaskEndpoints:
         return out
 
     async def _write(self, ops) -> None:
+        """Store ops; Unavailable (503) when dbproxy could not reach a replica, GseError when it refused."""
         for i in range(0, len(ops), 20_000):
             res = await self.db.execute(ops[i:i + 20_000])
-            bad = [r.error for r in res if not r.ok]
+            bad = [r for r in res if not r.ok]
             if bad:
-                raise GseError(f"storing task state failed: {bad[0]}")
+                if all(r.retryable for r in bad):
+                    raise Unavailable(f"storing task state failed: {bad[0].error}")
+                raise GseError(f"storing task state failed: {bad[0].error}")
 
 
 def page_text(screen, limit: int) -> str:

@@ -25,7 +25,10 @@ log = logging.getLogger("gse.dbproxy")
 OPS = Counter("gse_dbproxy_ops_total", "Operations executed")
 BATCHES = Histogram("gse_dbproxy_batch_seconds", "Time to execute one batch",
                     buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
-HEALTHY = Gauge("gse_dbproxy_redis_healthy", "1 while a Redis node answers", ["node"])
+HEALTHY = Gauge("gse_dbproxy_redis_healthy", "1 while a Redis node is up and in sync", ["node"])
+SYNCING = Gauge("gse_dbproxy_redis_syncing", "1 while a Redis node that came back is being repaired", ["node"])
+COPIED = Gauge("gse_dbproxy_repair_copied_keys", "Keys copied to repair returning nodes (since start)")
+HINTED = Gauge("gse_dbproxy_hinted_writes", "Writes that left a hint for a replica that missed them (since start)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +40,8 @@ class DbProxyConfig(BaseConfig):
     redis_password: str = ""
     replicas: int = 1
     key_prefix: str = ""
-    warmup_s: float = 30.0
     probe_interval_s: float = 1.0
+    settle_timeout_s: float = 30.0     # at start, wait this long at most for returning nodes to be repaired
     redis_timeout_s: float = 2.0
     max_batch: int = 100_000
 
@@ -84,14 +87,14 @@ class DbProxyService(Service):
         healthy = self.store.healthy_count() if self.store else 0
         ok = healthy > 0 and self.discovery.connected
         return ok, {"service": self.name, "node_id": self.node_id, "redis_healthy": healthy,
-                    "zookeeper": self.discovery.connected}
+                    "redis": self.store.state() if self.store else {}, "zookeeper": self.discovery.connected}
 
     async def start(self) -> None:
         await super().start()
         c = self.config
-        self.store = ShardedStore(list(c.redis), c.replicas, c.key_prefix, c.warmup_s, c.redis_password,
-                                  c.redis_timeout_s)
+        self.store = ShardedStore(list(c.redis), c.replicas, c.key_prefix, c.redis_password, c.redis_timeout_s)
         await self.store.probe()
+        await self.store.settle(c.settle_timeout_s)
         self.server = rpc.make_server(self.tls)
         pb_grpc.add_DbProxyServicer_to_server(DbProxyServicer(self.store, c.max_batch), self.server)
         health = rpc.add_health(self.server)
@@ -110,8 +113,11 @@ class DbProxyService(Service):
         while True:
             await asyncio.sleep(self.config.probe_interval_s)
             await self.store.probe()
-            for node in self.store.nodes.values():
-                HEALTHY.labels(node.address).set(1 if node.healthy else 0)
+            for address, state in self.store.state().items():
+                HEALTHY.labels(address).set(1 if state == "up" else 0)
+                SYNCING.labels(address).set(1 if state == "syncing" else 0)
+            COPIED.set(self.store.copied_total)
+            HINTED.set(self.store.hints_total)
 
     async def stop(self, grace: float) -> None:
         await self.discovery.stop()          # leave ZooKeeper first so that clients go elsewhere

@@ -79,7 +79,7 @@ class Op(_message.Message):
     def __init__(self, kind: _Optional[_Union[Op.Kind, str]] = ..., key: _Optional[str] = ..., value: _Optional[bytes] = ..., fields: _Optional[_Mapping[str, bytes]] = ..., names: _Optional[_Iterable[str]] = ..., members: _Optional[_Iterable[bytes]] = ..., ttl_ms: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., integer: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("ok", "error", "found", "value", "fields", "values", "present", "integer")
+    __slots__ = ("ok", "error", "found", "value", "fields", "values", "present", "integer", "retryable")
     class FieldsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class Result(_message.Message):
     VALUES_FIELD_NUMBER: _ClassVar[int]
     PRESENT_FIELD_NUMBER: _ClassVar[int]
     INTEGER_FIELD_NUMBER: _ClassVar[int]
+    RETRYABLE_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     error: str
     found: bool
@@ -103,7 +104,8 @@ class Result(_message.Message):
     values: _containers.RepeatedScalarFieldContainer[bytes]
     present: _containers.RepeatedScalarFieldContainer[bool]
     integer: int
-    def __init__(self, ok: _Optional[bool] = ..., error: _Optional[str] = ..., found: _Optional[bool] = ..., value: _Optional[bytes] = ..., fields: _Optional[_Mapping[str, bytes]] = ..., values: _Optional[_Iterable[bytes]] = ..., present: _Optional[_Iterable[bool]] = ..., integer: _Optional[int] = ...) -> None: ...
+    retryable: bool
+    def __init__(self, ok: _Optional[bool] = ..., error: _Optional[str] = ..., found: _Optional[bool] = ..., value: _Optional[bytes] = ..., fields: _Optional[_Mapping[str, bytes]] = ..., values: _Optional[_Iterable[bytes]] = ..., present: _Optional[_Iterable[bool]] = ..., integer: _Optional[int] = ..., retryable: _Optional[bool] = ...) -> None: ...
 
 class BatchRequest(_message.Message):
     __slots__ = ("ops",)

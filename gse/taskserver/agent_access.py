@@ -35,6 +35,8 @@ REFUSED = Counter("gse_taskserver_agent_refused_total", "Agent links refused", [
 HEARTBEATS = Counter("gse_taskserver_heartbeat_total", "Heartbeats received")
 
 MAX_SPREAD_S = 120.0
+# Frames whose handling queues writes: not read from an agent while the write queue is over its bound.
+WRITING_KINDS = frozenset({"report", "file_report", "file_manifest", "plugin_reply"})
 
 
 class AgentSession:
@@ -52,9 +54,9 @@ class AgentSession:
     def closed(self) -> bool:
         return self.link.closed
 
-    def send(self, frame_bytes: bytes) -> None:
-        """Send a serialized ServerFrame to this agent (never blocks; nothing once the link is closed)."""
-        self.link.write(frame_bytes)
+    def send(self, frame_bytes: bytes) -> bool:
+        """Send a serialized ServerFrame to this agent (never blocks); False once the link is closed."""
+        return self.link.write(frame_bytes)
 
     def close(self) -> None:
         """End the link once what was sent (a redirect, say) has gone out."""
@@ -92,6 +94,8 @@ class AgentAccess:
         self.identity.deny.listeners.append(self.cut_revoked)
         self.enroller = enroller            # enroll.Enroller, or None: links must show a certificate
         self._checks: set[asyncio.Task] = set()
+        self.throttled = False              # the write queue is over its bound (BatchWriter.on_pressure)
+        self.paused: set = set()            # links not read until the write queue drains
         self.server = None
 
     async def listen(self, tls, sock) -> None:
@@ -163,6 +167,25 @@ class AgentAccess:
         except Exception:  # noqa: BLE001 - end this agent's link (it resends what was not acknowledged), never the server
             log.exception("agent frame failed; closing its link", extra={"agent_id": session.agent_id, "kind": kind})
             session.close()
+            return
+        if self.throttled and kind in WRITING_KINDS:
+            # The write queue is over its bound: read no more from this agent until it drains. The agent
+            # keeps what it has not had acknowledged; TCP flow control holds it back meanwhile.
+            self.paused.add(link)
+            link.transport.pause_reading()
+
+    def on_pressure(self, over: bool) -> None:
+        """The batch writer's queue crossed its high-water mark (True) or fell back under its low one."""
+        self.throttled = over
+        if over:
+            return
+        now = time.monotonic()
+        for link in self.paused:
+            if not link.closed:
+                link.transport.resume_reading()
+                if link.session is not None:
+                    link.session.last_seen = now        # it was silent because we did not read it
+        self.paused.clear()
 
     def _refuse(self, link, reason: str, label: str, code: str = "") -> None:
         REFUSED.labels(label).inc()
@@ -277,6 +300,7 @@ class AgentAccess:
         self.pending.discard(link)
         if self.unattached.pop(link, None) is not None and not link.ready:
             REFUSED.labels("tls").inc()
+        self.paused.discard(link)
         session = link.session
         if session is None:
             return
@@ -314,7 +338,7 @@ class AgentAccess:
             await asyncio.sleep(max(0.2, min(self.hb_interval_s, self.hello_timeout_s) / 2))
             now = time.monotonic()
             limit = now - self.hb_interval_s * self.hb_misses
-            for s in [s for s in self.sessions.values() if s.last_seen < limit]:
+            for s in [s for s in self.sessions.values() if s.last_seen < limit and s.link not in self.paused]:
                 log.info("agent silent; closing its session", extra={"agent_id": s.agent_id})
                 s.close()
             limit = now - self.hello_timeout_s

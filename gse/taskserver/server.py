@@ -55,6 +55,8 @@ class TaskServerConfig(BaseConfig):
     file_direct_max: int = 10 * 1024    # files up to this size go direct through the file server
     file_max_size: int = 64 * 1024**3   # larger source files are refused (error 119)
     flush_interval_s: float = 0.01      # least time between two batch writes to dbproxy (group commit)
+    write_queue_max: int = 200_000      # writes waiting for dbproxy beyond this: agent links are not read until
+                                        # a quarter of it is left (results stay on the agents meanwhile)
     ack_quiet_s: float = 0.2            # result acknowledgements go out once reports were quiet this long...
     ack_max_delay_s: float = 2.0        # ... or when the oldest waiting one is this old
     reconnect_rate: float = 1000.0      # agents/s a peer can take if this server fails (agents spread over load/rate)
@@ -78,6 +80,8 @@ class TaskServerConfig(BaseConfig):
             raise ConfigError("reconnect_rate must be >= 0 (0: agents are told no spread)")
         if not 0 <= self.ack_quiet_s <= self.ack_max_delay_s <= 60:
             raise ConfigError("need 0 <= ack_quiet_s <= ack_max_delay_s <= 60")
+        if self.write_queue_max < 100:
+            raise ConfigError("write_queue_max must be at least 100")
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ConfigError(f"workers must be 1..{MAX_WORKERS}")
         if self.workers > 1 and self.agent_port == 0:
@@ -151,7 +155,8 @@ class TaskServerService(Service):
         await self.discovery.watch_config("agent_auth", self.identity.apply_config)
         if not c.dbproxy.addresses:
             await self.discovery.watch_service("dbproxy", self.db.on_view)
-        self.writer = BatchWriter(self.db, c.flush_interval_s)
+        self.writer = BatchWriter(self.db, c.flush_interval_s, high_water=c.write_queue_max,
+                                  low_water=c.write_queue_max // 4)
         self.acks = AckBatcher(self.writer, c.ack_quiet_s, c.ack_max_delay_s)
         # Workers of one machine share the agent port: the kernel spreads new agent connections across them.
         self.agent_sock = framelink.bind(c.host, c.agent_port, reuse_port=c.workers > 1)
@@ -182,6 +187,7 @@ class TaskServerService(Service):
         self.data_relay = DataRelay(self.access, c.area, c.data_view_interval_s)
         self.access.handlers["plugin_reply"] = self.data_relay.on_plugin_reply
         self.access.on_attach = self.data_relay.on_attach
+        self.writer.on_pressure = self.access.on_pressure
         task_pb_grpc.add_TaskServiceServicer_to_server(TaskService(self.access, self.files), self.task_server)
         task_health = rpc.add_health(self.task_server)
         await self.task_server.start()

@@ -43,12 +43,11 @@ class TaskService(pb_grpc.TaskServiceServicer):
         sessions = self.access.sessions
         for aid in agent_ids:
             s = sessions.get(aid)
-            if s is None or s.closed:
+            if s is None or not s.send(frame):
                 failures.append(pb.AgentFailure(agent_id=aid, code=ErrorCode.AGENT_OFFLINE,
                                                 message="agent is not attached to this task server"))
-            else:
-                s.send(frame)
         DISPATCHED.inc(len(agent_ids) - len(failures))
+        log.info("frame dispatched", extra={"agents": len(agent_ids), "not_held": len(failures)})
         return pb.DispatchReply(failures=failures)
 
     async def Dispatch(self, request, context):

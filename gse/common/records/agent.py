@@ -93,8 +93,9 @@ class AgentRecord:
         return self.status_code if self.status_code != AgentStatus.RUNNING else AgentStatus.UNKNOWN
 
 
-# What dispatch and result polling need of a session (an HMGET of these instead of the whole hash).
-SESSION_FIELDS = ("agent_id", "online", "deadline", "node")
+# What dispatch and result polling need of a session (an HMGET of these instead of the whole hash);
+# connect_time tells a new attach from the one a dispatch was routed by.
+SESSION_FIELDS = ("agent_id", "online", "deadline", "node", "connect_time")
 
 
 class AgentAddress:
