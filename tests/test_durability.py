@@ -164,7 +164,7 @@ def _sim_stats(log_dir: Path) -> dict:
 def test_broadcast_survives_a_killed_dbproxy_and_redis_node(make_cluster, tmp_path):
     """1,000 simulated agents; while their results come in, one of two dbproxies and one of two Redis nodes
     are SIGKILLed. Every result is readable afterwards, none lost, none duplicated, none run twice."""
-    from simagents import agent_id, spawn_workers, stop_workers
+    from simagents import agent_id, prepare, spawn_workers, stop_workers
 
     c = make_cluster(own_infra=True)
     c.start_zookeeper()
@@ -178,7 +178,9 @@ def test_broadcast_survives_a_killed_dbproxy_and_redis_node(make_cluster, tmp_pa
     n, tag = 1000, "d0"
     log_dir = tmp_path / "sim"
     log_dir.mkdir()
-    procs = spawn_workers(n, 2, ts.info["address"], str(c.certs_dir), tag, str(log_dir), heartbeat=HEARTBEAT_S)
+    idents = prepare(c, n, 2, tag, str(tmp_path), "issued")     # each agent its own certificate
+    procs = spawn_workers(n, 2, ts.info["address"], str(c.certs_dir), tag, str(log_dir), heartbeat=HEARTBEAT_S,
+                          identities=idents)
     try:
         ids = [agent_id(tag, i) for i in range(n)]
         wait_for(lambda: _sim_stats(log_dir).get("attached", 0) == n, 90, "1,000 simulated agents attached",
