@@ -6,7 +6,6 @@ sites short: `await db.execute([hset(k, {...}, ttl_ms=...), hgetall(k2)])`.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import random
@@ -18,7 +17,7 @@ from gse.pb import dbproxy_pb2 as pb
 from gse.pb import dbproxy_pb2_grpc as pb_grpc
 
 from .errors import Unavailable
-from .rpc import make_channel
+from .rpc import ChannelPool
 from .tls import TLSMaterial
 
 log = logging.getLogger("gse.dbclient")
@@ -139,8 +138,29 @@ def text_fields(result: pb.Result) -> dict[str, str]:
     return {k: v.decode("utf-8", "replace") for k, v in result.fields.items()}
 
 
+# Op kinds whose batch can be sent twice with the same outcome: reads. Writes are retried only when the
+# caller declares the whole batch idempotent (execute(..., idempotent=True)).
+READ_KINDS = frozenset({K.GET, K.HGETALL, K.HMGET, K.SMEMBERS, K.LRANGE, K.GETRANGE, K.STRLEN, K.EXISTS})
+
+
+def broken_channel(exc: grpc.aio.AioRpcError) -> bool:
+    """The call failed because its connection broke (reset, TLS record that did not decrypt, transport gone),
+    not because of what was asked: a fresh channel may succeed. gRPC reports a broken transport as
+    UNAVAILABLE, or as UNKNOWN/INTERNAL "Stream removed" (e.g. `Unwrap failed (TSI_DATA_CORRUPTED)`)."""
+    code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return True
+    details = exc.details() or ""
+    return code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL) and (
+        "Stream removed" in details or "TSI_" in details or "Unwrap failed" in details)
+
+
 class DbClient:
-    """Talks to any dbproxy of the cluster; fails over between them on transport errors."""
+    """Talks to any dbproxy of the cluster; fails over between them on transport errors.
+
+    A batch that fails on a broken channel (see `broken_channel`) is sent once more on a fresh channel (the
+    broken one is closed and replaced) when it is idempotent: read-only, or declared so by the caller. A
+    write that is not declared idempotent is not sent twice: its caller is told (Unavailable) instead."""
 
     RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
@@ -148,15 +168,13 @@ class DbClient:
         self.tls = tls
         self.timeout_s = timeout_s
         self._addresses: list[str] = list(addresses)
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.pool = ChannelPool(tls)
         self._rr = itertools.count(random.randrange(1000))
+        self.renewed = 0            # channels replaced after they broke (for tests and logs)
 
     def set_addresses(self, addresses: Iterable[str]) -> None:
         new = list(addresses)
-        for addr in list(self._channels):
-            if addr not in new:
-                ch = self._channels.pop(addr)
-                asyncio.ensure_future(ch.close())
+        self.pool.retain(new)
         self._addresses = new
 
     def on_view(self, view: Mapping[str, dict]) -> None:
@@ -170,17 +188,17 @@ class DbClient:
         return list(self._addresses)
 
     def _stub(self, addr: str) -> pb_grpc.DbProxyStub:
-        ch = self._channels.get(addr)
-        if ch is None:
-            ch = self._channels[addr] = make_channel(self.tls, addr)
-        return pb_grpc.DbProxyStub(ch)
+        return pb_grpc.DbProxyStub(self.pool.get(addr))
 
-    async def execute(self, ops: list[Op]) -> list[pb.Result]:
+    async def execute(self, ops: list[Op], idempotent: bool = False) -> list[pb.Result]:
+        """Run a batch on some dbproxy. `idempotent`: the batch may be applied twice (e.g. HSETs of the same
+        values); read-only batches are idempotent anyway. Raises Unavailable."""
         if not ops:
             return []
         addrs = self._addresses
         if not addrs:
             raise Unavailable("no dbproxy is known")
+        again = idempotent or all(op.kind in READ_KINDS for op in ops)
         start = next(self._rr)
         last: Exception | None = None
         req = pb.BatchRequest(ops=ops)
@@ -191,12 +209,21 @@ class DbClient:
                 return list(reply.results)
             except grpc.aio.AioRpcError as exc:
                 last = exc
+                if broken_channel(exc):
+                    self.pool.renew(addr)           # never reuse a connection that broke
+                    self.renewed += 1
+                    if again:
+                        log.warning("dbproxy channel broke; retrying once on a fresh one",
+                                    extra={"address": addr, "code": exc.code().name, "error": exc.details()})
+                        try:
+                            reply = await self._stub(addr).Execute(req, timeout=self.timeout_s)
+                            return list(reply.results)
+                        except grpc.aio.AioRpcError as exc2:
+                            last = exc = exc2
                 if exc.code() not in self.RETRYABLE:
                     raise Unavailable(f"dbproxy {addr}: {exc.code().name}: {exc.details()}") from None
                 log.warning("dbproxy call failed; trying another", extra={"address": addr, "code": exc.code().name})
         raise Unavailable(f"no dbproxy answered: {last.code().name if isinstance(last, grpc.aio.AioRpcError) else last}")
 
     async def close(self) -> None:
-        for ch in self._channels.values():
-            await ch.close()
-        self._channels.clear()
+        await self.pool.close()

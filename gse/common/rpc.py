@@ -33,8 +33,9 @@ SERVER_OPTIONS = [
     # Measured (bench/probes): BDP probing pings after every quiet period, i.e. on every heartbeat of an
     # idle agent stream; off, a heartbeat costs the server ~40% less CPU. Our messages are small.
     ("grpc.http2.bdp_probe", 0),
-    # TLS frame protector buffers: 4 KiB frames save ~6-7 KB per agent connection.
-    ("grpc.tsi.max_frame_size", 4096),
+    # No "grpc.tsi.max_frame_size": it was 4096 to save ~6-7 KB per agent gRPC stream, which agents no
+    # longer hold (their link is framelink), and it was the suspect of TSI_DATA_CORRUPTED under load
+    # (docs/benchmarks.md, "Holding under load"): gRPC's SSL transport runs with its default frames.
 ]
 
 CHANNEL_OPTIONS = [
