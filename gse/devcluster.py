@@ -171,6 +171,7 @@ class Cluster:
         self.apiservers: list[Proc] = []
         self.fileservers: list[Proc] = []
         self.dataservers: list[Proc] = []
+        self.procmgrs: list[Proc] = []
         self.kafka: str | None = None          # bootstrap host:port of the local Kafka-protocol broker
         self.agents: list[Proc] = []
 
@@ -292,6 +293,15 @@ class Cluster:
         self.fileservers.append(proc)
         return self.wait_healthy(proc) if wait else proc
 
+    def start_procmgr(self, name: str | None = None, wait: bool = True, **overrides) -> Proc:
+        """procmgr (process registrations and operations); the API server finds it in ZooKeeper."""
+        port, mport = free_port(), free_port()
+        name = name or f"procmgr-{len(self.procmgrs) + 1}"
+        cfg = {**self._common(mport), "host": "127.0.0.1", "port": port, **overrides}
+        proc = self._daemon("procmgr", name, cfg, {"address": f"127.0.0.1:{port}"})
+        self.procmgrs.append(proc)
+        return self.wait_healthy(proc) if wait else proc
+
     # ---- data path: a Kafka-protocol broker and the data servers ----------------------------------------
 
     def start_kafka(self, port: int | None = None, name: str = "kafka") -> Proc:
@@ -378,6 +388,8 @@ class Cluster:
     def agent_config(self, index: int, ip: str, servers: list[str] | None = None, identity: str | None = None,
                      **overrides) -> dict:
         d = self.base / "agents" / f"agent-{index}"
+        # Each agent its own plugin directory (auto-load), never the host's /usr/local/gse/plugins.
+        procs = {"plugin_dir": str(d / "plugins"), **overrides.pop("procs", {})}
         return {
             "data_dir": str(d / "data"), "run_dir": str(d / "run"),
             "servers": servers or [p.info["address"] for p in self.taskservers],
@@ -387,6 +399,7 @@ class Cluster:
             **self.agent_identity_files(d, identity),
             "log": {"level": "info", "format": self.log_format},
             "metrics": {"host": "127.0.0.1", "port": free_port()},
+            "procs": procs,
             **overrides,
         }
 
@@ -418,7 +431,7 @@ class Cluster:
         cmd = proc.popen.args
         new = self._spawn(proc.name, proc.kind, cmd, dict(proc.info))
         for group in (self.dbproxies, self.taskservers, self.apiservers, self.fileservers, self.dataservers,
-                      self.agents):
+                      self.procmgrs, self.agents):
             if proc in group:
                 group[group.index(proc)] = new
         if proc in self.procs:
@@ -455,6 +468,7 @@ class Cluster:
         if self.kafka is None:
             self.start_kafka()
         self.start_dataserver()
+        self.start_procmgr()
         self.start_apiserver()
         procs = [self.start_agent(wait=False) for _ in range(agents)]
         for p in procs:
@@ -475,6 +489,8 @@ class Cluster:
             "apiservers": [{"url": p.info["url"], "pid": p.pid} for p in self.apiservers],
             "dataservers": [{"address": p.info["address"], "pid": p.pid, "metrics_port": p.info["metrics_port"]}
                             for p in self.dataservers],
+            "procmgrs": [{"address": p.info["address"], "pid": p.pid, "metrics_port": p.info["metrics_port"]}
+                         for p in self.procmgrs],
             "kafka": self.kafka,
             "fileservers": [{"address": p.info["address"], "tracker_url": p.info["tracker_url"], "pid": p.pid}
                             for p in self.fileservers],
@@ -495,8 +511,8 @@ class Cluster:
 
     def stop(self) -> None:
         """Stop everything: agents first, infrastructure last."""
-        order = {"agent": 0, "apiserver": 1, "taskserver": 2, "fileserver": 2, "dataserver": 2, "dbproxy": 3,
-                 "redis": 4, "kafka": 4, "zookeeper": 5}
+        order = {"agent": 0, "apiserver": 1, "procmgr": 2, "taskserver": 2, "fileserver": 2, "dataserver": 2,
+                 "dbproxy": 3, "redis": 4, "kafka": 4, "zookeeper": 5}
         for p in sorted(self.procs, key=lambda p: order.get(p.kind, 1)):
             p.stop()
 
@@ -507,8 +523,8 @@ class Cluster:
 def stop_from_description(path: str | os.PathLike, timeout: float = 15.0) -> int:
     """`gse dev down`: stop what a detached `gse dev up` started, from its cluster.json."""
     desc = json.loads(Path(path).read_text())
-    order = {"agent": 0, "apiserver": 1, "taskserver": 2, "fileserver": 2, "dataserver": 2, "dbproxy": 3,
-             "redis": 4, "kafka": 4, "zookeeper": 5}
+    order = {"agent": 0, "apiserver": 1, "procmgr": 2, "taskserver": 2, "fileserver": 2, "dataserver": 2,
+             "dbproxy": 3, "redis": 4, "kafka": 4, "zookeeper": 5}
     procs = sorted(desc.get("processes", []), key=lambda p: order.get(p["kind"], 1))
     stopped = 0
     for p in procs:

@@ -43,6 +43,7 @@ from gse.pb import agent_pb2 as pb
 from .data import DataConfig, DataPipeline
 from .executor import Pools
 from .files import FileManager
+from .procs import ProcConfig, ProcManager
 from .tasks import TaskManager
 
 log = logging.getLogger("gse.agent")
@@ -125,6 +126,7 @@ class AgentConfig:
     tasks: TaskConfig = TaskConfig()
     data: DataConfig = DataConfig()      # plugin data: IPC sockets, batching, spool, data servers
     files: FileConfig = FileConfig()
+    procs: ProcConfig = ProcConfig()     # process supervision and plugin auto-load
     tls: TLSConfig = TLSConfig()
     enroll: EnrollmentConfig = EnrollmentConfig()
     log: LogConfig = LogConfig()
@@ -274,6 +276,11 @@ class Agent(Service):
         self.data = DataPipeline(config.data, data_dir=config.data_dir, run_dir=config.run_dir, tls=self.tls,
                                  identity=self.identity, send=self.send, ip=self.ip, bind_ip=config.bind_ip)
         self.files = FileManager(self, config.data_dir, config.files)
+        self.procs = ProcManager(config.procs, config.data_dir, send=self.send,
+                                 submit=self.data.submit if config.data.enabled else None,
+                                 identity=lambda: {**self.identity(), "ip": self.ip, "version": __version__},
+                                 plugins=lambda: self.data.messages.plugins, pools=self.tasks.pools,
+                                 kill_grace_s=t.kill_grace_s)
 
     def _use_certificate(self) -> None:
         """Load the TLS material; a certificate naming an agent gives the agent its id."""
@@ -411,6 +418,8 @@ class Agent(Service):
         resumed = self.files.recover()
         if resumed:
             log.info("file transfers taken up again after a restart", extra={"transfers": resumed})
+        if self.config.procs.enabled:
+            await self.procs.start()
         log.info("agent starting", extra={"bk_agent_id": self.agent_id, "ip": self.ip,
                                           "servers": list(self.config.servers)})
 
@@ -491,6 +500,7 @@ class Agent(Service):
             beat = asyncio.ensure_future(self._heartbeats(interval, w.host_snapshot_every))
             self.tasks.on_attach()
             self.files.on_attach()
+            self.procs.on_attach()
             while True:
                 frame = await inbox.get()
                 if frame is None:
@@ -544,6 +554,10 @@ class Agent(Service):
             self.files.on_end_entry(frame.end_entry)
         elif kind == "tune":
             self._set_spread(frame.tune.reconnect_spread_ms)
+        elif kind == "proc_ops":
+            self.procs.on_ops(frame.proc_ops)
+        elif kind == "proc_ack":
+            self.procs.on_ack(frame.proc_ack)
         else:
             log.debug("unhandled frame", extra={"kind": kind})
 
@@ -579,6 +593,7 @@ class Agent(Service):
             await asyncio.sleep(interval)
 
     async def stop(self, grace: float) -> None:
+        await self.procs.stop()         # first: its last events still go to the data path
         if self.config.data.enabled:
             await self.data.stop()      # spools what plugins sent
         await self.tasks.stop()

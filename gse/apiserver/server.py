@@ -20,6 +20,7 @@ from .app import Api
 from .command_guard import CommandGuard
 from .data_endpoints import DataEndpoints
 from .file_endpoints import FileEndpoints
+from .proc_endpoints import ProcEndpoints, ProcMgrs
 from .task_endpoints import TaskEndpoints
 from .taskservers import TaskServers
 
@@ -40,6 +41,7 @@ class ApiServerConfig(BaseConfig):
     result_ttl_s: float = 86400              # task records written by the API server
     offline_grace_s: float = 30.0            # an unfinished item of an agent offline this long reads as 117
     taskserver_timeout_s: float = 10.0
+    procmgr_timeout_s: float = 30.0          # deadline of one call to procmgr (process endpoints)
     dbproxy: DbProxyClientConfig = DbProxyClientConfig()
 
     def validate(self) -> None:
@@ -64,6 +66,7 @@ class ApiServerService(Service):
         self.tasks: TaskEndpoints | None = None
         self.taskservers = TaskServers(self.tls, config.taskserver_timeout_s)
         self.guard = CommandGuard()
+        self.procmgrs = ProcMgrs(self.tls, config.procmgr_timeout_s)
 
     def apps(self) -> dict[str, str]:
         live = self.discovery.config("apps") or {}
@@ -89,6 +92,7 @@ class ApiServerService(Service):
         tasks.register(api)
         self.tasks = tasks
         FileEndpoints(tasks).register(api)
+        ProcEndpoints(self.procmgrs, c.max_hosts_per_call).register(api)
         return api
 
     async def start(self) -> None:
@@ -98,6 +102,7 @@ class ApiServerService(Service):
         await self.discovery.watch_config("apps")
         await self.discovery.watch_config("command_rules", self.guard.apply_config)
         await self.discovery.watch_service("taskserver", self.taskservers.on_view)
+        await self.discovery.watch_service("procmgr", self.procmgrs.on_view)
         if not c.dbproxy.addresses:
             await self.discovery.watch_service("dbproxy", self.db.on_view)
         self.api = self.build_api()
@@ -123,4 +128,5 @@ class ApiServerService(Service):
         self.guard.close()
         await self.db.close()
         await self.taskservers.close()
+        await self.procmgrs.close()
         await super().stop(grace)

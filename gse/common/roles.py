@@ -54,6 +54,8 @@ ACCESS: Mapping[str, frozenset] = {
     "/gse.pb.FileService/Fetch": frozenset({AGENT, PROXY}),
     # ... and the data path.
     "/gse.pb.DataIngest/Stream": frozenset({AGENT, PROXY}),
+    # procmgr (process registrations and operations): the API server, and peers.
+    "/gse.pb.ProcService/": frozenset({SERVER, API}),
     # Health checks answer anyone of the cluster.
     "/grpc.health.v1.Health/": ANY,
 }

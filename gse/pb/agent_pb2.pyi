@@ -194,7 +194,7 @@ class Enrolled(_message.Message):
     def __init__(self, certificate: _Optional[bytes] = ..., ca: _Optional[bytes] = ...) -> None: ...
 
 class AgentFrame(_message.Message):
-    __slots__ = ("hello", "heartbeat", "report", "plugin_reply", "file_manifest", "file_report", "need_direct", "enroll", "source_changed")
+    __slots__ = ("hello", "heartbeat", "report", "plugin_reply", "file_manifest", "file_report", "need_direct", "enroll", "source_changed", "proc_report")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +204,7 @@ class AgentFrame(_message.Message):
     NEED_DIRECT_FIELD_NUMBER: _ClassVar[int]
     ENROLL_FIELD_NUMBER: _ClassVar[int]
     SOURCE_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    PROC_REPORT_FIELD_NUMBER: _ClassVar[int]
     hello: AgentHello
     heartbeat: Heartbeat
     report: TaskReport
@@ -213,7 +214,8 @@ class AgentFrame(_message.Message):
     need_direct: NeedDirect
     enroll: Enroll
     source_changed: FileSourceChanged
-    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., report: _Optional[_Union[TaskReport, _Mapping]] = ..., plugin_reply: _Optional[_Union[_data_pb2.PluginReply, _Mapping]] = ..., file_manifest: _Optional[_Union[FileManifest, _Mapping]] = ..., file_report: _Optional[_Union[FileReport, _Mapping]] = ..., need_direct: _Optional[_Union[NeedDirect, _Mapping]] = ..., enroll: _Optional[_Union[Enroll, _Mapping]] = ..., source_changed: _Optional[_Union[FileSourceChanged, _Mapping]] = ...) -> None: ...
+    proc_report: ProcReport
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., report: _Optional[_Union[TaskReport, _Mapping]] = ..., plugin_reply: _Optional[_Union[_data_pb2.PluginReply, _Mapping]] = ..., file_manifest: _Optional[_Union[FileManifest, _Mapping]] = ..., file_report: _Optional[_Union[FileReport, _Mapping]] = ..., need_direct: _Optional[_Union[NeedDirect, _Mapping]] = ..., enroll: _Optional[_Union[Enroll, _Mapping]] = ..., source_changed: _Optional[_Union[FileSourceChanged, _Mapping]] = ..., proc_report: _Optional[_Union[ProcReport, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("node_id", "heartbeat_interval_ms", "parent_ip", "parent_port", "reconnect_spread_ms", "host_snapshot_every")
@@ -254,7 +256,7 @@ class Refused(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., code: _Optional[str] = ...) -> None: ...
 
 class ServerFrame(_message.Message):
-    __slots__ = ("welcome", "redirect", "task", "terminate", "ack", "data_servers", "plugin_message", "file_source", "file_target", "upload_request", "end_transfer", "tune", "refused", "enrolled", "end_entry")
+    __slots__ = ("welcome", "redirect", "task", "terminate", "ack", "data_servers", "plugin_message", "file_source", "file_target", "upload_request", "end_transfer", "tune", "proc_ops", "proc_ack", "refused", "enrolled", "end_entry")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     REDIRECT_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -267,6 +269,8 @@ class ServerFrame(_message.Message):
     UPLOAD_REQUEST_FIELD_NUMBER: _ClassVar[int]
     END_TRANSFER_FIELD_NUMBER: _ClassVar[int]
     TUNE_FIELD_NUMBER: _ClassVar[int]
+    PROC_OPS_FIELD_NUMBER: _ClassVar[int]
+    PROC_ACK_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     ENROLLED_FIELD_NUMBER: _ClassVar[int]
     END_ENTRY_FIELD_NUMBER: _ClassVar[int]
@@ -282,10 +286,12 @@ class ServerFrame(_message.Message):
     upload_request: UploadRequest
     end_transfer: EndTransfer
     tune: Tune
+    proc_ops: ProcOperations
+    proc_ack: ProcAck
     refused: Refused
     enrolled: Enrolled
     end_entry: EndEntry
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., task: _Optional[_Union[TaskRequest, _Mapping]] = ..., terminate: _Optional[_Union[TerminateTask, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., data_servers: _Optional[_Union[_data_pb2.DataServerView, _Mapping]] = ..., plugin_message: _Optional[_Union[_data_pb2.PluginMessage, _Mapping]] = ..., file_source: _Optional[_Union[FileSource, _Mapping]] = ..., file_target: _Optional[_Union[FileTarget, _Mapping]] = ..., upload_request: _Optional[_Union[UploadRequest, _Mapping]] = ..., end_transfer: _Optional[_Union[EndTransfer, _Mapping]] = ..., tune: _Optional[_Union[Tune, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., enrolled: _Optional[_Union[Enrolled, _Mapping]] = ..., end_entry: _Optional[_Union[EndEntry, _Mapping]] = ...) -> None: ...
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., task: _Optional[_Union[TaskRequest, _Mapping]] = ..., terminate: _Optional[_Union[TerminateTask, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., data_servers: _Optional[_Union[_data_pb2.DataServerView, _Mapping]] = ..., plugin_message: _Optional[_Union[_data_pb2.PluginMessage, _Mapping]] = ..., file_source: _Optional[_Union[FileSource, _Mapping]] = ..., file_target: _Optional[_Union[FileTarget, _Mapping]] = ..., upload_request: _Optional[_Union[UploadRequest, _Mapping]] = ..., end_transfer: _Optional[_Union[EndTransfer, _Mapping]] = ..., tune: _Optional[_Union[Tune, _Mapping]] = ..., proc_ops: _Optional[_Union[ProcOperations, _Mapping]] = ..., proc_ack: _Optional[_Union[ProcAck, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., enrolled: _Optional[_Union[Enrolled, _Mapping]] = ..., end_entry: _Optional[_Union[EndEntry, _Mapping]] = ...) -> None: ...
 
 class FileEntry(_message.Message):
     __slots__ = ("index", "rel_path", "is_dir", "size", "mode", "md5", "torrent", "info_hash", "link_target", "holes", "error_code", "error_msg", "content")
@@ -521,3 +527,161 @@ class EndTransfer(_message.Message):
     task_id: str
     terminated: bool
     def __init__(self, transfer_id: _Optional[str] = ..., task_id: _Optional[str] = ..., terminated: _Optional[bool] = ...) -> None: ...
+
+class ProcSpec(_message.Message):
+    __slots__ = ("proc_name", "setup_path", "pid_path", "user", "config_path", "log_path", "index_key", "start_cmd", "stop_cmd", "restart_cmd", "reload_cmd", "kill_cmd", "version_cmd", "health_cmd", "cpu", "mem", "auto_type", "start_check_secs", "stop_check_secs", "start_retries", "start_interval", "op_timeout", "crontab_rule", "health_check_secs")
+    PROC_NAME_FIELD_NUMBER: _ClassVar[int]
+    SETUP_PATH_FIELD_NUMBER: _ClassVar[int]
+    PID_PATH_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_PATH_FIELD_NUMBER: _ClassVar[int]
+    LOG_PATH_FIELD_NUMBER: _ClassVar[int]
+    INDEX_KEY_FIELD_NUMBER: _ClassVar[int]
+    START_CMD_FIELD_NUMBER: _ClassVar[int]
+    STOP_CMD_FIELD_NUMBER: _ClassVar[int]
+    RESTART_CMD_FIELD_NUMBER: _ClassVar[int]
+    RELOAD_CMD_FIELD_NUMBER: _ClassVar[int]
+    KILL_CMD_FIELD_NUMBER: _ClassVar[int]
+    VERSION_CMD_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_CMD_FIELD_NUMBER: _ClassVar[int]
+    CPU_FIELD_NUMBER: _ClassVar[int]
+    MEM_FIELD_NUMBER: _ClassVar[int]
+    AUTO_TYPE_FIELD_NUMBER: _ClassVar[int]
+    START_CHECK_SECS_FIELD_NUMBER: _ClassVar[int]
+    STOP_CHECK_SECS_FIELD_NUMBER: _ClassVar[int]
+    START_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    START_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    OP_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    CRONTAB_RULE_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_CHECK_SECS_FIELD_NUMBER: _ClassVar[int]
+    proc_name: str
+    setup_path: str
+    pid_path: str
+    user: str
+    config_path: str
+    log_path: str
+    index_key: str
+    start_cmd: str
+    stop_cmd: str
+    restart_cmd: str
+    reload_cmd: str
+    kill_cmd: str
+    version_cmd: str
+    health_cmd: str
+    cpu: float
+    mem: float
+    auto_type: int
+    start_check_secs: int
+    stop_check_secs: int
+    start_retries: int
+    start_interval: int
+    op_timeout: int
+    crontab_rule: str
+    health_check_secs: int
+    def __init__(self, proc_name: _Optional[str] = ..., setup_path: _Optional[str] = ..., pid_path: _Optional[str] = ..., user: _Optional[str] = ..., config_path: _Optional[str] = ..., log_path: _Optional[str] = ..., index_key: _Optional[str] = ..., start_cmd: _Optional[str] = ..., stop_cmd: _Optional[str] = ..., restart_cmd: _Optional[str] = ..., reload_cmd: _Optional[str] = ..., kill_cmd: _Optional[str] = ..., version_cmd: _Optional[str] = ..., health_cmd: _Optional[str] = ..., cpu: _Optional[float] = ..., mem: _Optional[float] = ..., auto_type: _Optional[int] = ..., start_check_secs: _Optional[int] = ..., stop_check_secs: _Optional[int] = ..., start_retries: _Optional[int] = ..., start_interval: _Optional[int] = ..., op_timeout: _Optional[int] = ..., crontab_rule: _Optional[str] = ..., health_check_secs: _Optional[int] = ...) -> None: ...
+
+class ProcOperation(_message.Message):
+    __slots__ = ("namespace", "name", "op_type", "spec", "labels_json", "registered_at")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OP_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    LABELS_JSON_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_AT_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    name: str
+    op_type: int
+    spec: ProcSpec
+    labels_json: str
+    registered_at: int
+    def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ..., op_type: _Optional[int] = ..., spec: _Optional[_Union[ProcSpec, _Mapping]] = ..., labels_json: _Optional[str] = ..., registered_at: _Optional[int] = ...) -> None: ...
+
+class ProcOperations(_message.Message):
+    __slots__ = ("task_id", "ops", "request_id")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    OPS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    ops: _containers.RepeatedCompositeFieldContainer[ProcOperation]
+    request_id: str
+    def __init__(self, task_id: _Optional[str] = ..., ops: _Optional[_Iterable[_Union[ProcOperation, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ProcOpResult(_message.Message):
+    __slots__ = ("task_id", "namespace", "name", "error_code", "error_msg", "content")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MSG_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    namespace: str
+    name: str
+    error_code: int
+    error_msg: str
+    content: str
+    def __init__(self, task_id: _Optional[str] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ..., error_code: _Optional[int] = ..., error_msg: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class ProcState(_message.Message):
+    __slots__ = ("namespace", "name", "registered", "status", "isauto", "pid", "version", "cpu_usage", "mem_usage", "fd", "last_start_time", "report_time", "message", "source", "registered_at", "labels_json", "mem_bytes")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ISAUTO_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CPU_USAGE_FIELD_NUMBER: _ClassVar[int]
+    MEM_USAGE_FIELD_NUMBER: _ClassVar[int]
+    FD_FIELD_NUMBER: _ClassVar[int]
+    LAST_START_TIME_FIELD_NUMBER: _ClassVar[int]
+    REPORT_TIME_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_AT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_JSON_FIELD_NUMBER: _ClassVar[int]
+    MEM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    name: str
+    registered: bool
+    status: int
+    isauto: bool
+    pid: int
+    version: str
+    cpu_usage: float
+    mem_usage: float
+    fd: int
+    last_start_time: int
+    report_time: int
+    message: str
+    source: str
+    registered_at: int
+    labels_json: str
+    mem_bytes: int
+    def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ..., registered: _Optional[bool] = ..., status: _Optional[int] = ..., isauto: _Optional[bool] = ..., pid: _Optional[int] = ..., version: _Optional[str] = ..., cpu_usage: _Optional[float] = ..., mem_usage: _Optional[float] = ..., fd: _Optional[int] = ..., last_start_time: _Optional[int] = ..., report_time: _Optional[int] = ..., message: _Optional[str] = ..., source: _Optional[str] = ..., registered_at: _Optional[int] = ..., labels_json: _Optional[str] = ..., mem_bytes: _Optional[int] = ...) -> None: ...
+
+class ProcReport(_message.Message):
+    __slots__ = ("results", "states", "full")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    FULL_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ProcOpResult]
+    states: _containers.RepeatedCompositeFieldContainer[ProcState]
+    full: bool
+    def __init__(self, results: _Optional[_Iterable[_Union[ProcOpResult, _Mapping]]] = ..., states: _Optional[_Iterable[_Union[ProcState, _Mapping]]] = ..., full: _Optional[bool] = ...) -> None: ...
+
+class ProcResultRef(_message.Message):
+    __slots__ = ("task_id", "namespace", "name")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    namespace: str
+    name: str
+    def __init__(self, task_id: _Optional[str] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ProcAck(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ProcResultRef]
+    def __init__(self, items: _Optional[_Iterable[_Union[ProcResultRef, _Mapping]]] = ...) -> None: ...

@@ -6,6 +6,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class DispatchBatchRequest(_message.Message):
+    __slots__ = ("parts",)
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    parts: _containers.RepeatedCompositeFieldContainer[DispatchRequest]
+    def __init__(self, parts: _Optional[_Iterable[_Union[DispatchRequest, _Mapping]]] = ...) -> None: ...
+
 class TransferSpec(_message.Message):
     __slots__ = ("task_id", "task_index", "transfer_id", "source_agent", "source_user", "source_dir", "source_name", "md5", "dest_dir", "dest_name", "owner", "permission", "target_agents", "target_users", "target_nodes", "timeout_seconds", "auto_mkdir", "upload_rate", "download_rate", "area", "keep_seeding", "from_caller", "content")
     class TargetNodesEntry(_message.Message):

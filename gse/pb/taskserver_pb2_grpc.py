@@ -64,6 +64,11 @@ class TaskServiceStub:
                 request_serializer=gse_dot_pb_dot_taskserver__pb2.SourceChangedRequest.SerializeToString,
                 response_deserializer=gse_dot_pb_dot_taskserver__pb2.DispatchReply.FromString,
                 _registered_method=True)
+        self.DispatchBatch = channel.unary_unary(
+                '/gse.pb.TaskService/DispatchBatch',
+                request_serializer=gse_dot_pb_dot_taskserver__pb2.DispatchBatchRequest.SerializeToString,
+                response_deserializer=gse_dot_pb_dot_taskserver__pb2.DispatchReply.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -108,6 +113,13 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DispatchBatch(self, request, context):
+        """Several frames, each to its own agents, in one call (procmgr: different operations per agent).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +151,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
             'SourceChanged': grpc.unary_unary_rpc_method_handler(
                     servicer.SourceChanged,
                     request_deserializer=gse_dot_pb_dot_taskserver__pb2.SourceChangedRequest.FromString,
+                    response_serializer=gse_dot_pb_dot_taskserver__pb2.DispatchReply.SerializeToString,
+            ),
+            'DispatchBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.DispatchBatch,
+                    request_deserializer=gse_dot_pb_dot_taskserver__pb2.DispatchBatchRequest.FromString,
                     response_serializer=gse_dot_pb_dot_taskserver__pb2.DispatchReply.SerializeToString,
             ),
     }
@@ -303,6 +320,33 @@ class TaskService:
             target,
             '/gse.pb.TaskService/SourceChanged',
             gse_dot_pb_dot_taskserver__pb2.SourceChangedRequest.SerializeToString,
+            gse_dot_pb_dot_taskserver__pb2.DispatchReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DispatchBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gse.pb.TaskService/DispatchBatch',
+            gse_dot_pb_dot_taskserver__pb2.DispatchBatchRequest.SerializeToString,
             gse_dot_pb_dot_taskserver__pb2.DispatchReply.FromString,
             options,
             channel_credentials,

@@ -1,1 +1,1 @@
-"""Process manager: plugin/service registration and operations on hosts (not built yet)."""
+"""procmgr: process registration, operations and status for plugins and services on hosts (spec sections 3, 8)."""

@@ -26,6 +26,7 @@ from .data_relay import DataRelay
 from .enroll import EnrollConfig, Enroller
 from .files import FileCoordinator, FileReports
 from .identity import AgentIdentity
+from .procs import ProcAckBatcher, ProcReports
 from .tasks import AckBatcher, ResultRecorder, TaskService
 
 log = logging.getLogger("gse.taskserver")
@@ -186,6 +187,8 @@ class TaskServerService(Service):
         })
         self.data_relay = DataRelay(self.access, c.area, c.data_view_interval_s)
         self.access.handlers["plugin_reply"] = self.data_relay.on_plugin_reply
+        self.proc_acks = ProcAckBatcher(self.writer, c.ack_quiet_s, c.ack_max_delay_s)
+        self.access.handlers["proc_report"] = ProcReports(self.writer, self.db, self.proc_acks).on_report
         self.access.on_attach = self.data_relay.on_attach
         self.writer.on_pressure = self.access.on_pressure
         task_pb_grpc.add_TaskServiceServicer_to_server(TaskService(self.access, self.files), self.task_server)
@@ -233,7 +236,7 @@ class TaskServerService(Service):
     async def run(self) -> None:
         self._tasks = [asyncio.ensure_future(t) for t in (
             self.writer.run(), self.acks.run(), self.access.sweep_loop(), self._report_load(), self._rebalance(),
-            self.files.monitor(),
+            self.files.monitor(), self.proc_acks.run(),
             self.discovery.refresh_loop(self.config.load_report_interval_s))]
         await asyncio.gather(*self._tasks)
 

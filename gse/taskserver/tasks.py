@@ -57,6 +57,17 @@ class TaskService(pb_grpc.TaskServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "frame is not a ServerFrame")
         return self._send(request.frame, request.agent_ids)
 
+    async def DispatchBatch(self, request, context):
+        """Several frames, each to its own agents (procmgr's per-agent operations), in one call."""
+        failures = []
+        for part in request.parts:
+            try:
+                apb.ServerFrame.FromString(part.frame)
+            except Exception:  # noqa: BLE001 - protobuf raises DecodeError; anything else is as bad
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a frame is not a ServerFrame")
+            failures += self._send(part.frame, part.agent_ids).failures
+        return pb.DispatchReply(failures=failures)
+
     async def Terminate(self, request, context):
         frame = apb.ServerFrame(terminate=apb.TerminateTask(task_id=request.task_id)).SerializeToString()
         return self._send(frame, request.agent_ids)

@@ -14,15 +14,24 @@ each module documents its keys, writers and readers.
 | TaskItem | gse:ti:<task_id>:<bk_agent_id>:<atomic_id> | hash | task |
 | TaskOutput | gse:to:<task_id>:<bk_agent_id>:<atomic_id> | string | task |
 | FileResults / FileItem | gse:fr:<task_id>:<bk_agent_id> | hash of JSON | file |
+| ProcRecord | gse:proc:<bk_agent_id>:<namespace>:<name> | hash | proc |
+| ProcIndex | gse:procns:<namespace>, gse:procagent:<bk_agent_id> | set | proc |
+| ProcTask | gse:ptask:<task_id> | hash | proc |
+| ProcResults / ProcResult | gse:pres:<task_id> | hash of JSON | proc |
+| ProcOpenTasks | gse:ptasks:open | set | proc |
+| ProcGroups | gse:procgroups:<bk_agent_id>:<namespace> | string (JSON) | proc |
 """
 
 from .agent import (SESSION_FIELDS, AgentAddress, AgentIndex, AgentRecord, HostSnapshotRecord, now_ms,
                     valid_agent_id)
 from .base import DAY_MS, HashWrite, Json, hash_record, json_document
 from .file import DIRECT_MAX, FileItem, FileResults, item_name
+from .proc import (ProcGroups, ProcIndex, ProcOpenTasks, ProcRecord, ProcResult, ProcResults, ProcTask,
+                   TaskTarget)
 from .task import RESULT_TTL_MS, TaskItem, TaskOutput, TaskRecord, new_task_id, valid_task_id
 
 __all__ = ["AgentAddress", "AgentIndex", "AgentRecord", "DAY_MS", "DIRECT_MAX", "FileItem", "FileResults",
-           "HashWrite", "HostSnapshotRecord", "Json", "RESULT_TTL_MS", "SESSION_FIELDS", "TaskItem", "TaskOutput",
+           "HashWrite", "HostSnapshotRecord", "ProcGroups", "ProcIndex", "ProcOpenTasks",
+           "ProcRecord", "ProcResult", "ProcResults", "ProcTask", "TaskTarget", "Json", "RESULT_TTL_MS", "SESSION_FIELDS", "TaskItem", "TaskOutput",
            "TaskRecord", "hash_record", "item_name", "json_document", "new_task_id", "now_ms", "valid_agent_id",
            "valid_task_id"]

@@ -1,0 +1,14 @@
+"""python -m gse.procmgr --config FILE"""
+import sys
+
+from gse.common.service import main as _main
+
+from .server import ProcMgrConfig, ProcMgrService
+
+
+def main() -> int:
+    return _main(ProcMgrService, ProcMgrConfig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
