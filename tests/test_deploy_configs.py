@@ -19,6 +19,7 @@ from gse.common.config import load_config
 from gse.dataserver.server import DataServerConfig
 from gse.dbproxy.server import DbProxyConfig
 from gse.fileserver.server import FileServerConfig
+from gse.procmgr.server import ProcMgrConfig
 from gse.taskserver.server import TaskServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +33,7 @@ CONFIGS = {
     "apiserver": ApiServerConfig,
     "dataserver": DataServerConfig,
     "fileserver": FileServerConfig,
+    "procmgr": ProcMgrConfig,
 }
 
 # spec section 6
@@ -39,6 +41,7 @@ TASKSERVER_AGENT_PORT = 48668
 DBPROXY_PORT = 58859
 APISERVER_PORT = 50002
 DATASERVER_PORT = 58625
+PROCMGR_PORT = 50000
 
 
 def sample_names() -> list[str]:
@@ -104,6 +107,7 @@ def test_deploy_sample_ports_match_the_spec():
     assert load_sample("dbproxy").port == DBPROXY_PORT
     assert load_sample("apiserver").port == APISERVER_PORT
     assert load_sample("dataserver").port == DATASERVER_PORT
+    assert load_sample("procmgr").port == PROCMGR_PORT
     agent = load_sample("agent")
     assert agent.servers and all(s.endswith(f":{TASKSERVER_AGENT_PORT}") for s in agent.servers)
 
@@ -114,7 +118,7 @@ def test_deploy_sample_agent_uses_the_production_dirs():
 
 
 def test_deploy_sample_servers_advertise_a_dialable_address():
-    for name in ("taskserver", "dbproxy", "apiserver", "dataserver"):
+    for name in ("taskserver", "dbproxy", "apiserver", "dataserver", "procmgr"):
         cfg = load_sample(name)
         if cfg.host in ("0.0.0.0", "::"):
             assert cfg.advertise_host not in ("", "0.0.0.0", "::"), name
