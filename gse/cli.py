@@ -1,4 +1,5 @@
-"""`gse`: the operator's command. `gse certs ...` (gse/certs.py), `gse dev up|down`, `gse run`, `gse push`."""
+"""`gse`: the operator's command. `gse certs ...` (gse/certs.py), `gse dev up|down`, `gse run`, `gse push`,
+`gse proc`."""
 
 from __future__ import annotations
 
@@ -343,6 +344,83 @@ def cmd_push(args) -> int:
     return 0 if len(ok) == len(ids) else 1
 
 
+PROC_ACTIONS = {"start": 0, "stop": 1, "status": 2, "restart": 7, "reload": 8}
+PROC_OK = {0: {0, 828}, 1: {0, 829}}
+
+
+def cmd_proc(args) -> int:
+    """`gse proc TARGETS list|status|start|stop|restart|reload NAME`: one process operation on many hosts
+    through the process API (operate_proc_multi, then get_proc_operate_result_v2), each host's result
+    printed as it arrives; `list` shows every registered process of the hosts."""
+    words = list(args.words)
+    if words and words[-1] == "list":
+        action, name, spec = "list", "", words[:-1]
+    elif len(words) >= 3 and words[-2] in PROC_ACTIONS:
+        action, name, spec = words[-2], words[-1], words[:-2]
+    else:
+        raise SystemExit("gse proc: usage: gse proc TARGETS list | TARGETS start|stop|restart|reload|status NAME")
+    api = Api(args)
+    ids, labels = resolve_targets(api, spec)
+    if not ids:
+        print("gse proc: no target matched", file=sys.stderr)
+        return 2
+    width = max(len(v) for v in labels.values())
+    if action == "list":
+        r = api.call("/api/v2/proc/list_proc", {"agent_id_list": ids})
+        if r.get("code") != 0:
+            print(f"gse proc: {r.get('message')}", file=sys.stderr)
+            return 2
+        rows = [["host", "namespace", "name", "status", "pid", "auto", "version"]]
+        state = {0: "unregistered", 1: "running", 2: "stopped"}
+        for i in r["data"]["proc_infos"]:
+            rows.append([labels.get(i["bk_agent_id"], i["bk_agent_id"]), i["meta"]["namespace"], i["meta"]["name"],
+                         state.get(i["status"], "?"), i["pid"] if i["pid"] > 0 else "-", "yes" if i["isauto"] else "no",
+                         i["version"] or "-"])
+        print(_table(rows))
+        return 0
+    op = PROC_ACTIONS[action]
+    r = api.call("/api/v2/proc/operate_proc_multi", {"proc_operate_req": [
+        {"meta": {"namespace": args.namespace, "name": name}, "op_type": op, "agent_id_list": ids}]})
+    if r.get("code") != 0:
+        print(f"gse proc: refused: {r.get('message')}", file=sys.stderr)
+        return 2
+    task_id = r["data"]["task_id"]
+    done: dict[str, dict] = {}
+    deadline = time.monotonic() + args.timeout
+    while len(done) < len(ids) and time.monotonic() < deadline:
+        res = api.call("/api/v2/proc/get_proc_operate_result_v2", {"task_id": task_id})
+        if res.get("code") not in (0, 1000115):
+            print(f"gse proc: {res.get('message')}", file=sys.stderr)
+            return 2
+        for key, item in (res.get("data") or {}).items():
+            aid = key[:-len(f":{args.namespace}:{name}")]
+            if aid in done or item["error_code"] == ErrorCode.RUNNING:
+                continue
+            done[aid] = item
+            print(f"{labels.get(aid, aid):<{width}} | {_proc_line(op, item)}", flush=True)
+        if len(done) < len(ids):
+            time.sleep(0.2)
+    ok = [a for a, item in done.items() if item["error_code"] in PROC_OK.get(op, {0})]
+    print(f"summary: ok {len(ok)}, failed {len(done) - len(ok)}, no answer {len(ids) - len(done)} (task {task_id})")
+    return 0 if len(ok) == len(ids) else 1
+
+
+def _proc_line(op: int, item: dict) -> str:
+    code = item["error_code"]
+    try:
+        content = json.loads(item["content"]) if item["content"] else {}
+    except ValueError:
+        content = {}
+    if op == 2 and code == 0:
+        inst = ((content.get("process") or [{}])[0].get("instance") or [{}])[0]
+        pid = inst.get("pid", -1)
+        return (f"running pid {pid} version {inst.get('version') or '-'} cpu {inst.get('cpuUsage', 0)}% "
+                f"mem {inst.get('phyMemUsage', 0)}%" if pid > 0 else "not running")
+    text = {0: "ok", 828: "already running", 829: "not running"}.get(code) or item["error_msg"] or "failed"
+    out = ((content.get("value") or [{}])[0].get("result") or "").strip()
+    return f"{text} ({code})" + (f": {out[-200:]}" if out and code not in (0, 828, 829) else "")
+
+
 def _api_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default=".gse-dev", help="local cluster dir whose cluster.json names the API")
     p.add_argument("--api-url", default="")
@@ -391,6 +469,15 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--timeout", type=int, default=3600)
     _api_flags(push)
     push.set_defaults(func=cmd_push)
+
+    proc = sub.add_parser("proc", help="process operations on many hosts (start, stop, restart, reload, status)",
+                          usage="gse proc [--namespace NS] TARGETS... list | TARGETS... "
+                                "start|stop|restart|reload|status NAME")
+    proc.add_argument("words", nargs="+", help="targets (ids, cloud:ip, all or an ip glob), then the action and name")
+    proc.add_argument("--namespace", default="nodeman", help="the process namespace (default nodeman)")
+    proc.add_argument("--timeout", type=float, default=300, help="seconds to wait for every host's result")
+    _api_flags(proc)
+    proc.set_defaults(func=cmd_proc)
     return p
 
 
