@@ -273,6 +273,8 @@ class SimAgent:
         elif kind == "ack":
             for ref in frame.ack.items:
                 self.unacked.pop((ref.task_id, ref.atomic_task_id), None)
+        elif kind == "proc_ops":
+            self.answer_proc(link, frame.proc_ops)
         elif kind == "tune":
             self.spread_s = frame.tune.reconnect_spread_ms / 1000
         elif kind == "redirect":
@@ -302,6 +304,30 @@ class SimAgent:
             self.link.write(pb.AgentFrame(report=report).SerializeToString())
         self.tasks_done += 1
         self.stats.answered += 1
+
+    def answer_proc(self, link, msg) -> None:
+        """Answer process operations in-process, as the supervision protocol asks (gse/agent/procs.py): a result
+        per (task, process) and the process's new state (what the status cache holds). No fork and no
+        post-check wait: the figure measured is the control plane's."""
+        now = int(time.time())
+        report = pb.ProcReport()
+        for op in msg.ops:
+            running = op.op_type in (0, 2, 3, 7, 8)
+            if op.op_type == 2:
+                content = json.dumps({"bk_agent_id": self.id, "utctime": "", "utctime2": "", "timezone": 0,
+                                      "process": [{"procname": op.name, "instance": [{
+                                          "processName": op.spec.proc_name, "version": "1.0", "isAuto": True,
+                                          "cpuUsage": 0.1, "phyMemUsage": 0.2, "pid": 10000 + self.i,
+                                          "report_time": now}]}]})
+            else:
+                content = json.dumps({"value": [{"bk_agent_id": self.id, "procName": op.spec.proc_name,
+                                                 "setupPath": op.spec.setup_path, "result": "", "isAuto": running}]})
+            report.results.add(task_id=msg.task_id, namespace=op.namespace, name=op.name, error_code=0,
+                               content=content)
+            report.states.add(namespace=op.namespace, name=op.name, registered=True, status=1 if running else 2,
+                              isauto=running, pid=10000 + self.i if running else -1, version="1.0",
+                              last_start_time=now, report_time=now, source="api", registered_at=op.registered_at)
+        link.write(pb.AgentFrame(proc_report=report).SerializeToString())
 
 
 def _delay(task) -> float:
