@@ -395,7 +395,7 @@ class Agent(Service):
 
     def health(self):
         return self.attached.is_set(), {"service": self.name, "bk_agent_id": self.agent_id, "ip": self.ip,
-                                        "server": self.server}
+                                        "server": self.server, "procs": self.procs.health()}
 
     def hello(self, redirects: int) -> pb.AgentFrame:
         c = self.config

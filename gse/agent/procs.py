@@ -476,6 +476,8 @@ class ProcManager:
         return p
 
     async def _execute(self, op: pb.ProcOperation) -> tuple[int, str, str]:
+        if not self.cfg.enabled:
+            return ErrorCode.FAILED, "process management is disabled in this agent's configuration (procs.enabled)", ""
         if op.op_type not in KNOWN_OPS:
             return ErrorCode.PROC_BAD_OP, f"unknown op_type {op.op_type}", ""
         if op.HasField("spec"):

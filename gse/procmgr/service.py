@@ -230,28 +230,31 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
                 continue
             registered = rec is not None and rec.registered
             op = apb.ProcOperation(namespace=e.namespace, name=e.name, op_type=e.op_type)
+            first = not registered
+            reg_at = at if first or not rec.registered_at else rec.registered_at
             if e.has_spec:
                 op.spec.CopyFrom(e.spec)
                 op.labels_json = e.labels_json
-                first = not registered
-                reg_at = at if first or not rec.registered_at else rec.registered_at
-                op.registered_at = reg_at
-                if e.op_type != OP_FORGET:
-                    fields = dict(registered=True, spec=e.spec.SerializeToString(), labels=e.labels_json,
-                                  registered_at=reg_at, unregistered_at=0,
-                                  register_time=int(at / 1000) if first or not rec.register_time else rec.register_time)
-                    writes.append(ProcRecord.update(r.agent_id, e.namespace, e.name, **fields).op())
-                    writes += ProcIndex.add(r.agent_id, e.namespace, e.name)
-            elif registered and rec.spec:
+                if e.op_type == OP_DEFINE:
+                    # Only definitions carry the time: agents with the same operation then share one frame.
+                    op.registered_at = reg_at
+            fields = {}
+            if e.has_spec and e.op_type != OP_FORGET:
+                fields.update(registered=True, spec=e.spec.SerializeToString(), labels=e.labels_json,
+                              registered_at=reg_at, unregistered_at=0,
+                              register_time=int(at / 1000) if first or not rec.register_time else rec.register_time)
+                if first:
+                    writes += ProcIndex.add_ops(r.agent_id, e.namespace, e.name)
+            elif not e.has_spec and registered and rec.spec:
                 op.spec.ParseFromString(rec.spec)
                 op.labels_json = rec.labels
-                op.registered_at = rec.registered_at
             flag, auto = WANTED.get(e.op_type, (None, None))
             if auto is not None and e.op_type != OP_DEFINE:
-                wanted = {"want_auto": auto}
+                fields["want_auto"] = auto
                 if flag is not None:
-                    wanted["flag"] = flag
-                writes.append(ProcRecord.update(r.agent_id, e.namespace, e.name, **wanted).op())
+                    fields["flag"] = flag
+            if fields:
+                writes.append(ProcRecord.update(r.agent_id, e.namespace, e.name, **fields).op())
             if r.record is None or not r.record.alive(at):
                 own[tt.field] = ProcResult(ErrorCode.AGENT_OFFLINE, "agent is offline",
                                            control_content(tt.agent_id, e.name, spec_path, "agent is offline"))
@@ -340,7 +343,7 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
                     r.agent_id, e.namespace, e.name, registered=True, spec=e.spec.SerializeToString(),
                     labels=e.labels_json, registered_at=reg_at, unregistered_at=0,
                     register_time=int(at / 1000) if first or not rec.register_time else rec.register_time).op())
-                writes += ProcIndex.add(r.agent_id, e.namespace, e.name)
+                writes += ProcIndex.add_ops(r.agent_id, e.namespace, e.name)
                 push.append((e, r, OP_DEFINE))
             elif not registered:
                 code, msg = ErrorCode.PROC_NOT_RUNNING, "not registered"
@@ -493,7 +496,7 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
                     writes.append(ProcRecord.update(dst, ns, n, registered=True, spec=rec.spec, labels=rec.labels,
                                                     register_time=rec.register_time, registered_at=rec.registered_at,
                                                     flag=rec.flag, want_auto=rec.want_auto).op())
-                    writes += ProcIndex.add(dst, ns, n)
+                    writes += ProcIndex.add_ops(dst, ns, n)
                 writes.append(db.delete(ProcRecord.key(src, ns, n)))
                 writes += ProcIndex.remove(src, ns, n)
             await self.store.write(writes)

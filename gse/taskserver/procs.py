@@ -34,6 +34,7 @@ PROC_STATES = Counter("gse_taskserver_proc_states_total", "Process states receiv
 RECONCILED = Counter("gse_taskserver_proc_dropped_total", "Registrations dropped on agents after an unregister")
 
 OP_FORGET = 101
+INDEXED_MAX = 500_000
 
 
 class ProcAckBatcher(AckBatcher):
@@ -53,6 +54,7 @@ class ProcReports:
         self.db = db
         self.acks = acks
         self._background: set[asyncio.Task] = set()
+        self._indexed: set[tuple[str, str, str]] = set()
 
     def on_report(self, session: AgentSession, report: apb.ProcReport) -> None:
         aid = session.agent_id
@@ -69,7 +71,6 @@ class ProcReports:
             self.acks.when_stored(session, refs)
         if report.states:
             PROC_STATES.inc(len(report.states))
-            ops = []
             for st in report.states:
                 if st.registered:
                     self.writer.put(ProcRecord.update(
@@ -78,13 +79,19 @@ class ProcReports:
                         last_start_time=st.last_start_time, report_time=st.report_time, cpu_usage=st.cpu_usage,
                         mem_usage=st.mem_usage, fd=st.fd, agent_labels=st.labels_json,
                         agent_registered_at=st.registered_at, cloud_id=session.cloud_id, ip=session.ip))
-                    ops += ProcIndex.add(aid, st.namespace, st.name)
+                    key = (aid, st.namespace, st.name)
+                    if key not in self._indexed:
+                        # Once per process and task server run: the indexes hold it from then on.
+                        if len(self._indexed) >= INDEXED_MAX:
+                            self._indexed.clear()
+                        self._indexed.add(key)
+                        for w in ProcIndex.add(*key):
+                            self.writer.put(w)
                 else:
+                    self._indexed.discard((aid, st.namespace, st.name))
                     self.writer.put(ProcRecord.update(
                         aid, st.namespace, st.name, agent_registered=False, isauto=False, pid=-1, status=0,
                         report_time=st.report_time))
-            if ops:
-                self.writer.add(ops)
             if report.full:
                 api = [st for st in report.states if st.registered and st.source == SOURCE_API]
                 if api:

@@ -15,7 +15,7 @@ each module documents its keys, writers and readers.
 | TaskOutput | gse:to:<task_id>:<bk_agent_id>:<atomic_id> | string | task |
 | FileResults / FileItem | gse:fr:<task_id>:<bk_agent_id> | hash of JSON | file |
 | ProcRecord | gse:proc:<bk_agent_id>:<namespace>:<name> | hash | proc |
-| ProcIndex | gse:procns:<namespace>, gse:procagent:<bk_agent_id> | set | proc |
+| ProcIndex | gse:procns:<namespace>, gse:procagent:<bk_agent_id> | hash | proc |
 | ProcTask | gse:ptask:<task_id> | hash | proc |
 | ProcResults / ProcResult | gse:pres:<task_id> | hash of JSON | proc |
 | ProcOpenTasks | gse:ptasks:open | set | proc |

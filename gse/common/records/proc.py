@@ -4,8 +4,8 @@ per-target results, the indexes that page and list them, and process groups (spe
   gse:proc:<bk_agent_id>:<namespace>:<name>  ProcRecord (hash, no TTL): the registration (procmgr) and the
                                              state the agent reported (task server): one hash, two writers,
                                              disjoint fields
-  gse:procns:<namespace>                     ProcIndex (set): "<bk_agent_id>:<name>" of every registration
-  gse:procagent:<bk_agent_id>                ProcIndex (set): "<namespace>:<name>" of one agent's
+  gse:procns:<namespace>                     ProcIndex (hash): field "<bk_agent_id>:<name>" per registration
+  gse:procagent:<bk_agent_id>                ProcIndex (hash): field "<namespace>:<name>" per registration
   gse:ptask:<task_id>                        ProcTask (hash, 1 day): targets, frames sent, deadline
   gse:pres:<task_id>                         ProcResults (hash of JSON, 1 day): per target "<t>" (written by
                                              procmgr: running placeholder, or its own answer: 117, 832, ...)
@@ -96,38 +96,44 @@ AGENT_FIELDS = ("agent_registered", "source", "status", "isauto", "pid", "versio
 
 
 class ProcIndex:
-    """The sets that list registrations: per namespace ("<bk_agent_id>:<name>") and per agent
-    ("<namespace>:<name>")."""
+    """The indexes that list registrations, kept as hashes (field = member, value "1") so that the task
+    server's batch writer merges the writes of thousands of agents into one HSET per namespace: per namespace
+    (fields "<bk_agent_id>:<name>") and per agent (fields "<namespace>:<name>")."""
     NS = "gse:procns:"
     AGENT = "gse:procagent:"
 
     @staticmethod
-    def add(agent_id: str, namespace: str, name: str) -> list[db.Op]:
-        return [db.sadd(ProcIndex.NS + namespace, [f"{agent_id}:{name}"]),
-                db.sadd(ProcIndex.AGENT + agent_id, [f"{namespace}:{name}"])]
+    def add(agent_id: str, namespace: str, name: str) -> list[HashWrite]:
+        """The two index writes (for `BatchWriter.put`, or `.op()` each)."""
+        return [HashWrite(ProcIndex.NS + namespace, {f"{agent_id}:{name}": b"1"}, 0),
+                HashWrite(ProcIndex.AGENT + agent_id, {f"{namespace}:{name}": b"1"}, 0)]
+
+    @staticmethod
+    def add_ops(agent_id: str, namespace: str, name: str) -> list[db.Op]:
+        return [w.op() for w in ProcIndex.add(agent_id, namespace, name)]
 
     @staticmethod
     def remove(agent_id: str, namespace: str, name: str) -> list[db.Op]:
-        return [db.srem(ProcIndex.NS + namespace, [f"{agent_id}:{name}"]),
-                db.srem(ProcIndex.AGENT + agent_id, [f"{namespace}:{name}"])]
+        return [db.hdel(ProcIndex.NS + namespace, [f"{agent_id}:{name}"]),
+                db.hdel(ProcIndex.AGENT + agent_id, [f"{namespace}:{name}"])]
 
     @staticmethod
     def read_namespace(namespace: str) -> db.Op:
-        return db.smembers(ProcIndex.NS + namespace)
+        return db.hgetall(ProcIndex.NS + namespace)
 
     @staticmethod
     def read_agent(agent_id: str) -> db.Op:
-        return db.smembers(ProcIndex.AGENT + agent_id)
+        return db.hgetall(ProcIndex.AGENT + agent_id)
 
     @staticmethod
     def decode(result) -> list[tuple[str, str]]:
         """Members split at their first ':' (namespace index: (bk_agent_id, name); agent index:
         (namespace, name))."""
-        if not result.ok:
+        if not (result.ok and result.found):
             return []
         out = []
-        for m in result.values:
-            a, sep, b = m.decode("utf-8", "replace").partition(":")
+        for m in result.fields:
+            a, sep, b = m.partition(":")
             if sep:
                 out.append((a, b))
         return out
