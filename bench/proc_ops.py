@@ -38,7 +38,7 @@ sys.path.insert(0, HERE)
 
 from gse.cli import api_call  # noqa: E402
 from gse.devcluster import Cluster, wait_for  # noqa: E402
-from simagents import agent_id, spawn_workers, stop_workers  # noqa: E402
+from simagents import agent_id, prepare, spawn_workers, stop_workers  # noqa: E402
 
 NS = "nodeman"
 SPEC = {"identity": {"index_key": "", "proc_name": "bkmonitorbeat", "setup_path": "/usr/local/gse/plugins/bin",
@@ -113,8 +113,10 @@ def main() -> int:
         api = Api(c)
         tag = os.urandom(2).hex()
         ids = [agent_id(tag, i) for i in range(n)]
+        idents = prepare(c, n, args.workers, tag, base, "issued")     # each agent its own certificate
         t0 = time.monotonic()
-        procs = spawn_workers(n, args.workers, ts.info["address"], str(c.certs_dir), tag, base, 10.0, ramp_rate=500)
+        procs = spawn_workers(n, args.workers, ts.info["address"], str(c.certs_dir), tag, base, 10.0, ramp_rate=500,
+                              identities=idents)
         wait_for(lambda: api.alive(ids) == n, 600, f"{n} agents alive", interval=1.0)
         print(f"attach: {n} alive in {time.monotonic() - t0:.1f} s", flush=True)
 
