@@ -83,3 +83,27 @@ def test_dependency_checks_are_iterative_and_linear():
     assert cycle[0] == cycle[-1] and len(cycle) == n + 1
     assert dependency_cycle({1: [2], 2: [1], 3: []}) in ([1, 2, 1], [2, 1, 2])
     assert dependency_cycle({1: [1]}) == [1, 1]
+
+
+def test_task_frame_from_parts_parses_as_the_message_would():
+    """Large task frames are assembled from serialized parts (gse/common/wire.py): what a task server and an
+    agent parse is exactly the message the classes would have built, and assembling 16 MiB is one copy."""
+    from gse.apiserver.task_endpoints import task_frame
+    from gse.common import wire
+    from gse.pb import agent_pb2 as apb
+    from gse.pb import taskserver_pb2 as pb
+
+    req = apb.TaskRequest(task_id="GSETASK:1:2", user="root", created_ms=5, request_id="r",
+                          atomic_tasks=[apb.AtomicTask(atomic_task_id=0, command="true", timeout_seconds=3)])
+    scripts = [(apb.TaskScript(name="a.sh", store_dir="/tmp"), b"#!/bin/sh\n" * 30),
+               (apb.TaskScript(name="b.sh", store_dir="/opt"), "你好".encode() * 70_000), (apb.TaskScript(name="c"), b"")]
+    parts = task_frame(req, scripts)
+    want = apb.ServerFrame(task=apb.TaskRequest(
+        task_id=req.task_id, user="root", created_ms=5, request_id="r", atomic_tasks=req.atomic_tasks,
+        scripts=[apb.TaskScript(name=s.name, store_dir=s.store_dir, content=c) for s, c in scripts]))
+    assert apb.ServerFrame.FromString(b"".join(parts)) == want
+    dispatch = b"".join([*wire.length_delimited(pb.DispatchRequest, "frame", parts),
+                         pb.DispatchRequest(agent_ids=["x", "y"]).SerializeToString()])
+    assert pb.DispatchRequest.FromString(dispatch) == pb.DispatchRequest(frame=b"".join(parts), agent_ids=["x", "y"])
+    assert [wire.varint(n) for n in (0, 1, 127, 128, 300, 2 ** 35)] == [
+        b"\x00", b"\x01", b"\x7f", b"\x80\x01", b"\xac\x02", b"\x80\x80\x80\x80\x80\x01"]

@@ -40,6 +40,10 @@ class Peers:
         addr = self.taskservers.get(node)
         return tpb_grpc.TaskServiceStub(self.pool.get(addr)) if addr else None
 
+    def task_address(self, node: str) -> str | None:
+        """The internal task address of task server `node`; None when it is not registered (gone)."""
+        return self.taskservers.get(node)
+
     def file(self, address: str) -> fpb_grpc.FileServiceStub:
         """The file service at `address`."""
         return fpb_grpc.FileServiceStub(self.pool.get(address))
