@@ -291,6 +291,24 @@ async def test_executor_login_capture_that_fails_falls_back_to_sourcing_per_comm
     assert login.captures == 1          # not retried at once: a failing capture must not double every command
 
 
+async def test_executor_slow_login_capture_does_not_hold_up_tasks(login_user, monkeypatch):
+    """A profile slower than the capture wait: the first task sources it itself (as before), the capture
+    finishes meanwhile, and later tasks use it."""
+    monkeypatch.setattr(executor, "_CAPTURE_WAIT_S", 0.2)
+    u = login_user
+    with open(os.path.join(u.home, ".profile"), "a") as f:
+        f.write("sleep 1\n")
+    login = executor.LoginEnvironments(max_age_s=600)
+    t0 = time.monotonic()
+    rec = await run_task(tasks("echo mark=$GSE_PROFILE_MARKER"), user=u.name, login=login)
+    assert rec.output(1) == f"mark={u.marker}\n".encode() and time.monotonic() - t0 < 5
+    await wait_until(lambda: not login._inflight, within=10)
+    t0 = time.monotonic()
+    rec = await run_task(tasks("echo mark=$GSE_PROFILE_MARKER"), user=u.name, login=login)
+    assert rec.output(1) == f"mark={u.marker}\n".encode() and time.monotonic() - t0 < 0.9
+    assert login.captures == 1
+
+
 async def test_executor_defaults_to_root():
     rec = await run_task(tasks('echo "uid=$(id -u)"; env'), user="")
     env = parse_env(rec.output(1))

@@ -29,9 +29,12 @@ Decisions the issue left open:
   (`ulimit`, `cd`) no longer applies; values computed at login (`$RANDOM`, an ssh-agent's socket, a date) are
   those of the capture; a profile's side effects (starting a daemon, writing a file) happen once per capture;
   and a change in a file the profiles read that is not a profile file (a script they source from elsewhere,
-  /etc/environment) is seen only after the bound. A user whose capture fails (a profile that hangs past
-  `capture_timeout_s`, or exits non-zero) gets the profiles sourced for each command, as before, and another
-  capture is tried after `_RETRY_FAILED_S`.
+  /etc/environment) is seen only after the bound. A task waits for a capture at most `_CAPTURE_WAIT_S`: when
+  the profiles are slower than that (seen: `pyenv init` waiting up to a minute for its rehash lock), the task's
+  commands source them themselves, as before (the time counting against their own timeouts), while the
+  capture finishes for later tasks. A user whose capture fails (a profile that hangs past `capture_timeout_s`,
+  or exits non-zero) gets the profiles sourced for each command, as before, and another capture is tried after
+  `_RETRY_FAILED_S`.
 - When a command's main process exits normally, whatever it left running in its process group (`daemon &`) is left
   alone, so jobs can start services; output is still read for up to `_DRAIN_AFTER_EXIT_S` after the exit, then the
   pipe is closed. On timeout and terminate the whole process group is killed (SIGTERM, SIGKILL after kill_grace_s).
@@ -105,6 +108,7 @@ _SHELL_OWN_VARS = frozenset({"_", "SHLVL", "PWD", "OLDPWD"})
 _PROFILE_FILES = ("/etc/profile", "/etc/profile.d", "/etc/bash.bashrc", "/etc/bashrc", "~/.bash_profile",
                   "~/.bash_login", "~/.profile", "~/.bashrc")
 _RETRY_FAILED_S = 30.0
+_CAPTURE_WAIT_S = 2.0
 
 _WINDOWS_PROGRAMS = frozenset({"cmd", "cmd.exe", "powershell", "powershell.exe", "pwsh", "pwsh.exe"})
 _WINDOWS_SUFFIXES = (".bat", ".cmd", ".ps1")
@@ -319,12 +323,13 @@ class LoginEnv:
 class LoginEnvironments:
     """Each user's login environment, captured once by a login shell and reused (see the module docstring).
 
-    `get(run_as)` returns the current LoginEnv of the user, capturing it when there is none, when a profile file
-    changed or when it is older than `max_age_s`; None when the capture failed (the caller sources the profiles
-    per command then). Concurrent callers for one user share one capture. `max_age_s` 0 turns the cache off
-    (`get` always answers None)."""
+    `get(run_as, wait_s)` returns the current LoginEnv of the user, capturing it when there is none, when a
+    profile file changed or when it is older than `max_age_s`; None when the capture failed or is not done
+    within `wait_s` (the caller sources the profiles per command then; the capture goes on for later callers).
+    Concurrent callers for one user share one capture. `max_age_s` 0 turns the cache off (`get` always answers
+    None)."""
 
-    def __init__(self, max_age_s: float = 600.0, capture_timeout_s: float = 10.0):
+    def __init__(self, max_age_s: float = 600.0, capture_timeout_s: float = 60.0):
         self.max_age_s = max_age_s
         self.capture_timeout_s = capture_timeout_s
         self._envs: dict[tuple, LoginEnv] = {}
@@ -346,7 +351,7 @@ class LoginEnvironments:
     def _key(run_as: _RunAs) -> tuple:
         return (run_as.uid, run_as.gid, run_as.groups, run_as.name, run_as.home, run_as.shell)
 
-    async def get(self, run_as: _RunAs) -> LoginEnv | None:
+    async def get(self, run_as: _RunAs, wait_s: float | None = None) -> LoginEnv | None:
         if self.max_age_s <= 0:
             return None
         key = self._key(run_as)
@@ -361,7 +366,10 @@ class LoginEnvironments:
         if fut is None:
             fut = self._inflight[key] = asyncio.ensure_future(self._capture(key, run_as, stamp))
             fut.add_done_callback(lambda _f: self._inflight.pop(key, None))
-        return await asyncio.shield(fut)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), wait_s)
+        except asyncio.TimeoutError:
+            return None
 
     async def _capture(self, key: tuple, run_as: _RunAs, stamp: tuple) -> LoginEnv | None:
         self.captures += 1
@@ -629,7 +637,7 @@ class TaskRun:
         except (OSError, ValueError) as exc:
             self._end_all(ScriptStatus.FAILED, ErrorCode.FAILED, str(exc))
             return
-        login = await self.login.get(run_as)
+        login = await self.login.get(run_as, wait_s=_CAPTURE_WAIT_S)
         await asyncio.gather(*(self._run_item(item, run_as, credentials, login) for item in self._items.values()))
 
     def terminate(self) -> None:
