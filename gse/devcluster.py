@@ -131,7 +131,7 @@ def _tcp_ok(port: int) -> bool:
 def _redis_ok(port: int) -> bool:
     with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
         s.sendall(b"PING\r\n")
-        return s.recv(16).startswith(b"+PONG")
+        return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))      # up (and asking for a password)
 
 
 class Cluster:
@@ -194,7 +194,10 @@ class Cluster:
         self.zookeeper = f"127.0.0.1:{port}"
         return proc
 
-    def start_redis(self, port: int | None = None, name: str | None = None) -> Proc:
+    def start_redis(self, port: int | None = None, name: str | None = None, args: tuple[str, ...] = (),
+                    node: bool = True) -> Proc:
+        """A redis-server on loopback; `args` are added to its command line (`--requirepass`, `--replicaof`).
+        `node`: one of the cluster's Redis nodes behind dbproxy (else only started: an output, a replica)."""
         if not shutil.which("redis-server"):
             raise ClusterError("redis-server is not installed (apt-get install redis-server; 'make setup' does it)")
         port = port or free_port()
@@ -202,12 +205,27 @@ class Cluster:
         d = self.base / name
         d.mkdir(parents=True, exist_ok=True)
         cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-               "--dir", str(d), "--daemonize", "no", "--protected-mode", "yes", "--maxclients", "10000"]
+               "--dir", str(d), "--daemonize", "no", "--protected-mode", "yes", "--maxclients", "10000", *args]
         proc = self._spawn(name, "redis", cmd, {"port": port})
         wait_for(lambda: _redis_ok(port), 30, name, proc=proc)
         addr = f"127.0.0.1:{port}"
-        if addr not in self.redis:
+        if node and addr not in self.redis:
             self.redis.append(addr)
+        return proc
+
+    def start_sentinel(self, master_name: str, master_port: int, down_after_ms: int = 1000) -> Proc:
+        """A Redis Sentinel (quorum 1) watching the master `master_name` on loopback `master_port`."""
+        port = free_port()
+        name = f"sentinel-{port}"
+        d = self.base / name
+        d.mkdir(parents=True, exist_ok=True)
+        conf = d / "sentinel.conf"          # Sentinel rewrites its config file: it must be its own
+        conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {d}\n"
+                        f"sentinel monitor {master_name} 127.0.0.1 {master_port} 1\n"
+                        f"sentinel down-after-milliseconds {master_name} {down_after_ms}\n"
+                        f"sentinel failover-timeout {master_name} 10000\n")
+        proc = self._spawn(name, "redis", ["redis-server", str(conf), "--sentinel"], {"port": port})
+        wait_for(lambda: _redis_ok(port), 30, name, proc=proc)
         return proc
 
     # ---- daemons ----------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ that just failed answers new batches with the failure at once for `retry_s` (age
 instead of letting every batch wait for the same timeout.
 
 Each sink groups what is queued: Kafka batches are built straight into aiokafka record batches (one per
-partition per submit), Redis commands of many submits go out as one pipeline write, file records of one
-submit are one write.
+partition per submit), Redis commands of many submits go out as one pipeline write (gse.common.resp), file
+records of one submit are one write.
 """
 
 from __future__ import annotations
@@ -24,9 +24,12 @@ from pathlib import Path
 
 from prometheus_client import Counter, Histogram
 
-from gse.dbproxy.resp import ConnectionLost, RedisReplyError, RespConnection, encode
+from gse.common.address import join_host_port
+from gse.common.resp import ConnectionLost, RedisReplyError, RespConnection, encode_each, encode_many
 
 log = logging.getLogger("gse.dataserver.outputs")
+
+LIST_CHUNK = 10_000         # records per RPUSH
 
 OUT_RECORDS = Counter("gse_dataserver_output_records_total", "Records accepted by an output", ["output"])
 OUT_BYTES = Counter("gse_dataserver_output_bytes_total", "Bytes accepted by an output", ["output"])
@@ -178,7 +181,7 @@ class KafkaSink(_QueuedSink):
     def __init__(self, *args):
         super().__init__(*args)
         k = self.doc["stream_to"]["kafka"]
-        self.bootstrap = [f"{a['ip']}:{a['port']}" for a in k["storage_address"]]
+        self.bootstrap = [join_host_port(a["ip"], a["port"]) for a in k["storage_address"]]
         self.producer = None
         self._partitions: dict[str, tuple[float, list[int]]] = {}
         self._tp_queues: dict[tuple[str, int], deque[_Item]] = {}
@@ -304,17 +307,23 @@ class KafkaSink(_QueuedSink):
 
 # ---- Redis ----------------------------------------------------------------------------------------------
 
-def _bulk(b: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(b), b)
-
-
 class RedisSink(_QueuedSink):
+    """A redis stream_to (spec §3, data routes: `{storage_address: [{ip, port}], passwd, master_name}`): each
+    route's records go to its `channel_name` as PUBLISH (data_type `pubsub`, the default), RPUSH (`list`, up to
+    10,000 records a command) or XADD `* data <record>` (`stream`, capped by `redis_stream_maxlen`). With
+    `master_name`, the storage addresses are Sentinels and the master they name is written (looked up again
+    after the connection failed or the master turned read-only); else the first address is the Redis.
+
+    What is queued while a pipeline is out goes as the next pipeline on the same connection, written at once
+    (up to four in flight: Redis answers in order, so batches keep their order); a batch is accepted when
+    every one of its commands was answered without an error. The client is gse.common.resp (why not
+    redis.asyncio: the measurement in that module)."""
     kind = "redis"
 
     def __init__(self, *args):
         super().__init__(*args)
         r = self.doc["stream_to"]["redis"]
-        self.addresses = [(a["ip"], a["port"]) for a in r["storage_address"]]
+        self.addresses = [(a["ip"], int(a["port"])) for a in r["storage_address"]]
         self.password = r.get("passwd", "")
         self.master_name = r.get("master_name", "")
         self.conn: RespConnection | None = None
@@ -327,44 +336,39 @@ class RedisSink(_QueuedSink):
         timeout = self.settings.redis_timeout_s
         if self.master_name:
             host, port = await self._sentinel_master(timeout)
+            log.info("redis master found by sentinel", extra={"output": self.label, "master_name": self.master_name,
+                                                              "master": join_host_port(host, port)})
         else:
             host, port = self.addresses[0]
         self.conn = RespConnection(host, port, self.password, timeout)
         return self.conn
 
     async def _sentinel_master(self, timeout: float) -> tuple[str, int]:
-        last: Exception | None = None
-        for host, port in self.addresses:
-            s = RespConnection(host, port, "", timeout)
-            try:
-                (reply,) = await s.pipeline([encode(b"SENTINEL", b"get-master-addr-by-name", self.master_name)])
-                if isinstance(reply, list) and len(reply) == 2:
-                    return reply[0].decode(), int(reply[1])
-                last = OutputError(f"sentinel {host}:{port} does not know master {self.master_name!r}")
-            except (OSError, ConnectionLost, asyncio.TimeoutError) as exc:
-                last = exc
-            finally:
-                await s.close()
-        raise OutputError(f"no sentinel named the master {self.master_name!r}: {last!r}")
+        """The address of the master `master_name` as the Sentinels see it (redis.asyncio's Sentinel: it asks
+        each in turn and takes only a master that is up)."""
+        from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
+        sentinel = Sentinel(self.addresses, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            host, port = await sentinel.discover_master(self.master_name)
+            return host, int(port)
+        except MasterNotFoundError as exc:
+            raise OutputError(f"no sentinel named a master {self.master_name!r}: {exc}") from None
+        finally:
+            for s in sentinel.sentinels:
+                await s.aclose()
 
     def _commands(self, it: _Item) -> list[bytes]:
         t = it.target
-        key = _bulk(t["channel_name"].encode())
+        key = t["channel_name"].encode()
         dtype = t.get("data_type", "pubsub")
+        recs = it.records
         if dtype == "list":
-            out = []
-            recs = it.records
-            for i in range(0, len(recs), 10_000):
-                chunk = recs[i:i + 10_000]
-                out.append(b"*%d\r\n$5\r\nRPUSH\r\n" % (len(chunk) + 2) + key + b"".join(map(_bulk, chunk)))
-            return out
+            return [encode_many((b"RPUSH", key), recs[i:i + LIST_CHUNK]) for i in range(0, len(recs), LIST_CHUNK)]
         if dtype == "stream":
             maxlen = self.settings.redis_stream_maxlen
-            head = (b"*7\r\n$4\r\nXADD\r\n" + key + b"$6\r\nMAXLEN\r\n$1\r\n~\r\n" + _bulk(str(maxlen).encode())
-                    if maxlen else b"*5\r\n$4\r\nXADD\r\n" + key) + b"$1\r\n*\r\n$4\r\ndata\r\n"
-            return [head + _bulk(r) for r in it.records]
-        head = b"*3\r\n$7\r\nPUBLISH\r\n" + key
-        return [head + _bulk(r) for r in it.records]
+            cap = (b"MAXLEN", b"~", maxlen) if maxlen else ()
+            return encode_each((b"XADD", key, *cap, b"*", b"data"), recs)
+        return encode_each((b"PUBLISH", key), recs)
 
     async def process(self, items: list[_Item]) -> None:
         conn = await self._connection()
@@ -386,8 +390,7 @@ class RedisSink(_QueuedSink):
             replies = await conn.pipeline(commands)
         except (OSError, ConnectionLost, asyncio.TimeoutError) as exc:
             self._error(exc)
-            self.conn = None
-            await conn.close()
+            self._drop(conn)
             log.warning("redis output failed", extra={"output": self.label, "error": repr(exc)})
             for it, _a, _b in spans:
                 if not it.fut.done():
@@ -401,10 +404,17 @@ class RedisSink(_QueuedSink):
                 continue
             if bad is not None:
                 self._error(bad)
+                if str(bad).startswith("READONLY"):     # the master became a replica: find the new one
+                    self._drop(conn)
                 it.fut.set_exception(OutputError(f"{self.label}: redis refused: {bad}"))
             else:
                 self._done(it.records, it.t0)
                 it.fut.set_result(None)
+
+    def _drop(self, conn: RespConnection) -> None:
+        if self.conn is conn:
+            self.conn = None
+        asyncio.ensure_future(conn.close())
 
     async def close(self) -> None:
         if self._tasks:

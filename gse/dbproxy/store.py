@@ -32,10 +32,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from gse.common.address import split_host_port
 from gse.common.dbclient import K      # op kinds as plain ints (fast attribute access)
+from gse.common.resp import ConnectionLost, RedisReplyError, RespConnection, encode
 from gse.pb import dbproxy_pb2 as pb
-
-from .resp import ConnectionLost, RedisReplyError, RespConnection, encode
 
 log = logging.getLogger("gse.dbproxy")
 
