@@ -717,6 +717,7 @@ class TaskRun:
         exited = _watch_exit(proc)
         item.status = ScriptStatus.RUNNING
         item.start_ms = _now_ms()
+        log.info("atomic task started", extra={"atomic_task_id": item.task.atomic_task_id, "pid": proc.pid})
         self._emit(item, ScriptStatus.RUNNING, ErrorCode.RUNNING, "running")
         transport = None
         try:

@@ -54,6 +54,7 @@ import grpc
 from gse.common import patterns
 from gse.common.address import join_host_port, split_host_port
 from gse.common.errors import ErrorCode, ScriptStatus
+from gse.common.logs import trace
 from gse.common.safefile import write_private
 from gse.pb import agent_pb2 as pb
 from gse.pb import file_pb2 as fpb
@@ -138,6 +139,11 @@ class TargetState:
     root_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     torrents: list = field(default_factory=list)
     privates: list[Private] = field(default_factory=list)
+
+
+def _trace(state: SourceState | TargetState):
+    """The trace of a transfer's work on this agent: its task and the API request that made it."""
+    return trace(task_id=state.frame.task_id, request_id=state.frame.request_id)
 
 
 def parse_permission(digits: int) -> int:
@@ -481,7 +487,10 @@ class FileManager:
         if fs_.transfer_id in self.sources:
             return
         state = self.sources[fs_.transfer_id] = SourceState(fs_.transfer_id, fs_)
-        state.tasks.append(asyncio.ensure_future(self._source(state, fs_)))
+        with _trace(state):        # every line the transfer's work logs names its task and request
+            log.info("transfer source", extra={"transfer_id": fs_.transfer_id, "path": os.path.join(
+                fs_.store_dir, fs_.file_name), "targets": fs_.targets})
+            state.tasks.append(asyncio.ensure_future(self._source(state, fs_)))
 
     async def _source(self, state: SourceState, req: pb.FileSource) -> None:
         manifest = pb.FileManifest(task_id=req.task_id, transfer_id=req.transfer_id)
@@ -517,6 +526,8 @@ class FileManager:
         except Exception as exc:  # noqa: BLE001 - whatever failed, the transfer must hear of it
             log.exception("preparing the source failed", extra={"transfer_id": req.transfer_id})
             manifest.error_code, manifest.error_msg = ErrorCode.FAILED, f"source failed: {exc!r}"
+        log.info("source ready", extra={"transfer_id": req.transfer_id, "entries": len(manifest.entries),
+                                        "error_code": manifest.error_code, "error": manifest.error_msg})
         self.agent.send(pb.AgentFrame(file_manifest=manifest))
         if state.held and self.cfg.source_check_s > 0 and not manifest.error_code:
             state.tasks.append(asyncio.ensure_future(self._watch(state)))
@@ -674,7 +685,8 @@ class FileManager:
                     torrent.handle.force_reannounce()
         for index in ur.indexes:
             if index in state.paths and index not in state.changed:
-                state.tasks.append(asyncio.ensure_future(self._upload_entry(state, index)))
+                with _trace(state):
+                    state.tasks.append(asyncio.ensure_future(self._upload_entry(state, index)))
 
     async def _upload_entry(self, state: SourceState, index: int) -> None:
         fd, st = await self._source_fd(state, index)
@@ -693,8 +705,11 @@ class FileManager:
         state = self.targets[ft.transfer_id] = TargetState(ft.transfer_id, ft)
         if persist:
             self._journal(ft)
-        for e in sorted(ft.entries, key=lambda e: (not e.is_dir, e.rel_path)):
-            state.tasks[e.index] = asyncio.ensure_future(self._target_entry(state, ft, e))
+        with _trace(state):
+            log.info("transfer target", extra={"transfer_id": ft.transfer_id, "entries": len(ft.entries),
+                                               "dest_dir": ft.dest_dir, "resumed": not persist})
+            for e in sorted(ft.entries, key=lambda e: (not e.is_dir, e.rel_path)):
+                state.tasks[e.index] = asyncio.ensure_future(self._target_entry(state, ft, e))
 
     def on_end_entry(self, ee: pb.EndEntry) -> None:
         """One entry ends now (its source changed): stop its download; it reports the given error."""
@@ -772,7 +787,11 @@ class FileManager:
             self.report(self._progress(ft, e, status=ScriptStatus.SUCCESS, error_code=0, progress=100, type=kind,
                                        start_time_ms=start, end_time_ms=int(time.time() * 1000), final=True,
                                        dest_path=final))
+            log.info("entry received", extra={"transfer_id": ft.transfer_id, "index": e.index, "type": kind,
+                                              "path": final})
         except FileError as exc:
+            log.info("entry failed", extra={"transfer_id": ft.transfer_id, "index": e.index, "type": kind,
+                                            "error_code": exc.code, "error": exc.message})
             self.report(self._progress(ft, e, status=ScriptStatus.FAILED, error_code=exc.code, error_msg=exc.message,
                                        type=kind, start_time_ms=start, end_time_ms=int(time.time() * 1000),
                                        final=True, dest_path=final))
@@ -1222,9 +1241,15 @@ class FileManager:
         target = self.targets.pop(et.transfer_id, None)
         self._journal_path(et.transfer_id).unlink(missing_ok=True)
         if target is not None:
-            asyncio.ensure_future(self._end_target(target))
+            with _trace(target):
+                log.info("transfer ended", extra={"transfer_id": et.transfer_id, "role": "target",
+                                                  "terminated": et.terminated})
+                asyncio.ensure_future(self._end_target(target))
         if source is not None:
-            asyncio.ensure_future(self._end_source(source, et.terminated))
+            with _trace(source):
+                log.info("transfer ended", extra={"transfer_id": et.transfer_id, "role": "source",
+                                                  "terminated": et.terminated})
+                asyncio.ensure_future(self._end_source(source, et.terminated))
 
     def _live_torrents(self) -> set[int]:
         live = {id(t) for s in self.sources.values() for t in s.torrents}

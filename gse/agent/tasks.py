@@ -167,14 +167,16 @@ class TaskManager:
             run.terminate()
 
     def on_ack(self, ack: pb.ResultAck) -> None:
-        touched = set()
+        touched: dict[str, int] = {}
         for ref in ack.items:
             item = self.items.get((ref.task_id, ref.atomic_task_id))
             if item is not None and item.final:
                 del self.items[(ref.task_id, ref.atomic_task_id)]
-                touched.add(ref.task_id)
-        for task_id in touched:
+                touched[ref.task_id] = touched.get(ref.task_id, 0) + 1
+        for task_id, n in touched.items():
             self._journal(task_id)
+            with trace(task_id=task_id):
+                log.info("results stored by the server", extra={"items": n})
 
     def on_attach(self) -> None:
         """A new session: send every kept output from the start and every kept result again."""

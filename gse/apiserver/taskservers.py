@@ -64,7 +64,10 @@ class TaskServers:
         head = wire.length_delimited(pb.DispatchRequest, "frame", parts)
         calls = [self._dispatch(node, b"".join([*head, pb.DispatchRequest(agent_ids=ids).SerializeToString()]), ids)
                  for node, ids in by_node.items()]
-        return [f for failures in await asyncio.gather(*calls) for f in failures]
+        failures = [f for failed in await asyncio.gather(*calls) for f in failed]
+        log.info("task dispatched", extra={"taskservers": len(by_node), "agents": sum(map(len, by_node.values())),
+                                           "not_delivered": len(failures)})
+        return failures
 
     async def _dispatch(self, node: str, request: bytes, ids: list[str]) -> list[tuple[str, int, str]]:
         """TaskService.Dispatch with a request serialized already. A request of LARGE_REQUEST bytes or more is
@@ -100,7 +103,11 @@ class TaskServers:
 
     async def start_transfer(self, node: str, spec: pb.TransferSpec) -> list[tuple[str, int, str]]:
         """Start one transfer on the task server holding its source (which coordinates it)."""
-        return await self._call(node, "StartTransfer", spec, [spec.source_agent])
+        failures = await self._call(node, "StartTransfer", spec, [spec.source_agent])
+        if not failures:
+            log.info("transfer dispatched", extra={"transfer_id": spec.transfer_id, "coordinator": node,
+                                                   "targets": len(spec.target_agents)})
+        return failures
 
     async def terminate_transfer(self, node: str, transfer_id: str) -> list[tuple[str, int, str]]:
         """Terminate one transfer on its coordinating task server."""

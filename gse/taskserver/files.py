@@ -24,9 +24,11 @@ import grpc
 
 from gse.common import dbclient as db
 from gse.common.errors import FINAL_STATUSES, ErrorCode, ScriptStatus
+from gse.common.logs import current_trace, trace
 from gse.common.peers import Peers
 from gse.common.records import FileItem, FileResults, item_name
 from gse.common.records.file import PROGRESS
+from gse.common.rpc import trace_metadata
 from gse.pb import agent_pb2 as apb
 from gse.pb import file_pb2 as fpb
 from gse.pb import taskserver_pb2 as pb
@@ -52,6 +54,11 @@ class Transfer:
     source_dir: str = ""
     upload_requested: set[int] = field(default_factory=set)
     targets_sent: bool = False
+    request_id: str = ""            # the API request that made it (from the trace of StartTransfer)
+
+    def trace(self):
+        """`with t.trace():` the log lines inside name the transfer's task and request."""
+        return trace(task_id=self.spec.task_id, request_id=self.request_id)
 
 
 class FileCoordinator:
@@ -87,7 +94,8 @@ class FileCoordinator:
                 if stub is None:
                     missed.extend(ids)
                 else:
-                    calls.append((ids, stub.Dispatch(pb.DispatchRequest(frame=frame, agent_ids=ids), timeout=10)))
+                    calls.append((ids, stub.Dispatch(pb.DispatchRequest(frame=frame, agent_ids=ids), timeout=10,
+                                                     metadata=trace_metadata())))
         for ids, call in calls:
             try:
                 reply = await call
@@ -140,12 +148,12 @@ class FileCoordinator:
         try:
             reply = await self.peers.file(address).CreateTransfer(fpb.CreateTransferRequest(
                 transfer_id=spec.transfer_id, area=spec.area, members=members, timeout_seconds=spec.timeout_seconds,
-                max_rate=max(spec.upload_rate, spec.download_rate)), timeout=10)
+                max_rate=max(spec.upload_rate, spec.download_rate)), timeout=10, metadata=trace_metadata())
         except grpc.aio.AioRpcError as exc:
             return [(spec.source_agent, ErrorCode.FAILED, f"file server {address}: {exc.code().name}: {exc.details()}")]
         timeout = spec.timeout_seconds or 3600
         t = Transfer(spec, address, dict(reply.tokens), reply.tracker_url, reply.rate_limit, reply.max_connections,
-                     time.monotonic() + timeout)
+                     time.monotonic() + timeout, request_id=current_trace().get("request_id", ""))
         self.transfers[spec.transfer_id] = t
         source.send(apb.ServerFrame(file_source=apb.FileSource(
             task_id=spec.task_id, transfer_id=spec.transfer_id, store_dir=spec.source_dir,
@@ -153,7 +161,8 @@ class FileCoordinator:
             token=t.tokens[spec.source_agent], tracker_url=reply.tracker_url, direct_max=self.direct_max,
             max_file_size=self.max_file_size, upload_rate=_cap(spec.upload_rate, t.rate),
             timeout_seconds=spec.timeout_seconds, keep_seeding=spec.keep_seeding,
-            targets=len(spec.target_agents), coordinator=self.node_id)).SerializeToString())
+            targets=len(spec.target_agents), coordinator=self.node_id,
+            request_id=t.request_id)).SerializeToString())
         log.info("transfer started", extra={"transfer_id": spec.transfer_id, "targets": len(spec.target_agents),
                                             "fileserver": address})
         return []
@@ -162,6 +171,13 @@ class FileCoordinator:
         t = self.transfers.get(m.transfer_id)
         if t is None or session.agent_id != t.spec.source_agent:
             return
+        with t.trace():
+            log.info("source manifest", extra={"transfer_id": m.transfer_id, "entries": len(m.entries),
+                                               "torrents": sum(1 for e in m.entries if e.torrent),
+                                               "bytes": sum(e.size for e in m.entries), "error_code": m.error_code})
+            await self._on_manifest(session, t, m)
+
+    async def _on_manifest(self, session: AgentSession, t: Transfer, m: apb.FileManifest) -> None:
         now = int(time.time() * 1000)
         if m.error_code:
             await self._write_items(t, lambda target, e: self._item(t, target, e))
@@ -176,7 +192,8 @@ class FileCoordinator:
         try:
             if hashes:
                 await self.peers.file(t.fileserver).AddTorrents(
-                    fpb.AddTorrentsRequest(transfer_id=t.spec.transfer_id, info_hashes=hashes), timeout=10)
+                    fpb.AddTorrentsRequest(transfer_id=t.spec.transfer_id, info_hashes=hashes), timeout=10,
+                    metadata=trace_metadata())
         except grpc.aio.AioRpcError as exc:
             await self._write_items(t, lambda target, e: self._item(t, target, e))
             await self._write_items(t, lambda target, e: self._item(
@@ -195,7 +212,8 @@ class FileCoordinator:
         """A file whose content the caller gave (async_push_file): one entry, delivered in the FileTarget
         frame itself; no source agent, no file server."""
         timeout = spec.timeout_seconds or 3600
-        t = Transfer(spec, "", {}, "", 0, 0, time.monotonic() + timeout)
+        t = Transfer(spec, "", {}, "", 0, 0, time.monotonic() + timeout,
+                     request_id=current_trace().get("request_id", ""))
         t.entries = [apb.FileEntry(index=0, rel_path=spec.dest_name, size=len(spec.content),
                                    mode=_mode(spec.permission) or 0o644, content=spec.content,
                                    md5=spec.md5 or hashlib.md5(spec.content).hexdigest())]
@@ -217,7 +235,7 @@ class FileCoordinator:
             entries=t.entries, fileserver=t.fileserver, tracker_url=t.tracker_url, tokens=t.tokens,
             download_rate=_cap(spec.download_rate, t.rate), upload_rate=_cap(spec.upload_rate, t.rate),
             timeout_seconds=spec.timeout_seconds, source_agent_id=spec.source_agent, source_dir=t.source_dir,
-            max_connections=t.max_connections, task_index=spec.task_index)).SerializeToString()
+            max_connections=t.max_connections, task_index=spec.task_index, request_id=t.request_id)).SerializeToString()
         users = dict(zip(spec.target_agents, spec.target_users))
         by_user_node: dict[str, dict[str, list[str]]] = {}
         for node, ids in self._targets_by_node(t).items():
@@ -229,6 +247,8 @@ class FileCoordinator:
             f.file_target.user = user
             missed += await self._send(f.SerializeToString(), by_node)
         t.targets_sent = True
+        log.info("targets told", extra={"transfer_id": spec.transfer_id, "targets": len(spec.target_agents),
+                                        "not_attached": len(missed)})
         if missed:
             ops = [FileResults.update(spec.task_id, aid, {
                 item_name(spec.task_index, e.index, progress=True): self._item(
@@ -240,6 +260,10 @@ class FileCoordinator:
         t = self.transfers.get(transfer_id)
         if t is None:
             return False
+        with t.trace():
+            return self._need_direct(t, transfer_id, index)
+
+    def _need_direct(self, t: Transfer, transfer_id: str, index: int) -> bool:
         if index not in t.upload_requested:
             t.upload_requested.add(index)
             s = self.access.sessions.get(t.spec.source_agent)
@@ -256,11 +280,12 @@ class FileCoordinator:
         t = self.transfers.get(transfer_id)
         if t is None:
             return False
-        log.warning("source changed; ending its entry", extra={"transfer_id": transfer_id, "index": index})
-        frame = apb.ServerFrame(end_entry=apb.EndEntry(transfer_id=transfer_id, index=index,
-                                                       error_code=ErrorCode.CHECKSUM, error_msg=message))
-        await self._send(frame.SerializeToString(), self._targets_by_node(t))
-        await self._finish_open_items(t, ScriptStatus.FAILED, ErrorCode.CHECKSUM, message, index=index)
+        with t.trace():
+            log.warning("source changed; ending its entry", extra={"transfer_id": transfer_id, "index": index})
+            frame = apb.ServerFrame(end_entry=apb.EndEntry(transfer_id=transfer_id, index=index,
+                                                           error_code=ErrorCode.CHECKSUM, error_msg=message))
+            await self._send(frame.SerializeToString(), self._targets_by_node(t))
+            await self._finish_open_items(t, ScriptStatus.FAILED, ErrorCode.CHECKSUM, message, index=index)
         return True
 
     async def end(self, t: Transfer, terminated: bool) -> None:
@@ -274,7 +299,7 @@ class FileCoordinator:
         if t.fileserver:
             try:
                 await self.peers.file(t.fileserver).EndTransfer(
-                    fpb.EndTransferRequest(transfer_id=t.spec.transfer_id), timeout=10)
+                    fpb.EndTransferRequest(transfer_id=t.spec.transfer_id), timeout=10, metadata=trace_metadata())
             except grpc.aio.AioRpcError as exc:
                 log.warning("file server did not end the transfer", extra={"error": exc.code().name})
         log.info("transfer ended", extra={"transfer_id": t.spec.transfer_id, "terminated": terminated})
@@ -283,6 +308,8 @@ class FileCoordinator:
         t = self.transfers.get(transfer_id)
         if t is None:
             return False
+        # In the trace of the terminate request (TerminateTransfer's metadata).
+        log.info("transfer terminated by request", extra={"transfer_id": transfer_id})
         await self._finish_open_items(t, ScriptStatus.STOPPED, ErrorCode.TERMINATED, "terminated")
         await self.end(t, terminated=True)
         self._settle(t, ScriptStatus.STOPPED, ErrorCode.TERMINATED, "terminated")
@@ -328,13 +355,15 @@ class FileCoordinator:
         while True:
             await asyncio.sleep(interval)
             for t in list(self.transfers.values()):
-                try:
-                    await self._check(t)
-                except Exception:  # noqa: BLE001 - one transfer's trouble must not stop the others
-                    log.exception("transfer check failed", extra={"transfer_id": t.spec.transfer_id})
+                with t.trace():
+                    try:
+                        await self._check(t)
+                    except Exception:  # noqa: BLE001 - one transfer's trouble must not stop the others
+                        log.exception("transfer check failed", extra={"transfer_id": t.spec.transfer_id})
 
     async def _check(self, t: Transfer) -> None:
         if time.monotonic() > t.deadline:
+            log.warning("transfer timed out", extra={"transfer_id": t.spec.transfer_id})
             await self._finish_open_items(t, ScriptStatus.TIMEOUT, ErrorCode.TIMEOUT, "transfer timed out")
             await self.end(t, terminated=True)
             self._settle(t, ScriptStatus.TIMEOUT, ErrorCode.TIMEOUT, "transfer timed out")

@@ -16,6 +16,7 @@ import grpc
 from prometheus_client import Counter
 
 from gse.common.errors import ErrorCode
+from gse.common.logs import trace
 from gse.common.records import TaskItem, TaskOutput
 from gse.pb import agent_pb2 as apb
 from gse.pb import taskserver_pb2 as pb
@@ -52,10 +53,14 @@ class TaskService(pb_grpc.TaskServiceServicer):
 
     async def Dispatch(self, request, context):
         try:
-            apb.ServerFrame.FromString(request.frame)
+            kind = apb.ServerFrame.FromString(request.frame).WhichOneof("body")
         except Exception:  # noqa: BLE001 - protobuf raises DecodeError; anything else is as bad
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "frame is not a ServerFrame")
-        return self._send(request.frame, request.agent_ids)
+        reply = self._send(request.frame, request.agent_ids)
+        # One line per call (the trace names the task), never one per agent.
+        log.info("delivered to agents", extra={"kind": kind, "agents": len(request.agent_ids),
+                                               "not_attached": len(reply.failures)})
+        return reply
 
     async def DispatchBatch(self, request, context):
         """Several frames, each to its own agents (procmgr's per-agent operations), in one call."""
@@ -144,9 +149,21 @@ class AckBatcher:
 
     def flush(self) -> None:
         pending, self._pending = self._pending, {}
+        stored: dict[str, list[int]] = {}          # task id -> [agents, items] stored since the last flush
         for session, refs in pending.items():
             session.send(apb.ServerFrame(ack=apb.ResultAck(items=refs)).SerializeToString())
+            tasks = set()
+            for r in refs:
+                counts = stored.setdefault(r.task_id, [0, 0])
+                counts[1] += 1
+                if r.task_id not in tasks:
+                    tasks.add(r.task_id)
+                    counts[0] += 1
         ACKS.inc(len(pending))
+        for task_id, (agents, items) in stored.items():
+            # File reports are acknowledged as "file:<transfer id>", whose task id is its prefix.
+            with trace(task_id=task_id[5:].partition("/")[0] if task_id.startswith("file:") else task_id):
+                log.info("results stored", extra={"agents": agents, "items": items})
 
 
 
@@ -186,5 +203,11 @@ class ResultRecorder:
                 finals.append(apb.ItemRef(task_id=r.task_id, atomic_task_id=r.atomic_task_id))
         FINAL_RESULTS.inc(len(finals))
         PARTIAL_RESULTS.inc(len(report.results) - len(finals))
+        if finals and log.isEnabledFor(logging.DEBUG):      # one line per agent: debug only
+            for r in report.results:
+                if r.final:
+                    log.debug("item finished", extra={"task_id": r.task_id, "agent_id": aid,
+                                                      "atomic_task_id": r.atomic_task_id, "status": r.status,
+                                                      "error_code": r.error_code})
         if finals:
             self.acks.when_stored(session, finals)
