@@ -46,7 +46,7 @@ OP = {"operator_name": "bench"}
 
 def plugin_main(path: str, agent: int, channel: int, size: int, duration: float, rate: float, start, out) -> None:
     """One collector plugin: records `agent seq t_us padding` on `channel`, as fast as allowed or at `rate`/s."""
-    from gse.agent.ipc_client import ReportClient
+    from gse.testing.plugin import ReportClient
 
     async def run() -> int:
         client = await ReportClient().connect(path)

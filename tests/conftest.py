@@ -86,6 +86,117 @@ def cluster(make_cluster):
     return c
 
 
+class Baseline:
+    """A module-scoped cluster as it was before a test, put back after it, so that no test sees what another
+    left: the cluster-wide configuration in ZooKeeper (`<root>/config`: data routes and stream_tos, message
+    slots, high-risk command rules, apps), the processes (a daemon the test killed or stopped is started
+    again; one it started is stopped), and work still under way (task runs and transfers on the agents,
+    transfers on the file servers, which a test that returns early leaves behind: the next test would share
+    their seeds and pool slots). Used as `with Baseline(cluster): yield` in an autouse fixture."""
+
+    QUIET_S = 30.0
+
+    def __init__(self, cluster: Cluster):
+        self.c = cluster
+        self.groups = {g: [p.name for p in self._group(g)] for g in self.GROUPS}
+
+    GROUPS = ("dbproxies", "taskservers", "apiservers", "fileservers", "dataservers", "agents")
+
+    def _group(self, name: str) -> list:
+        return getattr(self.c, name)
+
+    def __enter__(self):
+        from kazoo.client import KazooClient
+        self.zk = KazooClient(hosts=self.c.zookeeper)
+        self.zk.start(10)
+        self.config = self._snapshot(f"{self.c.zk_root}/config")
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self._processes()
+            self._restore(f"{self.c.zk_root}/config")
+            self._quiet()
+        finally:
+            self.zk.stop()
+            self.zk.close()
+        return False
+
+    def _snapshot(self, path: str) -> dict[str, bytes]:
+        out = {}
+        if self.zk.exists(path):
+            out[path] = self.zk.get(path)[0]
+            for child in self.zk.get_children(path):
+                out.update(self._snapshot(f"{path}/{child}"))
+        return out
+
+    def _restore(self, root: str) -> None:
+        now = self._snapshot(root)
+        # Documents the test made go; directories the daemons made on first use stay (the API server makes
+        # its route directories once, and their sequence counters must go on: ids are never reused).
+        for path in sorted(set(now) - set(self.config), key=len, reverse=True):     # children first
+            if now[path]:
+                self.zk.delete(path, recursive=True)
+        for path in sorted(self.config, key=len):
+            if path not in now:
+                self.zk.create(path, self.config[path], makepath=True)
+            elif now[path] != self.config[path]:
+                self.zk.set(path, self.config[path])
+
+    def _processes(self) -> None:
+        for g in self.GROUPS:
+            group, names = self._group(g), self.groups[g]
+            for p in list(group):
+                if p.name not in names:             # started by the test
+                    p.stop()
+                    group.remove(p)
+                    if p in self.c.procs:
+                        self.c.procs.remove(p)
+                elif not p.alive():                 # killed or stopped by the test
+                    self.c.restart(p)
+
+    def _quiet(self) -> None:
+        def health(p) -> dict:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{p.info['metrics_port']}/healthz", timeout=2) as r:
+                    return json.loads(r.read())
+            except urllib.error.HTTPError as exc:       # 503: not healthy (an agent not attached yet)
+                return json.loads(exc.read())
+
+        def busy() -> list[str]:
+            out = []
+            for a in self.c.agents:
+                h = health(a)
+                if not h.get("ok") or h.get("tasks_running") or h.get("transfers"):
+                    out.append(f"{a.name}: {h}")
+            out += [f"{f.name}: {health(f)}" for f in self.c.fileservers if health(f).get("transfers")]
+            return out
+
+        left: list[str] = []
+
+        def quiet() -> bool:
+            left[:] = busy()
+            return not left
+
+        try:
+            wait_for(quiet, self.QUIET_S, "the shared cluster quiet after the test", interval=0.1)
+        except Exception:
+            raise AssertionError(f"the test left work under way on the shared cluster: {left}") from None
+
+
+def isolated(cluster_fixture: str):
+    """An autouse fixture for a module whose tests share the cluster fixture named `cluster_fixture`: each of
+    its tests finds the cluster as the previous one found it (Baseline). `_isolated = isolated("fc")`."""
+    @pytest.fixture(autouse=True)
+    def _isolated(request):
+        if cluster_fixture not in request.fixturenames:
+            yield
+            return
+        with Baseline(request.getfixturevalue(cluster_fixture)):
+            yield
+    return _isolated
+
+
 class ApiClient:
     def __init__(self, url: str, app_code: str, app_secret: str):
         self.url, self.app_code, self.app_secret = url.rstrip("/"), app_code, app_secret

@@ -20,12 +20,12 @@ import redis
 from aiohttp import web
 from kazoo.client import KazooClient
 
-from conftest import ApiClient, _new_cluster, api_for
+from conftest import ApiClient, Baseline, _new_cluster, api_for
 
-from gse.agent.ipc_client import MessageClient, ReportClient
 from gse.common.address import split_host_port
 from gse.common.datastate import CHANNEL_DATASERVER_OPS
 from gse.devcluster import wait_for
+from gse.testing.plugin import MessageClient, ReportClient
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -72,6 +72,18 @@ def _logs_on_failure(request):
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed and "dc" in request.fixturenames:
         print(f"\n===== logs of the data cluster =====\n{request.getfixturevalue('dc').logs(40)}")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(request):
+    """Routes, slots and data servers as they were before each test (conftest.Baseline), agents streaming."""
+    if "dc" not in request.fixturenames:
+        yield
+        return
+    dc = request.getfixturevalue("dc")
+    with Baseline(dc):
+        yield
+    wait_for(lambda: all(connected(a) for a in dc.agents), 20, "agents on a data server again", interval=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import json
 import pytest
 from kazoo.client import KazooClient
 
-from conftest import _new_cluster, api_for
+from conftest import _new_cluster, api_for, isolated
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,6 +29,10 @@ def rc(infra, tmp_path_factory):
 @pytest.fixture(scope="module")
 def rapi(rc):
     return api_for(rc)
+
+
+# Each test starts from the same routes and stream_tos in ZooKeeper (conftest.Baseline).
+_isolated = isolated("rc")
 
 
 def kafka_st(name="k1"):

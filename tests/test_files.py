@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ApiClient, _new_cluster, api_for, start_agents
+from conftest import ApiClient, _new_cluster, api_for, isolated, start_agents
 
 from gse.cli import still_running
 from gse.devcluster import wait_for
@@ -45,6 +45,10 @@ def fc(infra, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fapi(fc) -> ApiClient:
     return api_for(fc)
+
+
+# Every transfer of a test on the shared cluster ended (seeds removed), agents back (conftest.Baseline).
+_isolated = isolated("fc")
 
 
 @pytest.fixture(scope="module")

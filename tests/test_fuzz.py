@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import _new_cluster, api_for, start_agents
-from gse.agent.ipc_client import MessageClient, ReportClient
 from gse.cli import still_running
 from gse.devcluster import wait_for
+from gse.testing.plugin import MessageClient, ReportClient
 
 FUZZ_EXAMPLES = int(os.environ.get("GSE_FUZZ_EXAMPLES", "150"))
 LONG_EXAMPLES = 3000

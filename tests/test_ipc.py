@@ -20,7 +20,7 @@ import time
 import pytest
 
 from gse.agent.ipc import MessageSocketServer, Record, ReportSocketServer
-from gse.agent.ipc_client import MessageClient, ReportClient
+from gse.testing.plugin import MessageClient, ReportClient
 
 pytestmark = pytest.mark.timeout(30)
 

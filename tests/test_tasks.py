@@ -13,7 +13,7 @@ import uuid
 import pytest
 from kazoo.client import KazooClient
 
-from conftest import ApiClient, _new_cluster, api_for, start_agents
+from conftest import ApiClient, _new_cluster, api_for, isolated, start_agents
 
 from gse.cli import still_running
 from gse.devcluster import wait_for
@@ -54,6 +54,10 @@ def tc(infra, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tapi(tc) -> ApiClient:
     return api_for(tc)
+
+
+# No task of a test still runs when the next starts; rules back as they were (conftest.Baseline).
+_isolated = isolated("tc")
 
 
 def ids(c) -> list[str]:

@@ -395,7 +395,9 @@ class Agent(Service):
 
     def health(self):
         return self.attached.is_set(), {"service": self.name, "bk_agent_id": self.agent_id, "ip": self.ip,
-                                        "server": self.server, "procs": self.procs.health()}
+                                        "server": self.server, "procs": self.procs.health(),
+                                        "tasks_running": len(self.tasks.runs),
+                                        "transfers": len(self.files.sources) + len(self.files.targets)}
 
     def hello(self, redirects: int) -> pb.AgentFrame:
         c = self.config

@@ -1,4 +1,4 @@
-"""Plugin-side clients of the agent's IPC sockets (spec section 5), for tests, benchmarks and plugin authors.
+"""A collector plugin's side of the agent's IPC sockets (spec section 5), for tests, benchmarks and plugin authors.
 
 `ReportClient` pushes data records and keepalives to `ipc.state.report`; `MessageClient` announces a plugin on
 `ipc.state.message`, receives dispatched messages and responds. Both speak the same bytes as bk-gse-sdk.
@@ -18,9 +18,9 @@ import os
 import time
 from typing import Iterable
 
-from .ipc import (MESSAGE_HEADER, MESSAGE_MAGIC, MESSAGE_VERSION, PROTO_DATA_REPORT, PROTO_DISPATCH,
-                  PROTO_KEEPALIVE_REQ, PROTO_KEEPALIVE_RESP, PROTO_RESPOND, PROTO_SYNC_CONFIG, REPORT_DOWN_HEADER,
-                  REPORT_UP_HEADER)
+from gse.agent.ipc import (MESSAGE_HEADER, MESSAGE_MAGIC, MESSAGE_VERSION, PROTO_DATA_REPORT, PROTO_DISPATCH,
+                           PROTO_KEEPALIVE_REQ, PROTO_KEEPALIVE_RESP, PROTO_RESPOND, PROTO_SYNC_CONFIG,
+                           REPORT_DOWN_HEADER, REPORT_UP_HEADER)
 
 DEFAULT_TIMEOUT_S = 5.0
 
@@ -29,22 +29,45 @@ def _dump_json(obj: object) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-class ReportClient:
-    """A data-report connection: `send` records for a data id, `keepalive` to learn the agent's identity."""
+class _Connection:
+    """What both clients share: the stream pair, `async with`, closing, and the writer while connected."""
+
+    what = "connection"
 
     def __init__(self) -> None:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
-    async def connect(self, path: str) -> ReportClient:
-        self._reader, self._writer = await asyncio.open_unix_connection(path)
-        return self
-
-    async def __aenter__(self) -> ReportClient:
+    async def __aenter__(self):
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    async def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except OSError:
+                pass
+
+    @property
+    def _w(self) -> asyncio.StreamWriter:
+        if self._writer is None:
+            raise ConnectionError(f"{self.what} is not connected")
+        return self._writer
+
+
+class ReportClient(_Connection):
+    """A data-report connection: `send` records for a data id, `keepalive` to learn the agent's identity."""
+
+    what = "report client"
+
+    async def connect(self, path: str) -> ReportClient:
+        self._reader, self._writer = await asyncio.open_unix_connection(path)
+        return self
 
     @staticmethod
     def frame(data_id: int, body: bytes, proto_type: int = PROTO_DATA_REPORT) -> bytes:
@@ -76,33 +99,19 @@ class ReportClient:
             if proto_type == PROTO_SYNC_CONFIG:
                 return json.loads(body)
 
-    async def close(self) -> None:
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except OSError:
-                pass
 
-    @property
-    def _w(self) -> asyncio.StreamWriter:
-        if self._writer is None:
-            raise ConnectionError("report client is not connected")
-        return self._writer
-
-
-class MessageClient:
+class MessageClient(_Connection):
     """A message-socket connection: keepalive as a named plugin, `receive` dispatches, `respond` upward.
 
     A background reader demultiplexes the agent's frames: keepalive responses complete `keepalive()`, dispatches
     queue for `receive()`. When the agent drops the connection, `receive()` raises ConnectionError.
     """
 
+    what = "message client"
+
     def __init__(self, max_message: int = 10 * 1024 * 1024) -> None:
+        super().__init__()
         self.max_message = max_message
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task | None = None
         self._seq = itertools.count(1)
         self._keepalives: dict[int, asyncio.Future] = {}
@@ -113,12 +122,6 @@ class MessageClient:
         self._reader, self._writer = await asyncio.open_unix_connection(path, limit=self.max_message)
         self._task = asyncio.create_task(self._read_loop())
         return self
-
-    async def __aenter__(self) -> MessageClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     def _header(self, proto_type: int, body_len: int, reserved0: int = 0, reserved1: int = 0) -> tuple[int, bytes]:
         seq = next(self._seq)
@@ -188,7 +191,6 @@ class MessageClient:
             self._dispatches.put_nowait(None)
 
     async def close(self) -> None:
-        writer, self._writer = self._writer, None
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -196,15 +198,4 @@ class MessageClient:
                 await task
             except asyncio.CancelledError:
                 pass
-        if writer is not None:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except OSError:
-                pass
-
-    @property
-    def _w(self) -> asyncio.StreamWriter:
-        if self._writer is None:
-            raise ConnectionError("message client is not connected")
-        return self._writer
+        await super().close()
