@@ -120,3 +120,18 @@ def test_user_regex_is_linear_time():
     assert time.perf_counter() - t0 < 0.1
     with pytest.raises(ValueError, match="RE2"):
         patterns.compile_user(r"(?<=x)y", what="p")
+
+
+def test_guard_warnings_collected_once_each_and_a_block_ends_the_check():
+    """Every text of a task is checked (commands and script contents, str or bytes); a warning rule is
+    reported once however often it matches; the first blocking rule is the verdict."""
+    guard = CommandGuard()
+    guard.apply_config({"rules": [{"name": "loud", "pattern": r"echo\s+LOUD", "severity": "warn", "message": "m"},
+                                  {"name": "curl-sh", "pattern": r"curl[^|]*\|\s*sh", "severity": "warn"}]})
+    blocked, warnings = guard.check(["echo LOUD", b"#!/bin/sh\necho  LOUD\ncurl -s x | sh\n", "ls"])
+    assert blocked is None and [w.name for w in warnings] == ["loud", "curl-sh"]
+    blocked, warnings = guard.check(["echo LOUD", "true", b"rm -rf /", "mkfs.ext4 /dev/sdb"])
+    assert blocked.name == "rm-root" and [w.name for w in warnings] == ["loud"]
+    assert guard.check([]) == (None, [])
+    assert guard.check(["echo \udcff not utf-8"]) == (None, [])       # lone surrogates are text too
+    guard.close()
