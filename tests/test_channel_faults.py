@@ -13,6 +13,7 @@ import asyncio
 import pytest
 
 from gse.common import dbclient as db
+from gse.common.address import split_host_port
 from gse.common.errors import Unavailable
 from gse.common.tls import TLSMaterial
 
@@ -61,7 +62,7 @@ class CorruptingRelay:
 def test_idempotent_batches_retry_once_on_a_fresh_channel(make_cluster):
     c = make_cluster()
     dbp = c.start_dbproxy()
-    host, port = dbp.info["address"].rsplit(":", 1)
+    host, port = split_host_port(dbp.info["address"])
     tls = TLSMaterial.from_dir(c.certs_dir, "server")
 
     async def main():

@@ -228,7 +228,7 @@ def test_read_falls_back_when_a_replica_lacks_the_key(make_cluster):
     _execute(c, [db.hset(f"r{i}", {"v": i}) for i in range(50)])
     for i in range(50):             # drop each key from the replica dbproxy reads first
         first = ring.replicas(f"r{i}", 2)[0]
-        nodes[int(first.rsplit(":", 1)[1])].delete(f"{c.key_prefix}r{i}")
+        nodes[split_host_port(first)[1]].delete(f"{c.key_prefix}r{i}")
     res = _execute(c, [db.hgetall(f"r{i}") for i in range(50)])
     assert [db.text_fields(r).get("v") for r in res] == [str(i) for i in range(50)]
     wait_for(lambda: all(n.exists(f"{c.key_prefix}r{i}") for n in nodes.values() for i in range(50)), 10,

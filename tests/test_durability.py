@@ -18,6 +18,7 @@ import pytest
 from conftest import HEARTBEAT_S, api_for, start_agents
 
 from gse.common import dbclient as db
+from gse.common.address import split_host_port
 from gse.common.errors import Unavailable
 from gse.common.records import TaskItem
 from gse.devcluster import wait_for
@@ -252,7 +253,7 @@ def test_dispatch_rerouted_when_the_agent_moved(make_cluster):
     (agent,) = start_agents(c, 1, servers=[ts1.info["address"], ts2.info["address"]])
     aid = agent.info["bk_agent_id"]
     api.wait_alive([aid])
-    holder = ts1 if api.infos([aid])[aid]["parent_port"] == int(ts1.info["address"].rsplit(":", 1)[1]) else ts2
+    holder = ts1 if api.infos([aid])[aid]["parent_port"] == split_host_port(ts1.info["address"])[1] else ts2
     holder.kill()
     r = api.call(RUN, {"agents": [{"bk_agent_id": aid, "user": "root"}],
                        "atomic_tasks": [{"atomic_task_id": 0, "command": "echo moved", "timeout_seconds": 30}]})

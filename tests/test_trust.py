@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gse.cli import main as gse
 from gse.common import framelink, rpc
+from gse.common.address import split_host_port
 from gse.common.enrollment import TOKENS
 from gse.common.tls import TLSMaterial, make_csr, new_key
 from gse.devcluster import wait_for
@@ -42,10 +43,10 @@ async def _exchange(address: str, tls: TLSMaterial | None, frame: pb.AgentFrame,
                     keep: bool = False):
     """Open a link (no client certificate when `tls` has none), send one frame, return (first answer or None,
     link, inbox). Unless `keep`, waits for the link to end."""
-    host, port = address.rsplit(":", 1)
+    host, port = split_host_port(address)
     ctx = framelink.client_context(tls, with_certificate=bool(tls.cert))
     inbox = Inbox()
-    link = await framelink.dial(ctx, host, int(port), inbox, server_hostname="gse-server", local_ip=local_ip)
+    link = await framelink.dial(ctx, host, port, inbox, server_hostname="gse-server", local_ip=local_ip)
     link.write(frame.SerializeToString())
     async with asyncio.timeout(10):
         while not inbox.frames and not inbox.lost.is_set():
