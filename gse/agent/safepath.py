@@ -308,18 +308,21 @@ def write_file(dir_path: str, name: str, data: bytes, *, uid: int = -1, gid: int
     try:
         fd, tmp = create_temp(dfd, f".{name[:32]}.")
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            set_owner_mode(fd, uid, gid, mode)
-            if durable:
-                os.fsync(fd)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                set_owner_mode(fd, uid, gid, mode)
+                if durable:
+                    os.fsync(fd)
+            finally:
+                # Closed before the rename: a file still open for writing cannot be executed (ETXTBSY), and
+                # from the rename on, another task may run it (two tasks writing the same script).
+                os.close(fd)
             replace(dfd, tmp, name, acting_uid)
         except BaseException:
             unlink_quietly(dfd, tmp)
             raise
-        finally:
-            os.close(fd)
         if durable:
             os.fsync(dfd)
     finally:
