@@ -201,26 +201,33 @@ class FileEndpoints:
                 target_users=[u for _a, u, _n in targets], target_nodes={a: n for a, _u, n in targets},
                 timeout_seconds=timeout, auto_mkdir=auto_mkdir, upload_rate=up, download_rate=down,
                 keep_seeding=keep_seeding)))
-        targets_all = sorted({alive[a].agent_id if a in alive else a for a in ids})
-        await self.t._write([TaskRecord.update(task_id, ttl_ms=self.t.ttl, kind="file", created=at,
+        await self._start(task_id, "file", req, len(tasks), coordinators,
+                          sorted({alive[a].agent_id if a in alive else a for a in ids}), initial_ops, specs)
+        return {"result": {"task_id": task_id}}
+
+    async def _start(self, task_id: str, kind: str, req, n_tasks: int, coordinators: dict[int, str],
+                     targets: list[str], initial_ops: list, specs: list[tuple[int, str, pb.TransferSpec]]) -> None:
+        """Store the task (kind file or push) and its initial items, then start each transfer on its
+        coordinating task server; a transfer that cannot start ends its targets' items with the reason."""
+        await self.t._write([TaskRecord.update(task_id, ttl_ms=self.t.ttl, kind=kind, created=now_ms(),
                                                request_id=req.request_id, coordinators=coordinators,
-                                               targets=targets_all, tasks=len(tasks)).op(), *initial_ops])
-        log.info("transfer accepted", extra={"kind": "file", "tasks": len(tasks), "transfers": len(specs)})
+                                               targets=targets, tasks=n_tasks).op(), *initial_ops])
+        log.info("transfer accepted", extra={"kind": kind, "tasks": n_tasks, "transfers": len(specs)})
         for i, node, spec in specs:
             failures = await self.t.servers.start_transfer(node, spec)
-            if failures:
-                _aid, code, msg = failures[0]
-                log.warning("transfer not started", extra={"task_index": i, "node": node, "error": msg})
-                ops = []
-                for target in spec.target_agents:
-                    item = FileItem(mode=1, source_agent_id=spec.source_agent, dest_agent_id=target,
-                                    source_file_dir=spec.source_dir, source_file_name=spec.source_name,
-                                    dest_file_dir=spec.dest_dir, dest_file_name=spec.dest_name or spec.source_name,
-                                    status=ScriptStatus.FAILED, error_code=code, error_msg=msg, end_time=now_ms())
-                    ops.append(FileResults.update(task_id, target, {
-                        item_name(i, -1): item, item_name(i, -1, progress=True): item}, self.t.ttl).op())
-                await self.t._write(ops)
-        return {"result": {"task_id": task_id}}
+            if not failures:
+                continue
+            _aid, code, msg = failures[0]
+            log.warning("transfer not started", extra={"task_index": i, "node": node, "error": msg})
+            ops = []
+            for target in spec.target_agents:
+                item = FileItem(mode=1, source_agent_id=spec.source_agent, dest_agent_id=target,
+                                source_file_dir=spec.source_dir, source_file_name=spec.source_name or spec.dest_name,
+                                dest_file_dir=spec.dest_dir, dest_file_name=spec.dest_name or spec.source_name,
+                                status=ScriptStatus.FAILED, error_code=code, error_msg=msg, end_time=now_ms())
+                ops.append(FileResults.update(task_id, target, {
+                    item_name(i, -1): item, item_name(i, -1, progress=True): item}, self.t.ttl).op())
+            await self.t._write(ops)
 
     async def async_push_file(self, body: dict, req):
         """`{timeout_seconds, auto_mkdir, tasks: [{file_name, store_dir, file_content, md5?, owner, right,
@@ -266,25 +273,8 @@ class FileEndpoints:
                 target_agents=[a for a, _u, _n in targets], target_users=[u for _a, u, _n in targets],
                 target_nodes={a: n for a, _u, n in targets}, timeout_seconds=timeout, auto_mkdir=auto_mkdir,
                 from_caller=True, content=t["content"])))
-        targets_all = sorted({alive[a].agent_id if a in alive else a for a in ids})
-        await self.t._write([TaskRecord.update(task_id, ttl_ms=self.t.ttl, kind="push", created=at,
-                                               request_id=req.request_id, coordinators=coordinators,
-                                               targets=targets_all, tasks=len(tasks)).op(), *initial_ops])
-        log.info("push accepted", extra={"kind": "push", "tasks": len(tasks), "transfers": len(specs)})
-        for i, node, spec in specs:
-            failures = await self.t.servers.start_transfer(node, spec)
-            if failures:
-                _aid, code, msg = failures[0]
-                log.warning("push not started", extra={"task_index": i, "node": node, "error": msg})
-                ops = []
-                for target in spec.target_agents:
-                    item = FileItem(mode=1, source_agent_id="", dest_agent_id=target, source_file_dir="",
-                                    source_file_name=spec.dest_name, dest_file_dir=spec.dest_dir,
-                                    dest_file_name=spec.dest_name, status=ScriptStatus.FAILED, error_code=code,
-                                    error_msg=msg, end_time=now_ms())
-                    ops.append(FileResults.update(task_id, target, {
-                        item_name(i, -1): item, item_name(i, -1, progress=True): item}, self.t.ttl).op())
-                await self.t._write(ops)
+        await self._start(task_id, "push", req, len(tasks), coordinators,
+                          sorted({alive[a].agent_id if a in alive else a for a in ids}), initial_ops, specs)
         return {"result": {"task_id": task_id}}
 
     async def get_transfer_file_result(self, body: dict, _req):
