@@ -7,6 +7,7 @@ from .server import DbProxyConfig, DbProxyService
 
 
 def main() -> int:
+    """Run dbproxy (`gse-dbproxy`); returns the process exit code."""
     return _main(DbProxyService, DbProxyConfig)
 
 

@@ -33,6 +33,8 @@ HINTED = Gauge("gse_dbproxy_hinted_writes", "Writes that left a hint for a repli
 
 @dataclasses.dataclass(frozen=True)
 class DbProxyConfig(BaseConfig):
+    """dbproxy's configuration (deploy/dbproxy.yaml explains every key): where it listens, the Redis nodes behind it,
+    how many replicas each key gets, and the probe/timeout periods in seconds."""
     host: str = "127.0.0.1"
     port: int = 58859
     advertise_host: str = ""           # "" = host
@@ -46,6 +48,8 @@ class DbProxyConfig(BaseConfig):
     max_batch: int = 100_000
 
     def validate(self) -> None:
+        """ConfigError unless at least one Redis node is given, every node is host:port, and replicas is between 1 and
+        the number of nodes."""
         super().validate()
         if not self.redis:
             raise ConfigError("redis: at least one node (host:port) is required")
@@ -55,11 +59,14 @@ class DbProxyConfig(BaseConfig):
 
 
 class DbProxyServicer(pb_grpc.DbProxyServicer):
+    """The DbProxy gRPC service (proto/gse/pb/dbproxy.proto): one Execute call runs a batch on the sharded store."""
     def __init__(self, store: ShardedStore, max_batch: int):
         self.store = store
         self.max_batch = max_batch
 
     async def Execute(self, request, context):
+        """Run one batch (at most `max_batch` ops, else INVALID_ARGUMENT); one Result per op, in order. Failures of
+        single ops are in their Results, never a gRPC error."""
         import grpc
         if len(request.ops) > self.max_batch:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -73,6 +80,8 @@ class DbProxyServicer(pb_grpc.DbProxyServicer):
 
 
 class DbProxyService(Service):
+    """The dbproxy daemon: probes and repairs the Redis nodes, serves DbProxy on 58859 (spec §6) and registers in
+    ZooKeeper once the nodes have settled."""
     name = "dbproxy"
 
     def __init__(self, config: DbProxyConfig, *args):
@@ -84,12 +93,16 @@ class DbProxyService(Service):
         self.discovery = Discovery(config.zookeeper)
 
     def health(self):
+        """Healthy while at least one Redis node is up and ZooKeeper is connected; the detail lists every node's
+        state."""
         healthy = self.store.healthy_count() if self.store else 0
         ok = healthy > 0 and self.discovery.connected
         return ok, {"service": self.name, "node_id": self.node_id, "redis_healthy": healthy,
                     "redis": self.store.state() if self.store else {}, "zookeeper": self.discovery.connected}
 
     async def start(self) -> None:
+        """Probe the Redis nodes and wait (at most settle_timeout_s) for returning ones to be repaired, then bind,
+        serve and register in ZooKeeper with the address and metrics port."""
         await super().start()
         c = self.config
         self.store = ShardedStore(list(c.redis), c.replicas, c.key_prefix, c.redis_password, c.redis_timeout_s)
@@ -110,6 +123,8 @@ class DbProxyService(Service):
         log.info("dbproxy serving", extra={"port": self.port, "redis": list(c.redis), "replicas": c.replicas})
 
     async def run(self) -> None:
+        """Probe the Redis nodes every probe_interval_s (repairing those that came back) and publish their states as
+        metrics."""
         while True:
             await asyncio.sleep(self.config.probe_interval_s)
             await self.store.probe()
@@ -120,6 +135,8 @@ class DbProxyService(Service):
             HINTED.set(self.store.hints_total)
 
     async def stop(self, grace: float) -> None:
+        """Leave ZooKeeper first (clients go elsewhere), then stop serving within `grace` seconds and close the Redis
+        connections."""
         await self.discovery.stop()          # leave ZooKeeper first so that clients go elsewhere
         if self.server is not None:
             await self.server.stop(grace)

@@ -55,6 +55,9 @@ def _hash(s: str) -> int:
 
 
 class Ring:
+    """The consistent-hash ring: `vnodes` points per node (blake2b of "node#i"); `replicas(key, r)` is the tuple of
+    the first r distinct nodes clockwise from the key's hash, the first being the preferred reader."""
+
     def __init__(self, nodes: list[str], vnodes: int = 160):
         points = sorted((_hash(f"{n}#{i}"), n) for n in nodes for i in range(vnodes))
         self._keys = [p[0] for p in points]
@@ -90,6 +93,7 @@ class Node:
 
     @property
     def healthy(self) -> bool:
+        """UP: read and written."""
         return self.state == UP
 
 
@@ -138,10 +142,12 @@ class ShardedStore:
         self._started = False
 
     def hint_key(self, node: Node | str) -> bytes:
+        """The Redis key (under the key prefix) of the set of key names, unprefixed, that `node` missed."""
         address = node if isinstance(node, str) else node.address
         return f"{self.prefix}{INTERNAL}hints:{address}".encode()
 
     async def close(self) -> None:
+        """Stop the repairs under way and close every node's connection."""
         for node in self.nodes.values():
             if node.sync is not None:
                 node.sync.cancel()
@@ -162,6 +168,8 @@ class ShardedStore:
         """Ping every node and read its marker. A node that answers again, or that lost its data, is repaired
         (SYNCING) before it is UP again."""
         async def one(node: Node):
+            """PING and read the marker of one node: the marker's value (None when it lost its data), or the exception
+            that marked it DOWN."""
             try:
                 pong, marker = await node.client.pipeline([PING, encode(b"GET", self.marker)])
                 if isinstance(pong, RedisReplyError):
@@ -197,6 +205,7 @@ class ShardedStore:
         node.sync = asyncio.ensure_future(self._sync(node))
 
     def healthy_count(self) -> int:
+        """How many nodes are UP."""
         return sum(1 for n in self.nodes.values() if n.healthy)
 
     def state(self) -> dict[str, str]:
@@ -360,6 +369,7 @@ class ShardedStore:
         plans: dict[str, _Plan] = {}
 
         def plan_for(node: Node) -> _Plan:
+            """The plan of commands for `node` in this round, made on first use."""
             p = plans.get(node.address)
             if p is None:
                 p = plans[node.address] = _Plan(node)
