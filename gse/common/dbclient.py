@@ -59,82 +59,112 @@ def _b(v) -> bytes:
 
 
 def get(key: str) -> Op:
+    """GET `key`: the Result has `found` and `value` (bytes) when the key exists."""
     return Op(kind=K.GET, key=key)
 
 
 def set_(key: str, value, ttl_ms: int = 0) -> Op:
+    """SET `key` to `value` (bytes; str as UTF-8, bool as b"1"/b"0", anything else as its str), expiring after
+    `ttl_ms` milliseconds when > 0."""
     return Op(kind=K.SET, key=key, value=_b(value), ttl_ms=ttl_ms)
 
 
 def delete(key: str) -> Op:
+    """DEL `key`: Result.integer is 1 when the key existed, else 0."""
     return Op(kind=K.DEL, key=key)
 
 
 def hset(key: str, fields: Mapping[str, object], ttl_ms: int = 0) -> Op:
+    """HSET `fields` (name -> value, values converted as for `set_`) into the hash `key`; with `ttl_ms` > 0 the whole
+    key's TTL is set to it as well. Result.integer counts the fields that were new."""
     return Op(kind=K.HSET, key=key, fields={k: _b(v) for k, v in fields.items()}, ttl_ms=ttl_ms)
 
 
 def hgetall(key: str) -> Op:
+    """HGETALL `key`: Result.fields (name -> bytes; `text_fields` decodes them), `found` when the hash has any field."""
     return Op(kind=K.HGETALL, key=key)
 
 
 def hmget(key: str, names: Iterable[str]) -> Op:
+    """HMGET `names` of the hash `key`: Result.values and Result.present in the order of `names` (a missing field
+    reads b"" with present False); `found` when any was present."""
     return Op(kind=K.HMGET, key=key, names=list(names))
 
 
 def hdel(key: str, names: Iterable[str]) -> Op:
+    """HDEL `names` from the hash `key`: Result.integer counts the fields removed."""
     return Op(kind=K.HDEL, key=key, names=list(names))
 
 
 def expire(key: str, ttl_ms: int) -> Op:
+    """PEXPIRE `key` after `ttl_ms` milliseconds (must be > 0: dbproxy answers other values with an error in the
+    Result)."""
     return Op(kind=K.EXPIRE, key=key, ttl_ms=ttl_ms)
 
 
 def sadd(key: str, members: Iterable, ttl_ms: int = 0) -> Op:
+    """SADD `members` (converted as for `set_`) to the set `key`, its TTL set to `ttl_ms` ms when > 0; Result.integer
+    counts the new members."""
     return Op(kind=K.SADD, key=key, members=[_b(m) for m in members], ttl_ms=ttl_ms)
 
 
 def srem(key: str, members: Iterable) -> Op:
+    """SREM `members` from the set `key`: Result.integer counts the members removed."""
     return Op(kind=K.SREM, key=key, members=[_b(m) for m in members])
 
 
 def smembers(key: str) -> Op:
+    """SMEMBERS `key`: Result.values (bytes, sorted), `found` when the set is not empty."""
     return Op(kind=K.SMEMBERS, key=key)
 
 
 def rpush(key: str, members: Iterable, ttl_ms: int = 0) -> Op:
+    """RPUSH `members` onto the list `key`, its TTL set to `ttl_ms` ms when > 0; Result.integer is the list's new
+    length."""
     return Op(kind=K.RPUSH, key=key, members=[_b(m) for m in members], ttl_ms=ttl_ms)
 
 
 def lrange(key: str, start: int = 0, stop: int = -1) -> Op:
+    """LRANGE `key` from `start` to `stop`, both inclusive and negative counting from the end (Redis's rules):
+    Result.values."""
     return Op(kind=K.LRANGE, key=key, start=start, stop=stop)
 
 
 def incrby(key: str, amount: int = 1, ttl_ms: int = 0) -> Op:
+    """INCRBY `key` by `amount`, its TTL set to `ttl_ms` ms when > 0: Result.integer is the new value."""
     return Op(kind=K.INCRBY, key=key, integer=amount, ttl_ms=ttl_ms)
 
 
 def append(key: str, value, ttl_ms: int = 0) -> Op:
+    """APPEND `value` to the string `key`, its TTL set to `ttl_ms` ms when > 0: Result.integer is the new length in
+    bytes."""
     return Op(kind=K.APPEND, key=key, value=_b(value), ttl_ms=ttl_ms)
 
 
 def getrange(key: str, start: int, stop: int) -> Op:
+    """GETRANGE of the string `key`, bytes `start` to `stop` inclusive (negative from the end): Result.value. `found`
+    is set even for a missing key: an empty value is the only sign of one."""
     return Op(kind=K.GETRANGE, key=key, start=start, stop=stop)
 
 
 def setrange(key: str, offset: int, value, ttl_ms: int = 0) -> Op:
+    """SETRANGE: write `value` at byte `offset` (>= 0) of the string `key` (Redis pads a gap with zero bytes), its TTL
+    set to `ttl_ms` ms when > 0: Result.integer is the new length in bytes."""
     return Op(kind=K.SETRANGE, key=key, start=offset, value=_b(value), ttl_ms=ttl_ms)
 
 
 def strlen(key: str) -> Op:
+    """STRLEN `key`: Result.integer is the length in bytes (0 for a missing key), `found` when it is > 0."""
     return Op(kind=K.STRLEN, key=key)
 
 
 def exists(key: str) -> Op:
+    """EXISTS `key`: Result.integer 1 and `found` when it exists."""
     return Op(kind=K.EXISTS, key=key)
 
 
 def text_fields(result: pb.Result) -> dict[str, str]:
+    """The fields of an HGETALL Result as text (UTF-8, undecodable bytes replaced)."""
     return {k: v.decode("utf-8", "replace") for k, v in result.fields.items()}
 
 
@@ -173,6 +203,7 @@ class DbClient:
         self.renewed = 0            # channels replaced after they broke (for tests and logs)
 
     def set_addresses(self, addresses: Iterable[str]) -> None:
+        """Call these dbproxies (`host:port` each) from now on; channels to any other address are closed."""
         new = list(addresses)
         self.pool.retain(new)
         self._addresses = new
@@ -185,6 +216,7 @@ class DbClient:
 
     @property
     def addresses(self) -> list[str]:
+        """The dbproxy addresses in use (a copy)."""
         return list(self._addresses)
 
     def _stub(self, addr: str) -> pb_grpc.DbProxyStub:
@@ -226,4 +258,5 @@ class DbClient:
         raise Unavailable(f"no dbproxy answered: {last.code().name if isinstance(last, grpc.aio.AioRpcError) else last}")
 
     async def close(self) -> None:
+        """Close every channel to dbproxy."""
         await self.pool.close()

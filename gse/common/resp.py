@@ -25,6 +25,8 @@ class RedisReplyError(Exception):
 
 
 class ConnectionLost(ConnectionError):
+    """The connection to Redis broke, or a reply did not come in time: the batch in flight may or may not have been
+    applied."""
     pass
 
 
@@ -64,9 +66,12 @@ class _Protocol(asyncio.Protocol):
         self.lost: Exception | None = None
 
     def connection_made(self, transport):
+        """asyncio callback: keep the transport for writes."""
         self.transport = transport
 
     def data_received(self, data):
+        """asyncio callback: feed the bytes to the hiredis reader and hand each batch its replies once all of them are
+        in. A protocol error fails every waiting batch and closes the connection."""
         self.reader.feed(data)
         waiters = self.waiters
         while waiters:
@@ -86,6 +91,7 @@ class _Protocol(asyncio.Protocol):
                     fut.set_result(replies)
 
     def connection_lost(self, exc):
+        """asyncio callback: every batch still waiting fails with ConnectionLost."""
         self._fail(ConnectionLost(f"redis connection lost: {exc!r}"))
 
     def _fail(self, exc: Exception):
@@ -145,6 +151,7 @@ class RespConnection:
             raise ConnectionLost("redis did not answer in time") from None
 
     async def close(self) -> None:
+        """Close the connection (the next `pipeline` dials again); batches in flight fail with ConnectionLost."""
         if self._proto is not None and self._proto.transport is not None:
             self._proto.transport.close()
             self._proto = None

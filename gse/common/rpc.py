@@ -33,9 +33,9 @@ SERVER_OPTIONS = [
     # Measured (bench/probes): BDP probing pings after every quiet period, i.e. on every heartbeat of an
     # idle agent stream; off, a heartbeat costs the server ~40% less CPU. Our messages are small.
     ("grpc.http2.bdp_probe", 0),
-    # No "grpc.tsi.max_frame_size": it was 4096 to save ~6-7 KB per agent gRPC stream, which agents no
-    # longer hold (their link is framelink), and it was the suspect of TSI_DATA_CORRUPTED under load
-    # (docs/benchmarks.md, "Holding under load"): gRPC's SSL transport runs with its default frames.
+    # No "grpc.tsi.max_frame_size": gRPC's SSL transport runs with its default frames. A 4096-byte frame saves
+    # ~6-7 KB per long-lived stream, and agents hold none (their link is framelink), while it is the suspect
+    # of TSI_DATA_CORRUPTED under load (docs/benchmarks.md, "Holding under load").
 ]
 
 CHANNEL_OPTIONS = [
@@ -78,6 +78,8 @@ class TraceInterceptor(grpc.aio.ServerInterceptor):
     trace metadata pass through untouched, so the hot paths (dbproxy batches, data streams) pay nothing."""
 
     async def intercept_service(self, continuation, handler_call_details):
+        """Wrap unary handlers called with trace metadata so that they run inside that trace; anything else is
+        returned unchanged."""
         handler = await continuation(handler_call_details)
         md = handler_call_details.invocation_metadata
         if handler is None or not md or handler.unary_unary is None:
@@ -93,6 +95,7 @@ class TraceInterceptor(grpc.aio.ServerInterceptor):
         inner = handler.unary_unary
 
         async def traced(request, context):
+            """The handler run with the caller's task_id/request_id set in gse.common.logs.TRACE."""
             token = TRACE.set(t)
             try:
                 return await inner(request, context)
@@ -112,6 +115,8 @@ def bind(server: grpc.aio.Server, tls: TLSMaterial, host: str, port: int) -> int
 
 
 def make_channel(tls: TLSMaterial, target: str, options=()) -> grpc.aio.Channel:
+    """An asyncio channel to `target` (`host:port`) with mutual TLS and CHANNEL_OPTIONS (plus `options`); the peer
+    certificate is checked for `tls.server_name` when one is configured, else for the dialled host."""
     opts = [*CHANNEL_OPTIONS, *options]
     if tls.server_name:
         opts.append(("grpc.ssl_target_name_override", tls.server_name))
@@ -138,6 +143,7 @@ class ChannelPool:
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def get(self, address: str) -> grpc.aio.Channel:
+        """The channel to `address` (`host:port`), made on first use."""
         ch = self._channels.get(address)
         if ch is None:
             ch = self._channels[address] = make_channel(self.tls, address, self.options)
@@ -157,6 +163,7 @@ class ChannelPool:
         return self.get(address)
 
     async def close(self) -> None:
+        """Close every channel of the pool."""
         channels, self._channels = list(self._channels.values()), {}
         for ch in channels:
             await ch.close()
@@ -170,6 +177,7 @@ def add_health(server: grpc.aio.Server):
 
 
 async def set_serving(servicer, serving: bool, service: str = "") -> None:
+    """Flip the health status of `service` ("" = the whole server) on a servicer from `add_health`."""
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     await servicer.set(service, status)
 
