@@ -198,6 +198,7 @@ class TLSConfig:
     server_name: str = ""
 
     def require(self) -> None:
+        """ConfigError unless ca, cert and key are all set (every server daemon needs them)."""
         for name in ("ca", "cert", "key"):
             if not getattr(self, name):
                 raise ConfigError(f"tls.{name} is required (make certificates with 'gse certs init')")
@@ -215,11 +216,13 @@ def check_addresses(key: str, addresses: Iterable[str], default_port: int | None
 
 @dataclasses.dataclass(frozen=True)
 class ZooKeeperConfig:
+    """The ZooKeeper ensemble every daemon registers in and watches (DESIGN.md, "Cluster mechanics")."""
     hosts: str = "127.0.0.1:2181"      # host[:port],host[:port],... (kazoo's form; the port defaults to 2181)
     root: str = "/gse"
     session_timeout_s: float = 10.0
 
     def validate(self) -> None:
+        """ConfigError unless every host is host[:port] and root is an absolute path without a trailing slash."""
         check_addresses("zookeeper.hosts", self.hosts.split(","), default_port=2181)
         if not self.root.startswith("/") or self.root.endswith("/") and self.root != "/":
             raise ConfigError(f"zookeeper.root '{self.root}' must be an absolute path without a trailing slash")
@@ -227,10 +230,12 @@ class ZooKeeperConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LogConfig:
+    """Log level and line format (gse.common.logs)."""
     level: str = "info"
     format: str = "json"   # json | text
 
     def validate(self) -> None:
+        """ConfigError unless level is debug/info/warning/error and format json/text."""
         if self.level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log.level '{self.level}' is not one of debug, info, warning, error")
         if self.format not in ("json", "text"):
@@ -246,8 +251,11 @@ class MetricsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DbProxyClientConfig:
+    """How a daemon reaches dbproxy: fixed `addresses` (`host:port`), or none to follow the dbproxies registered in
+    ZooKeeper; `timeout_s` is the deadline of one batch call in seconds."""
     addresses: tuple[str, ...] = ()     # empty = the dbproxies registered in ZooKeeper
     timeout_s: float = 5.0
 
     def validate(self) -> None:
+        """ConfigError unless every address is host:port."""
         check_addresses("dbproxy.addresses", self.addresses)

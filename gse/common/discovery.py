@@ -30,6 +30,10 @@ ServiceView = dict[str, dict]
 
 
 class Discovery:
+    """One daemon's ZooKeeper session (kazoo) bridged to asyncio: its own ephemeral registrations, watches on the
+    services it calls, and the live configuration documents it follows. Kazoo callbacks never block; they hop onto the
+    loop that called `start`."""
+
     def __init__(self, cfg: ZooKeeperConfig):
         self.cfg = cfg
         self.root = cfg.root.rstrip("/") or ""
@@ -53,6 +57,7 @@ class Discovery:
     # ---- plumbing ---------------------------------------------------------------------------------
 
     def path(self, *parts: str) -> str:
+        """The ZooKeeper path of `parts` under the root: `path("taskserver", node)` -> "/gse/taskserver/<node>"."""
         return "/".join([self.root, *parts])
 
     def _aio(self, async_result) -> asyncio.Future:
@@ -60,6 +65,7 @@ class Discovery:
         fut = loop.create_future()
 
         def done(ar):
+            """kazoo's callback (one of its threads): hand the result or the exception to the future on the loop."""
             try:
                 value, error = ar.get_nowait(), None
             except Exception as exc:  # noqa: BLE001 - handed to the awaiting coroutine
@@ -76,6 +82,7 @@ class Discovery:
 
     @property
     def connected(self) -> bool:
+        """True while the session is connected (False while SUSPENDED or LOST, until it connects again)."""
         return self._connected.is_set()
 
     # ---- lifecycle --------------------------------------------------------------------------------
@@ -95,6 +102,8 @@ class Discovery:
         await self._ensure_path(self.path("config"))
 
     async def stop(self) -> None:
+        """Stop the background refreshes and close the session (its ephemeral nodes go with it); kazoo's blocking
+        close runs in a thread."""
         self._stopping = True
         for task in list(self._tasks):
             task.cancel()
@@ -162,6 +171,9 @@ class Discovery:
     # ---- registration -----------------------------------------------------------------------------
 
     async def register(self, service: str, node_id: str, info: dict) -> str:
+        """Create the ephemeral node `<root>/<service>/<node_id>` holding `info` as JSON (replacing a node a previous
+        session of ours left) and keep it: it is re-created under every new session. Returns its path; raises kazoo
+        errors when ZooKeeper refuses."""
         path = self.path(service, node_id)
         data = json.dumps(info, sort_keys=True).encode()
         self._registrations[path] = data
@@ -169,6 +181,9 @@ class Discovery:
         return path
 
     async def update(self, service: str, node_id: str, info: dict) -> None:
+        """Change the data of our node to `info`. Unchanged data costs nothing; while disconnected the new data is
+        kept and written when the session is restored, and a failed write is only logged (the next update or reconnect
+        writes it)."""
         path = self.path(service, node_id)
         data = json.dumps(info, sort_keys=True).encode()
         if self._registrations.get(path) == data:
@@ -185,6 +200,7 @@ class Discovery:
             log.debug("registration update deferred", extra={"path": path, "error": repr(exc)})
 
     async def unregister(self, service: str, node_id: str) -> None:
+        """Delete our node of `service` and stop re-creating it; a node already gone is not an error."""
         path = self.path(service, node_id)
         self._registrations.pop(path, None)
         if self.connected:
@@ -196,6 +212,7 @@ class Discovery:
     # ---- service watches --------------------------------------------------------------------------
 
     def view(self, service: str) -> ServiceView:
+        """The last known members of `service`: node id -> the JSON its node holds (a copy; empty when not watched)."""
         return dict(self._views.get(service, {}))
 
     async def watch_service(self, service: str, callback: Callable[[ServiceView], Any] | None = None) -> ServiceView:
@@ -209,6 +226,8 @@ class Discovery:
             loop = self.loop
 
             def on_children(children):
+                """kazoo ChildrenWatch callback (kazoo thread): re-read the service on the loop; returning False ends
+                the watch once stopping."""
                 if not self._stopping and not loop.is_closed():
                     loop.call_soon_threadsafe(self._spawn, self._refresh_service(service, children))
                 return not self._stopping
@@ -251,6 +270,7 @@ class Discovery:
     # ---- live configuration -----------------------------------------------------------------------
 
     def config(self, name: str, default: Any = None) -> Any:
+        """The last value of the config document `name` (from `watch_config`), else `default`."""
         return self._configs.get(name, default)
 
     async def watch_config(self, name: str, callback: Callable[[Any], Any] | None = None) -> Any:
@@ -264,6 +284,8 @@ class Discovery:
             ready = asyncio.Event()
 
             def on_data(data, stat):
+                """kazoo DataWatch callback (kazoo thread): apply the new document on the loop; returning False ends
+                the watch once stopping."""
                 if self._stopping or loop.is_closed():
                     return False
                 loop.call_soon_threadsafe(self._on_config, name, data, ready)
@@ -286,12 +308,16 @@ class Discovery:
             _call(cb, value)
 
     async def put_config(self, name: str, value: Any) -> None:
+        """Write the config document `<root>/config/<name>` as JSON (creating the node if needed); every
+        `watch_config` of it in the cluster sees the change. Raises kazoo errors when ZooKeeper refuses."""
         path = self.path("config", name)
         data = json.dumps(value, sort_keys=True).encode()
         await self._ensure_path(path)
         await self._aio(self.zk.set_async(path, data))
 
     async def get_json(self, path: str) -> Any:
+        """The JSON document at the absolute path `path`; None when the node is missing or empty. ValueError when its
+        data is not JSON."""
         try:
             data, _ = await self._aio(self.zk.get_async(path))
         except NoNodeError:

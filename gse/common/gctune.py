@@ -75,4 +75,6 @@ def freeze_startup() -> None:
 
 
 def summary() -> dict:
+    """Collections and seconds spent per generation since `install`: {"gen0": {"collections", "seconds"}, ...} (logged
+    at stop)."""
     return {f"gen{g}": {"collections": int(n), "seconds": round(s, 3)} for g, (n, s) in sorted(totals.items())}

@@ -61,11 +61,15 @@ def _fields(record: logging.LogRecord) -> dict:
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts (UTC, ms), level, service, logger, msg, then the record's `extra` fields and the
+    current trace (task_id, request_id), and `exc` with the traceback."""
+
     def __init__(self, service: str):
         super().__init__()
         self.service = service
 
     def format(self, record: logging.LogRecord) -> str:
+        """The record as one JSON line (values that are not JSON become their str)."""
         out = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
@@ -80,11 +84,15 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """One `HH:MM:SS.mmm L service message key=value ...` line (local time) with the `extra` fields and the trace, for
+    people at a terminal."""
+
     def __init__(self, service: str):
         super().__init__()
         self.service = service
 
     def format(self, record: logging.LogRecord) -> str:
+        """The record as one text line, followed by the traceback when there is one."""
         ts = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
         extra = " ".join(f"{k}={v}" for k, v in _fields(record).items())
         line = f"{ts} {record.levelname[0]} {self.service} {record.getMessage()}" + (f" {extra}" if extra else "")
@@ -94,6 +102,8 @@ class TextFormatter(logging.Formatter):
 
 
 def setup_logging(service: str, level: str = "info", fmt: str = "json", stream=None) -> None:
+    """Route every logger to `stream` (default stderr) in `fmt` ("json" or "text") at `level`, naming `service` in
+    each line; kazoo and aiohttp's access log are held at WARNING."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter(service) if fmt == "json" else TextFormatter(service))
     root = logging.getLogger()

@@ -55,4 +55,5 @@ class Peers:
         return min(self.fileservers.values())[1]
 
     async def close(self) -> None:
+        """Close every channel to the task servers and file servers."""
         await self.pool.close()

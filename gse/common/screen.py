@@ -70,6 +70,8 @@ class OutputDecoder:
         self.escaped = 0          # undecodable bytes escaped so far
 
     def feed(self, data: bytes, final: bool = False) -> bytes:
+        """The UTF-8 bytes of the characters `data` completes (held-back bytes of an unfinished character come first);
+        with `final`, the rest flushed with undecodable bytes escaped."""
         text = self._decoder.decode(data, final)
         if "\ufffd" in text:
             text = text.replace("\ufffd", "\ufffd\ufffd")

@@ -43,6 +43,8 @@ class BaseConfig:
     stop_grace_s: float = 5.0
 
     def validate(self) -> None:
+        """ConfigError when TLS material is missing, or when the daemon listens on a wildcard or empty host without an
+        advertise_host for peers to dial."""
         self.tls.require()
         host = getattr(self, "host", "")
         if host in ("0.0.0.0", "::", "") and not getattr(self, "advertise_host", "x"):
@@ -84,6 +86,7 @@ class OpsServer:
         self.port = 0
 
     async def start(self) -> int:
+        """Serve /metrics and /healthz on `cfg.host`:`cfg.port`; returns the bound port (useful with port 0)."""
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
@@ -103,6 +106,7 @@ class OpsServer:
         return web.json_response({"ok": ok, **detail}, status=200 if ok else 503)
 
     async def stop(self) -> None:
+        """Stop serving /metrics and /healthz (idempotent)."""
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -122,6 +126,7 @@ class Service:
 
     @property
     def advertise(self) -> str:
+        """The host peers and agents dial (see `advertised_host`)."""
         return advertised_host(self.config)
 
     @property
@@ -131,20 +136,27 @@ class Service:
 
     @property
     def node_id(self) -> str:
+        """This daemon's name in ZooKeeper: `node_id` from the config, else `<advertised host>-<main port>` (the pid
+        before a port is known)."""
         return self.config.node_id or f"{self.advertise}-{self.main_port or os.getpid()}"
 
     def health(self) -> tuple[bool, dict]:
+        """(ok, detail) for /healthz; subclasses add what their health depends on (ZooKeeper, Redis, peers)."""
         return True, {"service": self.name, "node_id": self.node_id}
 
     async def start(self) -> None:
+        """Start the operations endpoint and mark the daemon up; subclasses bind and register after calling it."""
         if self.ops is not None:
             await self.ops.start()
         UP.labels(self.name).set(1)
 
     async def run(self) -> None:
+        """Supervise the daemon's tasks until cancelled; the base has none and waits for ever."""
         await asyncio.Event().wait()
 
     async def stop(self, grace: float) -> None:
+        """Idempotent: mark the daemon down and stop the operations endpoint; subclasses release their own parts, then
+        call it."""
         if self._stopped:
             return
         self._stopped = True
@@ -165,10 +177,15 @@ class Service:
         log.info("configuration reloaded")
 
     async def apply_reload(self, new_config: Any) -> None:
+        """Apply a re-read config on SIGHUP (the log level is applied already); the base applies nothing else, so
+        other keys wait for a restart."""
         pass
 
 
 def parse_args(prog: str, argv=None) -> argparse.Namespace:
+    """The command line every daemon shares: `--config FILE`, repeatable `--set key.path=value`, and the hidden
+    `--worker`, `--supervisor`, `--ready-fd` a supervisor gives the worker processes it starts (gse.common.workers).
+    Exits with a usage error on bad arguments."""
     p = argparse.ArgumentParser(prog=prog)
     p.add_argument("--config", "-c", help="YAML configuration file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -226,6 +243,7 @@ async def serve(service: Service, on_ready=None) -> int:
     reloads: set[asyncio.Task] = set()
 
     def on_hup():
+        """SIGHUP: tell systemd RELOADING=1, reload, then READY=1 again."""
         sd_notify("RELOADING=1")
         t = loop.create_task(service.reload())
         reloads.add(t)

@@ -72,6 +72,8 @@ def follow_supervisor(supervisor_pid: int) -> bool:
 def ready_reporter(fd: int):
     """In a worker: the `on_ready` of `service.serve`, telling the supervisor on `fd` that it serves."""
     def report(service: Service) -> None:
+        """Write `{"pid", "node_id", "ops_port"}` as one JSON line to the supervisor's pipe and close it (a failure is
+        logged, the worker carries on)."""
         line = {"pid": os.getpid(), "node_id": service.node_id, "ops_port": service.ops.port if service.ops else 0}
         try:
             os.write(fd, (json.dumps(line) + "\n").encode())
@@ -98,10 +100,12 @@ class Worker:
 
     @property
     def alive(self) -> bool:
+        """A process is in the slot and has not exited."""
         return self.proc is not None and self.proc.returncode is None
 
     @property
     def pid(self) -> int | None:
+        """The pid of the process in the slot, None before the first start."""
         return self.proc.pid if self.proc is not None else None
 
 
@@ -128,11 +132,15 @@ class Supervisor(Service):
 
     @property
     def node_id(self) -> str:
+        """The daemon's node id as a group (`group_node_id` of the service class); each worker registers its own
+        derived one."""
         return self.service_cls.group_node_id(self.config)
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Start every worker and wait until each has reported ready and its /healthz is ok; RuntimeError when one
+        exits first. systemd hears READY=1 after this returns."""
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S))
         await super().start()
         for w in self.workers:
@@ -152,10 +160,13 @@ class Supervisor(Service):
         log.info("workers ready", extra={"workers": [w.node_id for w in self.workers]})
 
     async def run(self) -> None:
+        """Keep every worker running: restart each that exits, with back-off."""
         self._keepers = [asyncio.ensure_future(self._keep(w)) for w in self.workers]
         await asyncio.gather(*self._keepers)
 
     async def stop(self, grace: float) -> None:
+        """Idempotent: SIGTERM every worker, SIGKILL those still running just before the stop bound, then stop the
+        operations endpoint."""
         if self._stopping:
             return
         self._stopping = True
@@ -192,6 +203,7 @@ class Supervisor(Service):
         await super().reload()
 
     async def apply_reload(self, new_config: Any) -> None:
+        """The workers apply their own config on SIGHUP; a changed `workers` count only warns (it takes a restart)."""
         if new_config.workers != len(self.workers):
             log.warning("the number of workers changes at the next restart",
                         extra={"workers": len(self.workers), "configured": new_config.workers})
@@ -278,6 +290,7 @@ class Supervisor(Service):
     # ---- health ---------------------------------------------------------------------------------
 
     async def health(self) -> tuple[bool, dict]:
+        """Ok while every worker is alive and its /healthz says ok; the detail carries each worker's state."""
         states = await asyncio.gather(*(self._worker_health(w) for w in self.workers))
         return all(s["ok"] for s in states), {"service": self.name, "node_id": self.node_id,
                                              "role": "supervisor", "pid": os.getpid(), "workers": states}
