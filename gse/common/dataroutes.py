@@ -79,6 +79,8 @@ def _int(d: dict, key: str, where: str, *, required: bool = True, minimum: int |
 
 
 def label(d: dict, where: str) -> dict[str, str]:
+    """The optional `label` of `d` as str -> str (plain values turned to text); BadRequest naming `<where>label` when
+    it is not an object of plain values."""
     value = d.get("label")
     if value is None:
         return {}
@@ -89,11 +91,13 @@ def label(d: dict, where: str) -> dict[str, str]:
 
 
 def metadata(body: dict, where: str = "metadata") -> dict:
+    """`metadata {plat_name (required), label}` of an add request, normalised; BadRequest naming the field."""
     md = _obj(body.get("metadata"), where)
     return {"plat_name": _str(md, "plat_name", f"{where}.", max_len=128), "label": label(md, f"{where}.")}
 
 
 def operator(body: dict) -> str:
+    """`operation.operator_name` (required by every data-route call, spec §3); BadRequest when missing."""
     op = _obj(body.get("operation"), "operation")
     return _str(op, "operator_name", "operation.", max_len=128)
 
@@ -156,6 +160,9 @@ def stream_to(value: Any, where: str = "stream_to") -> dict:
 
 
 def stream_filters(value: Any, where: str = "stream_filters") -> list[dict]:
+    """The `stream_filters` list normalised (field_in default "data", field_data_type default "string", separator
+    default ""); BadRequest naming the field for a bad entry, a repeated name, or a protocol field_index beyond
+    PROTOCOL_FIELDS."""
     if value is None:
         return []
     if not isinstance(value, list):
@@ -257,4 +264,6 @@ def route_entries(value: Any, filters: list[dict], streamtos: dict[int, dict], w
 
 
 def labels_match(doc_label: dict, wanted: dict) -> bool:
+    """Whether a stored document's label has every key of `wanted` with the same value (compared as text): the label
+    filter of query_streamto and query_route."""
     return all(str(doc_label.get(k)) == str(v) for k, v in wanted.items())

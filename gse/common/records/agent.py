@@ -104,18 +104,22 @@ class AgentAddress:
 
     @staticmethod
     def key(cloud_id: int, ip: str) -> str:
+        """The key of the address (`bk_cloud_id`, `ip`)."""
         return f"{AgentAddress.PREFIX}{cloud_id}:{ip}"
 
     @staticmethod
     def write(cloud_id: int, ip: str, agent_id: str, ttl_ms: int = SESSION_TTL_MS) -> db.Op:
+        """SET the bk_agent_id last seen at (`cloud_id`, `ip`), with the session TTL unless given (ms)."""
         return db.set_(AgentAddress.key(cloud_id, ip), agent_id, ttl_ms)
 
     @staticmethod
     def read(cloud_id: int, ip: str) -> db.Op:
+        """GET the bk_agent_id at (`cloud_id`, `ip`)."""
         return db.get(AgentAddress.key(cloud_id, ip))
 
     @staticmethod
     def decode(result) -> str | None:
+        """The bk_agent_id from the GET result; None when absent or the read failed."""
         return result.value.decode() if result.ok and result.found else None
 
 
@@ -125,14 +129,17 @@ class AgentIndex:
 
     @staticmethod
     def add(agent_ids, ttl_ms: int = SESSION_TTL_MS) -> db.Op:
+        """SADD `agent_ids` to the index, refreshing its TTL (ms)."""
         return db.sadd(AgentIndex.KEY, agent_ids, ttl_ms)
 
     @staticmethod
     def read() -> db.Op:
+        """SMEMBERS of the index."""
         return db.smembers(AgentIndex.KEY)
 
     @staticmethod
     def decode(result) -> list[str]:
+        """The bk_agent_ids from the SMEMBERS result ([] when the read failed)."""
         return [m.decode() for m in result.values] if result.ok else []
 
 
@@ -150,14 +157,17 @@ class HostSnapshotRecord:
 
     @staticmethod
     def key(agent_id: str) -> str:
+        """The snapshot key of `agent_id`."""
         return HostSnapshotRecord.PREFIX + agent_id
 
     @staticmethod
     def write(agent_id: str, body: bytes, ttl_ms: int = SNAPSHOT_TTL_MS) -> db.Op:
+        """SET the snapshot `body` (the agent's JSON, as sent) with a TTL of `ttl_ms` ms (default 60 s)."""
         return db.set_(HostSnapshotRecord.key(agent_id), body, ttl_ms)
 
     @staticmethod
     def read(agent_id: str) -> db.Op:
+        """GET the snapshot of `agent_id`."""
         return db.get(HostSnapshotRecord.key(agent_id))
 
     @staticmethod

@@ -64,7 +64,7 @@ def _dec_int(b: bytes) -> int:
     try:
         return int(b)
     except ValueError:
-        return int(float(b))     # written as a float by an older writer
+        return int(float(b))     # a value stored as a float ("3.0") reads as its integer part
 
 
 def _dec_float(b: bytes) -> float:
@@ -114,6 +114,8 @@ def hash_record(*, prefix: str, ttl_ms: int):
     `FIELDS` (the declared field names)."""
 
     def wrap(cls):
+        """Attach the record methods to the dataclass `cls`; TypeError when it is not a dataclass or a field has a
+        type without a codec."""
         if not dataclasses.is_dataclass(cls):
             raise TypeError(f"{cls.__name__}: put @hash_record above @dataclasses.dataclass")
         codecs = {f.name: _codec(f) for f in dataclasses.fields(cls)}
@@ -124,21 +126,28 @@ def hash_record(*, prefix: str, ttl_ms: int):
         cls.FIELDS = tuple(codecs)
 
         def key(*parts) -> str:
+            """The record's key: the prefix followed by `parts` joined with ":"."""
             return prefix + ":".join(str(p) for p in parts)
 
         def encode(values: dict[str, Any]) -> dict[str, bytes]:
+            """Field values -> their stored bytes; KeyError for a field the record does not declare."""
             try:
                 return {n: encoders[n](v) for n, v in values.items()}
             except KeyError as exc:
                 raise KeyError(f"{cls.__name__} has no field {exc.args[0]!r}") from None
 
         def update(*parts, ttl_ms: int | None = None, **values) -> HashWrite:
+            """A partial write: only the fields given, under the key of `parts`, with the record's TTL unless `ttl_ms`
+            says otherwise (ms; 0 = none). KeyError for an unknown field."""
             return HashWrite(key(*parts), encode(values), cls.TTL_MS if ttl_ms is None else ttl_ms)
 
         def read(*parts) -> db.Op:
+            """The HGETALL op for the record at `parts`; decode its Result with `decode`."""
             return db.Op(kind=db.K.HGETALL, key=key(*parts))
 
         def pick(*parts, names: Iterable[str]) -> db.Op:
+            """The HMGET op for `names` of the record at `parts` (decode with `decode(result, names)`); KeyError for
+            an unknown field."""
             names = list(names)
             unknown = [n for n in names if n not in decoders]
             if unknown:
@@ -166,6 +175,7 @@ def hash_record(*, prefix: str, ttl_ms: int):
             return cls(**values)
 
         def write_all(self, *parts, ttl_ms: int | None = None) -> HashWrite:
+            """A write of every field of this record (defaults included) under the key of `parts`."""
             return update(*parts, ttl_ms=ttl_ms, **dataclasses.asdict(self))
 
         cls.key = staticmethod(key)
@@ -188,12 +198,15 @@ def json_document(cls):
     names = tuple(f.name for f in dataclasses.fields(cls))
 
     def to_json(self, sparse: bool = True) -> bytes:
+        """The document as compact JSON bytes; with `sparse`, fields that are None are left out."""
         d = {n: getattr(self, n) for n in names}
         if sparse:
             d = {n: v for n, v in d.items() if v is not None}
         return json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode()
 
     def from_json(raw: bytes | str):
+        """The document from JSON text; unknown keys are ignored, missing ones are None. ValueError when it is not a
+        JSON object."""
         d = json.loads(raw)
         if not isinstance(d, dict):
             raise ValueError(f"{cls.__name__}: not a JSON object")

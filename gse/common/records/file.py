@@ -64,6 +64,7 @@ class FileResults:
 
     @staticmethod
     def key(task_id: str, agent_id: str) -> str:
+        """The results key of (`task_id`, `agent_id`)."""
         return f"{FileResults.PREFIX}{task_id}:{agent_id}"
 
     @staticmethod
@@ -73,6 +74,7 @@ class FileResults:
 
     @staticmethod
     def read(task_id: str, agent_id: str) -> db.Op:
+        """HGETALL of every item of the agent in the task; decode with `decode`."""
         return db.hgetall(FileResults.key(task_id, agent_id))
 
     @staticmethod

@@ -71,6 +71,8 @@ class TaskItem:
 
     @property
     def final(self) -> bool:
+        """The item's status is final (success, timeout, stopped, failed, agent restarted): it will not change any
+        more."""
         return self.status in FINAL_STATUSES
 
     @property
@@ -87,11 +89,14 @@ class TaskOutput:
 
     @staticmethod
     def key(task_id: str, agent_id: str, atomic_id: int) -> str:
+        """The output key of (`task_id`, `agent_id`, `atomic_id`)."""
         return f"{TaskOutput.PREFIX}{task_id}:{agent_id}:{atomic_id}"
 
     @staticmethod
     def write(task_id: str, agent_id: str, atomic_id: int, offset: int, data: bytes,
               ttl_ms: int = RESULT_TTL_MS) -> db.Op:
+        """SETRANGE `data` at byte `offset` of the item's output, with the result TTL unless given (ms); the same
+        chunk written twice lands on the same bytes."""
         return db.setrange(TaskOutput.key(task_id, agent_id, atomic_id), offset, data, ttl_ms)
 
     @staticmethod
