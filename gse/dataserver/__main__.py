@@ -7,6 +7,7 @@ from .server import DataServerConfig, DataServerService
 
 
 def main() -> int:
+    """Run the data server (`gse-dataserver`); returns the process exit code."""
     return _main(DataServerService, DataServerConfig)
 
 

@@ -27,6 +27,9 @@ BATCHES = Counter("gse_dataserver_batches_total", "Batches received", ["outcome"
 
 
 class Ingest:
+    """The DataIngest service (proto/gse/pb/data.proto; 58625, spec §6): one bidirectional stream per agent, DataBatch
+    in, DataAck out. `streams` maps each open stream to its agent id; `load` (their count) is what the data server
+    advertises."""
     SERVICE = "gse.pb.DataIngest"
 
     def __init__(self, router: Router):
@@ -42,6 +45,7 @@ class Ingest:
             wake.set()
 
     def handler(self) -> grpc.GenericRpcHandler:
+        """The generic gRPC handler serving `gse.pb.DataIngest/Stream`."""
         return grpc.method_handlers_generic_handler(self.SERVICE, {
             "Stream": grpc.stream_stream_rpc_method_handler(
                 self.stream, request_deserializer=pb.DataBatch.FromString,
@@ -50,9 +54,15 @@ class Ingest:
 
     @property
     def load(self) -> int:
+        """The number of agent streams open."""
         return len(self.streams)
 
     async def stream(self, request_iterator, context):
+        """One agent's stream. The agent names itself in metadata (x-gse-agent-id, at most 64 characters, else
+        INVALID_ARGUMENT; a certificate for another agent is PERMISSION_DENIED; UNAVAILABLE while stopping). Sends an
+        empty DataAck first, routes each batch as it is read, and writes the ids of batches the outputs took (`ok`) or
+        refused (`failed`, with the first `reason`) in acks that gather whatever finished meanwhile. Ends once the
+        agent closed its side (or the server is stopping) and every batch taken is acknowledged."""
         md = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         agent_id = md.get(MD_AGENT_ID, "")
         if not agent_id or len(agent_id) > 64:
@@ -76,6 +86,7 @@ class Ingest:
         router = self.router
 
         def settle(f: asyncio.Future, batch_id: int) -> None:
+            """A batch's outputs finished: count it ok or failed and wake the ack writer."""
             pending[0] -= 1
             if f.cancelled() or f.exception() is not None:
                 failed.append(batch_id)
@@ -88,6 +99,8 @@ class Ingest:
             wake.set()
 
         async def read() -> None:
+            """Route every batch the agent sends, in order; a batch read after `close` is left unacknowledged (the
+            agent sends it elsewhere)."""
             async for batch in request_iterator:
                 if self.closing:
                     break               # not acknowledged: the agent sends it to another data server

@@ -44,6 +44,10 @@ class OutputError(Exception):
 
 @dataclass(frozen=True)
 class SinkSettings:
+    """What every sink of one data server shares, from the data server's config (deploy/dataserver.yaml): Kafka
+    producer linger (ms), batch size (bytes), request timeout (s) and acks ("all", "1", "0"); the Redis pipeline
+    timeout (s) and XADD cap (0 = none); the directories file outputs may write under, the rotation size (bytes) and
+    backups kept; and `retry_s`, how long a failed sink refuses new batches at once."""
     kafka_linger_ms: int = 5
     kafka_max_batch_bytes: int = 1024 * 1024
     kafka_request_timeout_s: float = 10.0
@@ -57,6 +61,9 @@ class SinkSettings:
 
 
 class Sink:
+    """One output (stream_to) of the data server. `submit` queues one batch's selected records for one route target
+    and returns a future that resolves once the output took them, or fails with OutputError; `start` and `close`
+    bracket its life. Figures are exported per `<stream_to_id>:<kind>` label."""
     kind = "sink"
 
     def __init__(self, stream_to_id: int, doc: dict, settings: SinkSettings):
@@ -73,6 +80,8 @@ class Sink:
         self.stats = {"records": 0, "bytes": 0, "errors": 0}
 
     def submit(self, records: list[bytes], agent_id: str, target: dict, channel_id: int) -> asyncio.Future:
+        """Queue `records` (bytes each) of channel `channel_id` from `agent_id` for `target` (the route's
+        kafka/redis/file part); the future resolves when the output took them."""
         raise NotImplementedError
 
     def _failing(self) -> asyncio.Future | None:
@@ -100,9 +109,11 @@ class Sink:
         self.stats["errors"] += 1
 
     def start(self) -> None:
+        """Start the sink's background work (none here)."""
         pass
 
     async def close(self) -> None:
+        """Release what the sink holds; batches not yet taken fail with OutputError."""
         pass
 
 
@@ -124,6 +135,7 @@ class _QueuedSink(Sink):
         self.task: asyncio.Task | None = None
 
     def submit(self, records, agent_id, target, channel_id) -> asyncio.Future:
+        """Queue the batch for the worker, or fail it at once while the sink is within `retry_s` of a failure."""
         failing = self._failing()
         if failing is not None:
             return failing
@@ -133,6 +145,7 @@ class _QueuedSink(Sink):
         return fut
 
     def start(self) -> None:
+        """Start the worker that takes queued submits in order."""
         self.task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
@@ -158,9 +171,12 @@ class _QueuedSink(Sink):
                     self.queue.clear()
 
     async def process(self, items: list[_Item]) -> None:
+        """Hand `items` (the submits queued since the last call, in order) to the output; raising fails them all and
+        every submit still queued."""
         raise NotImplementedError
 
     async def close(self) -> None:
+        """Stop the worker; submits still queued fail with OutputError("closed")."""
         if self.task is not None:
             self.task.cancel()
             try:
@@ -176,6 +192,11 @@ class _QueuedSink(Sink):
 # ---- Kafka ----------------------------------------------------------------------------------------------
 
 class KafkaSink(_QueuedSink):
+    """A kafka stream_to (spec §3, data routes: `{storage_address: [{ip, port}], sasl_*, security_protocol}`): an
+    aiokafka producer per sink. A route's records go to its `topic_name`, to `partition` when the route names one,
+    else to a partition chosen by the agent id (one agent's records of a channel stay in order in one partition); a
+    batch is accepted once the broker acknowledged every record batch it became (acks from the settings, "all" by
+    default)."""
     kind = "kafka"
 
     def __init__(self, *args):
@@ -230,6 +251,8 @@ class KafkaSink(_QueuedSink):
         return parts[zlib.crc32(agent_id.encode()) % len(parts)]
 
     async def process(self, items: list[_Item]) -> None:
+        """Put each submit on its (topic, partition) queue, each queue with its own worker: a busy partition never
+        holds up another, and each keeps its submits in order."""
         # aiokafka queues one record batch per partition at a time, so every partition gets its own worker:
         # a busy partition never holds up the others, and each keeps its submits in order.
         producer = await self._producer()
@@ -274,6 +297,8 @@ class KafkaSink(_QueuedSink):
         remaining = [len(futs)]
 
         def one(f: asyncio.Future) -> None:
+            """One record batch of the submit settled: the first failure fails the submit; the last success accepts
+            it."""
             if it.fut.done():
                 return
             if f.cancelled() or f.exception() is not None:
@@ -290,6 +315,7 @@ class KafkaSink(_QueuedSink):
             f.add_done_callback(one)
 
     async def close(self) -> None:
+        """Stop the workers, fail what they still held, and stop the producer (at most 10 s)."""
         await super().close()
         for t in list(self._tp_tasks.values()):
             t.cancel()
@@ -371,6 +397,8 @@ class RedisSink(_QueuedSink):
         return encode_each((b"PUBLISH", key), recs)
 
     async def process(self, items: list[_Item]) -> None:
+        """Encode the submits' commands into one pipeline and start it on the connection (at most four pipelines in
+        flight); each submit is settled by its own replies in `_pipeline`."""
         conn = await self._connection()
         commands: list[bytes] = []
         spans = []
@@ -379,7 +407,8 @@ class RedisSink(_QueuedSink):
             spans.append((it, len(commands), len(commands) + len(cmds)))
             commands.extend(cmds)
         await self._inflight.acquire()
-        # Written in order now; the replies are awaited beside the next pipelines (Redis answers in order).
+        # The task writes this pipeline at the sleep(0) below (once connected), before the next one is built;
+        # its replies are awaited beside the next pipelines (Redis answers in order).
         task = asyncio.ensure_future(self._pipeline(conn, commands, spans))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -417,6 +446,7 @@ class RedisSink(_QueuedSink):
         asyncio.ensure_future(conn.close())
 
     async def close(self) -> None:
+        """Wait (at most 5 s) for the pipelines in flight, then stop the worker and close the connection."""
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
         await super().close()
@@ -439,6 +469,9 @@ class FileSink(Sink):
         self.allowed = any(d == r or d.startswith(r.rstrip("/") + "/") for r in roots)
 
     def submit(self, records, agent_id, target, channel_id) -> asyncio.Future:
+        """Append the records, one a line, to the route's file (`file_name`, default `channel_<channel_id>.log`) under
+        `data_log_path`, rotating first when the file would pass `file_rotate_bytes`; the future is already settled. A
+        `data_log_path` outside `file_roots`, or a write that fails, fails the batch with OutputError."""
         fut = asyncio.get_running_loop().create_future()
         t0 = time.perf_counter()
         try:
@@ -487,6 +520,7 @@ class FileSink(Sink):
         os.replace(base, self.dir / f"{name}.1")
 
     async def close(self) -> None:
+        """Close every open file."""
         for fd, _ in self.files.values():
             try:
                 os.close(fd)
@@ -506,6 +540,7 @@ class Outputs:
         self.sinks: dict[int, Sink] = {}
 
     def get(self, stream_to_id: int) -> Sink | None:
+        """The sink of `stream_to_id`, None when there is none."""
         return self.sinks.get(stream_to_id)
 
     def apply(self, streamtos: dict[int, dict]) -> None:
@@ -538,6 +573,7 @@ class Outputs:
         await sink.close()
 
     async def close(self) -> None:
+        """Close every sink now (at stop)."""
         for s in self.sinks.values():
             await s.close()
         self.sinks.clear()

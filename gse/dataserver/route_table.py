@@ -35,6 +35,8 @@ class DocDir:
         self._pending: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
+        """Read every document once (the table is complete before the server takes traffic), then follow the
+        directory's children with a kazoo watch."""
         zk = self.discovery.zk
         await asyncio.to_thread(zk.ensure_path, self.path)
         # A first full read, so that the table is complete before the server takes traffic.
@@ -48,6 +50,8 @@ class DocDir:
         loop = asyncio.get_running_loop()
 
         def on_children(names):
+            """kazoo ChildrenWatch callback (kazoo thread): apply the names on the loop; returning False ends the
+            watch once stopping."""
             if self._stopping or loop.is_closed():
                 return False
             loop.call_soon_threadsafe(self._children, list(names))
@@ -56,6 +60,7 @@ class DocDir:
         ChildrenWatch(zk, self.path, on_children)
 
     def stop(self) -> None:
+        """Stop following: the kazoo watches end at their next event."""
         self._stopping = True
 
     def _children(self, names: list[str]) -> None:
@@ -73,6 +78,8 @@ class DocDir:
     def _watcher(self, loop: asyncio.AbstractEventLoop, name: str):
         # Exactly two parameters: kazoo passes the event too to a function that takes a third.
         def on_data(data, stat):
+            """kazoo DataWatch callback (kazoo thread): apply the document on the loop; the watch ends when the node
+            is gone or the table stops."""
             if self._stopping or loop.is_closed():
                 return False
             loop.call_soon_threadsafe(self._data, name, data, stat is None)
@@ -124,6 +131,7 @@ def _compare(dtype: str, value: str):
         want = int(value)
 
         def cmp(field: bytes) -> bool:
+            """The field equals the wanted integer (a field that is not an integer does not match)."""
             try:
                 return int(field) == want
             except ValueError:
@@ -147,6 +155,7 @@ def compile_filter(f: dict):
     limit = idx + 1
 
     def on_body(body: bytes) -> bool:
+        """Split the record at most `idx + 1` times on the separator; field `idx`, stripped, must match."""
         parts = body.split(sep, limit)
         return idx < len(parts) and cmp(parts[idx].strip())
     return "data", on_body
@@ -154,6 +163,9 @@ def compile_filter(f: dict):
 
 @dataclass
 class RouteEntry:
+    """One entry of a channel's route, compiled: the stream_to it writes to, that stream_to's report mode, the route's
+    target part for it, and its filters split by what they look at (protocol fields of the batch, or each record's
+    body) and how they combine (all of `and_*`, any of `or_*`)."""
     name: str
     stream_to_id: int
     mode: str                   # kafka | redis | file
@@ -165,6 +177,7 @@ class RouteEntry:
 
     @property
     def filtered(self) -> bool:
+        """Whether the entry has any filter (without one it takes every record)."""
         return bool(self.and_proto or self.and_data or self.or_proto or self.or_data)
 
     def select(self, records, proto_fields: tuple) -> list:
@@ -189,11 +202,16 @@ class RouteEntry:
 
 @dataclass
 class Route:
+    """The compiled route of one channel (DataID): its entries, each sending what it selects to one stream_to."""
     channel_id: int
     entries: list[RouteEntry]
 
 
 def compile_route(doc: dict, streamtos: dict[int, dict]) -> Route:
+    """Compile a stored route document (gse.common.dataroutes form) against the stream_to documents by id; a filter
+    name the route does not define is ignored; an entry naming a stream_to that does not exist is kept (its mode
+    taken from its own target part) and its batches fail in the router. KeyError/ValueError for a document without
+    channel_id or stream_to_id."""
     filters = {f["name"]: compile_filter(f) for f in doc.get("stream_filters", [])}
     entries = []
     for e in doc.get("route", []):
@@ -225,11 +243,13 @@ class RouteTable:
         self.version = 0
 
     async def start(self) -> None:
+        """Read both directories and build the first table before the server takes traffic."""
         await self.streamto_dir.start()
         await self.route_dir.start()
         self._rebuild()
 
     def stop(self) -> None:
+        """Stop following both directories."""
         self.streamto_dir.stop()
         self.route_dir.stop()
 
@@ -257,4 +277,5 @@ class RouteTable:
                                                 "version": self.version})
 
     def get(self, channel_id: int) -> Route | None:
+        """The route of `channel_id` (the DataID), None when it has none."""
         return self.routes.get(channel_id)

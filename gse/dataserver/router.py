@@ -44,6 +44,10 @@ class _ChannelMetrics:
 
 
 class Router:
+    """Routes each agent batch by its channel (DataID) to the sinks of the channel's route; counts records, bytes,
+    drops and errors per channel (Prometheus and `figures`). `tap(channel, agent_id, records)` sees the batches of the
+    `tapped` channels before routing (the host snapshot cache)."""
+
     def __init__(self, table: RouteTable, outputs: Outputs, no_route_log_interval_s: float = 60.0,
                  tap: Callable[[int, str, list], None] | None = None):
         self.table = table
@@ -108,6 +112,8 @@ class Router:
         return fut
 
     def figures(self) -> dict:
+        """Per channel: {"records", "bytes", "no_route", "errors"} counted since start (for the data server's own
+        reports)."""
         return {str(c): {"records": m.count_records, "bytes": m.count_bytes, "no_route": m.count_no_route,
                          "errors": m.count_errors} for c, m in self._channels.items()}
 
