@@ -7,6 +7,7 @@ from .server import ApiServerConfig, ApiServerService
 
 
 def main() -> int:
+    """Run the API server (`gse-apiserver`); returns the process exit code."""
     return _main(ApiServerService, ApiServerConfig)
 
 

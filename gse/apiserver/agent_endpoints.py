@@ -22,6 +22,7 @@ class AgentEndpoints:
         self.max_hosts = max_hosts
 
     def register(self, api: Api) -> None:
+        """Serve the v1 paths under /api/c/compapi/v2/gse and the v2 paths under /api/v2/cluster."""
         api.route(f"{V1}/get_agent_status", self.get_agent_status)
         api.route(f"{V1}/get_agent_info", self.get_agent_info)
         api.route(f"{V2}/list_agent_state", self.list_agent_state)

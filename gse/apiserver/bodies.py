@@ -143,6 +143,9 @@ class BodyParser:
         await self.parse(b"{}" + b" " * self.inline_max)
 
     async def parse(self, raw: bytes) -> dict:
+        """The JSON object of a request body: parsed inline up to `inline_max` bytes, in the worker process beyond.
+        BadRequest for a body that is not a JSON object (the message says why); Unavailable when the worker died on it
+        (a new one serves the next request)."""
         if len(raw) <= self.inline_max:
             return parse(raw)
         loop = asyncio.get_running_loop()
@@ -160,6 +163,7 @@ class BodyParser:
         return value
 
     def close(self) -> None:
+        """Shut the worker process down without waiting (parses in progress are cancelled)."""
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None

@@ -122,6 +122,7 @@ class CommandGuard:
 
     @property
     def rules(self) -> list[Rule]:
+        """The rules in force (defaults plus configured ones), in matching order."""
         return list(self._compiled.rules)
 
     def apply_config(self, doc) -> None:
@@ -175,5 +176,6 @@ class CommandGuard:
                               "the task was not run") from None
 
     def close(self) -> None:
+        """Stop the checking threads without waiting."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 

@@ -56,10 +56,13 @@ class RouteStore:
         return f"{self.base}/{kind}" + (f"/{ident}" if ident is not None else "")
 
     async def ensure(self) -> None:
+        """Create the stream_to, route and allocation-counter directories if they are missing (idempotent)."""
         for kind in (STREAMTO_DIR, ROUTE_DIR, f"{SEQ_DIR}/{STREAMTO_DIR}", f"{SEQ_DIR}/{ROUTE_DIR}"):
             await asyncio.to_thread(self.d.zk.ensure_path, self._path(kind))
 
     async def all(self, kind: str) -> dict[int, dict]:
+        """Every stored document of `kind` (STREAMTO_DIR or ROUTE_DIR) by its id; nodes that are not JSON or carry no
+        integer id are skipped. Unavailable when ZooKeeper fails a read."""
         zk = self.d.zk
         try:
             names = await self.d._aio(zk.get_children_async(self._path(kind)))
@@ -83,6 +86,7 @@ class RouteStore:
         return out
 
     async def get(self, kind: str, ident: int) -> tuple[dict, int] | None:
+        """(the document, its ZooKeeper version) of `kind`/`ident`, None when there is none."""
         try:
             data, stat = await self.d._aio(self.d.zk.get_async(self._path(kind, ident)))
         except NoNodeError:
@@ -90,6 +94,7 @@ class RouteStore:
         return json.loads(data), stat.version
 
     async def create(self, kind: str, ident: int, doc: dict) -> bool:
+        """Create the document; False when `ident` is taken already."""
         try:
             await self.d._aio(self.d.zk.create_async(self._path(kind, ident), _dump(doc)))
             return True
@@ -97,6 +102,8 @@ class RouteStore:
             return False
 
     async def set(self, kind: str, ident: int, doc: dict, version: int) -> None:
+        """Replace the document if it is still at `version`. GseError when another request changed or deleted it
+        meanwhile."""
         try:
             await self.d._aio(self.d.zk.set_async(self._path(kind, ident), _dump(doc), version=version))
         except BadVersionError:
@@ -105,6 +112,8 @@ class RouteStore:
             raise GseError("the definition was deleted by another request at the same time") from None
 
     async def delete(self, kind: str, ident: int, version: int) -> None:
+        """Delete the document if it is still at `version` (one already gone is fine). GseError when another request
+        changed it meanwhile."""
         try:
             await self.d._aio(self.d.zk.delete_async(self._path(kind, ident), version=version))
         except BadVersionError:
@@ -141,6 +150,10 @@ def _plat(cond: dict) -> str:
 
 
 class DataEndpoints:
+    """The data route endpoints (spec §3: add/update/delete/query of stream_to and route, at the v1 `config_<op>` and
+    the v2 `/api/v2/data/<op>` paths) and cluster/dispatch_message (spec §4). Definitions are checked with
+    gse.common.dataroutes and stored in ZooKeeper through `RouteStore`."""
+
     def __init__(self, view: AgentsView, servers: TaskServers, discovery: Discovery, *, max_hosts: int):
         self.view = view
         self.servers = servers
@@ -150,6 +163,7 @@ class DataEndpoints:
         self._ready = False
 
     def register(self, api: Api) -> None:
+        """Serve every data-route op at its v1 and v2 path, and /api/v2/cluster/dispatch_message."""
         for op in OPS:
             handler = getattr(self, op)
             api.route(f"{V1}/config_{op}", handler, f"config_{op}")
@@ -165,6 +179,8 @@ class DataEndpoints:
     # ---- stream_to ----------------------------------------------------------------------------------
 
     async def add_streamto(self, body: dict, _req):
+        """add_streamto: `{operation, metadata {plat_name, label?}, stream_to {...}}` -> `{stream_to_id}` (a fresh id
+        from ZooKeeper's sequence). BadRequest naming the field."""
         operator = dr.operator(body)
         md = dr.metadata(body)
         st = dr.stream_to(body.get("stream_to"))
@@ -178,6 +194,9 @@ class DataEndpoints:
         raise GseError("could not allocate a stream_to_id")
 
     async def update_streamto(self, body: dict, _req):
+        """update_streamto: `{operation, condition {stream_to_id, plat_name}, specification {stream_to, metadata
+        {label}?}}` -> `{stream_to_id}`. BadRequest when the id does not exist, belongs to another plat_name, or the
+        report_mode would change while routes use it."""
         operator = dr.operator(body)
         cond = _condition(body)
         plat = _plat(cond)
@@ -200,6 +219,8 @@ class DataEndpoints:
         return {"stream_to_id": sid}
 
     async def delete_streamto(self, body: dict, _req):
+        """delete_streamto: `{operation, condition {stream_to_id, plat_name}}` -> `{stream_to_id}`. BadRequest while a
+        route still uses it (the message lists up to 20 channels)."""
         dr.operator(body)
         cond = _condition(body)
         plat = _plat(cond)
@@ -214,6 +235,8 @@ class DataEndpoints:
         return {"stream_to_id": sid}
 
     async def query_streamto(self, body: dict, _req):
+        """query_streamto: `{condition {plat_name, stream_to_id?, label?}}` -> `[{metadata (+ stream_to_id),
+        stream_to, operator, updated_ms}]` sorted by id, with passwords masked."""
         cond = _condition(body)
         plat = _plat(cond)
         sid = dr._int(cond, "stream_to_id", "condition.", required=False, minimum=1)
@@ -246,6 +269,9 @@ class DataEndpoints:
     # ---- routes -------------------------------------------------------------------------------------
 
     async def add_route(self, body: dict, _req):
+        """add_route: `{operation, metadata {plat_name, label?, channel_id?}, route [...], stream_filters [...]}` ->
+        `{channel_id}`. Without a channel_id (or 0) one is allocated from CHANNEL_ALLOC_BASE up; a channel_id that
+        already has a route is BadRequest, and so is a route entry naming a stream_to that does not exist."""
         operator = dr.operator(body)
         md = dr.metadata(body)
         channel = dr._int(body["metadata"], "channel_id", "metadata.", required=False, minimum=0,
@@ -255,6 +281,7 @@ class DataEndpoints:
         entries = dr.route_entries(body.get("route"), filters, await store.all(STREAMTO_DIR))
 
         def doc_for(cid: int) -> dict:
+            """The stored route document for channel `cid`."""
             return {"channel_id": cid, "metadata": {**md, "channel_id": cid}, "route": entries,
                     "stream_filters": filters, "operator": operator, "updated_ms": now_ms()}
 
@@ -269,6 +296,9 @@ class DataEndpoints:
         raise GseError("could not allocate a channel_id")
 
     async def update_route(self, body: dict, _req):
+        """update_route: `{operation, condition {channel_id, plat_name}, specification {route, stream_filters,
+        metadata {label}?}}` -> `{channel_id}`; the route and filters are replaced whole. BadRequest when the channel
+        has no route or belongs to another plat_name."""
         operator = dr.operator(body)
         cond = _condition(body)
         plat = _plat(cond)
@@ -286,6 +316,8 @@ class DataEndpoints:
         return {"channel_id": cid}
 
     async def delete_route(self, body: dict, _req):
+        """delete_route: `{operation, condition {channel_id, plat_name}}` -> `{channel_id}`. BadRequest when the
+        channel has no route or belongs to another plat_name."""
         dr.operator(body)
         cond = _condition(body)
         plat = _plat(cond)
@@ -296,6 +328,8 @@ class DataEndpoints:
         return {"channel_id": cid}
 
     async def query_route(self, body: dict, _req):
+        """query_route: `{condition {plat_name, channel_id?, label?}}` -> `[{metadata, route, stream_filters,
+        operator, updated_ms}]` sorted by channel_id."""
         cond = _condition(body)
         plat = _plat(cond)
         cid = dr._int(cond, "channel_id", "condition.", required=False, minimum=1, maximum=MAX_CHANNEL_ID)
@@ -327,6 +361,11 @@ class DataEndpoints:
     # ---- dispatch_message ---------------------------------------------------------------------------
 
     async def dispatch_message(self, body: dict, _req):
+        """cluster/dispatch_message (spec §4): `{slot_id, token?, message_id, agent_id_list, content (str, at most 8
+        MiB)}` -> `{results: [{bk_agent_id, code, message}] (failures only), time (s)}`. The slot must be registered
+        in ZooKeeper config/message_slots with a callback_url (BadRequest otherwise) and its token must match when it
+        has one (Unauthorized). Agents never seen are reported with 1011003, offline ones with 117; the rest get a
+        PluginMessage through the task servers holding them."""
         slot_raw = body.get("slot_id")
         if isinstance(slot_raw, bool) or not isinstance(slot_raw, (str, int)) or slot_raw == "":
             raise BadRequest("'slot_id' is required (a string or an integer)")

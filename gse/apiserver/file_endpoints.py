@@ -38,6 +38,8 @@ class FileEndpoints:
         self.db = tasks.db
 
     def register(self, api: Api) -> None:
+        """Serve the file endpoints at /api/v2/task/<name> and /api/v2/task/extensions/<name>, and
+        get_transfer_file_result also at /api/v2/task/async/."""
         for prefix in ("/api/v2/task", "/api/v2/task/extensions"):
             api.route(f"{prefix}/async_transfer_file", self.async_transfer_file)
             api.route(f"{prefix}/get_transfer_file_result", self.get_transfer_file_result)
@@ -316,6 +318,9 @@ class FileEndpoints:
         return {"result": out}
 
     async def async_terminate_transfer_file(self, body: dict, _req):
+        """async_terminate_transfer_file (spec §4): `{task_id, agents?}` -> `{result: {task_id}}`. Every transfer of
+        the task is terminated on its coordinating task server (whole transfers: the `agents` list is not used); its
+        unfinished items end with 126. BadRequest for an unknown task id or one that is not a transfer."""
         task_id = self.t._task_id(body)
         meta = await self.t._meta(task_id)
         if meta.kind not in ("file", "push"):

@@ -29,6 +29,9 @@ log = logging.getLogger("gse.apiserver")
 
 @dataclasses.dataclass(frozen=True)
 class ApiServerConfig(BaseConfig):
+    """The API server's configuration (deploy/apiserver.yaml explains every key): listen address, app credentials,
+    per-call host limit, body limits (bytes), result TTL and offline grace (s) and the deadlines of calls to task
+    servers and procmgr (s)."""
     host: str = "127.0.0.1"
     port: int = 50002
     advertise_host: str = ""
@@ -45,6 +48,7 @@ class ApiServerConfig(BaseConfig):
     dbproxy: DbProxyClientConfig = DbProxyClientConfig()
 
     def validate(self) -> None:
+        """ConfigError unless max_hosts_per_call >= 1 and 1024 <= max_auth_body_bytes <= max_body_bytes."""
         super().validate()
         if self.max_hosts_per_call < 1:
             raise ConfigError("max_hosts_per_call must be at least 1")
@@ -53,6 +57,8 @@ class ApiServerConfig(BaseConfig):
 
 
 class ApiServerService(Service):
+    """The API server daemon: the HTTP API of spec §1-§4 and §8 on 50002, over the task servers, procmgr, dbproxy and
+    ZooKeeper's live configuration (apps, command rules, data routes)."""
     name = "apiserver"
 
     def __init__(self, config: ApiServerConfig, *args):
@@ -69,6 +75,8 @@ class ApiServerService(Service):
         self.procmgrs = ProcMgrs(self.tls, config.procmgr_timeout_s)
 
     def apps(self) -> dict[str, str]:
+        """The app credentials in force: bk_app_code -> bk_app_secret from the config file, overridden and extended
+        live by ZooKeeper config/apps."""
         live = self.discovery.config("apps") or {}
         merged = dict(self.config.apps)
         if isinstance(live, dict):
@@ -76,11 +84,13 @@ class ApiServerService(Service):
         return merged
 
     def health(self):
+        """Healthy while the HTTP site runs, ZooKeeper is connected and at least one dbproxy is known."""
         ok = self.runner is not None and self.discovery.connected and bool(self.db.addresses)
         return ok, {"service": self.name, "node_id": self.node_id, "zookeeper": self.discovery.connected,
                     "dbproxies": self.db.addresses}
 
     def build_api(self) -> Api:
+        """The routing table with every endpoint module registered on it."""
         api = Api(self.apps, self.config.max_body_bytes, self.config.max_auth_body_bytes)
         c = self.config
         view = AgentsView(self.db)
@@ -96,6 +106,8 @@ class ApiServerService(Service):
         return api
 
     async def start(self) -> None:
+        """Follow ZooKeeper (apps, command rules, task servers, procmgr, dbproxies), serve HTTP, start the
+        body-parsing worker, then register in ZooKeeper with the URL and metrics address."""
         await super().start()
         c = self.config
         await self.discovery.start()
@@ -118,6 +130,8 @@ class ApiServerService(Service):
         log.info("api server serving", extra={"port": self.port})
 
     async def stop(self, grace: float) -> None:
+        """Leave ZooKeeper, stop serving HTTP, then close the background work, the parsing worker, the command-check
+        threads and every client."""
         await self.discovery.stop()
         if self.runner is not None:
             await self.runner.cleanup()

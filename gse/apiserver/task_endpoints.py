@@ -67,6 +67,7 @@ class TaskEndpoints:
         self._background: set[asyncio.Task] = set()
 
     def register(self, api: Api) -> None:
+        """Serve the script endpoints at /api/v2/task/<name> and /api/v2/task/extensions/<name>."""
         for prefix in ("/api/v2/task", "/api/v2/task/extensions"):
             api.route(f"{prefix}/async_execute_script", self.async_execute_script)
             api.route(f"{prefix}/get_execute_script_result", self.get_execute_script_result)
@@ -322,6 +323,7 @@ class TaskEndpoints:
         need = [n for n, f in enumerate(items) if f is not None and f.output_known > wanted[n][3]]
 
         async def outputs() -> dict:
+            """The output pages of the items in `need`, read in one batch: item index -> the GETRANGE result."""
             if not need:
                 return {}
             ops = []
@@ -340,6 +342,7 @@ class TaskEndpoints:
                       if f is not None and not f.final and not self._within_grace(f, at_ms)}
 
         async def session_records() -> dict:
+            """The session fields of the agents with unfinished items, in one batch."""
             return await self.view.records(list(unfinished), SESSION_FIELDS) if unfinished else {}
 
         screens, records = await asyncio.gather(outputs(), session_records())
@@ -377,6 +380,9 @@ class TaskEndpoints:
         return {"result": out}
 
     async def async_terminate_execute_script(self, body: dict, _req):
+        """async_terminate_execute_script (spec §4): `{task_id, agents: [{bk_agent_id}]}` -> `{result: {task_id}}`.
+        The terminate goes to the task servers holding those of the agents that are alive (their running items end
+        with 126); offline agents are skipped. BadRequest for an unknown task id or a bad agent id."""
         task_id = self._task_id(body)
         await self._meta(task_id)
         ids = []

@@ -114,6 +114,7 @@ class TaskServers:
         return await self._call(node, "TerminateTransfer", pb.TerminateRequest(task_id=transfer_id), [])
 
     async def close(self) -> None:
+        """Close the channels to the task servers, the blocking channels and the sender threads."""
         await self.peers.close()
         for channel in self._blocking.values():
             channel.close()

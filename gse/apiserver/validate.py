@@ -11,6 +11,7 @@ from gse.common.errors import BadRequest
 
 
 def obj(body: Any, field: str) -> dict:
+    """`body[field]` as an object; BadRequest naming the field when it is missing or not an object."""
     value = body.get(field) if isinstance(body, dict) else None
     if not isinstance(value, dict):
         raise BadRequest(f"'{field}' is required and must be an object")
@@ -18,6 +19,8 @@ def obj(body: Any, field: str) -> dict:
 
 
 def lst(body: dict, field: str, *, max_len: int | None = None, required: bool = True, non_empty: bool = True) -> list:
+    """`body[field]` as a list (of at most `max_len` entries; not empty unless `non_empty` is False); [] for an absent
+    optional one. BadRequest naming the field otherwise."""
     value = body.get(field)
     if value is None and not required:
         return []
@@ -32,6 +35,8 @@ def lst(body: dict, field: str, *, max_len: int | None = None, required: bool = 
 
 def string(body: dict, field: str, *, required: bool = True, default: str = "", max_len: int = 4096,
            where: str = "") -> str:
+    """`body[field]` as a string of at most `max_len` characters; a required one must not be empty, an absent optional
+    one is `default`. BadRequest naming `<where><field>` otherwise."""
     name = f"{where}{field}"
     value = body.get(field)
     if value is None:
