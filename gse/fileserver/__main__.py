@@ -7,6 +7,7 @@ from .server import FileServerConfig, FileServerService
 
 
 def main() -> int:
+    """Run the file server (`gse-fileserver`); returns the process exit code."""
     return _main(FileServerService, FileServerConfig)
 
 

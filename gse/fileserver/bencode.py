@@ -14,6 +14,8 @@ class BencodeError(ValueError):
 
 
 def encode(value: Any) -> bytes:
+    """The bencoding of `value` (int, bytes-like, str as UTF-8, list/tuple, dict with str or bytes keys, sorted by
+    their bytes). BencodeError for a bool or any other type."""
     out: list[bytes] = []
     _encode(value, out)
     return b"".join(out)
@@ -54,6 +56,8 @@ def _encode(value: Any, out: list[bytes]) -> None:
 
 
 def decode(data: bytes) -> Any:
+    """The value bencoded in `data` (ints, bytes, lists, dicts with bytes keys). BencodeError for input that is not
+    bytes, malformed or non-canonical input, duplicate keys, nesting deeper than 100, or trailing data."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise BencodeError("bencoded input must be bytes")
     data = bytes(data)

@@ -47,6 +47,9 @@ CHUNK = 1024 * 1024
 
 @dataclasses.dataclass(frozen=True)
 class FileServerConfig(BaseConfig):
+    """The file server's configuration (deploy/fileserver.yaml explains every key): the control and tracker ports, the
+    relay's data directory, the rate caps (bytes/s; `max_share` of `agent_bandwidth`), the connections per torrent,
+    the announce interval and the TTL of transfers nobody ended (s)."""
     host: str = "127.0.0.1"
     port: int = 58925
     tracker_port: int = 10030
@@ -60,6 +63,7 @@ class FileServerConfig(BaseConfig):
     transfer_ttl_s: float = 6 * 3600      # a transfer nobody ended is dropped after this
 
     def validate(self) -> None:
+        """ConfigError unless 0 < max_share <= 1."""
         super().validate()
         if not 0 < self.max_share <= 1:
             raise ConfigError("max_share must be in (0, 1]")
@@ -75,11 +79,15 @@ class Blob:
 
     @property
     def complete(self) -> bool:
+        """The source has uploaded all `size` bytes."""
         return self.size >= 0 and self.received >= self.size
 
 
 @dataclass
 class Transfer:
+    """One live transfer as the file server holds it: its members (bk_agent_ids) and their tokens both ways, the area
+    its torrents are scoped to, when it expires (monotonic s), its relay directory, the tracker swarms of its torrents
+    ("<transfer_id>/<info hash hex>") and the direct-mode entries relayed so far."""
     transfer_id: str
     area: int
     members: dict[str, str]               # member -> token
@@ -90,6 +98,7 @@ class Transfer:
     blobs: dict[int, Blob] = field(default_factory=dict)
 
     def blob(self, index: int) -> Blob:
+        """The relayed entry `index`, made (empty, size unknown) on first use."""
         b = self.blobs.get(index)
         if b is None:
             b = self.blobs[index] = Blob(self.directory / str(index))
@@ -97,6 +106,10 @@ class Transfer:
 
 
 class FileService(pb_grpc.FileServiceServicer):
+    """The FileService gRPC service (proto/gse/pb/file.proto; 58925, spec §6). Task servers create, scope and end
+    transfers; members (holding a token of the transfer) upload and fetch direct-mode entries through it. Transfers
+    live in memory only: the relay directory is emptied at start."""
+
     def __init__(self, cfg: FileServerConfig, tracker: Tracker, tracker_url: str):
         self.cfg = cfg
         self.tracker = tracker
@@ -119,12 +132,16 @@ class FileService(pb_grpc.FileServiceServicer):
         return t
 
     def rate_limit(self, requested: int) -> int:
+        """The per-member rate (bytes/s, 0 = unlimited) for a request asking `requested`: that or else the configured
+        default, capped at `max_share` of `agent_bandwidth` when that is known."""
         caps = [r for r in (requested or self.cfg.default_rate,) if r > 0]
         if self.cfg.agent_bandwidth > 0:
             caps.append(int(self.cfg.agent_bandwidth * self.cfg.max_share))
         return min(caps) if caps else 0
 
     def end(self, transfer_id: str) -> None:
+        """Drop the transfer: unregister its torrents from the tracker and delete its relay data. Unknown ids are
+        ignored."""
         t = self.transfers.pop(transfer_id, None)
         if t is None:
             return
@@ -135,6 +152,7 @@ class FileService(pb_grpc.FileServiceServicer):
         log.info("transfer ended", extra={"transfer_id": transfer_id})
 
     def expire(self) -> None:
+        """End every transfer past its expiry (a transfer whose task server never ended it)."""
         now = time.monotonic()
         for tid in [t.transfer_id for t in self.transfers.values() if t.expires < now]:
             self.end(tid)
@@ -142,6 +160,9 @@ class FileService(pb_grpc.FileServiceServicer):
     # ---- task servers -----------------------------------------------------------------------------
 
     async def CreateTransfer(self, request, context):
+        """Task servers: create a transfer for `members` (INVALID_ARGUMENT for an empty or existing id, or no
+        members). Answers a token per member, the tracker URL, the rate cap and max connections per torrent; the
+        transfer expires `timeout_seconds` + 60 s from now, else after transfer_ttl_s."""
         if request.transfer_id in self.transfers or not request.transfer_id or not request.members:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a new transfer id and members are required")
         tokens = {m: secrets.token_urlsafe(24) for m in request.members}
@@ -157,6 +178,8 @@ class FileService(pb_grpc.FileServiceServicer):
                                       max_connections=self.cfg.max_connections_per_torrent)
 
     async def AddTorrents(self, request, context):
+        """Task servers: open a tracker swarm for each info hash (20 bytes) of the transfer, limited to its members
+        and its area; NOT_FOUND for an unknown transfer. Hashes already added are skipped."""
         t = self.transfers.get(request.transfer_id)
         if t is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no live transfer {request.transfer_id}")
@@ -169,12 +192,17 @@ class FileService(pb_grpc.FileServiceServicer):
         return pb.AddTorrentsReply()
 
     async def EndTransfer(self, request, context):
+        """Task servers: end the transfer (see `end`); unknown ids are fine."""
         self.end(request.transfer_id)
         return pb.EndTransferReply()
 
     # ---- members ----------------------------------------------------------------------------------
 
     async def Upload(self, request_iterator, context):
+        """Members: the stream of one entry's chunks, in order (offset 0 starts it again; a chunk at another offset
+        than the bytes received so far is INVALID_ARGUMENT). Data is written to the relay file, holes (`zeros`) are
+        kept as holes; fetchers waiting on the entry are woken at every chunk. NOT_FOUND/PERMISSION_DENIED for an
+        unknown transfer or a token that is not a member's. Answers the bytes received."""
         transfer: Transfer | None = None
         blob: Blob | None = None
         fd = None
@@ -209,6 +237,9 @@ class FileService(pb_grpc.FileServiceServicer):
         return pb.UploadReply(received=blob.received if blob else 0)
 
     async def Fetch(self, request, context):
+        """Members: stream entry `index` from `offset`, waiting (up to `wait_seconds`, default 60, for each next
+        piece: DEADLINE_EXCEEDED after) for bytes the source has not uploaded yet. Holes of at least 64 KiB travel as
+        `zeros` chunks; data in chunks of at most 1 MiB; the chunk reaching the entry's size is marked `last`."""
         transfer = await self._member(context, request.transfer_id, request.token)
         blob = transfer.blob(request.index)
         offset = request.offset
@@ -290,6 +321,8 @@ def _data_until(fd: int, offset: int, upto: int) -> int:
 
 
 class FileServerService(Service):
+    """The file server daemon: the BitTorrent tracker (HTTP, 10030) and FileService (gRPC, 58925), registered in
+    ZooKeeper with its address, tracker URL and load (live transfers)."""
     name = "fileserver"
 
     def __init__(self, config: FileServerConfig, *args):
@@ -304,11 +337,13 @@ class FileServerService(Service):
         self.service: FileService | None = None
 
     def health(self):
+        """Healthy while the gRPC server runs and ZooKeeper is connected; the detail counts live transfers."""
         ok = self.server is not None and self.discovery.connected
         return ok, {"service": self.name, "node_id": self.node_id, "zookeeper": self.discovery.connected,
                     "transfers": len(self.service.transfers) if self.service else 0}
 
     async def start(self) -> None:
+        """Serve the tracker, then FileService (revoked agents refused live), then register in ZooKeeper."""
         await super().start()
         c = self.config
         tracker = Tracker(interval=c.announce_interval_s, min_interval=max(1, c.announce_interval_s // 2))
@@ -336,6 +371,7 @@ class FileServerService(Service):
         log.info("file server serving", extra={"port": self.port, "tracker": tracker_url})
 
     async def run(self) -> None:
+        """Every 10 s: end expired transfers and publish the load (live transfers) in ZooKeeper."""
         while True:
             await asyncio.sleep(10)
             self.service.expire()
@@ -345,6 +381,7 @@ class FileServerService(Service):
                 "load": len(self.service.transfers)})
 
     async def stop(self, grace: float) -> None:
+        """Leave ZooKeeper, then stop FileService within `grace` seconds and the tracker."""
         await self.discovery.stop()
         if self.server is not None:
             await self.server.stop(grace)
