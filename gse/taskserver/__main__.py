@@ -7,6 +7,8 @@ from .server import TaskServerConfig, TaskServerService
 
 
 def main() -> int:
+    """Run the task server (`gse-taskserver`), as one process or as a supervisor of `workers` processes; returns the
+    exit code."""
     return _main(TaskServerService, TaskServerConfig)
 
 

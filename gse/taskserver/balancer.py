@@ -20,6 +20,9 @@ log = logging.getLogger("gse.taskserver.balance")
 
 
 class Balancer:
+    """Decides redirects and sheds for one task server from the loads its peers of the same area publish in ZooKeeper;
+    a difference counts only when it exceeds `slack` agents and `ratio` of the local load."""
+
     def __init__(self, node_id: str, area: int, *, slack: int, ratio: float, enabled: bool = True,
                  agent_address: str = ""):
         self.node_id = node_id
@@ -33,6 +36,8 @@ class Balancer:
         self._sent: dict[str, int] = {}     # redirects to a peer since its last load figure
 
     def on_view(self, view: dict[str, dict]) -> None:
+        """ZooKeeper view of the task servers: keep the peers of our area, apart from the sibling workers sharing our
+        agent address; a peer whose load figure changed forgets the redirects counted towards it."""
         for node_id, info in view.items():
             old = self.peers.get(node_id)
             if old is None or old.get("load") != info.get("load"):
@@ -50,6 +55,9 @@ class Balancer:
                       for nid, info in self.peers.items() if info.get("agent_address"))
 
     def redirect_target(self, cloud_id: int, my_load: int) -> str | None:
+        """The agent address a new agent of area `cloud_id` should go to instead of us (holding `my_load`): the least
+        loaded peer, when it holds clearly fewer agents; None to keep it here (or when balancing is off or the agent
+        is of another area)."""
         if not self.enabled or cloud_id != self.area:
             return None
         peers = self._estimated()

@@ -96,6 +96,7 @@ class BatchWriter:
 
     @property
     def pending(self) -> int:
+        """Writes queued and not yet sent: hash records plus ordered ops."""
         return len(self._hashes) + len(self._ops)
 
     def _check_pressure(self) -> None:
@@ -199,6 +200,7 @@ class BatchWriter:
         """Write everything queued so far (at shutdown, after the flush loop was cancelled), retrying
         transient failures within `timeout` seconds."""
         async def until_empty():
+            """Flush again (with back-off) until a flush wrote everything."""
             backoff = Backoff(0.05, 1.0)
             while not await self.flush():
                 await asyncio.sleep(backoff.next())

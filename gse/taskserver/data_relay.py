@@ -42,6 +42,9 @@ POST_BACKOFF_CAP_S = 2.0
 
 
 class DataRelay:
+    """The task server's part of the data path (see the module docstring): tells its agents the data servers of its
+    area, and posts what plugins send on the message socket to the callbacks of the message slots."""
+
     def __init__(self, access: AgentAccess, area: int, view_interval_s: float = 30.0):
         self.access = access
         self.area = area
@@ -58,6 +61,8 @@ class DataRelay:
     # ---- data server view -------------------------------------------------------------------------
 
     def on_view(self, view: dict[str, dict]) -> None:
+        """ZooKeeper view of the data servers: build the DataServerView frame of our area and send it to every agent
+        at once when membership changed, else at most every `view_interval_s`."""
         servers = sorted((nid, info) for nid, info in view.items()
                          if info.get("address") and int(info.get("area", 0)) == self.area)
         msg = pb.DataServerView(servers=[
@@ -85,12 +90,14 @@ class DataRelay:
         VIEW_PUSHES.inc()
 
     def on_attach(self, session: AgentSession) -> None:
+        """A new agent session gets the current data server view."""
         if self.frame is not None:
             session.send(self.frame)
 
     # ---- plugin replies ---------------------------------------------------------------------------
 
     def on_slots(self, value) -> None:
+        """ZooKeeper watch of config/message_slots: replace the slots (anything but an object means none)."""
         self.slots = value if isinstance(value, dict) else {}
 
     def callbacks(self, reply: pb.PluginReply) -> list[str]:
@@ -108,6 +115,9 @@ class DataRelay:
         return [u for u in urls if isinstance(u, str) and u.startswith(("http://", "https://"))]
 
     def on_plugin_reply(self, session: AgentSession, reply: pb.PluginReply) -> None:
+        """The `plugin_reply` frame handler: queue a POST of `{message_id, bk_agent_id, content}` to each callback of
+        the reply's slot (or of every slot of its plugin); dropped and counted when there is none or the queue
+        (10,000) is full."""
         if self._queue is None:
             self._queue = asyncio.Queue(MAX_QUEUED)
             self._workers = [asyncio.ensure_future(self._worker()) for _ in range(CONCURRENCY)]
@@ -151,6 +161,7 @@ class DataRelay:
                                                               "error": error})
 
     async def close(self) -> None:
+        """Stop the view timer and the posting workers, and close the HTTP session."""
         if self._timer is not None:
             self._timer.cancel()
         for w in self._workers:

@@ -35,6 +35,9 @@ PENDING = Gauge("gse_taskserver_enroll_pending", "Enrollments in progress")
 
 @dataclasses.dataclass(frozen=True)
 class EnrollConfig:
+    """The `enroll` section of the task server's config: the CA key and certificate it signs with (no key: no
+    enrollment on this server), the validity of signed certificates (days), and how many enrollments may be in
+    progress at once."""
     ca_key: str = ""                # the CA's key; "" = no enrollment here (links must show a certificate)
     ca_cert: str = ""               # the CA certificate; "" = tls.ca
     cert_days: int = 825            # validity of the certificates signed
@@ -42,9 +45,11 @@ class EnrollConfig:
 
     @property
     def enabled(self) -> bool:
+        """Enrollment is served here (a CA key is configured)."""
         return bool(self.ca_key)
 
     def validate(self) -> None:
+        """ConfigError unless cert_days and max_pending are at least 1."""
         if self.cert_days < 1 or self.max_pending < 1:
             raise ConfigError("enroll: cert_days and max_pending must be at least 1")
 
@@ -59,6 +64,9 @@ class Enroller:
         self.pending = 0
 
     async def answer(self, peer: str, msg: pb.Enroll) -> bytes:
+        """The answer to one Enroll frame from the link at `peer`: a serialized ServerFrame with `enrolled`
+        (certificate and CA, PEM) or `refused` (code, reason; logged and counted). Raises only what the token store
+        raises beyond EnrollError (ZooKeeper failures)."""
         try:
             cert = await self._enroll(peer, msg)
         except EnrollError as exc:

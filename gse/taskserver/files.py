@@ -43,6 +43,10 @@ SETTLE_S = 2.0      # after an early end, items are checked once more this much 
 
 @dataclass
 class Transfer:
+    """One transfer this task server coordinates: the API's spec, the file server holding it, the members' tokens, the
+    tracker URL, the rate cap (bytes/s) and connections per torrent it granted, the deadline (monotonic s), the
+    source's manifest entries once known, the entries the source was asked to upload directly, and whether the targets
+    were told."""
     spec: pb.TransferSpec
     fileserver: str
     tokens: dict[str, str]
@@ -62,6 +66,9 @@ class Transfer:
 
 
 class FileCoordinator:
+    """Coordinates the transfers whose source this task server holds (and pushes whose first target it holds): see the
+    module docstring."""
+
     def __init__(self, node_id: str, access: AgentAccess, writer: BatchWriter, client: db.DbClient, peers: Peers,
                  ttl_ms: int, direct_max: int, max_file_size: int):
         self.node_id = node_id
@@ -136,6 +143,9 @@ class FileCoordinator:
     # ---- the transfer ------------------------------------------------------------------------------
 
     async def start(self, spec: pb.TransferSpec) -> list[tuple[str, int, str]]:
+        """StartTransfer: create the transfer on the least loaded file server and send FileSource to the source agent
+        (a push goes straight to its targets). Returns (bk_agent_id, code, message) failures: 117 when the source is
+        not attached here, 65535 when no file server is registered or it refused."""
         if spec.from_caller:
             return await self._start_push(spec)
         source = self.access.sessions.get(spec.source_agent)
@@ -168,6 +178,9 @@ class FileCoordinator:
         return []
 
     async def on_manifest(self, session: AgentSession, m: apb.FileManifest) -> None:
+        """The `file_manifest` frame handler (from the source only): register the torrents, write every target's items
+        and send FileTarget; a manifest with an error, or torrents the file server refused, ends the transfer with
+        that error on every target."""
         t = self.transfers.get(m.transfer_id)
         if t is None or session.agent_id != t.spec.source_agent:
             return
@@ -203,7 +216,8 @@ class FileCoordinator:
             return
         await self._write_items(t, lambda target, e: self._item(t, target, e))
         if hashes:
-            # The source seeded before the tracker knew its torrents; its first announce was refused.
+            # The source seeds before the tracker knows its torrents, so its first announce is refused: ask it
+            # to announce again now that they are registered.
             session.send(apb.ServerFrame(upload_request=apb.UploadRequest(
                 transfer_id=t.spec.transfer_id, announce=True)).SerializeToString())
         await self._send_targets(t)
@@ -257,6 +271,9 @@ class FileCoordinator:
             await self.db.execute(ops)
 
     def on_need_direct(self, transfer_id: str, index: int) -> bool:
+        """NeedDirect: a target's BitTorrent keeps failing for entry `index`, so the source is asked (once per entry)
+        to upload it to the file server. False when the transfer is not coordinated here, or when the source is not
+        attached at the entry's first request."""
         t = self.transfers.get(transfer_id)
         if t is None:
             return False
@@ -289,6 +306,8 @@ class FileCoordinator:
         return True
 
     async def end(self, t: Transfer, terminated: bool) -> None:
+        """End the transfer: EndTransfer to its targets and source (`terminated` tells them to stop), and to the file
+        server."""
         self.transfers.pop(t.spec.transfer_id, None)
         frame = apb.ServerFrame(end_transfer=apb.EndTransfer(
             transfer_id=t.spec.transfer_id, task_id=t.spec.task_id, terminated=terminated)).SerializeToString()
@@ -305,6 +324,8 @@ class FileCoordinator:
         log.info("transfer ended", extra={"transfer_id": t.spec.transfer_id, "terminated": terminated})
 
     async def terminate(self, transfer_id: str) -> bool:
+        """TerminateTransfer: items not final end with STOPPED/126, the transfer ends, and the items are settled once
+        more SETTLE_S later. False when the transfer is not coordinated here."""
         t = self.transfers.get(transfer_id)
         if t is None:
             return False
@@ -320,6 +341,7 @@ class FileCoordinator:
         heard of the end may be stored (by whichever task server holds it, batched) after the outcome was
         written; an item it left running gets the outcome again."""
         async def again() -> None:
+            """Write the outcome once more over items still open."""
             await asyncio.sleep(SETTLE_S)
             try:
                 await self._finish_open_items(t, status, code, message)
@@ -387,6 +409,8 @@ class FileReports:
         self.acks = acks            # tasks.AckBatcher: final reports are acknowledged once stored
 
     def on_report(self, session: AgentSession, report: apb.FileReport) -> None:
+        """The `file_report` frame handler: store each item's progress document ("p:<ti>:<i>", ":up" for the source's
+        upload item) through the batch writer; final ones are acknowledged once stored."""
         finals = []
         by_task: dict[str, dict[str, FileItem]] = {}
         for p in report.items:

@@ -41,6 +41,7 @@ class ProcAckBatcher(AckBatcher):
     """AckBatcher for process results: the same quiet/max-delay policy, `ProcAck` frames."""
 
     def flush(self) -> None:
+        """Send each agent one ProcAck with every result stored since the last flush."""
         pending, self._pending = self._pending, {}
         for session, refs in pending.items():
             session.send(apb.ServerFrame(proc_ack=apb.ProcAck(items=refs)).SerializeToString())
@@ -57,6 +58,8 @@ class ProcReports:
         self._indexed: set[tuple[str, str, str]] = set()
 
     def on_report(self, session: AgentSession, report: apb.ProcReport) -> None:
+        """The `proc_report` frame handler: store operation results (acknowledged once stored), process states and the
+        indexes; a full inventory is reconciled against the API's unregistrations in the background."""
         aid = session.agent_id
         if report.results:
             by_task: dict[str, dict[str, ProcResult]] = {}

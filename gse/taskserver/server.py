@@ -34,6 +34,9 @@ log = logging.getLogger("gse.taskserver")
 
 @dataclasses.dataclass(frozen=True)
 class BalanceConfig:
+    """The `balance` section: whether agents are balanced across the task servers of the area, the margin a difference
+    must exceed (`slack` agents and `ratio` of the local load), how often (s) and how many agents at most are shed per
+    round. Applied live on SIGHUP."""
     enabled: bool = True
     slack: int = 50                 # never balance over a difference smaller than this many agents
     ratio: float = 0.1              # ... or than this share of the local load
@@ -43,6 +46,9 @@ class BalanceConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TaskServerConfig(BaseConfig):
+    """The task server's configuration (deploy/taskserver.yaml explains every key): the agent (48668) and internal
+    task (48669) ports, the area it serves, heartbeat, TTL and flush periods (s), write-queue and acknowledgement
+    bounds, file limits (bytes), worker processes, and the balance, dbproxy and enroll sections."""
     host: str = "127.0.0.1"
     agent_port: int = 48668
     task_port: int = 48669              # internal task API (the API server dispatches here)
@@ -70,6 +76,9 @@ class TaskServerConfig(BaseConfig):
     enroll: EnrollConfig = EnrollConfig()   # agents enrolling with one-time tokens (needs the CA's key)
 
     def validate(self) -> None:
+        """ConfigError for a non-positive heartbeat interval, fewer than one heartbeat miss, a negative snapshot
+        interval or reconnect rate, ack delays outside 0 <= quiet <= max <= 60, a write queue under 100, workers
+        outside 1..MAX_WORKERS, or workers > 1 on agent port 0."""
         super().validate()
         if self.heartbeat_interval_s <= 0:
             raise ConfigError("heartbeat_interval_s must be positive")
@@ -90,6 +99,9 @@ class TaskServerConfig(BaseConfig):
 
 
 class TaskServerService(Service):
+    """The task server daemon (spec §6: agents on 48668, the internal task API on 48669): holds agent sessions and
+    records what they report, dispatches the API server's tasks, coordinates transfers, relays data-path views and
+    plugin messages, and balances agents with its peers."""
     name = "taskserver"
 
     def __init__(self, config: TaskServerConfig, *args):
@@ -115,6 +127,7 @@ class TaskServerService(Service):
 
     @property
     def main_port(self) -> int:
+        """The agent port (bound, else configured): it names the task server."""
         return self.agent_port or self.config.agent_port
 
     @classmethod
@@ -130,6 +143,8 @@ class TaskServerService(Service):
                 "metrics.port": config.metrics.port + 1 + index if config.metrics.port else 0}
 
     def health(self):
+        """Healthy once agents are served, ZooKeeper is connected and a dbproxy is known; the detail counts the agents
+        held."""
         ok = self.access is not None and self.discovery.connected and bool(self.db.addresses)
         return ok, {"service": self.name, "node_id": self.node_id, "agents": self.access.load if self.access else 0,
                     "zookeeper": self.discovery.connected, "dbproxies": self.db.addresses}
@@ -141,6 +156,9 @@ class TaskServerService(Service):
                 "metrics": join_host_port(self.config.metrics.host, self.ops.port)}
 
     async def start(self) -> None:
+        """Trust first (revocations, agent auth), then the batch writer, the agent port, the internal task API and
+        every frame handler, and only then agents; then follow peers, file and data servers and message slots, and
+        register in ZooKeeper."""
         await super().start()
         c = self.config
         if c.enroll.enabled:
@@ -234,6 +252,8 @@ class TaskServerService(Service):
                 timeout=10))
 
     async def run(self) -> None:
+        """Run the batch writer, the acknowledgement batchers, the session sweep, load reports, rebalancing and the
+        transfer monitor until stopped."""
         self._tasks = [asyncio.ensure_future(t) for t in (
             self.writer.run(), self.acks.run(), self.access.sweep_loop(), self._report_load(), self._rebalance(),
             self.files.monitor(), self.proc_acks.run(),
@@ -262,10 +282,13 @@ class TaskServerService(Service):
             log.info("rebalanced agents to peers", extra={"plan": plan})
 
     async def apply_reload(self, new: TaskServerConfig) -> None:
+        """SIGHUP: apply the new `balance` section (the other keys wait for a restart)."""
         b = new.balance
         self.balancer.slack, self.balancer.ratio, self.balancer.enabled = b.slack, b.ratio, b.enabled
 
     async def stop(self, grace: float) -> None:
+        """Leave ZooKeeper, stop the relays and loops, close every agent link, stop the task API within `grace`
+        seconds, then write what is still queued and close the clients."""
         await self.discovery.stop()
         if self.data_relay is not None:
             await self.data_relay.close()

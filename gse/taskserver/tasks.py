@@ -35,6 +35,10 @@ FINAL_RESULTS, PARTIAL_RESULTS = RESULTS.labels("1"), RESULTS.labels("0")
 
 
 class TaskService(pb_grpc.TaskServiceServicer):
+    """The internal TaskService (proto/gse/pb/taskserver.proto; 48669): the API server, procmgr and peer task servers
+    hand it frames for the agents held here, and transfers for the sources held here. Every answer lists the agents it
+    could not serve (117: not attached here)."""
+
     def __init__(self, access: AgentAccess, files=None):
         self.access = access
         self.files = files          # FileCoordinator
@@ -52,6 +56,8 @@ class TaskService(pb_grpc.TaskServiceServicer):
         return pb.DispatchReply(failures=failures)
 
     async def Dispatch(self, request, context):
+        """Write the serialized ServerFrame as is to every agent named (INVALID_ARGUMENT when it is not a
+        ServerFrame); the agents not attached here are the failures."""
         try:
             kind = apb.ServerFrame.FromString(request.frame).WhichOneof("body")
         except Exception:  # noqa: BLE001 - protobuf raises DecodeError; anything else is as bad
@@ -74,25 +80,32 @@ class TaskService(pb_grpc.TaskServiceServicer):
         return pb.DispatchReply(failures=failures)
 
     async def Terminate(self, request, context):
+        """Send TerminateTask for `task_id` to the agents named; those not attached here are the failures."""
         frame = apb.ServerFrame(terminate=apb.TerminateTask(task_id=request.task_id)).SerializeToString()
         return self._send(frame, request.agent_ids)
 
     async def StartTransfer(self, request, context):
+        """Start the transfer whose source (or first push target) is held here (see FileCoordinator.start)."""
         failures = await self.files.start(request)
         return pb.DispatchReply(failures=[pb.AgentFailure(agent_id=a, code=c, message=m) for a, c, m in failures])
 
     async def TerminateTransfer(self, request, context):
+        """Terminate the transfer coordinated here; one failure when it is not."""
         found = await self.files.terminate(request.task_id)
         failures = [] if found else [pb.AgentFailure(code=ErrorCode.AGENT_OFFLINE, message="no such live transfer here")]
         return pb.DispatchReply(failures=failures)
 
     async def SourceChanged(self, request, context):
+        """The source's task server reports that entry `index` changed mid-transfer: end it with 127 on every target
+        (see FileCoordinator.on_source_changed)."""
         ok = await self.files.on_source_changed(request.transfer_id, request.index, request.error_msg)
         failures = [] if ok else [pb.AgentFailure(agent_id=request.agent_id, code=E_AGENT_OFFLINE,
                                                   message="no such live transfer here")]
         return pb.DispatchReply(failures=failures)
 
     async def NeedDirect(self, request, context):
+        """A target's task server reports that BitTorrent keeps failing for entry `index`: ask the source to upload it
+        directly."""
         ok = self.files.on_need_direct(request.transfer_id, request.index)
         failures = [] if ok else [pb.AgentFailure(agent_id=request.agent_id, code=ErrorCode.AGENT_OFFLINE,
                                                   message="no such live transfer here")]
@@ -124,6 +137,7 @@ class AckBatcher:
         self.writer.written().add_done_callback(lambda _f: self.add(session, refs))
 
     def add(self, session: AgentSession, refs: list) -> None:
+        """Queue `refs` for the agent of `session` (merged with what waits for it) and wake the flush loop."""
         now = time.monotonic()
         if not self._pending:
             self._oldest = now
@@ -136,6 +150,8 @@ class AckBatcher:
         self._wake.set()
 
     async def run(self) -> None:
+        """Flush whenever reports have been quiet for `quiet_s`, or the oldest waiting acknowledgement is
+        `max_delay_s` old."""
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -148,6 +164,8 @@ class AckBatcher:
                 self.flush()
 
     def flush(self) -> None:
+        """Send each agent one ResultAck with everything waiting for it, and log one line per task of how many agents
+        and items were stored."""
         pending, self._pending = self._pending, {}
         stored: dict[str, list[int]] = {}          # task id -> [agents, items] stored since the last flush
         for session, refs in pending.items():
@@ -176,6 +194,8 @@ class ResultRecorder:
         self.acks = acks
 
     def on_report(self, session: AgentSession, report) -> None:
+        """The `report` frame handler: store output chunks (at their offsets) and item results through the batch
+        writer; final results are acknowledged once stored."""
         aid = session.agent_id
         ttl = self.ttl_ms
         ops = []
