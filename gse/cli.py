@@ -73,8 +73,9 @@ def cmd_dev_up(args) -> int:
             rows.append([p.name, p.pid, f"127.0.0.1:{p.info['port']}", "-"])
         if p.kind == "kafka":
             rows.append([p.name, p.pid, cluster.kafka, "-"])
-    for p in cluster.dbproxies + cluster.taskservers + cluster.apiservers + cluster.dataservers + cluster.procmgrs:
-        rows.append([p.name, p.pid, p.info.get("address") or p.info.get("url"),
+    for p in (cluster.dbproxies + cluster.taskservers + cluster.apiservers + cluster.dataservers + cluster.procmgrs
+              + cluster.alarms):
+        rows.append([p.name, p.pid, p.info.get("address") or p.info.get("url") or "-",
                      f"127.0.0.1:{p.info['metrics_port']}"])
     print("\n" + _table(rows))
     arows = [["agent", "bk_agent_id", "ip", "pid"]]

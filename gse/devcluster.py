@@ -173,6 +173,7 @@ class Cluster:
         self.dataservers: list[Proc] = []
         self.procmgrs: list[Proc] = []
         self.kafka: str | None = None          # bootstrap host:port of the local Kafka-protocol broker
+        self.alarms: list[Proc] = []
         self.agents: list[Proc] = []
 
     # ---- infrastructure ---------------------------------------------------------------------------
@@ -347,6 +348,15 @@ class Cluster:
         self.dataservers.append(proc)
         return self.wait_healthy(proc) if wait else proc
 
+    def start_alarm(self, name: str | None = None, wait: bool = True, **overrides) -> Proc:
+        """An alarm daemon (several contend; one leads). Its node id is its name."""
+        mport = free_port()
+        name = name or f"alarm-{len(self.alarms) + 1}"
+        cfg = {**self._common(mport), "node_id": name, "advertise_host": "127.0.0.1", **overrides}
+        proc = self._daemon("alarm", name, cfg, {"node_id": name})
+        self.alarms.append(proc)
+        return self.wait_healthy(proc) if wait else proc
+
     @property
     def ca(self) -> CA:
         if self._ca is None:
@@ -449,7 +459,7 @@ class Cluster:
         cmd = proc.popen.args
         new = self._spawn(proc.name, proc.kind, cmd, dict(proc.info))
         for group in (self.dbproxies, self.taskservers, self.apiservers, self.fileservers, self.dataservers,
-                      self.procmgrs, self.agents):
+                      self.procmgrs, self.alarms, self.agents):
             if proc in group:
                 group[group.index(proc)] = new
         if proc in self.procs:
@@ -488,6 +498,7 @@ class Cluster:
         self.start_dataserver()
         self.start_procmgr()
         self.start_apiserver()
+        self.start_alarm()
         procs = [self.start_agent(wait=False) for _ in range(agents)]
         for p in procs:
             self.wait_healthy(p)
@@ -510,6 +521,8 @@ class Cluster:
             "procmgrs": [{"address": p.info["address"], "pid": p.pid, "metrics_port": p.info["metrics_port"]}
                          for p in self.procmgrs],
             "kafka": self.kafka,
+            "alarms": [{"node_id": p.info["node_id"], "pid": p.pid, "metrics_port": p.info["metrics_port"]}
+                       for p in self.alarms],
             "fileservers": [{"address": p.info["address"], "tracker_url": p.info["tracker_url"], "pid": p.pid}
                             for p in self.fileservers],
             "agents": [{"bk_agent_id": p.info.get("bk_agent_id", ""), "ip": p.info["ip"],
@@ -529,8 +542,8 @@ class Cluster:
 
     def stop(self) -> None:
         """Stop everything: agents first, infrastructure last."""
-        order = {"agent": 0, "apiserver": 1, "procmgr": 2, "taskserver": 2, "fileserver": 2, "dataserver": 2,
-                 "dbproxy": 3, "redis": 4, "kafka": 4, "zookeeper": 5}
+        order = {"agent": 0, "apiserver": 1, "alarm": 1, "procmgr": 2, "taskserver": 2, "fileserver": 2,
+                 "dataserver": 2, "dbproxy": 3, "redis": 4, "kafka": 4, "zookeeper": 5}
         for p in sorted(self.procs, key=lambda p: order.get(p.kind, 1)):
             p.stop()
 
@@ -541,8 +554,8 @@ class Cluster:
 def stop_from_description(path: str | os.PathLike, timeout: float = 15.0) -> int:
     """`gse dev down`: stop what a detached `gse dev up` started, from its cluster.json."""
     desc = json.loads(Path(path).read_text())
-    order = {"agent": 0, "apiserver": 1, "procmgr": 2, "taskserver": 2, "fileserver": 2, "dataserver": 2,
-             "dbproxy": 3, "redis": 4, "kafka": 4, "zookeeper": 5}
+    order = {"agent": 0, "apiserver": 1, "alarm": 1, "procmgr": 2, "taskserver": 2, "fileserver": 2,
+             "dataserver": 2, "dbproxy": 3, "redis": 4, "kafka": 4, "zookeeper": 5}
     procs = sorted(desc.get("processes", []), key=lambda p: order.get(p["kind"], 1))
     stopped = 0
     for p in procs:

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from gse.agent.agent import AgentConfig
+from gse.alarm.server import AlarmConfig
 from gse.apiserver.server import ApiServerConfig
 from gse.common.config import load_config
 from gse.dataserver.server import DataServerConfig
@@ -34,6 +35,7 @@ CONFIGS = {
     "dataserver": DataServerConfig,
     "fileserver": FileServerConfig,
     "procmgr": ProcMgrConfig,
+    "alarm": AlarmConfig,
 }
 
 # spec section 6

@@ -30,7 +30,7 @@ from google.protobuf.message import DecodeError
 
 from gse import __version__
 from gse.common import framelink, roles
-from gse.common.address import split_host_port
+from gse.common.address import route_ip, split_host_port
 from gse.common.backoff import Backoff
 from gse.common.config import ConfigError, LogConfig, MetricsConfig, TLSConfig, check_addresses
 from gse.common.records import valid_agent_id
@@ -168,18 +168,6 @@ def adopt_agent_id(data_dir: str | os.PathLike, agent_id: str) -> str:
     if not path.exists() or path.read_text().strip() != agent_id:
         write_public(path, (agent_id + "\n").encode())
     return agent_id
-
-
-def route_ip(server: str) -> str:
-    """The local address the kernel would use to reach `server` (no packet is sent)."""
-    try:
-        host = split_host_port(server)[0]
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect((host, 9))
-            return s.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
 
 
 class HostSampler:

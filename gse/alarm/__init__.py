@@ -1,1 +1,1 @@
-"""Alarm: the elected leader reports agents whose heartbeat timed out (not built yet)."""
+"""The alarm daemon: one elected leader reports lost agents on DataID 1000 (spec section 10)."""

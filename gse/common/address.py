@@ -8,6 +8,7 @@ agent id (spec §2).
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 
 def split_host_port(text: str, default_port: int | None = None, *, listen: bool = False) -> tuple[str, int]:
@@ -54,3 +55,16 @@ def parse_host_id(text: str) -> tuple[int, str] | None:
     except ValueError:
         return None
     return int(cloud), ip
+
+
+def route_ip(server: str) -> str:
+    """The local address the kernel would use to reach `server` ("host:port" or a bare host; no packet is
+    sent); "127.0.0.1" when there is no route."""
+    try:
+        host = split_host_port(server, 9)[0]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))
+            return s.getsockname()[0]
+    except (OSError, ValueError):
+        return "127.0.0.1"

@@ -3,6 +3,7 @@
 Layout under the configured root (default `/gse`):
   <root>/<service>/<node-id>   ephemeral, JSON: addresses and load of one daemon
   <root>/config/<name>         JSON documents applied live (routes, command rules, app credentials, ...)
+  <root>/election/<name>/      contenders of a leader election (kazoo's Election recipe; `Leadership`)
 
 kazoo runs its own threads. Nothing here blocks the event loop: kazoo's asynchronous calls are bridged to
 asyncio futures and every kazoo callback hops onto the loop with `call_soon_threadsafe`. A LOST session
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from typing import Any, Awaitable, Callable
 
 from kazoo.client import KazooClient
@@ -53,6 +55,7 @@ class Discovery:
         self._connected = asyncio.Event()
         self.session_losses = 0
         self._stopping = False
+        self._state_listeners: list[Callable[[str], Any]] = []     # on the loop: KazooState values
 
     # ---- plumbing ---------------------------------------------------------------------------------
 
@@ -121,9 +124,19 @@ class Discovery:
         if self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self._on_state, state)
 
+    def add_state_listener(self, callback: Callable[[str], Any]) -> None:
+        """`callback(state)` on the loop for every connection state change (KazooState CONNECTED, SUSPENDED,
+        LOST), after this adapter's own handling."""
+        self._state_listeners.append(callback)
+
     def _on_state(self, state: str) -> None:
         if self._stopping:
             return
+        self._handle_state(state)
+        for cb in list(self._state_listeners):
+            _call(cb, state)
+
+    def _handle_state(self, state: str) -> None:
         if state == KazooState.CONNECTED:
             log.info("zookeeper connected")
             self._connected.set()
@@ -323,6 +336,126 @@ class Discovery:
         except NoNodeError:
             return None
         return json.loads(data) if data else None
+
+
+class Leadership:
+    """One contender in the leader election `name` (kazoo's Election recipe under `<root>/election/<name>`).
+
+    `run(work)` contends for ever: while this contender holds the leadership *and* its ZooKeeper connection
+    is up, the coroutine `work()` runs; it is cancelled the moment the connection is SUSPENDED (another
+    contender may be elected once our session expires, so we stop acting at once) and started again if the
+    connection comes back with the same session. A LOST session gives the leadership up (its lock node went
+    with the session) and the contender queues again. When the leader dies, the next contender is elected
+    once the dead one's session expires: within `zookeeper.session_timeout_s`.
+
+    kazoo's recipe blocks, so it runs on a thread of its own; what it learns hops onto the loop.
+    `leading` is True while `work()` may run.
+    """
+
+    def __init__(self, discovery: Discovery, name: str, identifier: str):
+        self.discovery = discovery
+        self.name = name
+        self.identifier = identifier
+        self.path = discovery.path("election", name)
+        self.elected = False                # holds the lock (thread's view, copied onto the loop)
+        self.elections = 0                  # how many times this contender was elected
+        self._release = threading.Event()   # set: give the leadership up (stopping, session lost)
+        self._holding = False               # the election thread holds the lock (thread's own view)
+        self._stopping = False
+        self._changed = asyncio.Event()
+        self._thread: threading.Thread | None = None
+        self._election = None
+        discovery.add_state_listener(self._on_state)
+
+    @property
+    def leading(self) -> bool:
+        return self.elected and self.discovery.connected and not self._stopping
+
+    def _on_state(self, state: str) -> None:
+        if state == KazooState.LOST and self._holding:
+            self._release.set()             # the lock node is gone with the session: contend again
+        self._changed.set()
+
+    def _set_elected(self, value: bool) -> None:
+        self.elected = value
+        if value:
+            self.elections += 1
+        log.info("leadership " + ("won" if value else "given up"), extra={"election": self.name,
+                                                                          "identifier": self.identifier})
+        self._changed.set()
+
+    def _contend(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The election thread: queue, hold while elected, queue again after a loss, until stopped."""
+        import time
+        while not self._stopping:
+            self._release.clear()
+            try:
+                self._election = self.discovery.zk.Election(self.path, self.identifier)
+                self._election.run(self._hold, loop)
+            except Exception as exc:  # noqa: BLE001 - connection trouble while queueing or releasing: queue again
+                log.info("election interrupted; contending again", extra={"election": self.name,
+                                                                          "error": repr(exc)})
+                time.sleep(0.5)
+
+    def _hold(self, loop: asyncio.AbstractEventLoop) -> None:
+        if loop.is_closed():
+            return
+        self._holding = True
+        loop.call_soon_threadsafe(self._set_elected, True)
+        self._release.wait()
+        self._holding = False
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(self._set_elected, False)
+
+    async def run(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Contend for ever; run `work()` while leading (see the class). A `work()` that returns or fails
+        while still leading is started again after a second."""
+        loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._contend, args=(loop,), name=f"election-{self.name}",
+                                        daemon=True)
+        self._thread.start()
+        task: asyncio.Task | None = None
+        try:
+            while True:
+                if self.leading and task is None:
+                    task = asyncio.ensure_future(work())
+                elif not self.leading and task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+                    task = None
+                self._changed.clear()
+                waiters = [asyncio.ensure_future(self._changed.wait())]
+                if task is not None:
+                    waiters.append(task)
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                waiters[0].cancel()
+                if task is not None and task.done():
+                    if not task.cancelled() and task.exception() is not None:
+                        log.error("leader work failed; starting it again", exc_info=task.exception(),
+                                  extra={"election": self.name})
+                    task = None
+                    await asyncio.sleep(1.0)
+        finally:
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    async def stop(self) -> None:
+        """Leave the election (give the leadership up if held). Call before `Discovery.stop()`."""
+        self._stopping = True
+        self._release.set()
+        election = self._election
+        if election is not None:
+            election.cancel()
+        thread = self._thread
+        if thread is not None:
+            await asyncio.to_thread(thread.join, 5.0)
+        self._changed.set()
+
+    async def contenders(self) -> list[str]:
+        """The identifiers of the contenders, the leader first."""
+        election = self._election or self.discovery.zk.Election(self.path, self.identifier)
+        return await asyncio.to_thread(election.contenders)
 
 
 def _settle(fut: asyncio.Future, value, error) -> None:

@@ -52,8 +52,8 @@ ACCESS: Mapping[str, frozenset] = {
     # What agents need (and a proxy relaying for them): direct-mode file data (token-scoped per transfer)...
     "/gse.pb.FileService/Upload": frozenset({AGENT, PROXY}),
     "/gse.pb.FileService/Fetch": frozenset({AGENT, PROXY}),
-    # ... and the data path.
-    "/gse.pb.DataIngest/Stream": frozenset({AGENT, PROXY}),
+    # ... and the data path (servers too: the alarm leader's records, spec section 10).
+    "/gse.pb.DataIngest/Stream": frozenset({AGENT, PROXY, SERVER}),
     # procmgr (process registrations and operations): the API server, and peers.
     "/gse.pb.ProcService/": frozenset({SERVER, API}),
     # Health checks answer anyone of the cluster.

@@ -20,6 +20,7 @@ each module documents its keys, writers and readers.
 | ProcResults / ProcResult | gse:pres:<task_id> | hash of JSON | proc |
 | ProcOpenTasks | gse:ptasks:open | set | proc |
 | ProcGroups | gse:procgroups:<bk_agent_id>:<namespace> | string (JSON) | proc |
+| LostReports | gse:alarm:lost | hash | alarm |
 """
 
 from .agent import (SESSION_FIELDS, AgentAddress, AgentIndex, AgentRecord, HostSnapshotRecord, now_ms,
