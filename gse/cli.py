@@ -1,5 +1,5 @@
 """`gse`: the operator's command. `gse certs ...` (gse/certs.py), `gse dev up|down`, `gse run`, `gse push`,
-`gse proc`."""
+`gse proc`, `gse package agent`."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def cmd_dev_up(args) -> int:
         if p.kind == "kafka":
             rows.append([p.name, p.pid, cluster.kafka, "-"])
     for p in (cluster.dbproxies + cluster.taskservers + cluster.apiservers + cluster.dataservers + cluster.procmgrs
-              + cluster.alarms):
+              + cluster.alarms + cluster.syncdatas):
         rows.append([p.name, p.pid, p.info.get("address") or p.info.get("url") or "-",
                      f"127.0.0.1:{p.info['metrics_port']}"])
     print("\n" + _table(rows))
@@ -422,6 +422,18 @@ def _proc_line(op: int, item: dict) -> str:
     return f"{text} ({code})" + (f": {out[-200:]}" if out and code not in (0, 828, 829) else "")
 
 
+def cmd_package_agent(args) -> int:
+    from gse import package
+    path, sha = package.build(args.out, args.version or None, args.compress_level)
+    size = path.stat().st_size
+    print(f"{path}\n  sha256 {sha}\n  size {size} bytes")
+    print("to offer it to operate_agent upgrades, put it on a host with an agent and register it:\n"
+          "  POST /api/v2/cluster/register_agent_package {\"version_sign\": \"...\", \"version\": ..., "
+          f"\"file_name\": \"{path.name}\", \"store_dir\": \"/dir/on/that/host\", \"source_agent\": \"<its id>\", "
+          f"\"sha256\": \"{sha}\", \"size\": {size}}}")
+    return 0
+
+
 def _api_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default=".gse-dev", help="local cluster dir whose cluster.json names the API")
     p.add_argument("--api-url", default="")
@@ -479,6 +491,13 @@ def build_parser() -> argparse.ArgumentParser:
     proc.add_argument("--timeout", type=float, default=300, help="seconds to wait for every host's result")
     _api_flags(proc)
     proc.set_defaults(func=cmd_proc)
+
+    pkg = sub.add_parser("package", help="make installable packages").add_subparsers(dest="package_cmd", required=True)
+    pa = pkg.add_parser("agent", help="the agent with its runtime and libraries for this platform, as a tarball")
+    pa.add_argument("--out", default="dist", help="directory to write it to")
+    pa.add_argument("--version", default="", help="stamp this version instead of the source's (release builds)")
+    pa.add_argument("--compress-level", type=int, default=6, choices=range(0, 10), metavar="0-9")
+    pa.set_defaults(func=cmd_package_agent)
     return p
 
 

@@ -174,6 +174,7 @@ class Cluster:
         self.procmgrs: list[Proc] = []
         self.kafka: str | None = None          # bootstrap host:port of the local Kafka-protocol broker
         self.alarms: list[Proc] = []
+        self.syncdatas: list[Proc] = []
         self.agents: list[Proc] = []
 
     # ---- infrastructure ---------------------------------------------------------------------------
@@ -357,6 +358,18 @@ class Cluster:
         self.alarms.append(proc)
         return self.wait_healthy(proc) if wait else proc
 
+    def start_syncdata(self, name: str | None = None, wait: bool = True, **overrides) -> Proc:
+        """A syncdata daemon (several contend; one leads). Without a `cmdb` source it follows the identity
+        files in `<base>/hostid/` (a file source)."""
+        mport = free_port()
+        name = name or f"syncdata-{len(self.syncdatas) + 1}"
+        source = {} if "cmdb" in overrides or "file" in overrides else {"file": {"path": str(self.base / "hostid")}}
+        (self.base / "hostid").mkdir(exist_ok=True)
+        cfg = {**self._common(mport), "node_id": name, "advertise_host": "127.0.0.1", **source, **overrides}
+        proc = self._daemon("syncdata", name, cfg, {"node_id": name})
+        self.syncdatas.append(proc)
+        return self.wait_healthy(proc) if wait else proc
+
     @property
     def ca(self) -> CA:
         if self._ca is None:
@@ -421,7 +434,7 @@ class Cluster:
         return {
             "data_dir": str(d / "data"), "run_dir": str(d / "run"),
             "servers": servers or [p.info["address"] for p in self.taskservers],
-            "cloud_id": 0, "ip": ip, "bind_ip": ip,
+            "cloud_id": 0, "ip": ip, "bind_ip": ip, "hostid_path": str(d / "host" / "hostid"),
             "heartbeat_interval_s": self.heartbeat_interval_s,
             "reconnect": {"base_s": 0.5, "max_s": 5.0},
             **self.agent_identity_files(d, identity),
@@ -459,7 +472,7 @@ class Cluster:
         cmd = proc.popen.args
         new = self._spawn(proc.name, proc.kind, cmd, dict(proc.info))
         for group in (self.dbproxies, self.taskservers, self.apiservers, self.fileservers, self.dataservers,
-                      self.procmgrs, self.alarms, self.agents):
+                      self.procmgrs, self.alarms, self.syncdatas, self.agents):
             if proc in group:
                 group[group.index(proc)] = new
         if proc in self.procs:
@@ -499,6 +512,7 @@ class Cluster:
         self.start_procmgr()
         self.start_apiserver()
         self.start_alarm()
+        self.start_syncdata()
         procs = [self.start_agent(wait=False) for _ in range(agents)]
         for p in procs:
             self.wait_healthy(p)
@@ -523,6 +537,9 @@ class Cluster:
             "kafka": self.kafka,
             "alarms": [{"node_id": p.info["node_id"], "pid": p.pid, "metrics_port": p.info["metrics_port"]}
                        for p in self.alarms],
+            "syncdata": [{"node_id": p.info["node_id"], "pid": p.pid, "metrics_port": p.info["metrics_port"]}
+                         for p in self.syncdatas],
+            "hostid_dir": str(self.base / "hostid"),
             "fileservers": [{"address": p.info["address"], "tracker_url": p.info["tracker_url"], "pid": p.pid}
                             for p in self.fileservers],
             "agents": [{"bk_agent_id": p.info.get("bk_agent_id", ""), "ip": p.info["ip"],
@@ -542,7 +559,7 @@ class Cluster:
 
     def stop(self) -> None:
         """Stop everything: agents first, infrastructure last."""
-        order = {"agent": 0, "apiserver": 1, "alarm": 1, "procmgr": 2, "taskserver": 2, "fileserver": 2,
+        order = {"agent": 0, "apiserver": 1, "alarm": 1, "syncdata": 1, "procmgr": 2, "taskserver": 2, "fileserver": 2,
                  "dataserver": 2, "dbproxy": 3, "redis": 4, "kafka": 4, "zookeeper": 5}
         for p in sorted(self.procs, key=lambda p: order.get(p.kind, 1)):
             p.stop()
@@ -554,7 +571,7 @@ class Cluster:
 def stop_from_description(path: str | os.PathLike, timeout: float = 15.0) -> int:
     """`gse dev down`: stop what a detached `gse dev up` started, from its cluster.json."""
     desc = json.loads(Path(path).read_text())
-    order = {"agent": 0, "apiserver": 1, "alarm": 1, "procmgr": 2, "taskserver": 2, "fileserver": 2,
+    order = {"agent": 0, "apiserver": 1, "alarm": 1, "syncdata": 1, "procmgr": 2, "taskserver": 2, "fileserver": 2,
              "dataserver": 2, "dbproxy": 3, "redis": 4, "kafka": 4, "zookeeper": 5}
     procs = sorted(desc.get("processes", []), key=lambda p: order.get(p["kind"], 1))
     stopped = 0

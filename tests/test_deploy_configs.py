@@ -15,6 +15,7 @@ import yaml
 
 from gse.agent.agent import AgentConfig
 from gse.alarm.server import AlarmConfig
+from gse.syncdata.server import SyncDataConfig
 from gse.apiserver.server import ApiServerConfig
 from gse.common.config import load_config
 from gse.dataserver.server import DataServerConfig
@@ -36,6 +37,7 @@ CONFIGS = {
     "fileserver": FileServerConfig,
     "procmgr": ProcMgrConfig,
     "alarm": AlarmConfig,
+    "syncdata": SyncDataConfig,
 }
 
 # spec section 6

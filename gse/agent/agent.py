@@ -44,6 +44,9 @@ from .data import DataConfig, DataPipeline
 from .executor import Pools
 from .files import FileManager
 from .procs import ProcConfig, ProcManager
+from .hostid import DEFAULT_PATH as HOSTID_PATH, HostIdentityFile
+from .operations import Operations
+from .upgrade import confirm_on_attach
 from .tasks import TaskManager
 
 log = logging.getLogger("gse.agent")
@@ -120,6 +123,7 @@ class AgentConfig:
     bind_ip: str = ""            # leave from this local address (several agents on one machine)
     hostname: str = ""           # "" = the machine's
     run_mode: int = 1            # 1 agent, 0 proxy
+    hostid_path: str = HOSTID_PATH   # the host identity file syncdata keeps current (spec section 11)
     heartbeat_interval_s: float = 10.0   # until the task server says otherwise
     connect_timeout_s: float = 10.0
     reconnect: ReconnectConfig = ReconnectConfig()
@@ -269,6 +273,9 @@ class Agent(Service):
                                  identity=lambda: {**self.identity(), "ip": self.ip, "version": __version__},
                                  plugins=lambda: self.data.messages.plugins, pools=self.tasks.pools,
                                  kill_grace_s=t.kill_grace_s)
+        self.hostid = HostIdentityFile(config.hostid_path)
+        self.operations = Operations(self)
+        self._background: set[asyncio.Task] = set()
 
     def _use_certificate(self) -> None:
         """Load the TLS material; a certificate naming an agent gives the agent its id."""
@@ -382,23 +389,51 @@ class Agent(Service):
         return {"cloud_id": self.config.cloud_id, "bk_agent_id": self.agent_id}
 
     def health(self):
-        return self.attached.is_set(), {"service": self.name, "bk_agent_id": self.agent_id, "ip": self.ip,
-                                        "server": self.server, "procs": self.procs.health(),
-                                        "tasks_running": len(self.tasks.runs),
-                                        "transfers": len(self.files.sources) + len(self.files.targets)}
+        """(ok, detail): ok while attached. `data` is what node managers check after an install (bk-nodeman's
+        setup scripts read `.ok` and `.data.base|cluster|data|file`, each "ok" or what is wrong)."""
+        attached = self.attached.is_set()
+        c = self.config
+        parts = {"base": "ok",
+                 "cluster": "ok" if attached else "not attached to a task server",
+                 "data": "ok" if not c.data.enabled or self.data.current else "no data server stream open",
+                 "file": "ok"}
+        return attached, {"service": self.name, "bk_agent_id": self.agent_id, "ip": self.ip, "server": self.server,
+                          "version": __version__, "pid": os.getpid(), "data": parts,
+                          "procs": self.procs.health(), "tasks_running": len(self.tasks.runs),
+                          "transfers": len(self.files.sources) + len(self.files.targets)}
 
-    def hello(self, redirects: int) -> pb.AgentFrame:
+    def _write_run_files(self) -> None:
+        """<run_dir>/gse_agent.pid and gse_agent.json (pid, metrics address, id, version): how the command line
+        (--quit, --reload, --healthz) and the package's scripts find the running agent."""
+        import json
+        run = Path(self.config.run_dir)
+        info = {"pid": os.getpid(), "metrics": f"{self.config.metrics.host}:{self.ops.port if self.ops else 0}",
+                "bk_agent_id": self.agent_id, "version": __version__, "start_time": self.start_ms}
+        write_public(run / "gse_agent.json", json.dumps(info).encode())
+        write_public(run / "gse_agent.pid", f"{os.getpid()}\n".encode())
+
+    def _remove_run_files(self) -> None:
+        run = Path(self.config.run_dir)
+        try:
+            if (run / "gse_agent.pid").read_text().strip() == str(os.getpid()):
+                (run / "gse_agent.pid").unlink(missing_ok=True)
+                (run / "gse_agent.json").unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def hello(self, redirects: int, hostid_md5: str = "") -> pb.AgentFrame:
         c = self.config
         return pb.AgentFrame(hello=pb.AgentHello(
             agent_id=self.agent_id, cloud_id=c.cloud_id, ip=self.ip, hostname=c.hostname or socket.gethostname(),
             os=platform.system().lower(), arch=platform.machine(), version=__version__, run_mode=c.run_mode,
-            start_time_ms=self.start_ms, redirects=redirects, boot_id=self.boot_id))
+            start_time_ms=self.start_ms, redirects=redirects, boot_id=self.boot_id, hostid_md5=hostid_md5))
 
     async def start(self) -> None:
         await super().start()
         if self.tls is None:
             await self.enroll()
         Path(self.config.run_dir).mkdir(parents=True, exist_ok=True)
+        self._write_run_files()
         if self.config.data.enabled:
             await self.data.start()
         recovered = self.tasks.recover()
@@ -415,8 +450,7 @@ class Agent(Service):
 
     async def run(self) -> None:
         c = self.config
-        servers = list(c.servers)
-        idx = int(self.agent_id[:8], 16) % len(servers) if self.agent_id[:8].isalnum() else 0
+        idx = int(self.agent_id[:8], 16) % len(c.servers) if self.agent_id[:8].isalnum() else 0
         # Full jitter, never narrower than the spread the last server asked for (`floor_s`, kept current by
         # _set_spread): when a server holding thousands of agents dies, they come back to its peers at a rate
         # the peers can take.
@@ -425,6 +459,7 @@ class Agent(Service):
         redirects = 0
         no_redirect_until = 0.0
         while True:
+            servers = list(self.config.servers)        # read every round: a reload's servers apply
             address = redirect or servers[idx % len(servers)]
             # After a redirect target failed, ask not to be redirected for a while: a server may still see a
             # dead peer in ZooKeeper (until its session expires) and would keep sending agents there.
@@ -462,7 +497,7 @@ class Agent(Service):
             link = await framelink.dial(self.ssl, host, port, inbox,
                                         server_hostname=self.tls.server_name or host, local_ip=self.config.bind_ip,
                                         timeout=self.config.connect_timeout_s)
-            link.write(self.hello(redirects).SerializeToString())
+            link.write(self.hello(redirects, await asyncio.to_thread(self.hostid.md5)).SerializeToString())
             first = await asyncio.wait_for(inbox.get(), self.config.connect_timeout_s)
             if first is None:
                 log.warning("task server stream failed", extra={"server": address, "error": link.error or "closed"})
@@ -491,6 +526,8 @@ class Agent(Service):
             self.tasks.on_attach()
             self.files.on_attach()
             self.procs.on_attach()
+            if self.sessions == 1:
+                confirm_on_attach(self)     # a new version confirms its upgrade once it attached
             while True:
                 frame = await inbox.get()
                 if frame is None:
@@ -548,8 +585,21 @@ class Agent(Service):
             self.procs.on_ops(frame.proc_ops)
         elif kind == "proc_ack":
             self.procs.on_ack(frame.proc_ack)
+        elif kind == "host_identity":
+            self._spawn(self._host_identity(frame.host_identity))
+        elif kind == "operate":
+            self.operations.on_operate(frame.operate)
         else:
             log.debug("unhandled frame", extra={"kind": kind})
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.ensure_future(coro)
+        self._background.add(t)
+        t.add_done_callback(self._background.discard)
+
+    async def _host_identity(self, msg: pb.HostIdentity) -> None:
+        result = await self.hostid.write(msg)
+        self.send(pb.AgentFrame(host_identity_result=result))     # lost if detached: the next hello says it
 
     async def _write(self, link, queue: asyncio.Queue) -> None:
         """The one writer of the link: frames go out in the order they were queued, and wait while the
@@ -586,6 +636,12 @@ class Agent(Service):
         await self.procs.stop()         # first: its last events still go to the data path
         if self.config.data.enabled:
             await self.data.stop()      # spools what plugins sent
-        await self.tasks.stop()
+        if not self.exec_after_stop:
+            await self.tasks.stop()
+        # (restarting in place: the commands keep running; the journal reports them as status 6 afterwards)
         await self.files.stop()
+        for t in list(self._background):
+            t.cancel()
+        if not self.exec_after_stop:
+            self._remove_run_files()
         await super().stop(grace)

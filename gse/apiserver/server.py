@@ -21,6 +21,7 @@ from .command_guard import CommandGuard
 from .data_endpoints import DataEndpoints
 from .file_endpoints import FileEndpoints
 from .proc_endpoints import ProcEndpoints, ProcMgrs
+from .fleet_endpoints import FleetEndpoints
 from .task_endpoints import TaskEndpoints
 from .taskservers import TaskServers
 
@@ -45,6 +46,7 @@ class ApiServerConfig(BaseConfig):
     offline_grace_s: float = 30.0            # an unfinished item of an agent offline this long reads as 117
     taskserver_timeout_s: float = 10.0
     procmgr_timeout_s: float = 30.0          # deadline of one call to procmgr (process endpoints)
+    agent_upgrade_dir: str = "/var/lib/gse/agent/upgrade"   # where operate_agent upgrades put the package on hosts
     dbproxy: DbProxyClientConfig = DbProxyClientConfig()
 
     def validate(self) -> None:
@@ -54,6 +56,8 @@ class ApiServerConfig(BaseConfig):
             raise ConfigError("max_hosts_per_call must be at least 1")
         if not 1024 <= self.max_auth_body_bytes <= self.max_body_bytes:
             raise ConfigError("need 1024 <= max_auth_body_bytes <= max_body_bytes")
+        if not self.agent_upgrade_dir.startswith("/") or ".." in self.agent_upgrade_dir.split("/"):
+            raise ConfigError("agent_upgrade_dir must be an absolute path without '..'")
 
 
 class ApiServerService(Service):
@@ -101,7 +105,10 @@ class ApiServerService(Service):
                               offline_grace_ms=int(c.offline_grace_s * 1000))
         tasks.register(api)
         self.tasks = tasks
-        FileEndpoints(tasks).register(api)
+        files = FileEndpoints(tasks)
+        files.register(api)
+        FleetEndpoints(view, self.taskservers, self.discovery, files, max_hosts=c.max_hosts_per_call,
+                       upgrade_dir=c.agent_upgrade_dir).register(api)
         ProcEndpoints(self.procmgrs, c.max_hosts_per_call).register(api)
         return api
 
@@ -113,6 +120,7 @@ class ApiServerService(Service):
         await self.discovery.start()
         await self.discovery.watch_config("apps")
         await self.discovery.watch_config("command_rules", self.guard.apply_config)
+        await self.discovery.watch_config("agent_packages")
         await self.discovery.watch_service("taskserver", self.taskservers.on_view)
         await self.discovery.watch_service("procmgr", self.procmgrs.on_view)
         if not c.dbproxy.addresses:

@@ -123,6 +123,10 @@ class Service:
         self.overrides = overrides
         self.ops = OpsServer(config.metrics, self.health) if hasattr(config, "metrics") else None
         self._stopped = False
+        # A command line to exec once stopped (a daemon restarting itself in place: the agent's restart and
+        # upgrade); serve() then tells systemd RELOADING=1 rather than STOPPING=1, the same pid comes back.
+        self.exec_after_stop: list[str] | None = None
+        self._stop_soon = None          # set by serve(): ends run() and stops, as SIGTERM does
 
     @property
     def advertise(self) -> str:
@@ -163,6 +167,11 @@ class Service:
         UP.labels(self.name).set(0)
         if self.ops is not None:
             await self.ops.stop()
+
+    def stop_soon(self) -> None:
+        """Stop as SIGTERM would (from inside the daemon)."""
+        if self._stop_soon is not None:
+            self._stop_soon()
 
     async def reload(self) -> None:
         """SIGHUP: re-read the config file; the log level applies at once, `apply_reload` does the rest."""
@@ -231,9 +240,16 @@ def main(service_cls, config_cls, argv=None) -> int:
         service = service_cls(config, args.config, tuple(args.set))
     on_ready = workers.ready_reporter(args.ready_fd) if args.ready_fd is not None else None
     try:
-        return asyncio.run(serve(service, on_ready))
+        code = asyncio.run(serve(service, on_ready))
     except KeyboardInterrupt:
         return 0
+    if service.exec_after_stop and code == 0:
+        log.info("executing again", extra={"argv": service.exec_after_stop})
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(service.exec_after_stop[0], service.exec_after_stop)
+    return code
 
 
 async def serve(service: Service, on_ready=None) -> int:
@@ -252,6 +268,7 @@ async def serve(service: Service, on_ready=None) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    service._stop_soon = stop.set
     starter = loop.create_task(service.start())
     stopper = loop.create_task(stop.wait())
     await asyncio.wait({starter, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -279,7 +296,7 @@ async def serve(service: Service, on_ready=None) -> int:
     if runner in done and not runner.cancelled() and runner.exception() is not None:
         log.error("service failed", exc_info=runner.exception())
         code = 1
-    sd_notify("STOPPING=1")
+    sd_notify("RELOADING=1" if service.exec_after_stop else "STOPPING=1")
     log.info("stopping")
     grace = getattr(service.config, "stop_grace_s", 5.0)
     runner.cancel()

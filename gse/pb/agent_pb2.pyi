@@ -30,7 +30,7 @@ class HostSnapshot(_message.Message):
     def __init__(self, cpu_num: _Optional[int] = ..., mem_size: _Optional[int] = ..., cpu_rate: _Optional[float] = ..., mem_rate: _Optional[float] = ..., load1: _Optional[float] = ..., uptime_s: _Optional[int] = ..., proc_count: _Optional[int] = ..., disk_total: _Optional[int] = ..., disk_used: _Optional[int] = ...) -> None: ...
 
 class AgentHello(_message.Message):
-    __slots__ = ("agent_id", "cloud_id", "ip", "hostname", "os", "arch", "version", "run_mode", "start_time_ms", "redirects", "boot_id")
+    __slots__ = ("agent_id", "cloud_id", "ip", "hostname", "os", "arch", "version", "run_mode", "start_time_ms", "redirects", "boot_id", "hostid_md5")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     CLOUD_ID_FIELD_NUMBER: _ClassVar[int]
     IP_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class AgentHello(_message.Message):
     START_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     REDIRECTS_FIELD_NUMBER: _ClassVar[int]
     BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTID_MD5_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     cloud_id: int
     ip: str
@@ -53,7 +54,8 @@ class AgentHello(_message.Message):
     start_time_ms: int
     redirects: int
     boot_id: int
-    def __init__(self, agent_id: _Optional[str] = ..., cloud_id: _Optional[int] = ..., ip: _Optional[str] = ..., hostname: _Optional[str] = ..., os: _Optional[str] = ..., arch: _Optional[str] = ..., version: _Optional[str] = ..., run_mode: _Optional[int] = ..., start_time_ms: _Optional[int] = ..., redirects: _Optional[int] = ..., boot_id: _Optional[int] = ...) -> None: ...
+    hostid_md5: str
+    def __init__(self, agent_id: _Optional[str] = ..., cloud_id: _Optional[int] = ..., ip: _Optional[str] = ..., hostname: _Optional[str] = ..., os: _Optional[str] = ..., arch: _Optional[str] = ..., version: _Optional[str] = ..., run_mode: _Optional[int] = ..., start_time_ms: _Optional[int] = ..., redirects: _Optional[int] = ..., boot_id: _Optional[int] = ..., hostid_md5: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("seq", "cpu_rate", "mem_rate", "host")
@@ -194,7 +196,7 @@ class Enrolled(_message.Message):
     def __init__(self, certificate: _Optional[bytes] = ..., ca: _Optional[bytes] = ...) -> None: ...
 
 class AgentFrame(_message.Message):
-    __slots__ = ("hello", "heartbeat", "report", "plugin_reply", "file_manifest", "file_report", "need_direct", "enroll", "source_changed", "proc_report")
+    __slots__ = ("hello", "heartbeat", "report", "plugin_reply", "file_manifest", "file_report", "need_direct", "enroll", "host_identity_result", "operation_result", "source_changed", "proc_report")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +205,8 @@ class AgentFrame(_message.Message):
     FILE_REPORT_FIELD_NUMBER: _ClassVar[int]
     NEED_DIRECT_FIELD_NUMBER: _ClassVar[int]
     ENROLL_FIELD_NUMBER: _ClassVar[int]
+    HOST_IDENTITY_RESULT_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_RESULT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_CHANGED_FIELD_NUMBER: _ClassVar[int]
     PROC_REPORT_FIELD_NUMBER: _ClassVar[int]
     hello: AgentHello
@@ -213,9 +217,11 @@ class AgentFrame(_message.Message):
     file_report: FileReport
     need_direct: NeedDirect
     enroll: Enroll
+    host_identity_result: HostIdentityResult
+    operation_result: OperationResult
     source_changed: FileSourceChanged
     proc_report: ProcReport
-    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., report: _Optional[_Union[TaskReport, _Mapping]] = ..., plugin_reply: _Optional[_Union[_data_pb2.PluginReply, _Mapping]] = ..., file_manifest: _Optional[_Union[FileManifest, _Mapping]] = ..., file_report: _Optional[_Union[FileReport, _Mapping]] = ..., need_direct: _Optional[_Union[NeedDirect, _Mapping]] = ..., enroll: _Optional[_Union[Enroll, _Mapping]] = ..., source_changed: _Optional[_Union[FileSourceChanged, _Mapping]] = ..., proc_report: _Optional[_Union[ProcReport, _Mapping]] = ...) -> None: ...
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., report: _Optional[_Union[TaskReport, _Mapping]] = ..., plugin_reply: _Optional[_Union[_data_pb2.PluginReply, _Mapping]] = ..., file_manifest: _Optional[_Union[FileManifest, _Mapping]] = ..., file_report: _Optional[_Union[FileReport, _Mapping]] = ..., need_direct: _Optional[_Union[NeedDirect, _Mapping]] = ..., enroll: _Optional[_Union[Enroll, _Mapping]] = ..., host_identity_result: _Optional[_Union[HostIdentityResult, _Mapping]] = ..., operation_result: _Optional[_Union[OperationResult, _Mapping]] = ..., source_changed: _Optional[_Union[FileSourceChanged, _Mapping]] = ..., proc_report: _Optional[_Union[ProcReport, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("node_id", "heartbeat_interval_ms", "parent_ip", "parent_port", "reconnect_spread_ms", "host_snapshot_every")
@@ -256,7 +262,7 @@ class Refused(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., code: _Optional[str] = ...) -> None: ...
 
 class ServerFrame(_message.Message):
-    __slots__ = ("welcome", "redirect", "task", "terminate", "ack", "data_servers", "plugin_message", "file_source", "file_target", "upload_request", "end_transfer", "tune", "proc_ops", "proc_ack", "refused", "enrolled", "end_entry")
+    __slots__ = ("welcome", "redirect", "task", "terminate", "ack", "data_servers", "plugin_message", "file_source", "file_target", "upload_request", "end_transfer", "tune", "proc_ops", "proc_ack", "refused", "enrolled", "host_identity", "operate", "end_entry")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     REDIRECT_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -273,6 +279,8 @@ class ServerFrame(_message.Message):
     PROC_ACK_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     ENROLLED_FIELD_NUMBER: _ClassVar[int]
+    HOST_IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    OPERATE_FIELD_NUMBER: _ClassVar[int]
     END_ENTRY_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     redirect: Redirect
@@ -290,8 +298,10 @@ class ServerFrame(_message.Message):
     proc_ack: ProcAck
     refused: Refused
     enrolled: Enrolled
+    host_identity: HostIdentity
+    operate: AgentOperation
     end_entry: EndEntry
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., task: _Optional[_Union[TaskRequest, _Mapping]] = ..., terminate: _Optional[_Union[TerminateTask, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., data_servers: _Optional[_Union[_data_pb2.DataServerView, _Mapping]] = ..., plugin_message: _Optional[_Union[_data_pb2.PluginMessage, _Mapping]] = ..., file_source: _Optional[_Union[FileSource, _Mapping]] = ..., file_target: _Optional[_Union[FileTarget, _Mapping]] = ..., upload_request: _Optional[_Union[UploadRequest, _Mapping]] = ..., end_transfer: _Optional[_Union[EndTransfer, _Mapping]] = ..., tune: _Optional[_Union[Tune, _Mapping]] = ..., proc_ops: _Optional[_Union[ProcOperations, _Mapping]] = ..., proc_ack: _Optional[_Union[ProcAck, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., enrolled: _Optional[_Union[Enrolled, _Mapping]] = ..., end_entry: _Optional[_Union[EndEntry, _Mapping]] = ...) -> None: ...
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., task: _Optional[_Union[TaskRequest, _Mapping]] = ..., terminate: _Optional[_Union[TerminateTask, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., data_servers: _Optional[_Union[_data_pb2.DataServerView, _Mapping]] = ..., plugin_message: _Optional[_Union[_data_pb2.PluginMessage, _Mapping]] = ..., file_source: _Optional[_Union[FileSource, _Mapping]] = ..., file_target: _Optional[_Union[FileTarget, _Mapping]] = ..., upload_request: _Optional[_Union[UploadRequest, _Mapping]] = ..., end_transfer: _Optional[_Union[EndTransfer, _Mapping]] = ..., tune: _Optional[_Union[Tune, _Mapping]] = ..., proc_ops: _Optional[_Union[ProcOperations, _Mapping]] = ..., proc_ack: _Optional[_Union[ProcAck, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., enrolled: _Optional[_Union[Enrolled, _Mapping]] = ..., host_identity: _Optional[_Union[HostIdentity, _Mapping]] = ..., operate: _Optional[_Union[AgentOperation, _Mapping]] = ..., end_entry: _Optional[_Union[EndEntry, _Mapping]] = ...) -> None: ...
 
 class FileEntry(_message.Message):
     __slots__ = ("index", "rel_path", "is_dir", "size", "mode", "md5", "torrent", "info_hash", "link_target", "holes", "error_code", "error_msg", "content")
@@ -685,3 +695,61 @@ class ProcAck(_message.Message):
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ProcResultRef]
     def __init__(self, items: _Optional[_Iterable[_Union[ProcResultRef, _Mapping]]] = ...) -> None: ...
+
+class HostIdentity(_message.Message):
+    __slots__ = ("content", "md5", "version")
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    MD5_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    content: bytes
+    md5: str
+    version: int
+    def __init__(self, content: _Optional[bytes] = ..., md5: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class HostIdentityResult(_message.Message):
+    __slots__ = ("md5", "version", "error_code", "error_msg")
+    MD5_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MSG_FIELD_NUMBER: _ClassVar[int]
+    md5: str
+    version: int
+    error_code: int
+    error_msg: str
+    def __init__(self, md5: _Optional[str] = ..., version: _Optional[int] = ..., error_code: _Optional[int] = ..., error_msg: _Optional[str] = ...) -> None: ...
+
+class AgentOperation(_message.Message):
+    __slots__ = ("op", "request_id", "version", "package_path", "sha256", "size", "timeout_seconds")
+    OP_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PACKAGE_PATH_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    op: int
+    request_id: str
+    version: str
+    package_path: str
+    sha256: str
+    size: int
+    timeout_seconds: int
+    def __init__(self, op: _Optional[int] = ..., request_id: _Optional[str] = ..., version: _Optional[str] = ..., package_path: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., timeout_seconds: _Optional[int] = ...) -> None: ...
+
+class OperationResult(_message.Message):
+    __slots__ = ("op", "request_id", "error_code", "error_msg", "state", "version", "from_version")
+    OP_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MSG_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    op: int
+    request_id: str
+    error_code: int
+    error_msg: str
+    state: str
+    version: str
+    from_version: str
+    def __init__(self, op: _Optional[int] = ..., request_id: _Optional[str] = ..., error_code: _Optional[int] = ..., error_msg: _Optional[str] = ..., state: _Optional[str] = ..., version: _Optional[str] = ..., from_version: _Optional[str] = ...) -> None: ...

@@ -1,1 +1,2 @@
-"""Syncdata: follows CMDB host identity and pushes it to agents (not built yet)."""
+"""syncdata: follows the host identities of the CMDB (or of files) and keeps every agent's identity file
+current (spec section 11)."""

@@ -261,7 +261,8 @@ class AgentAccess:
             os=hello.os, arch=hello.arch, version=hello.version, run_mode=hello.run_mode,
             start_time=hello.start_time_ms, boot_id=hello.boot_id, online=True, node=self.node_id,
             parent_ip=self.parent_ip, parent_port=self.parent_port, connect_time=at,
-            report_time=at, deadline=self.deadline_ms(at), status_code=AgentStatus.RUNNING, peer=session.peer))
+            report_time=at, deadline=self.deadline_ms(at), status_code=AgentStatus.RUNNING, peer=session.peer,
+            hostid_md5=hello.hostid_md5, hostid_time=at))
         session.send(pb.ServerFrame(welcome=pb.Welcome(
             node_id=self.node_id, heartbeat_interval_ms=int(self.hb_interval_s * 1000),
             parent_ip=self.parent_ip, parent_port=self.parent_port,

@@ -25,6 +25,7 @@ from .batch_writer import BatchWriter
 from .data_relay import DataRelay
 from .enroll import EnrollConfig, Enroller
 from .files import FileCoordinator, FileReports
+from .fleet import Fleet
 from .identity import AgentIdentity
 from .procs import ProcAckBatcher, ProcReports
 from .tasks import AckBatcher, ResultRecorder, TaskService
@@ -209,6 +210,9 @@ class TaskServerService(Service):
         self.access.handlers["proc_report"] = ProcReports(self.writer, self.db, self.proc_acks).on_report
         self.access.on_attach = self.data_relay.on_attach
         self.writer.on_pressure = self.access.on_pressure
+        fleet = Fleet(self.access, self.writer)
+        self.access.handlers.update({"host_identity_result": fleet.on_hostid_result,
+                                     "operation_result": fleet.on_operation_result})
         task_pb_grpc.add_TaskServiceServicer_to_server(TaskService(self.access, self.files), self.task_server)
         task_health = rpc.add_health(self.task_server)
         await self.task_server.start()

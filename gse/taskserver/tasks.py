@@ -69,7 +69,8 @@ class TaskService(pb_grpc.TaskServiceServicer):
         return reply
 
     async def DispatchBatch(self, request, context):
-        """Several frames, each to its own agents (procmgr's per-agent operations), in one call."""
+        """Several frames, each to its own agents, in one call (procmgr's per-agent operations, syncdata's
+        per-agent identity files)."""
         failures = []
         for part in request.parts:
             try:
@@ -99,7 +100,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
         """The source's task server reports that entry `index` changed mid-transfer: end it with 127 on every target
         (see FileCoordinator.on_source_changed)."""
         ok = await self.files.on_source_changed(request.transfer_id, request.index, request.error_msg)
-        failures = [] if ok else [pb.AgentFailure(agent_id=request.agent_id, code=E_AGENT_OFFLINE,
+        failures = [] if ok else [pb.AgentFailure(agent_id=request.agent_id, code=ErrorCode.AGENT_OFFLINE,
                                                   message="no such live transfer here")]
         return pb.DispatchReply(failures=failures)
 

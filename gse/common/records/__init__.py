@@ -21,6 +21,9 @@ each module documents its keys, writers and readers.
 | ProcOpenTasks | gse:ptasks:open | set | proc |
 | ProcGroups | gse:procgroups:<bk_agent_id>:<namespace> | string (JSON) | proc |
 | LostReports | gse:alarm:lost | hash | alarm |
+| HostIdentityRecord | gse:hostid:<bk_agent_id> | hash | hostid |
+| PendingIdentities | gse:syncdata:pending | set | hostid |
+| SyncCursor | gse:syncdata:cursor:<name> | string | hostid |
 """
 
 from .agent import (SESSION_FIELDS, AgentAddress, AgentIndex, AgentRecord, HostSnapshotRecord, now_ms,

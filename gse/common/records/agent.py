@@ -40,6 +40,9 @@ def valid_agent_id(text: str) -> bool:
     return 0 < len(text) <= MAX_AGENT_ID and text.isprintable() and ":" not in text and " " not in text
 
 
+UPGRADE_ACTIVE = frozenset({"started", "waiting", "installing", "switching"})
+
+
 @hash_record(prefix="gse:agent:", ttl_ms=SESSION_TTL_MS)
 @dataclasses.dataclass(slots=True)
 class AgentRecord:
@@ -81,13 +84,33 @@ class AgentRecord:
     proc_count: int = 0
     disk_total: int = 0             # bytes, root filesystem
     disk_used: int = 0
+    # the host identity file (syncdata, spec section 11) as the agent reported it (hello, push results)
+    hostid_md5: str = ""
+    hostid_version: int = 0         # the pushed version the agent wrote (0: unknown, from a hello)
+    hostid_time: int = 0            # when the agent last reported it
+    hostid_error_code: int = 0      # of the last push: 0, 123 not writable, 127 md5 mismatch, 65535
+    hostid_error: str = ""
+    # agent operations (operate_agent, spec section 11): the last upgrade
+    upgrade_state: str = ""         # started, waiting, installing, switching, done, rolled_back, failed
+    upgrade_version: str = ""       # the version asked for
+    upgrade_from: str = ""
+    upgrade_until: int = 0          # the upgrade shows (status 5) until it ends or this passes
+    upgrade_error: str = ""
+    upgrade_time: int = 0           # when upgrade_state last changed
+
+    def upgrading(self, at_ms: int | None = None) -> bool:
+        """An upgrade under way (started and neither ended nor past its bound)."""
+        return self.upgrade_state in UPGRADE_ACTIVE and (at_ms or now_ms()) < self.upgrade_until
 
     def alive(self, at_ms: int | None = None) -> bool:
         """Online and within its heartbeat deadline at `at_ms` (default now)."""
         return self.online and (at_ms or now_ms()) <= self.deadline
 
     def status(self, at_ms: int | None = None) -> int:
-        """The v2 `status_code` (spec §4): RUNNING only while alive; otherwise what was stored, never RUNNING."""
+        """The v2 `status_code` (spec §4): UPGRADING while an upgrade is under way, else RUNNING only while
+        alive; otherwise what was stored, never RUNNING."""
+        if self.upgrading(at_ms):
+            return AgentStatus.UPGRADING
         if self.alive(at_ms):
             return AgentStatus.RUNNING
         return self.status_code if self.status_code != AgentStatus.RUNNING else AgentStatus.UNKNOWN
