@@ -58,6 +58,7 @@ class Stats:
         self.duplicates = 0     # tasks delivered again after they were answered (not run twice)
         self.enrolled = 0
         self.enroll_failures = 0
+        self.identities = 0     # host identity files "written"
         self.refused: dict[str, int] = {}
 
 
@@ -275,6 +276,12 @@ class SimAgent:
                 self.unacked.pop((ref.task_id, ref.atomic_task_id), None)
         elif kind == "proc_ops":
             self.answer_proc(link, frame.proc_ops)
+        elif kind == "host_identity":
+            # as the real agent (gse/agent/hostid.py), without writing a file: the md5 it would now have
+            h = frame.host_identity
+            self.stats.identities += 1
+            link.write(pb.AgentFrame(host_identity_result=pb.HostIdentityResult(md5=h.md5, version=h.version))
+                       .SerializeToString())
         elif kind == "tune":
             self.spread_s = frame.tune.reconnect_spread_ms / 1000
         elif kind == "redirect":
@@ -376,7 +383,7 @@ async def main_async(args) -> None:
                               "redirects": stats.redirects, "failures": stats.failures,
                               "enrolled": stats.enrolled, "enroll_failures": stats.enroll_failures,
                               "refused": stats.refused, "answered": stats.answered,
-                              "duplicates": stats.duplicates}), flush=True)
+                              "duplicates": stats.duplicates, "identities": stats.identities}), flush=True)
             await asyncio.sleep(args.report_s)
 
     reporter = asyncio.ensure_future(report())

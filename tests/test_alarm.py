@@ -149,8 +149,10 @@ async def test_alarm_killed_agents_are_reported_once_per_interval_through_kafka(
                 check_shape(rec, a)
             first = got[0][0] - kill_at
             assert GRACE_S - 0.5 <= first <= GRACE_S + SCAN_S + 3, f"first report {first:.1f}s after the kill"
+            # One a report interval: never two at once (a report the data path delayed is followed by the next
+            # on time, so single gaps vary on a loaded machine; their mean does not).
             gaps = [t2 - t1 for (t1, _), (t2, _) in zip(got, got[1:])]
-            assert all(INTERVAL_S - 1.2 <= g <= INTERVAL_S + 1.2 for g in gaps), gaps
+            assert min(gaps) >= 0.3 and abs(sum(gaps) / len(gaps) - INTERVAL_S) <= 0.8, gaps
             nums = report_numbers(got)
             assert nums == list(range(1, len(nums) + 1)), nums
         # Back again: no more reports for it; the next loss would start a new series.
