@@ -6,6 +6,9 @@
 2. N simulated agents (real protocol and TLS; they answer `echo` in-process instead of forking, so the
    figure is the control plane's): from the API call until every result is readable through
    get_execute_script_result; p50 and max over --rounds.
+3. With --real-agents N: N real agent processes; a broadcast of `true` as root against the same as `nobody`,
+   interleaved over --real-rounds rounds each: the medians and their ratio (the login environment is the
+   difference: root has a login profile, nobody has none).
 
 Starts its own cluster (ZooKeeper, two Redis nodes, dbproxy R=2, one task server, API server).
 
@@ -103,6 +106,44 @@ def single_agent(runs: int) -> dict:
         subprocess.run(["userdel", "-r", user], check=False, capture_output=True)
 
 
+def real_agents(n: int, rounds: int, login_env_max_age_s: float | None = None) -> dict:
+    base = tempfile.mkdtemp(prefix=f"gse-fanout-real{n}-")
+    c = Cluster(base, heartbeat_interval_s=10)
+    try:
+        c.start_zookeeper()
+        c.start_redis()
+        c.start_redis()
+        c.start_dbproxy(replicas=2)
+        c.start_taskserver()
+        c.start_apiserver()
+        tasks = {} if login_env_max_age_s is None else {"tasks": {"login_env_max_age_s": login_env_max_age_s}}
+        procs = [c.start_agent(wait=False, **tasks) for _ in range(n)]
+        for p in procs:
+            c.wait_healthy(p, timeout=120)
+        api = Api(c)
+        ids = [p.info["bk_agent_id"] for p in procs]
+
+        def all_alive():
+            r = api("/api/v2/cluster/list_agent_state", {"agent_id_list": ids})
+            return r["code"] == 0 and sum(1 for d in r["data"] if d["status_code"] == 2) == n
+        wait_for(all_alive, 120, f"{n} real agents", interval=0.5)
+        times: dict[str, list[float]] = {"root": [], "nobody": []}
+        failed = 0
+        for who in ("root", "nobody", "root", "nobody"):       # warm-up (the first run of a user captures its env)
+            run_once(api, ids, "true", who, poll_s=0.01)
+        for _ in range(rounds):
+            for who in ("root", "nobody"):
+                t, bad = run_once(api, ids, "true", who, poll_s=0.01)
+                times[who].append(t)
+                failed += bad
+        root, nobody = statistics.median(times["root"]), statistics.median(times["nobody"])
+        return {"agents": n, "rounds": rounds, "root_p50_s": round(root, 3), "nobody_p50_s": round(nobody, 3),
+                "root_max_s": round(max(times["root"]), 3), "nobody_max_s": round(max(times["nobody"]), 3),
+                "ratio_root_over_nobody": round(root / nobody, 2), "failed_results": failed}
+    finally:
+        c.stop()
+
+
 def many_agents(n: int, rounds: int, workers: int) -> dict:
     base = tempfile.mkdtemp(prefix=f"gse-fanout{n}-")
     c = Cluster(base, heartbeat_interval_s=10)
@@ -147,7 +188,14 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--skip-single", action="store_true")
+    p.add_argument("--skip-simulated", action="store_true")
+    p.add_argument("--real-agents", type=int, default=0, help="also broadcast to N real agents as root and nobody")
+    p.add_argument("--real-rounds", type=int, default=10)
+    p.add_argument("--login-env-max-age", type=float, default=None,
+                   help="the real agents' tasks.login_env_max_age_s (0: source the profiles for every command)")
     args = p.parse_args()
+    load = os.getloadavg()
+    print(f"load average before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
     print(f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, python "
           f"{platform.python_version()}; every daemon and simulator shares these cores")
     out = {"bench": "task_fanout"}
@@ -156,12 +204,22 @@ def main() -> int:
         for who, r in out["one_agent_true"].items():
             print(f"one agent, `true` as {who}: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms over {r['runs']} runs",
                   flush=True)
-    r = many_agents(args.agents, args.rounds, args.workers)
-    out["fanout"] = r
-    print(f"{r['agents']} simulated agents (in-process echo): all results readable p50 {r['p50_s']} s, "
-          f"max {r['max_s']} s over {r['rounds']} rounds; failed results {r['failed_results']}")
+    failed = 0
+    if args.real_agents:
+        r = out["real_agents"] = real_agents(args.real_agents, args.real_rounds, args.login_env_max_age)
+        failed += r["failed_results"]
+        print(f"{r['agents']} real agents, `true`: as root p50 {r['root_p50_s']} s (max {r['root_max_s']}), as nobody "
+              f"p50 {r['nobody_p50_s']} s (max {r['nobody_max_s']}); root / nobody = {r['ratio_root_over_nobody']} "
+              f"over {r['rounds']} rounds each; failed results {r['failed_results']}", flush=True)
+    if not args.skip_simulated:
+        r = out["fanout"] = many_agents(args.agents, args.rounds, args.workers)
+        failed += r["failed_results"]
+        print(f"{r['agents']} simulated agents (in-process echo): all results readable p50 {r['p50_s']} s, "
+              f"max {r['max_s']} s over {r['rounds']} rounds; failed results {r['failed_results']}")
+    load = os.getloadavg()
+    print(f"load average after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(json.dumps(out))
-    return 0 if r["failed_results"] == 0 else 1
+    return 0 if failed == 0 else 1
 
 
 if __name__ == "__main__":
