@@ -236,6 +236,10 @@ def test_terminate_and_timeout_leave_nothing(fc, fapi, src, tmp_path):
     tid = send(fapi, [task(a[0], src, "big.bin", [a[1]], tmp_path / "t")], **slow)
     wait_for(lambda: any(i["content"]["progress"] > 0 for i in fapi.call(
         RESULT, {"task_id": tid, "agents": [{"bk_agent_id": a[1]}]})["data"]["result"]), 60, "progress")
+    running = fapi.call(RESULT, {"task_id": tid, "agents": [{"bk_agent_id": a[1]}]})
+    # Spec section 4 (correction): a known transfer answers 0 while it runs, its running items 115.
+    assert running["code"] == 0 and running["result"] is True
+    assert [i["error_code"] for i in running["data"]["result"]] == [115]
     assert fapi.call(STOP, {"task_id": tid, "agents": [{"bk_agent_id": a[1]}]})["code"] == 0
     (item,) = wait_done(fapi, tid, [a[1]], timeout=60)
     assert item["error_code"] == 126
