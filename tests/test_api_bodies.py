@@ -37,16 +37,19 @@ def test_body_valid_shapes_pass():
 
 async def test_large_body_parsed_in_a_worker_while_the_loop_ticks():
     """A 16 MiB script body takes tens of ms in json.loads with the GIL held; parsed in a worker process the
-    event loop keeps turning: its longest pause is shorter than parsing the body inline would be."""
+    event loop keeps turning: its longest pause is shorter than parsing the body inline (each the best of
+    three, so that a hiccup of a shared machine does not decide)."""
     parser = bodies.BodyParser()
     await parser.start()
     raw = json.dumps({"scripts": [{"script_content": ("true " + "a" * 100 + "\n") * (16 * 1024 * 1024 // 106)}],
                       "n": 1}).encode()
     bad = raw[:-1] + b', "x": "\\ud800"}'
-    t0 = time.perf_counter()
-    json.loads(raw)
-    inline_s = time.perf_counter() - t0
-    gaps = []
+    inline = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        json.loads(raw)
+        inline.append(time.perf_counter() - t0)
+    gaps: list[float] = []
 
     async def ticker():
         last = time.perf_counter()
@@ -57,15 +60,19 @@ async def test_large_body_parsed_in_a_worker_while_the_loop_ticks():
             last = now
 
     t = asyncio.ensure_future(ticker())
+    worst = []
     try:
-        body = await parser.parse(raw)
+        for _ in range(3):
+            gaps.clear()
+            body = await parser.parse(raw)
+            worst.append(max(gaps))
         with pytest.raises(BadRequest, match="surrogate"):
             await parser.parse(bad)
     finally:
         t.cancel()
         parser.close()
     assert body["n"] == 1 and len(body["scripts"][0]["script_content"]) == 16 * 1024 * 1024 // 106 * 106
-    assert len(gaps) > 10 and max(gaps) < inline_s, (max(gaps), inline_s)
+    assert min(worst) < min(inline), (worst, inline)
 
 
 def test_dependency_checks_are_iterative_and_linear():
