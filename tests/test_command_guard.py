@@ -84,11 +84,14 @@ async def test_guard_check_async_keeps_the_loop_free_and_is_bounded():
             ticks += 1
 
     t = asyncio.ensure_future(ticker())
+    t0 = time.perf_counter()
     try:
         assert await guard.check_async([text]) == (None, [])
     finally:
         t.cancel()
-    assert ticks > 10 and max(gaps) < 0.05, (ticks, max(gaps))
+    elapsed = time.perf_counter() - t0
+    blocked = sum(g for g in gaps if g > 0.01)          # the loop held up (longer than a tick should take)
+    assert ticks > 10 and blocked < 0.5 * elapsed, (ticks, blocked, elapsed)
     guard.time_bound_s = 0.001
     with pytest.raises(Unavailable):
         await guard.check_async([text])
