@@ -57,7 +57,8 @@ def main() -> int:
     base = tempfile.mkdtemp(prefix="gse-load-")
     c = Cluster(base, heartbeat_interval_s=10.0)
     workers, hogs = [], []
-    out: dict = {"agents": args.agents, "real_agents": args.real_agents, "hogs": args.hogs, "duration_s": args.duration, "parallel": args.parallel,
+    out: dict = {"agents": args.agents, "real_agents": args.real_agents, "hogs": args.hogs,
+                 "duration_s": args.duration, "parallel": args.parallel,
                  "cores": os.cpu_count(), "load_before": os.getloadavg()[0]}
     try:
         c.start_zookeeper()

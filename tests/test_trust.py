@@ -143,6 +143,10 @@ def test_enrollment_refuses_bad_used_expired_and_foreign_tokens(make_cluster):
     assert (cert_id.role, cert_id.agent_id) == ("agent", "a" * 32)
     used = enroll(good, agent_id="d" * 32)
     assert used.refused.code == "token_used" and "already used" in used.refused.reason
+    # The agent that used it, asking again with the same key (its answer lost), gets its certificate again;
+    # the same id with another key does not.
+    assert enroll(good).WhichOneof("body") == "enrolled"
+    assert enroll(good, csr=make_csr(new_key(), "a" * 32)).refused.code == "token_used"
     # An enrolled id enrolls again only with a token made for it.
     again = enroll(c.enroll_tokens(1)[0])
     assert again.refused.code == "enrolled" and "--agent-id" in again.refused.reason
@@ -153,7 +157,7 @@ def test_enrollment_refuses_bad_used_expired_and_foreign_tokens(make_cluster):
     m = _metrics(ts)
     for code in ("token_unknown", "token_expired", "token_agent", "token_used", "bad_request", "enrolled"):
         assert f'gse_taskserver_enroll_refused_total{{code="{code}"}}' in m, code
-    assert "gse_taskserver_enrolled_total 2.0" in m
+    assert "gse_taskserver_enrolled_total 3.0" in m
 
 
 def test_one_token_is_accepted_once_even_by_two_servers_at_once(make_cluster):

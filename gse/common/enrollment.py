@@ -5,15 +5,16 @@ time (gse/taskserver/enroll.py serves it on the agent port). Tokens live where e
 and consume them, and where consuming is atomic: ZooKeeper, which orders every write.
 
     <root>/enroll/tokens/<sha256 of the token>   JSON {"created_ms", "expires_ms", "agent_id", "note",
-                                                       "used_ms", "used_by", "used_from"}
+                                                       "used_ms", "used_by", "used_from", "used_key"}
     <root>/enroll/agents/<bk_agent_id>           JSON {"serial", "at_ms", "peer", "token"}  (one per agent)
 
 Only the token's SHA-256 is stored: reading ZooKeeper does not give anyone a token. A token is consumed by
 a conditional write (`set` with the version just read): of two task servers presenting one token at the
 same moment, exactly one write succeeds, the other is told the token was used. A used token stays (marked)
-until it expires, so that its reuse is refused as "used", not "unknown". A token may name the agent it is
-for (`--agent-id`); an id that is already enrolled enrolls again only with a token naming it (a host
-reinstalled), never by accident with any token.
+until it expires, so that its reuse is refused as "used", not "unknown"; except for the agent that used
+it asking again with the same key (its answer was lost on the way): it gets its certificate again. A token
+may name the agent it is for (`--agent-id`); an id that is already enrolled enrolls again only with a token
+naming it (a host reinstalled), never by accident with any token.
 """
 
 from __future__ import annotations
@@ -115,9 +116,11 @@ class TokenStore:
         """True when `agent_id` is already enrolled."""
         return await self.d._aio(self.d.zk.exists_async(self.d.path(AGENTS, agent_id))) is not None
 
-    async def consume(self, token: str, agent_id: str, peer: str, enrolled: bool) -> dict:
+    async def consume(self, token: str, agent_id: str, peer: str, enrolled: bool, key_id: str = "") -> dict:
         """Consume `token` for `agent_id` (atomically, once in the whole cluster); returns its record.
-        `enrolled`: the id already has a certificate (then the token must name it). Raises EnrollError."""
+        `enrolled`: the id already has a certificate (then the token must name it). `key_id`: the SHA-256 of
+        the requested public key: the same agent asking again with the same key (its first answer was lost)
+        gets the same outcome, anyone else finds the token used. Raises EnrollError."""
         if not token.startswith(TOKEN_PREFIX) or len(token) > MAX_TOKEN_LEN:
             raise EnrollError("token_unknown", "the enrollment token is not one `gse certs token` made")
         path = self.d.path(TOKENS, token_hash(token))
@@ -130,17 +133,19 @@ class TokenStore:
         except ValueError:
             raise EnrollError("token_unknown", "the enrollment token's record is unreadable") from None
         now = _now_ms()
-        if rec.get("used_ms"):
-            raise EnrollError("token_used", f"the enrollment token was already used (by agent {rec.get('used_by')})")
         if rec.get("expires_ms", 0) < now:
             raise EnrollError("token_expired", "the enrollment token has expired; make a new one")
+        if rec.get("used_ms"):
+            if key_id and rec.get("used_by") == agent_id and rec.get("used_key") == key_id:
+                return rec          # a retry of the enrollment that used it: only that key's holder can ask
+            raise EnrollError("token_used", f"the enrollment token was already used (by agent {rec.get('used_by')})")
         bound = rec.get("agent_id", "")
         if bound and bound != agent_id:
             raise EnrollError("token_agent", f"the enrollment token is for agent {bound}, not {agent_id}")
         if enrolled and bound != agent_id:
             raise EnrollError("enrolled", f"agent {agent_id} is already enrolled; enrolling it again needs a token "
                                           f"made for it (gse certs token --agent-id {agent_id})")
-        rec.update(used_ms=now, used_by=agent_id, used_from=peer)
+        rec.update(used_ms=now, used_by=agent_id, used_from=peer, used_key=key_id)
         try:
             await self.d._aio(self.d.zk.set_async(path, json.dumps(rec, sort_keys=True).encode(), stat.version))
         except (BadVersionError, NoNodeError):

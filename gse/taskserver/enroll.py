@@ -28,6 +28,15 @@ from gse.pb import agent_pb2 as pb
 
 log = logging.getLogger("gse.taskserver.enroll")
 
+
+def key_id(public_key) -> str:
+    """SHA-256 (hex) of a public key's DER encoding: which key a token was used for."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+    return hashlib.sha256(public_key.public_bytes(serialization.Encoding.DER,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+
 ENROLLED = Counter("gse_taskserver_enrolled_total", "Agents enrolled (certificates signed)")
 ENROLL_REFUSED = Counter("gse_taskserver_enroll_refused_total", "Enrollments refused", ["code"])
 PENDING = Gauge("gse_taskserver_enroll_pending", "Enrollments in progress")
@@ -94,7 +103,7 @@ class Enroller:
         PENDING.inc()
         try:
             enrolled = await self.store.check_agent(agent_id)
-            await self.store.consume(msg.token, agent_id, peer, enrolled)
+            await self.store.consume(msg.token, agent_id, peer, enrolled, key_id(public_key))
             cert = self.ca.sign_key(public_key, agent_id, days=self.cert_days)
             await self.store.record(agent_id, roles.of_pem(cert).serial, peer, msg.token)
             return cert
