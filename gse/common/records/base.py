@@ -205,7 +205,7 @@ def json_document(cls):
         return json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode()
 
     def from_json(raw: bytes | str):
-        """The document from JSON text; unknown keys are ignored, missing ones are None. ValueError when it is not a
+        """The document from JSON text; unknown keys are ignored, missing ones take their defaults. ValueError when it is not a
         JSON object."""
         d = json.loads(raw)
         if not isinstance(d, dict):
