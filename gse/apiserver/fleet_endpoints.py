@@ -43,6 +43,8 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class FleetEndpoints:
+    """The fleet endpoints of spec §11 and their extensions (see the module docstring), at /api/v2/cluster/<name>."""
+
     def __init__(self, view, servers, discovery, files, *, max_hosts: int, upgrade_dir: str):
         self.view = view                # AgentsView
         self.servers = servers          # TaskServers
@@ -52,6 +54,8 @@ class FleetEndpoints:
         self.upgrade_dir = upgrade_dir.rstrip("/") or "/"
 
     def register(self, api: Api) -> None:
+        """Serve operate_agent, register_agent_package, list_agent_packages and get_host_identity_result under
+        /api/v2/cluster."""
         api.route(f"{V2}/operate_agent", self.operate_agent)
         api.route(f"{V2}/register_agent_package", self.register_agent_package)
         api.route(f"{V2}/list_agent_packages", self.list_agent_packages)
@@ -60,6 +64,10 @@ class FleetEndpoints:
     # ---- operate_agent ----------------------------------------------------------------------------
 
     async def operate_agent(self, body: dict, req):
+        """cluster/operate_agent (spec §11): `{type 1|2|3, agent_id_list, target_version_sign (type 3), timeout?}` ->
+        `{results: [ids not found online], task_id (type 3)}`. Sends AgentOperation to the live agents through the
+        task servers holding them; an agent a task server no longer holds joins `results`. BadRequest for a bad type
+        or id list, or an upgrade to a sign with no registered package."""
         op = v.integer(body, "type", minimum=1, maximum=3)
         ids = v.agent_ids(body, max_len=self.max_hosts)
         records = await self.view.by_ids(ids)
@@ -110,6 +118,9 @@ class FleetEndpoints:
     # ---- packages ---------------------------------------------------------------------------------
 
     async def register_agent_package(self, body: dict, _req):
+        """cluster/register_agent_package: `{version_sign, version, file_name, store_dir, source_agent, sha256,
+        size?}` -> the stored package with its sign. Kept in ZooKeeper config/agent_packages (a sign registered again
+        is replaced); answers once this server's own view has it. BadRequest naming the field."""
         sign = v.string(body, "version_sign", max_len=128)
         if not _SIGN.fullmatch(sign):
             raise BadRequest("'version_sign' must be letters, digits and _.+:- (at most 128)")
@@ -135,11 +146,15 @@ class FleetEndpoints:
         return {"version_sign": sign, **pkg}
 
     async def list_agent_packages(self, _body: dict, _req):
+        """cluster/list_agent_packages: every registered package, `[{version_sign, version, sha256, file_name,
+        store_dir, source_agent, size}]`, sorted by sign."""
         return [{"version_sign": s, **p} for s, p in sorted((self.discovery.config(PACKAGES) or {}).items())]
 
     # ---- host identity ----------------------------------------------------------------------------
 
     async def get_host_identity_result(self, body: dict, _req):
+        """cluster/get_host_identity_result: `{agent_id_list}` -> one entry per requested id, in request order (see
+        the module docstring for its fields and statuses); ids in "cloud:ip" form are resolved first."""
         ids = v.agent_ids(body, max_len=self.max_hosts)
         real = await self.view.resolve(ids)
         uniq = list(dict.fromkeys(real.values()))

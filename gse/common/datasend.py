@@ -95,6 +95,7 @@ class DataSender:
             raise
 
     async def close(self) -> None:
+        """Close the open stream, if any; batches waiting on it fail with Unavailable."""
         if self._stream is not None:
             await self._stream.close()
             self._stream = None
@@ -115,6 +116,8 @@ class _Stream:
         self.writer: asyncio.Task | None = None
 
     async def open(self) -> None:
+        """Open the DataIngest stream with the daemon's metadata and wait for the server's first (empty) ack; OSError
+        when the server closes it instead, gRPC errors as they come. Starts the reader and the writer."""
         s = self.sender
         md = ((MD_AGENT_ID, s.name), (MD_CLOUD_ID, str(s.area)), (MD_IP, s.ip))
         self.call = self.channel.stream_stream(STREAM_METHOD, request_serializer=pb.DataBatch.SerializeToString,
@@ -127,6 +130,8 @@ class _Stream:
         log.info("data stream open", extra={"server": self.address})
 
     def write(self, batch: pb.DataBatch) -> asyncio.Future:
+        """Queue `batch` on the stream; the future resolves on its ok ack and fails with Unavailable on a failed ack
+        or a broken stream."""
         fut = asyncio.get_running_loop().create_future()
         self.pending[batch.batch_id] = fut
         self.writes.put_nowait(batch)
@@ -158,6 +163,8 @@ class _Stream:
             self.fail(_describe(exc))
 
     def fail(self, why: str) -> None:
+        """Mark the stream broken (once logged) and fail every batch waiting for its ack with Unavailable naming
+        `why`."""
         if not self.broken:
             log.warning("data stream ended", extra={"server": self.address, "reason": why})
         self.broken = True
@@ -170,6 +177,7 @@ class _Stream:
                 t.cancel()
 
     async def close(self) -> None:
+        """Fail what is pending, cancel the call and close the channel."""
         self.fail("closed")
         if self.call is not None:
             self.call.cancel()

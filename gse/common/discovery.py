@@ -369,6 +369,7 @@ class Leadership:
 
     @property
     def leading(self) -> bool:
+        """True while `work()` may run: elected, connected, and not stopping."""
         return self.elected and self.discovery.connected and not self._stopping
 
     def _on_state(self, state: str) -> None:

@@ -35,12 +35,17 @@ class Fleet:
         self.ttl_ms = access.ttl_ms
 
     def on_hostid_result(self, session: AgentSession, r: apb.HostIdentityResult) -> None:
+        """The `host_identity_result` frame handler: the md5, version and outcome of the identity file the agent
+        wrote go to its session record (hostid_* fields), with the time of the answer."""
         HOSTID_RESULTS.labels("ok" if r.error_code == 0 else "failed").inc()
         self.writer.put(AgentRecord.update(
             session.agent_id, ttl_ms=self.ttl_ms, hostid_md5=r.md5, hostid_version=r.version, hostid_time=now_ms(),
             hostid_error_code=r.error_code, hostid_error=r.error_msg))
 
     def on_operation_result(self, session: AgentSession, r: apb.OperationResult) -> None:
+        """The `operation_result` frame handler: log the outcome of a restart, reload or upgrade; an upgrade's state
+        (with its deadline cleared once it is done, rolled back or failed) goes to the session record, which
+        list_agent_state reads for status 5."""
         OPERATIONS.labels(str(r.op), r.state or ("ok" if r.error_code == 0 else "failed")).inc()
         log.info("agent operation result", extra={"agent_id": session.agent_id, "op": r.op, "state": r.state,
                                                    "error_code": r.error_code, "error": r.error_msg,

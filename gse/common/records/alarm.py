@@ -29,10 +29,12 @@ class LostReport:
     slot: int
 
     def encode(self) -> bytes:
+        """The stored value: "<since_ms>:<slot>"."""
         return f"{self.since_ms}:{self.slot}".encode()
 
     @staticmethod
     def parse(raw: bytes) -> "LostReport | None":
+        """The report from its stored value; None when it is not "<int>:<int>"."""
         try:
             since, slot = raw.split(b":", 1)
             return LostReport(int(since), int(slot))
@@ -47,6 +49,7 @@ class LostReports:
 
     @staticmethod
     def read() -> db.Op:
+        """HGETALL of every stored report (decode with `decode`)."""
         return db.hgetall(LostReports.KEY)
 
     @staticmethod
@@ -63,9 +66,11 @@ class LostReports:
 
     @staticmethod
     def write(reports: dict[str, LostReport]) -> db.Op:
+        """HSET the reports of `reports` (bk_agent_id -> LostReport), refreshing the key's TTL (2 days)."""
         return db.Op(kind=db.K.HSET, key=LostReports.KEY, fields={a: r.encode() for a, r in reports.items()},
                      ttl_ms=LostReports.TTL_MS)
 
     @staticmethod
     def remove(agent_ids) -> db.Op:
+        """HDEL the agents in `agent_ids` (they are back)."""
         return db.hdel(LostReports.KEY, agent_ids)

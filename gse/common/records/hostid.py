@@ -45,18 +45,22 @@ class PendingIdentities:
 
     @staticmethod
     def add(agent_ids) -> db.Op:
+        """SADD `agent_ids` to the pending set, refreshing its TTL (30 days)."""
         return db.sadd(PendingIdentities.KEY, agent_ids, IDENTITY_TTL_MS)
 
     @staticmethod
     def remove(agent_ids) -> db.Op:
+        """SREM `agent_ids` from the pending set (their files are confirmed)."""
         return db.srem(PendingIdentities.KEY, agent_ids)
 
     @staticmethod
     def read() -> db.Op:
+        """SMEMBERS of the pending set."""
         return db.smembers(PendingIdentities.KEY)
 
     @staticmethod
     def decode(result) -> list[str]:
+        """The pending bk_agent_ids from the SMEMBERS result ([] when the read failed)."""
         return [m.decode() for m in result.values] if result.ok else []
 
 
@@ -67,16 +71,20 @@ class SyncCursor:
 
     @staticmethod
     def write(name: str, cursor: str) -> db.Op:
+        """SET the resume point of source `name`, kept 3 h."""
         return db.set_(SyncCursor.PREFIX + name, cursor, SyncCursor.TTL_MS)
 
     @staticmethod
     def read(name: str) -> db.Op:
+        """GET the resume point of source `name`."""
         return db.get(SyncCursor.PREFIX + name)
 
     @staticmethod
     def decode(result) -> str:
+        """The resume point from the GET result; "" when there is none (the source reads everything again)."""
         return result.value.decode() if result.ok and result.found else ""
 
     @staticmethod
     def clear(name: str) -> db.Op:
+        """DEL the resume point of source `name` (the next run reads everything again)."""
         return db.delete(SyncCursor.PREFIX + name)
