@@ -65,21 +65,29 @@ class Api:
         return n
 
 
-def operate(api: Api, ids: list[str], name: str, poll_s: float) -> tuple[float, int]:
-    """(seconds until every target is final, targets not 0)."""
+def operate(api: Api, ids: list[str], name: str, poll_s: float) -> tuple[float, int, float, list]:
+    """(seconds until every target is final, targets not 0, seconds the submit call took, per poll:
+    (seconds since the start, its latency, targets still running))."""
     t0 = time.perf_counter()
+    polls = []
     r = api("/api/v2/proc/operate_proc_multi", {"no_request": True, "proc_operate_req": [
         {"meta": {"namespace": NS, "name": name, "labels": {"proc_name": name}}, "op_type": 0,
          "agent_id_list": [a], "nodeman_spec": {"process_status_id": i}, "spec": SPEC} for i, a in enumerate(ids)]})
     assert r["code"] == 0, r
     task_id = r["data"]["task_id"]
+    submit = time.perf_counter() - t0
     while True:
+        p0 = time.perf_counter()
         res = api("/api/v2/proc/get_proc_operate_result_v2", {"task_id": task_id})
-        if res["code"] == 0 and not any(x["error_code"] == 115 for x in res["data"].values()):
+        running = sum(1 for x in (res.get("data") or {}).values() if x["error_code"] == 115) \
+            if res["code"] == 0 else len(ids)
+        polls.append((round(p0 - t0, 3), round(time.perf_counter() - p0, 3), running))
+        if res["code"] == 0 and not running:
             assert len(res["data"]) == len(ids), (len(res["data"]), len(ids))
-            return time.perf_counter() - t0, sum(1 for x in res["data"].values() if x["error_code"] != 0)
+            return (time.perf_counter() - t0, sum(1 for x in res["data"].values() if x["error_code"] != 0), submit,
+                    polls)
         if time.perf_counter() - t0 > 120:
-            return time.perf_counter() - t0, len(ids)
+            return time.perf_counter() - t0, len(ids), submit, polls
         time.sleep(poll_s)
 
 
@@ -122,14 +130,17 @@ def main() -> int:
 
         times, failed = [], 0
         operate(api, ids, "warmup", args.poll)
+        submits = []
         for r in range(args.rounds):
-            t, bad = operate(api, ids, "bkmonitorbeat", args.poll)
+            t, bad, submit, polls = operate(api, ids, "bkmonitorbeat", args.poll)
             times.append(t)
+            submits.append(submit)
             failed += bad
-            print(f"operate_proc_multi start on {n}: round {r + 1}: {t:.3f} s ({bad} not ok)", flush=True)
+            print(f"operate_proc_multi start on {n}: round {r + 1}: {t:.3f} s ({bad} not ok; the call took "
+                  f"{submit:.3f} s; polls (at, took, running): {polls})", flush=True)
             time.sleep(1.0)
         out.update(operate_p50_s=round(statistics.median(times), 3), operate_max_s=round(max(times), 3),
-                   operate_not_ok=failed)
+                   operate_submit_p50_s=round(statistics.median(submits), 3), operate_not_ok=failed)
 
         hosts = ids[:args.status_hosts]
         stimes = []

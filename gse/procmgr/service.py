@@ -53,6 +53,10 @@ SESSION = ("agent_id", "online", "deadline", "node", "cloud_id", "ip")
 CHUNK = 20_000
 DEF_TIMEOUT, DEF_START_CHECK, DEF_STOP_CHECK = 60, 5, 5
 
+# What status answers read of a ProcRecord (never the spec: status for 2,000 hosts reads only these).
+STATUS_FIELDS = ("registered", "labels", "register_time", "flag", "agent_registered", "status", "isauto", "pid",
+                 "version", "message", "last_start_time", "report_time", "cpu_usage", "mem_usage", "fd",
+                 "agent_labels", "agent_registered_at", "cloud_id", "ip")
 WANTED = {0: (WANT_RUNNING, True), 7: (WANT_RUNNING, True), 8: (WANT_RUNNING, True), 1: (WANT_STOPPED, False),
           9: (WANT_STOPPED, False), 3: (None, True), 4: (None, False)}
 
@@ -206,7 +210,7 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
                 rows.append((e, resolved[i]))
                 i += 1
         # The stored definitions: specs for operations that carry none, registration times for those that do.
-        names = ("registered", "spec", "register_time", "registered_at", "labels")
+        names = ("registered", "spec", "register_time", "registered_at", "labels", "flag", "want_auto")
         reads = await self.store.execute([ProcRecord.pick(r.agent_id, e.namespace, e.name, names=names)
                                           for e, r in rows])
         stored = [ProcRecord.decode(x, names) for x in reads]
@@ -240,9 +244,11 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
                     op.registered_at = reg_at
             fields = {}
             if e.has_spec and e.op_type != OP_FORGET:
-                fields.update(registered=True, spec=e.spec.SerializeToString(), labels=e.labels_json,
-                              registered_at=reg_at, unregistered_at=0,
-                              register_time=int(at / 1000) if first or not rec.register_time else rec.register_time)
+                spec_bytes = e.spec.SerializeToString(deterministic=True)
+                if first or rec.spec != spec_bytes or rec.labels != e.labels_json:
+                    fields.update(registered=True, spec=spec_bytes, labels=e.labels_json, registered_at=reg_at,
+                                  unregistered_at=0, register_time=int(at / 1000) if first or not rec.register_time
+                                  else rec.register_time)
                 if first:
                     writes += ProcIndex.add_ops(r.agent_id, e.namespace, e.name)
             elif not e.has_spec and registered and rec.spec:
@@ -250,10 +256,11 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
                 op.labels_json = rec.labels
             flag, auto = WANTED.get(e.op_type, (None, None))
             if auto is not None and e.op_type != OP_DEFINE:
-                fields["want_auto"] = auto
-                if flag is not None:
+                if rec is None or rec.want_auto != auto:
+                    fields["want_auto"] = auto
+                if flag is not None and (rec is None or rec.flag != flag):
                     fields["flag"] = flag
-            if fields:
+            if fields:     # unchanged definitions and wanted states are not written again
                 writes.append(ProcRecord.update(r.agent_id, e.namespace, e.name, **fields).op())
             if r.record is None or not r.record.alive(at):
                 own[tt.field] = ProcResult(ErrorCode.AGENT_OFFLINE, "agent is offline",
@@ -263,11 +270,16 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
             nodes[r.agent_id] = r.record.node
             placeholders[tt.field] = ProcResult()
             budget = max(budget, op_budget_s(e.op_type, op.spec if op.HasField("spec") else None) + 30)
-        frames: dict[bytes, list[str]] = defaultdict(list)
+        # Agents with the same operations share one frame: group by the operations' bytes, then build each
+        # distinct frame once (a broadcast to 5,000 hosts is one frame, however many entries named them).
+        groups: dict[bytes, list[str]] = defaultdict(list)
         for aid, ops in per_agent.items():
-            frame = apb.ServerFrame(proc_ops=apb.ProcOperations(task_id=task_id, ops=ops,
+            groups[b"".join(op.SerializeToString(deterministic=True) for op in ops)].append(aid)
+        frames: dict[bytes, list[str]] = {}
+        for agents in groups.values():
+            frame = apb.ServerFrame(proc_ops=apb.ProcOperations(task_id=task_id, ops=per_agent[agents[0]],
                                                                 request_id=request.request_id))
-            frames[frame.SerializeToString(deterministic=True)].append(aid)
+            frames[frame.SerializeToString(deterministic=True)] = agents
         task = ProcTask.update(task_id, created=at, request_id=request.request_id,
                                targets=[list(t) for t in task_targets],
                                frames=[[base64.b64encode(f).decode(), ids] for f, ids in frames.items()],
@@ -408,12 +420,13 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
 
     async def status(self, request: pb.StatusRequest) -> pb.ProcInfos:
         resolved = await self.store.resolve(list(request.targets))
-        reads = await self.store.execute([ProcRecord.read(r.agent_id, request.namespace, request.name)
-                                          for r in resolved])
+        reads = await self.store.execute([ProcRecord.pick(r.agent_id, request.namespace, request.name,
+                                                          names=STATUS_FIELDS) for r in resolved])
         out = pb.ProcInfos()
         for r, x in zip(resolved, reads):
             cloud, ip = r.cloud_ip
-            out.infos.append(self._info(request.namespace, request.name, r.target.requested, ProcRecord.decode(x),
+            rec = ProcRecord.decode(x, STATUS_FIELDS)
+            out.infos.append(self._info(request.namespace, request.name, r.target.requested, rec,
                                         r.answer(), cloud, ip))
         out.count = len(out.infos)
         return out
@@ -438,10 +451,11 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
     async def sync(self, request: pb.SyncRequest) -> pb.ProcInfos:
         members = await self._members(request.namespace)
         page = members[request.offset:request.offset + request.limit]
-        reads = await self.store.execute([ProcRecord.read(a, request.namespace, n) for a, n in page])
+        reads = await self.store.execute([ProcRecord.pick(a, request.namespace, n, names=STATUS_FIELDS)
+                                          for a, n in page])
         out = pb.ProcInfos(count=len(members))
         for (a, n), x in zip(page, reads):
-            rec = ProcRecord.decode(x)
+            rec = ProcRecord.decode(x, STATUS_FIELDS)
             out.infos.append(self._info(request.namespace, n, a, rec, None, *_host_of(a, rec)))
         return out
 
@@ -452,10 +466,11 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
         resolved = await self.store.resolve(list(request.targets))
         idx = await self.store.execute([ProcIndex.read_agent(r.agent_id) for r in resolved])
         keys = [(r, ns, n) for r, x in zip(resolved, idx) for ns, n in sorted(ProcIndex.decode(x))]
-        reads = await self.store.execute([ProcRecord.read(r.agent_id, ns, n) for r, ns, n in keys])
+        reads = await self.store.execute([ProcRecord.pick(r.agent_id, ns, n, names=STATUS_FIELDS)
+                                          for r, ns, n in keys])
         out = pb.ProcInfos()
         for (r, ns, n), x in zip(keys, reads):
-            rec = ProcRecord.decode(x)
+            rec = ProcRecord.decode(x, STATUS_FIELDS)
             if rec is None or not rec.known:
                 continue
             cloud, ip = r.cloud_ip

@@ -183,6 +183,8 @@ class ProcResult:
         return self.error_code != ErrorCode.RUNNING
 
     def to_json(self) -> bytes:
+        if self.error_code == ErrorCode.RUNNING and not self.error_msg and not self.content:
+            return _RUNNING_JSON        # the placeholder of every dispatched target: encoded once
         return json.dumps({"error_code": self.error_code, "error_msg": self.error_msg, "content": self.content},
                           separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -194,6 +196,7 @@ class ProcResult:
 
 
 AGENT_RESULT = "r:"
+_RUNNING_JSON = b'{"error_code":115,"error_msg":"","content":""}'
 
 
 class ProcResults:
