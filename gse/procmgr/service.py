@@ -34,7 +34,7 @@ from gse.common.errors import ErrorCode, GseError, Unavailable
 from gse.common.peers import Peers
 from gse.common.records import (AgentAddress, AgentRecord, ProcGroups, ProcIndex, ProcOpenTasks, ProcRecord,
                                 ProcResult, ProcResults, ProcTask, TaskTarget, new_task_id, now_ms, valid_agent_id)
-from gse.common.records.proc import WANT_NONE, WANT_RUNNING, WANT_STOPPED
+from gse.common.records.proc import WANT_NONE, WANT_RUNNING, WANT_STOPPED, spec_digest
 from gse.common.rpc import trace_metadata
 from gse.pb import agent_pb2 as apb
 from gse.pb import procmgr_pb2 as pb
@@ -54,6 +54,8 @@ CHUNK = 20_000
 DEF_TIMEOUT, DEF_START_CHECK, DEF_STOP_CHECK = 60, 5, 5
 
 # What status answers read of a ProcRecord (never the spec: status for 2,000 hosts reads only these).
+NAMES_WITH_SPEC = ("registered", "spec_digest", "register_time", "registered_at", "labels", "flag", "want_auto")
+NAMES_NO_SPEC = ("registered", "spec", "register_time", "registered_at", "labels", "flag", "want_auto")
 STATUS_FIELDS = ("registered", "labels", "register_time", "flag", "agent_registered", "status", "isauto", "pid",
                  "version", "message", "last_start_time", "report_time", "cpu_usage", "mem_usage", "fd",
                  "agent_labels", "agent_registered_at", "cloud_id", "ip")
@@ -158,20 +160,29 @@ class ProcStore:
         if bad:
             raise GseError(f"storing process state failed: {bad[0]}")
 
-    async def resolve(self, targets) -> list[Resolved]:
-        """Every target with its bk_agent_id and session (two round trips at most)."""
+    async def resolve(self, targets, then=None) -> tuple[list[Resolved], list]:
+        """Every target with its bk_agent_id and session, and the results of `then(agent ids)` (ops to run
+        once the ids are known: in the same round trip as the sessions). One round trip when no target is
+        named as "cloud:ip", two otherwise."""
         requested = []
         for t in targets:
             if t.by_host:
                 t.requested = f"{t.cloud_id}:{t.ip}"
             requested.append(t.requested)
         real = await self.view.resolve(requested)
-        records = await self.view.records(list(set(real.values())), SESSION)
-        out = []
-        for t in targets:
-            aid = real.get(t.requested)
-            out.append(Resolved(t, aid or t.requested, records.get(aid) if aid else None))
-        return out
+        ids = [real.get(r) or r for r in requested]
+        uniq = list(dict.fromkeys(real.values()))
+        extra = then(ids) if then is not None else []
+        results = await self.execute([AgentRecord.pick(a, names=SESSION) for a in uniq] + extra)
+        records = {}
+        for a, x in zip(uniq, results):
+            rec = AgentRecord.decode(x, SESSION)
+            if rec is not None:
+                rec.agent_id = a
+                records[a] = rec
+        out = [Resolved(t, aid, records.get(aid) if t.requested in real else None)
+               for t, aid in zip(targets, ids)]
+        return out, results[len(uniq):]
 
 
 class ProcServicer(pb_grpc.ProcServiceServicer):
@@ -201,19 +212,17 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
     async def operate(self, request: pb.OperateRequest, internal: bool = False) -> pb.OperateReply:
         task_id = new_task_id("GSEPROC")
         at = now_ms()
+        t0 = time.perf_counter()
         targets = [t for e in request.entries for t in e.targets]
-        resolved = await self.store.resolve(targets)
-        rows: list[tuple[pb.ProcEntry, Resolved]] = []
-        i = 0
-        for e in request.entries:
-            for _t in e.targets:
-                rows.append((e, resolved[i]))
-                i += 1
-        # The stored definitions: specs for operations that carry none, registration times for those that do.
-        names = ("registered", "spec", "register_time", "registered_at", "labels", "flag", "want_auto")
-        reads = await self.store.execute([ProcRecord.pick(r.agent_id, e.namespace, e.name, names=names)
-                                          for e, r in rows])
-        stored = [ProcRecord.decode(x, names) for x in reads]
+        entry_of = [e for e in request.entries for _t in e.targets]
+        # The stored definitions, read with the sessions: digests for operations that carry a spec (is it a
+        # new definition?), the spec itself for those that do not.
+        names_of = [NAMES_WITH_SPEC if e.has_spec else NAMES_NO_SPEC for e in entry_of]
+        resolved, reads = await self.store.resolve(targets, lambda ids: [
+            ProcRecord.pick(a, e.namespace, e.name, names=n) for a, e, n in zip(ids, entry_of, names_of)])
+        rows = list(zip(entry_of, resolved))
+        stored = [ProcRecord.decode(x, n) for x, n in zip(reads, names_of)]
+        t_resolved = t_read = time.perf_counter()
         task_targets: list[TaskTarget] = []
         own: dict[str, ProcResult] = {}
         placeholders: dict[str, ProcResult] = {}
@@ -245,8 +254,10 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
             fields = {}
             if e.has_spec and e.op_type != OP_FORGET:
                 spec_bytes = e.spec.SerializeToString(deterministic=True)
-                if first or rec.spec != spec_bytes or rec.labels != e.labels_json:
-                    fields.update(registered=True, spec=spec_bytes, labels=e.labels_json, registered_at=reg_at,
+                digest = spec_digest(spec_bytes)
+                if first or rec.spec_digest != digest or rec.labels != e.labels_json:
+                    fields.update(registered=True, spec=spec_bytes, spec_digest=digest, labels=e.labels_json,
+                                  registered_at=reg_at,
                                   unregistered_at=0, register_time=int(at / 1000) if first or not rec.register_time
                                   else rec.register_time)
                 if first:
@@ -287,11 +298,14 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
         writes += [task.op(), ProcResults.update(task_id, {**placeholders, **own}).op()]
         if placeholders:
             writes.append(ProcOpenTasks.add(task_id))
-        log.info("process task accepted", extra={"task_id": task_id, "targets": len(task_targets),
-                                                 "dispatched": len(placeholders), "answered": len(own),
-                                                 "frames": len(frames)})
+        t_built = time.perf_counter()
         written, failures = await asyncio.gather(self.store.write(writes), self.dispatcher.send(frames, nodes),
                                                  return_exceptions=True)
+        log.info("process task accepted", extra={
+            "task_id": task_id, "targets": len(task_targets), "dispatched": len(placeholders), "answered": len(own),
+            "frames": len(frames), "writes": len(writes), "resolve_ms": round(1000 * (t_resolved - t0)),
+            "read_ms": round(1000 * (t_read - t_resolved)), "build_ms": round(1000 * (t_built - t_read)),
+            "send_ms": round(1000 * (time.perf_counter() - t_built))})
         if isinstance(written, BaseException):
             raise written
         if isinstance(failures, BaseException):
@@ -332,7 +346,7 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
         at = now_ms()
         rows = []
         targets = [t for e in request.entries for t in e.targets]
-        resolved = await self.store.resolve(targets)
+        resolved, _ = await self.store.resolve(targets)
         i = 0
         for e in request.entries:
             for _t in e.targets:
@@ -352,7 +366,8 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
                 first = not registered
                 reg_at = at if first or not rec.registered_at else rec.registered_at
                 writes.append(ProcRecord.update(
-                    r.agent_id, e.namespace, e.name, registered=True, spec=e.spec.SerializeToString(),
+                    r.agent_id, e.namespace, e.name, registered=True, spec=e.spec.SerializeToString(deterministic=True),
+                    spec_digest=spec_digest(e.spec.SerializeToString(deterministic=True)),
                     labels=e.labels_json, registered_at=reg_at, unregistered_at=0,
                     register_time=int(at / 1000) if first or not rec.register_time else rec.register_time).op())
                 writes += ProcIndex.add_ops(r.agent_id, e.namespace, e.name)
@@ -419,9 +434,8 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
         return await self._guard(context, self.status(request))
 
     async def status(self, request: pb.StatusRequest) -> pb.ProcInfos:
-        resolved = await self.store.resolve(list(request.targets))
-        reads = await self.store.execute([ProcRecord.pick(r.agent_id, request.namespace, request.name,
-                                                          names=STATUS_FIELDS) for r in resolved])
+        resolved, reads = await self.store.resolve(list(request.targets), lambda ids: [
+            ProcRecord.pick(a, request.namespace, request.name, names=STATUS_FIELDS) for a in ids])
         out = pb.ProcInfos()
         for r, x in zip(resolved, reads):
             cloud, ip = r.cloud_ip
@@ -463,7 +477,7 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
         return await self._guard(context, self.list(request))
 
     async def list(self, request: pb.ListRequest) -> pb.ProcInfos:
-        resolved = await self.store.resolve(list(request.targets))
+        resolved, _ = await self.store.resolve(list(request.targets))
         idx = await self.store.execute([ProcIndex.read_agent(r.agent_id) for r in resolved])
         keys = [(r, ns, n) for r, x in zip(resolved, idx) for ns, n in sorted(ProcIndex.decode(x))]
         reads = await self.store.execute([ProcRecord.pick(r.agent_id, ns, n, names=STATUS_FIELDS)
@@ -508,7 +522,8 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
             for (src, dst, ns, n), x in zip(moves, reads):
                 rec = ProcRecord.decode(x)
                 if rec is not None and rec.registered:
-                    writes.append(ProcRecord.update(dst, ns, n, registered=True, spec=rec.spec, labels=rec.labels,
+                    writes.append(ProcRecord.update(dst, ns, n, registered=True, spec=rec.spec,
+                                                    spec_digest=rec.spec_digest, labels=rec.labels,
                                                     register_time=rec.register_time, registered_at=rec.registered_at,
                                                     flag=rec.flag, want_auto=rec.want_auto).op())
                     writes += ProcIndex.add_ops(dst, ns, n)
@@ -523,7 +538,7 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
         return await self._guard(context, self.set_groups(request))
 
     async def set_groups(self, request: pb.GroupsRequest) -> pb.TargetResults:
-        resolved = await self.store.resolve(list(request.targets))
+        resolved, _ = await self.store.resolve(list(request.targets))
         groups = [{"id": g.id, "resource": {"cpu_pool_limit": g.cpu_pool_limit, "mem_pool_limit": g.mem_pool_limit,
                                             "cpu_pool_weight": g.cpu_pool_weight,
                                             "mem_pool_weight": g.mem_pool_weight}} for g in request.groups]
@@ -536,7 +551,7 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
         return await self._guard(context, self.get_groups(request))
 
     async def get_groups(self, request: pb.GroupsQuery) -> pb.GroupsReply:
-        resolved = await self.store.resolve(list(request.targets))
+        resolved, _ = await self.store.resolve(list(request.targets))
         reads = await self.store.execute([ProcGroups.read(r.agent_id, request.namespace) for r in resolved])
         out = pb.GroupsReply()
         for r, x in zip(resolved, reads):

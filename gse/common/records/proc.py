@@ -27,6 +27,7 @@ when it comes back, while an absent record (Redis lost) never makes an agent dro
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from typing import NamedTuple
 
@@ -52,6 +53,7 @@ class ProcRecord:
     # written by procmgr: the registration and the wanted state
     registered: bool = False
     spec: bytes = b""               # the serialized ProcSpec (gse/pb/agent.proto)
+    spec_digest: str = ""           # of `spec`: what a changed definition is told by (without reading the spec)
     labels: str = ""                # the caller's labels, JSON text
     register_time: int = 0
     registered_at: int = 0
@@ -93,6 +95,11 @@ class ProcRecord:
 AGENT_FIELDS = ("agent_registered", "source", "status", "isauto", "pid", "version", "message", "last_start_time",
                 "report_time", "cpu_usage", "mem_usage", "fd", "agent_labels", "agent_registered_at", "cloud_id",
                 "ip")
+
+
+def spec_digest(spec: bytes) -> str:
+    """ProcRecord.spec_digest of a serialized ProcSpec."""
+    return hashlib.blake2b(spec, digest_size=12).hexdigest()
 
 
 class ProcIndex:
