@@ -418,8 +418,14 @@ def _capture_login(run_as: _RunAs, timeout_s: float) -> tuple[dict[str, str], in
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        _signal_group(proc.pid, signal.SIGKILL)     # the shell and whatever its profiles started and wait for
-        proc.communicate()
+        # The shell and whatever its profiles started: TERM first, so that a profile's own cleanup runs (a
+        # `pyenv rehash` killed outright leaves its lock behind, and every later login waits on it), then KILL.
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.communicate(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.communicate()
         raise ValueError(f"the login profiles did not finish within {timeout_s:g} s") from None
     if proc.returncode != 0:
         raise ValueError(f"the login shell exited with {proc.returncode}")
