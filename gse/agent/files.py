@@ -53,6 +53,7 @@ import grpc
 
 from gse.common import patterns
 from gse.common.address import join_host_port, split_host_port
+from gse.common.aio import spawn
 from gse.common.errors import ErrorCode, ScriptStatus
 from gse.common.logs import trace
 from gse.common.safefile import write_private
@@ -397,7 +398,7 @@ class FileManager:
                 if relay is None:
                     relay = self._relays[address] = SourceRelay(self.agent.config.bind_ip)
                     relay.target = split_host_port(address)
-                    asyncio.ensure_future(relay.start())
+                    spawn(relay.start(), "file relay start")
                 host = relay.target[0]
                 ch = rpc.make_channel(self.agent.tls, relay.grpc_target,
                                       [("grpc.ssl_target_name_override", self.agent.tls.server_name or host),
@@ -1244,12 +1245,12 @@ class FileManager:
             with _trace(target):
                 log.info("transfer ended", extra={"transfer_id": et.transfer_id, "role": "target",
                                                   "terminated": et.terminated})
-                asyncio.ensure_future(self._end_target(target))
+                spawn(self._end_target(target), "end of a target transfer")
         if source is not None:
             with _trace(source):
                 log.info("transfer ended", extra={"transfer_id": et.transfer_id, "role": "source",
                                                   "terminated": et.terminated})
-                asyncio.ensure_future(self._end_source(source, et.terminated))
+                spawn(self._end_source(source, et.terminated), "end of a source transfer")
 
     def _live_torrents(self) -> set[int]:
         live = {id(t) for s in self.sources.values() for t in s.torrents}

@@ -13,6 +13,8 @@ import logging
 import os
 import secrets
 
+from gse.common.aio import spawn
+
 log = logging.getLogger("gse.agent.relay")
 
 
@@ -62,7 +64,7 @@ class SourceRelay:
 
     def _accept(self) -> asyncio.Protocol:
         inner = _Pipe()
-        asyncio.ensure_future(self._connect(inner))
+        spawn(self._connect(inner), "relay connect")
         return inner
 
     async def _connect(self, inner: _Pipe) -> None:

@@ -27,7 +27,7 @@ from gse.common import dataroutes as dr
 from gse.common.datastate import (CHANNEL_ALLOC_BASE, DATA_CONFIG, MAX_CHANNEL_ID, MESSAGE_SLOTS, ROUTE_DIR,
                                   SEQ_DIR, STREAMTO_DIR)
 from gse.common.discovery import Discovery
-from gse.common.errors import ApiCode, BadRequest, ErrorCode, GseError, Unauthorized, Unavailable
+from gse.common.errors import ApiCode, BadRequest, Conflict, ErrorCode, Unauthorized, Unavailable
 from gse.common.records import SESSION_FIELDS, now_ms
 from gse.pb import agent_pb2 as apb
 from gse.pb import data_pb2 as dpb
@@ -102,22 +102,22 @@ class RouteStore:
             return False
 
     async def set(self, kind: str, ident: int, doc: dict, version: int) -> None:
-        """Replace the document if it is still at `version`. GseError when another request changed or deleted it
+        """Replace the document if it is still at `version`. Conflict when another request changed or deleted it
         meanwhile."""
         try:
             await self.d._aio(self.d.zk.set_async(self._path(kind, ident), _dump(doc), version=version))
         except BadVersionError:
-            raise GseError("the definition was changed by another request at the same time; try again") from None
+            raise Conflict("the definition was changed by another request at the same time; try again") from None
         except NoNodeError:
-            raise GseError("the definition was deleted by another request at the same time") from None
+            raise Conflict("the definition was deleted by another request at the same time") from None
 
     async def delete(self, kind: str, ident: int, version: int) -> None:
-        """Delete the document if it is still at `version` (one already gone is fine). GseError when another request
+        """Delete the document if it is still at `version` (one already gone is fine). Conflict when another request
         changed it meanwhile."""
         try:
             await self.d._aio(self.d.zk.delete_async(self._path(kind, ident), version=version))
         except BadVersionError:
-            raise GseError("the definition was changed by another request at the same time; try again") from None
+            raise Conflict("the definition was changed by another request at the same time; try again") from None
         except NoNodeError:
             pass
 
@@ -191,7 +191,7 @@ class DataEndpoints:
                    "updated_ms": now_ms()}
             if await store.create(STREAMTO_DIR, sid, doc):
                 return {"stream_to_id": sid}
-        raise GseError("could not allocate a stream_to_id")
+        raise Conflict("could not allocate a stream_to_id (others were allocating at the same time); try again")
 
     async def update_streamto(self, body: dict, _req):
         """update_streamto: `{operation, condition {stream_to_id, plat_name}, specification {stream_to, metadata
@@ -293,7 +293,7 @@ class DataEndpoints:
             cid = CHANNEL_ALLOC_BASE + await store.allocate(ROUTE_DIR)
             if await store.create(ROUTE_DIR, cid, doc_for(cid)):
                 return {"channel_id": cid}
-        raise GseError("could not allocate a channel_id")
+        raise Conflict("could not allocate a channel_id (others were allocating at the same time); try again")
 
     async def update_route(self, body: dict, _req):
         """update_route: `{operation, condition {channel_id, plat_name}, specification {route, stream_filters,

@@ -133,7 +133,7 @@ class ApiServerService(Service):
         self.port = site._server.sockets[0].getsockname()[1]
         await self.api.bodies.start()       # the body-parsing worker, before anyone is told to come
         await self.discovery.register(self.name, self.node_id, {
-            "url": f"http://{c.advertise_host or c.host}:{self.port}",
+            "url": f"http://{join_host_port(c.advertise_host or c.host, self.port)}",
             "metrics": join_host_port(c.metrics.host, self.ops.port)})
         log.info("api server serving", extra={"port": self.port})
 

@@ -168,9 +168,9 @@ def text_fields(result: pb.Result) -> dict[str, str]:
     return {k: v.decode("utf-8", "replace") for k, v in result.fields.items()}
 
 
-# Op kinds whose batch can be sent twice with the same outcome: reads. Writes are retried only when the
-# caller declares the whole batch idempotent (execute(..., idempotent=True)).
-READ_KINDS = frozenset({K.GET, K.HGETALL, K.HMGET, K.SMEMBERS, K.LRANGE, K.GETRANGE, K.STRLEN, K.EXISTS})
+# Ops that change the result when applied twice (a counter, an append): a batch holding one is not resent
+# unless its caller declares it idempotent (execute(..., idempotent=True)). Every other kind lands the same.
+ACCUMULATING_KINDS = frozenset({K.INCRBY, K.APPEND, K.RPUSH})
 
 
 def broken_channel(exc: grpc.aio.AioRpcError) -> bool:
@@ -189,8 +189,11 @@ class DbClient:
     """Talks to any dbproxy of the cluster; fails over between them on transport errors.
 
     A batch that fails on a broken channel (see `broken_channel`) is sent once more on a fresh channel (the
-    broken one is closed and replaced) when it is idempotent: read-only, or declared so by the caller. A
-    write that is not declared idempotent is not sent twice: its caller is told (Unavailable) instead."""
+    broken one is closed and replaced), and a batch that failed on one dbproxy (UNAVAILABLE, deadline,
+    cancelled) is sent to the next, when it is idempotent: it holds no INCRBY, APPEND or RPUSH (everything
+    else lands the same twice), or the caller declares it so. A batch that is not is sent to another dbproxy
+    only when the first refused the connection (UNAVAILABLE) and never twice on a broken channel: its caller
+    is told (Unavailable) instead, since the first attempt may have been applied."""
 
     RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
@@ -230,7 +233,7 @@ class DbClient:
         addrs = self._addresses
         if not addrs:
             raise Unavailable("no dbproxy is known")
-        again = idempotent or all(op.kind in READ_KINDS for op in ops)
+        again = idempotent or not any(op.kind in ACCUMULATING_KINDS for op in ops)
         start = next(self._rr)
         last: Exception | None = None
         req = pb.BatchRequest(ops=ops)
@@ -252,7 +255,7 @@ class DbClient:
                             return list(reply.results)
                         except grpc.aio.AioRpcError as exc2:
                             last = exc = exc2
-                if exc.code() not in self.RETRYABLE:
+                if exc.code() not in self.RETRYABLE or (not again and exc.code() != grpc.StatusCode.UNAVAILABLE):
                     raise Unavailable(f"dbproxy {addr}: {exc.code().name}: {exc.details()}") from None
                 log.warning("dbproxy call failed; trying another", extra={"address": addr, "code": exc.code().name})
         raise Unavailable(f"no dbproxy answered: {last.code().name if isinstance(last, grpc.aio.AioRpcError) else last}")

@@ -24,6 +24,7 @@ from kazoo.exceptions import KazooException, NoNodeError, NodeExistsError
 from kazoo.protocol.states import KazooState
 from kazoo.retry import KazooRetry
 
+from .aio import spawn
 from .config import ZooKeeperConfig
 
 log = logging.getLogger("gse.discovery")
@@ -472,6 +473,6 @@ def _call(cb, arg) -> None:
     try:
         res = cb(arg)
         if asyncio.iscoroutine(res):
-            asyncio.ensure_future(res)
+            spawn(res, "discovery callback")
     except Exception:  # noqa: BLE001 - one bad watcher must not stop the others
         log.exception("watch callback failed")

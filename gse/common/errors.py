@@ -23,6 +23,7 @@ class ApiCode(IntEnum):
     UNAUTHORIZED = 1000401          # missing or wrong app credentials (HTTP 401)
     BLOCKED = 1000403               # refused by a high-risk command rule (the message names the rule)
     NOT_FOUND = 1000404             # no such endpoint (HTTP 404)
+    CONFLICT = 1000409              # changed by another request at the same time: try again
     INTERNAL = 1000500              # a bug; the message points at the server log (HTTP 500)
     UNAVAILABLE = 1000503           # a dependency (dbproxy, task servers) cannot be reached (HTTP 503)
     NOT_READY = 1000115             # the task id is not known (yet): poll again (spec §4 correction)
@@ -147,6 +148,12 @@ class NotFound(GseError):
 class Blocked(GseError):
     """A task refused by a high-risk command rule (1000403)."""
     code = ApiCode.BLOCKED
+
+
+class Conflict(GseError):
+    """A definition changed (or an id was taken) by another request at the same moment: the caller may try
+    again (1000409; HTTP 200, the envelope says it)."""
+    code = ApiCode.CONFLICT
 
 
 class Unavailable(GseError):

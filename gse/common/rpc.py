@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import roles
 from .address import join_host_port
+from .aio import spawn
 from .logs import TRACE, current_trace
 from .tls import TLSMaterial
 
@@ -153,13 +154,13 @@ class ChannelPool:
         """Close the channels to every address not in `addresses` (peers that left the view)."""
         keep = set(addresses)
         for addr in [a for a in self._channels if a not in keep]:
-            asyncio.ensure_future(self._channels.pop(addr).close())
+            spawn(self._channels.pop(addr).close(), "closing a channel")
 
     def renew(self, address: str) -> grpc.aio.Channel:
         """Drop the channel to `address` (it failed in a way a new connection may not) and make a new one."""
         old = self._channels.pop(address, None)
         if old is not None:
-            asyncio.ensure_future(old.close())
+            spawn(old.close(), "closing a channel")
         return self.get(address)
 
     async def close(self) -> None:

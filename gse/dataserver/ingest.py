@@ -66,7 +66,8 @@ class Ingest:
         md = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         agent_id = md.get(MD_AGENT_ID, "")
         if not agent_id or len(agent_id) > 64:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"metadata {MD_AGENT_ID} is required")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"metadata {MD_AGENT_ID} is required (a bk_agent_id of 1-64 characters)")
         certified = roles.peer_identity(context).agent_id
         if certified and certified != agent_id:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,

@@ -25,6 +25,7 @@ from pathlib import Path
 from prometheus_client import Counter, Histogram
 
 from gse.common.address import join_host_port
+from gse.common.aio import spawn
 from gse.common.resp import ConnectionLost, RedisReplyError, RespConnection, encode_each, encode_many
 
 log = logging.getLogger("gse.dataserver.outputs")
@@ -443,7 +444,7 @@ class RedisSink(_QueuedSink):
     def _drop(self, conn: RespConnection) -> None:
         if self.conn is conn:
             self.conn = None
-        asyncio.ensure_future(conn.close())
+        spawn(conn.close(), "closing a redis connection")
 
     async def close(self) -> None:
         """Wait (at most 5 s) for the pipelines in flight, then stop the worker and close the connection."""
@@ -566,7 +567,7 @@ class Outputs:
         retired += [s for sid, s in old.items() if sid not in new]
         self.sinks = new
         for s in retired:
-            asyncio.ensure_future(self._retire(s))
+            spawn(self._retire(s), "retiring an output")
 
     async def _retire(self, sink: Sink) -> None:
         await asyncio.sleep(self.settings.kafka_request_timeout_s + 1)   # let submits in progress finish

@@ -116,7 +116,7 @@ class DbProxyService(Service):
         await rpc.set_serving(health, True)
         await self.discovery.start()
         await self.discovery.register(self.name, self.node_id, {
-            "address": f"{c.advertise_host or c.host}:{self.port}",
+            "address": join_host_port(c.advertise_host or c.host, self.port),
             "metrics": join_host_port(c.metrics.host, self.ops.port),
             "redis": list(c.redis), "replicas": c.replicas,
         })

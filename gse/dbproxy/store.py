@@ -123,7 +123,6 @@ class ShardedStore:
 
     def __init__(self, addresses: list[str], replicas: int = 2, key_prefix: str = "", password: str = "",
                  timeout_s: float = 2.0):
-        from gse.common.address import split_host_port
         if not addresses:
             raise ValueError("at least one redis node is required")
         self.replicas = max(1, replicas)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import hashlib
 import logging
 import os
 import secrets
@@ -27,6 +28,7 @@ from prometheus_client import Counter, Gauge
 
 from gse.common import roles, rpc
 from gse.common.address import join_host_port
+from gse.common.aio import spawn
 from gse.common.config import ConfigError
 from gse.common.discovery import Discovery
 from gse.common.service import BaseConfig, Service
@@ -147,7 +149,8 @@ class FileService(pb_grpc.FileServiceServicer):
             return
         for sub in t.torrents:
             self.tracker.unregister_transfer(sub)
-        shutil.rmtree(t.directory, ignore_errors=True)
+        # off the event loop: a relay directory may hold many large files
+        spawn(asyncio.to_thread(shutil.rmtree, t.directory, ignore_errors=True), "removing a relay directory")
         TRANSFERS.set(len(self.transfers))
         log.info("transfer ended", extra={"transfer_id": transfer_id})
 
@@ -167,7 +170,8 @@ class FileService(pb_grpc.FileServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a new transfer id and members are required")
         tokens = {m: secrets.token_urlsafe(24) for m in request.members}
         ttl = request.timeout_seconds + 60 if request.timeout_seconds > 0 else self.cfg.transfer_ttl_s
-        d = self.root / request.transfer_id.replace("/", "_").replace(":", "_")
+        # Named by a digest of the id: no id (".." say) can name a directory outside the relay root.
+        d = self.root / hashlib.sha256(request.transfer_id.encode()).hexdigest()[:32]
         d.mkdir(parents=True, exist_ok=True)
         self.transfers[request.transfer_id] = Transfer(request.transfer_id, request.area, tokens,
                                                        {v: k for k, v in tokens.items()}, time.monotonic() + ttl, d)

@@ -9,7 +9,7 @@
 Writers: the syncdata leader (gse/syncdata). What the agent actually has is in its session record
 (AgentRecord.hostid_md5 and the other hostid_* fields, written by the task server holding it from the
 agent's hello and push results); a host is synced when the two md5s agree. Readers: syncdata, the API's
-`cluster/list_host_identity`.
+`cluster/get_host_identity_result`.
 """
 
 from __future__ import annotations
