@@ -94,7 +94,9 @@ class Router:
                 log.warning("no route for channel; records dropped",
                             extra={"channel": channel, "agent_id": agent_id, "records": n})
             return None
-        futs = []
+        # Every output is found before any is given the records: a batch refused because one is missing goes
+        # to none of them (its resend then duplicates nothing).
+        plan = []
         for entry in route.entries:
             selected = entry.select(records, proto_fields)
             if not selected:
@@ -103,7 +105,8 @@ class Router:
             if sink is None:
                 return _failed(OutputError(f"route of channel {channel} names stream_to {entry.stream_to_id}, "
                                            "which does not exist"), m)
-            futs.append(sink.submit(selected, agent_id, entry.target, channel))
+            plan.append((sink, selected, entry))
+        futs = [sink.submit(selected, agent_id, entry.target, channel) for sink, selected, entry in plan]
         if not futs:
             return None
         fut = futs[0] if len(futs) == 1 else asyncio.gather(*futs)

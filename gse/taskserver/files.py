@@ -273,7 +273,7 @@ class FileCoordinator:
     def on_need_direct(self, transfer_id: str, index: int) -> bool:
         """NeedDirect: a target's BitTorrent keeps failing for entry `index`, so the source is asked (once per entry)
         to upload it to the file server. False when the transfer is not coordinated here, or when the source is not
-        attached at the entry's first request."""
+        attached (then a later request for the entry asks again)."""
         t = self.transfers.get(transfer_id)
         if t is None:
             return False
@@ -282,10 +282,10 @@ class FileCoordinator:
 
     def _need_direct(self, t: Transfer, transfer_id: str, index: int) -> bool:
         if index not in t.upload_requested:
-            t.upload_requested.add(index)
             s = self.access.sessions.get(t.spec.source_agent)
             if s is None:
-                return False
+                return False        # not marked: the next NeedDirect asks again (the source may be back)
+            t.upload_requested.add(index)
             s.send(apb.ServerFrame(upload_request=apb.UploadRequest(
                 transfer_id=transfer_id, indexes=[index])).SerializeToString())
             log.info("direct mode requested", extra={"transfer_id": transfer_id, "index": index})
