@@ -26,6 +26,8 @@ from gse.common.tls import CA, CertError, init_certs
 
 
 def cmd_init(args) -> int:
+    """`gse certs init`: make the cluster CA and the server, api and operator pairs (and the shared agent pair) in
+    `--dir`, keeping what exists unless `--force`; prints the certificate paths. Exit code 0."""
     d = init_certs(args.dir, args.san, force=args.force, shared_agent=args.shared_agent)
     names = ["ca", "server", "api", "operator"] + (["agent"] if args.shared_agent else [])
     for name in names:
@@ -34,6 +36,9 @@ def cmd_init(args) -> int:
 
 
 def cmd_issue(args) -> int:
+    """`gse certs issue`: one more key and certificate of `--role` from the CA in `--dir`, written to `--out` (default
+    `--dir`) as `<name>.crt`/`<name>.key`; prints the certificate path. Exits with a message (SystemExit) when the
+    pair exists without `--force`, the CA cannot be loaded, or the role or agent id is refused."""
     d = Path(args.dir)
     out = Path(args.out or args.dir)
     name = args.name or (args.agent_id if args.agent_id else args.role)
@@ -92,6 +97,9 @@ def _update_config(zk, root: str, name: str, change) -> dict:
 
 
 def cmd_token(args) -> int:
+    """`gse certs token`: prune expired tokens, then make `--count` unbound tokens or one per `--agent-id`, valid
+    `--ttl` seconds; prints them (as "<agent id> <token>" lines when bound) or writes them to `--out` with mode 0600.
+    Exits with a message when an agent id is invalid or ZooKeeper cannot be reached."""
     from gse.common.enrollment import make_tokens, prune_tokens
     zk, root = _zk(args)
     try:
@@ -113,17 +121,19 @@ def cmd_token(args) -> int:
 
 
 def cmd_revoke(args) -> int:
+    """`gse certs revoke`: add the named agent ids and certificate serials to `<root>/config/revoked` (or take them off
+    with `--lift`), each entry stamped with the time (ms), reason and operator; task servers apply it live."""
     if not args.agent_id and not args.serial:
         raise SystemExit("gse certs revoke: name at least one bk_agent_id or --serial")
     zk, root = _zk(args)
     now = int(time.time() * 1000)
     entry = {"at": now, "reason": args.reason, "by": os.environ.get("USER", "")}
 
-    def as_dict(value) -> dict:       # the document also reads as lists of ids
+    def _as_dict(value) -> dict:       # the document also reads as lists of ids
         return dict(value) if isinstance(value, dict) else {k: {} for k in value or ()}
 
-    def change(doc: dict) -> dict:
-        listed = {"agents": as_dict(doc.get("agents")), "serials": as_dict(doc.get("serials"))}
+    def _change(doc: dict) -> dict:
+        listed = {"agents": _as_dict(doc.get("agents")), "serials": _as_dict(doc.get("serials"))}
         names = [("agents", a) for a in args.agent_id] + \
             [("serials", sn.upper().replace(":", "")) for sn in args.serial]
         for kind, name in names:
@@ -134,7 +144,7 @@ def cmd_revoke(args) -> int:
         return listed
 
     try:
-        doc = _update_config(zk, root, "revoked", change)
+        doc = _update_config(zk, root, "revoked", _change)
     finally:
         zk.stop()
         zk.close()
@@ -145,6 +155,7 @@ def cmd_revoke(args) -> int:
 
 
 def cmd_revoked(args) -> int:
+    """`gse certs revoked`: print the revocation list as JSON (empty lists when there is none)."""
     zk, root = _zk(args)
     try:
         data, _ = zk.get(f"{root}/config/revoked") if zk.exists(f"{root}/config/revoked") else (b"", None)
@@ -156,6 +167,8 @@ def cmd_revoked(args) -> int:
 
 
 def cmd_shared_mode(args) -> int:
+    """`gse certs shared-mode on|off|status`: set or show `shared_certificate` in `<root>/config/agent_auth`, the switch
+    that lets one certificate naming no agent attach as any agent."""
     zk, root = _zk(args)
     try:
         if args.state == "status":

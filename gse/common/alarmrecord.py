@@ -40,6 +40,8 @@ class AlarmHost:
     biz_id: int = 0
 
     def to_json(self) -> dict:
+        """The host as one element of `extra.host` (spec section 10): `{bizid, cloudid, ip, agent_id}`, the agent id
+        falling back to "cloud:ip" when the host has none."""
         return {"bizid": self.biz_id, "cloudid": self.cloud_id, "ip": self.ip,
                 "agent_id": self.agent_id or f"{self.cloud_id}:{self.ip}"}
 

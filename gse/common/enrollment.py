@@ -41,10 +41,13 @@ class EnrollError(Exception):
 
 
 def new_token() -> str:
+    """A fresh enrollment token: "gse1_" and 32 random bytes in URL-safe base64 (48 characters in all); shown once
+    to the operator, only its hash is stored."""
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
 def token_hash(token: str) -> str:
+    """The hex SHA-256 of `token`: the name of its node under `<root>/enroll/tokens`."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 
@@ -53,6 +56,8 @@ def _now_ms() -> int:
 
 
 def token_record(ttl_s: float, agent_id: str = "", note: str = "") -> bytes:
+    """The JSON bytes of a new, unused token's node: valid for `ttl_s` seconds from now, bound to `agent_id` when given
+    ("" = any agent), with the operator's `note`."""
     now = _now_ms()
     return json.dumps({"created_ms": now, "expires_ms": now + int(ttl_s * 1000), "agent_id": agent_id,
                        "note": note, "used_ms": 0, "used_by": "", "used_from": ""}, sort_keys=True).encode()

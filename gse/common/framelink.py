@@ -141,6 +141,8 @@ class FrameLink(asyncio.Protocol):
     # ---- asyncio.Protocol ------------------------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
+        """TCP is up: tune the socket, set up the TLS objects and tell the handler (`link_open`); the client side starts
+        the handshake."""
         self.transport = transport
         self.peer = peer_name(transport)
         _tune_socket(transport)
@@ -152,6 +154,7 @@ class FrameLink(asyncio.Protocol):
             self._handshake()
 
     def data_received(self, data) -> None:
+        """Feed received bytes to TLS, SLICE bytes at a time, and hand out every whole frame decrypted."""
         if len(data) <= SLICE:
             self._received(data)
             return
@@ -162,18 +165,23 @@ class FrameLink(asyncio.Protocol):
             self._received(mv[i:i + SLICE])
 
     def eof_received(self):
+        """The peer half-closed: returning False closes our side too."""
         return False                # close our side too
 
     def pause_writing(self) -> None:
+        """The transport's buffer is over its high-water mark: `drain` waits from now on."""
         self.paused = True
 
     def resume_writing(self) -> None:
+        """The buffer drained: wake whoever waits in `drain`."""
         self.paused = False
         if self.drained is not None and not self.drained.done():
             self.drained.set_result(None)
         self.drained = None
 
     def connection_lost(self, exc) -> None:
+        """The connection is gone: fail a pending `drain` and the handshake waiter, then tell the handler once
+        (`link_lost`, `exc` None on a clean close)."""
         self.obj = self.inc = self.out = None
         self.rest = None
         if self.drained is not None and not self.drained.done():
@@ -339,12 +347,14 @@ class FrameLink(asyncio.Protocol):
         self.transport.close()
 
     def abort(self) -> None:
+        """Drop the connection at once, without close_notify and discarding what is buffered."""
         self.obj = None
         if self.transport is not None:
             self.transport.abort()
 
     @property
     def closed(self) -> bool:
+        """The link was closed or failed (no more frames either way)."""
         return self.obj is None
 
 
@@ -358,6 +368,8 @@ def bind(host: str, port: int, *, reuse_port: bool = False, backlog: int = 4096)
 
 
 async def listen(ctx: ssl.SSLContext, handler, sock: socket.socket, backlog: int = 4096) -> asyncio.AbstractServer:
+    """Serve links on `sock` (from `bind`), one FrameLink with `handler` per accepted connection; returns the asyncio
+    server (close it to stop accepting; open links are the handler's to close)."""
     loop = asyncio.get_running_loop()
     # the loop calls listen() again: give it the same backlog, not its default of 100
     return await loop.create_server(lambda: FrameLink(ctx, handler), sock=sock, backlog=backlog)

@@ -75,6 +75,8 @@ class Identity:
 
     @property
     def label(self) -> str:
+        """The role as metrics and logs name it: the role, else "none" (a certificate without one) or "no certificate".
+        """
         return self.role or ("none" if self.certified else "no certificate")
 
 
@@ -114,6 +116,7 @@ def of_certificate(cert) -> Identity:
 
 
 def of_pem(pem: bytes) -> Identity:
+    """From one PEM-encoded certificate; raises ValueError when `pem` is not one."""
     from cryptography import x509
     return of_certificate(x509.load_pem_x509_certificate(pem))
 
@@ -208,6 +211,8 @@ class RoleInterceptor(grpc.aio.ServerInterceptor):
         self._cache: dict[str, tuple] = {}      # method -> (handler, guarded handler)
 
     async def intercept_service(self, continuation, details):
+        """Wrap the handler of `details.method` in the role check (the wrapped handler is cached per method); unknown
+        methods pass through as None."""
         handler = await continuation(details)
         if handler is None:
             return None
@@ -220,6 +225,8 @@ class RoleInterceptor(grpc.aio.ServerInterceptor):
         return guarded
 
     async def check(self, context, method: str, allowed: frozenset) -> None:
+        """Abort the call with PERMISSION_DENIED (counted, logged with the peer) unless the peer's role is in `allowed`
+        and it is not revoked; the certificate serial is read only when the deny list names serials."""
         ctx = context.auth_context()
         ident = from_auth_context(ctx)
         deny = self.deny
@@ -245,17 +252,17 @@ def _guard(handler, method: str, allowed: frozenset, icpt: RoleInterceptor):
     inner = (handler.stream_stream if req_stream else handler.unary_stream) if resp_stream else \
         (handler.stream_unary if req_stream else handler.unary_unary)
     if resp_stream and inspect.isasyncgenfunction(inner):
-        async def behavior(request, context):
+        async def _behavior(request, context):
             await check(context, method, allowed)
             async for item in inner(request, context):
                 yield item
     else:
-        async def behavior(request, context):
+        async def _behavior(request, context):
             await check(context, method, allowed)
             result = inner(request, context)
             return (await result) if inspect.isawaitable(result) else result
     make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
             (True, False): grpc.stream_unary_rpc_method_handler,
             (True, True): grpc.stream_stream_rpc_method_handler}[(req_stream, resp_stream)]
-    return make(behavior, request_deserializer=handler.request_deserializer,
+    return make(_behavior, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)

@@ -55,11 +55,13 @@ def new_key():
 
 
 def pem_key(key) -> bytes:
+    """The private key as unencrypted PKCS#8 PEM (written 0600 by the caller)."""
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
 
 def pem_cert(cert) -> bytes:
+    """The certificate as PEM."""
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
@@ -82,6 +84,8 @@ def role_uris(role: str, agent_id: str = "") -> list[str]:
 
 
 def make_ca(cn: str = "GSE cluster CA", days: int = 3650):
+    """A new self-signed cluster CA (EC P-256 key, valid `days` days from five minutes ago, path length 0: it signs only
+    end certificates): (key, cert)."""
     key = new_key()
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
@@ -174,6 +178,8 @@ class CA:
 
     @classmethod
     def load(cls, cert_path: str | os.PathLike, key_path: str | os.PathLike) -> "CA":
+        """Load the CA from its certificate and key files (PEM, key unencrypted); raises CertError naming both paths
+        when either cannot be read or parsed."""
         try:
             pem = Path(cert_path).read_bytes()
             cert = x509.load_pem_x509_certificate(pem)
@@ -223,6 +229,8 @@ def init_certs(directory: str | os.PathLike, sans=(), force: bool = False, share
 
 @dataclass(frozen=True)
 class TLSMaterial:
+    """The PEM bytes a daemon or tool presents and trusts on mutual TLS: the cluster CA, its own certificate and key,
+    and the name to check in servers' certificates ("" = the dialled host)."""
     ca: bytes
     cert: bytes
     key: bytes
@@ -230,6 +238,8 @@ class TLSMaterial:
 
     @classmethod
     def load(cls, tls_config) -> "TLSMaterial":
+        """Read the three files a `tls` config section (gse/common/config.py TLSConfig) names; raises OSError when one
+        cannot be read."""
         return cls(Path(tls_config.ca).read_bytes(), Path(tls_config.cert).read_bytes(),
                    Path(tls_config.key).read_bytes(), tls_config.server_name)
 
@@ -245,11 +255,13 @@ class TLSMaterial:
         return roles.of_pem(self.cert)
 
     def server_credentials(self):
+        """gRPC server credentials that require and verify a client certificate from the cluster CA."""
         import grpc
         return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca,
                                            require_client_auth=True)
 
     def channel_credentials(self):
+        """gRPC channel credentials that trust the cluster CA and present this certificate."""
         import grpc
         return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
                                             certificate_chain=self.cert)

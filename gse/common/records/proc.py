@@ -117,19 +117,23 @@ class ProcIndex:
 
     @staticmethod
     def add_ops(agent_id: str, namespace: str, name: str) -> list[db.Op]:
+        """The two index writes as dbproxy ops (HSET each, no TTL), for a caller that sends them itself."""
         return [w.op() for w in ProcIndex.add(agent_id, namespace, name)]
 
     @staticmethod
     def remove(agent_id: str, namespace: str, name: str) -> list[db.Op]:
+        """The two HDELs that take a registration out of both indexes."""
         return [db.hdel(ProcIndex.NS + namespace, [f"{agent_id}:{name}"]),
                 db.hdel(ProcIndex.AGENT + agent_id, [f"{namespace}:{name}"])]
 
     @staticmethod
     def read_namespace(namespace: str) -> db.Op:
+        """HGETALL of a namespace's index; decode with `decode` into (bk_agent_id, name) pairs."""
         return db.hgetall(ProcIndex.NS + namespace)
 
     @staticmethod
     def read_agent(agent_id: str) -> db.Op:
+        """HGETALL of an agent's index; decode with `decode` into (namespace, name) pairs."""
         return db.hgetall(ProcIndex.AGENT + agent_id)
 
     @staticmethod
@@ -175,6 +179,7 @@ class ProcTask:
     internal: bool = False          # made by procmgr itself (definitions pushed to agents): nobody polls it
 
     def task_targets(self) -> list[TaskTarget]:
+        """The task's targets as TaskTarget values, in request order (empty when none were recorded)."""
         return [TaskTarget(*t) for t in (self.targets or [])]
 
 
@@ -187,9 +192,11 @@ class ProcResult:
 
     @property
     def final(self) -> bool:
+        """The target is done (any code but 115 running)."""
         return self.error_code != ErrorCode.RUNNING
 
     def to_json(self) -> bytes:
+        """The result as the JSON bytes stored in ProcResults: `{error_code, error_msg, content}`."""
         if self.error_code == ErrorCode.RUNNING and not self.error_msg and not self.content:
             return _RUNNING_JSON        # the placeholder of every dispatched target: encoded once
         return json.dumps({"error_code": self.error_code, "error_msg": self.error_msg, "content": self.content},
@@ -197,6 +204,8 @@ class ProcResult:
 
     @staticmethod
     def from_json(raw: bytes) -> "ProcResult":
+        """A result from its stored JSON; missing keys read as a failure (65535) with no message. Raises ValueError on
+        text that is not JSON and AttributeError when it is not an object."""
         d = json.loads(raw)
         return ProcResult(int(d.get("error_code", ErrorCode.FAILED)), str(d.get("error_msg", "")),
                           str(d.get("content", "")))
@@ -214,6 +223,7 @@ class ProcResults:
 
     @staticmethod
     def key(task_id: str) -> str:
+        """The results key of `task_id`."""
         return ProcResults.PREFIX + task_id
 
     @staticmethod
@@ -225,6 +235,7 @@ class ProcResults:
 
     @staticmethod
     def read(task_id: str) -> db.Op:
+        """HGETALL of every result of `task_id`; decode with `decode`."""
         return db.hgetall(ProcResults.key(task_id))
 
     @staticmethod
@@ -253,18 +264,22 @@ class ProcOpenTasks:
 
     @staticmethod
     def add(task_id: str) -> db.Op:
+        """SADD `task_id` to the open set (no TTL: procmgr removes it when the task ends)."""
         return db.sadd(ProcOpenTasks.KEY, [task_id])
 
     @staticmethod
     def remove(task_ids) -> db.Op:
+        """SREM the given task ids from the open set."""
         return db.srem(ProcOpenTasks.KEY, list(task_ids))
 
     @staticmethod
     def read() -> db.Op:
+        """SMEMBERS of the open set; decode with `decode`."""
         return db.smembers(ProcOpenTasks.KEY)
 
     @staticmethod
     def decode(result) -> list[str]:
+        """The open task ids (empty when the read failed)."""
         return [m.decode() for m in result.values] if result.ok else []
 
 
@@ -275,18 +290,22 @@ class ProcGroups:
 
     @staticmethod
     def key(agent_id: str, namespace: str) -> str:
+        """The groups key of (`agent_id`, `namespace`)."""
         return f"{ProcGroups.PREFIX}{agent_id}:{namespace}"
 
     @staticmethod
     def write(agent_id: str, namespace: str, groups: list[dict]) -> db.Op:
+        """SET the groups (a list of `{id, resource {...}}`) as compact JSON, no TTL: they last until replaced."""
         return db.set_(ProcGroups.key(agent_id, namespace), json.dumps(groups, separators=(",", ":")))
 
     @staticmethod
     def read(agent_id: str, namespace: str) -> db.Op:
+        """GET the groups of (`agent_id`, `namespace`); decode with `decode`."""
         return db.get(ProcGroups.key(agent_id, namespace))
 
     @staticmethod
     def decode(result) -> list[dict]:
+        """The list of groups; empty when absent, unreadable or not a JSON list."""
         if not (result.ok and result.found):
             return []
         try:
