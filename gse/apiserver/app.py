@@ -81,10 +81,14 @@ def tenant_of(headers) -> str:
 
 
 def envelope(code: int, message: str, data, request_id: str) -> dict:
+    """The answer envelope of spec section 1: `{result, code, message, data, request_id}`, `result` true only for code
+    0."""
     return {"result": code == ApiCode.OK, "code": code, "message": message, "data": data, "request_id": request_id}
 
 
 class BodyTooLarge(Exception):
+    """The request body is over the limit being read with; the reader stops at the limit (1000400, or 1000401 when the
+    credentials were to be found in that body)."""
     pass
 
 
@@ -99,6 +103,9 @@ def secret_matches(expected: str | None, given: str) -> bool:
 
 
 class Api:
+    """The HTTP API as one aiohttp catch-all handler: a route table by path (without trailing slash or gateway prefix),
+    credential checks against `apps()` (app code -> secret, read per request so changes apply live), body limits in
+    bytes (`max_body`, and `max_auth_body` for a body that carries its own credentials), and the envelope."""
     def __init__(self, apps: Callable[[], dict[str, str]], max_body: int = 64 * 1024 * 1024,
                  max_auth_body: int = 1024 * 1024):
         self.apps = apps
@@ -108,9 +115,13 @@ class Api:
         self.bodies = BodyParser()
 
     def route(self, path: str, handler: Handler, name: str | None = None) -> None:
+        """Serve `handler` at `path` (with and without a trailing slash); `name` labels its metrics and logs (default:
+        the last path segment)."""
         self.routes[path.rstrip("/")] = (name or path.rstrip("/").rsplit("/", 1)[-1], handler)
 
     def make_app(self) -> web.Application:
+        """The aiohttp application: every method and path goes to the dispatcher, which answers unknown paths with the
+        envelope (1000404) rather than aiohttp's own page."""
         app = web.Application(client_max_size=self.max_body)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         return app

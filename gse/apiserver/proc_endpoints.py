@@ -59,10 +59,14 @@ class ProcMgrs:
         self._rr = itertools.count()
 
     def on_view(self, view: dict[str, dict]) -> None:
+        """ZooKeeper view of the procmgrs: keep their addresses (sorted) and drop the channels of those gone."""
         self.addresses = sorted(i["address"] for i in view.values() if i.get("address"))
         self.pool.retain(self.addresses)
 
     async def call(self, method: str, request):
+        """Call ProcService `method` with `request` on the procmgrs in turn (round-robin start) within `timeout_s`
+        seconds each, carrying the trace metadata; the next one is tried only when a procmgr is unreachable or timed
+        out. Raises Unavailable (1000503) when none is registered, none answered, or one answered with another error."""
         addrs = self.addresses
         if not addrs:
             raise Unavailable("no procmgr is registered")
@@ -81,6 +85,7 @@ class ProcMgrs:
         raise Unavailable(f"no procmgr answered: {last.code().name if last else 'none'}")
 
     async def close(self) -> None:
+        """Close the channels to the procmgrs."""
         await self.pool.close()
 
 
@@ -201,10 +206,13 @@ def _prefixed(fn, where: str):
 
 
 def v1_key(t: pb.Target, namespace: str, name: str) -> str:
+    """The v1 result key of a target (spec section 3): "{bk_cloud_id}:{bk_supplier_id}:{ip}:{namespace}:{name}"."""
     return f"{t.cloud_id}:{t.supplier_id}:{t.ip}:{namespace}:{name}"
 
 
 def v2_key(t: pb.Target, namespace: str, name: str) -> str:
+    """The v2 result key (spec section 8): "{id}:{namespace}:{name}", the id as the caller named the agent (a
+    bk_agent_id, or "cloud:ip")."""
     return f"{t.requested}:{namespace}:{name}"
 
 
@@ -218,6 +226,8 @@ class ProcEndpoints:
         self.max_hosts = max_hosts
 
     def register(self, api: Api) -> None:
+        """Route every process endpoint under both prefixes (v1 ESB `/api/c/compapi/v2/gse/<name>` and v2
+        `/api/v2/proc/<name>`)."""
         handlers = {
             "operate_proc": self.operate_proc, "operate_proc_v2": self.operate_proc,
             "operate_proc_multi": self.operate_proc_multi,

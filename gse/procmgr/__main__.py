@@ -7,6 +7,7 @@ from .server import ProcMgrConfig, ProcMgrService
 
 
 def main() -> int:
+    """Run procmgr (`gse-procmgr`, `python -m gse.procmgr --config FILE`) until SIGTERM; returns the exit code."""
     return _main(ProcMgrService, ProcMgrConfig)
 
 

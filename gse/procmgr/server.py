@@ -22,6 +22,11 @@ log = logging.getLogger("gse.procmgr")
 
 @dataclasses.dataclass(frozen=True)
 class ProcMgrConfig(BaseConfig):
+    """procmgr's configuration (deploy/procmgr.yaml explains every key): where the ProcService listens (default port
+    50000), the dbproxies it stores through (or discovery), and its timings in seconds: the dispatch deadline per task
+    server call, how long an offline agent is waited for before its targets answer 117, when and how often unanswered
+    operations are sent again, the sweep period of open tasks and how long a namespace's index is cached for
+    sync_proc_status pages."""
     host: str = "127.0.0.1"
     port: int = 50000
     advertise_host: str = ""
@@ -33,6 +38,8 @@ class ProcMgrConfig(BaseConfig):
     dbproxy: DbProxyClientConfig = DbProxyClientConfig()
 
     def validate(self) -> None:
+        """ConfigError unless the sweep, redispatch and dispatch periods are positive and the grace and cache periods
+        not negative."""
         super().validate()
         if self.sweep_interval_s <= 0 or self.redispatch_after_s <= 0 or self.taskserver_timeout_s <= 0:
             raise ConfigError("sweep_interval_s, redispatch_after_s and taskserver_timeout_s must be positive")
@@ -41,6 +48,8 @@ class ProcMgrConfig(BaseConfig):
 
 
 class ProcMgrService(Service):
+    """The procmgr daemon: the ProcService over mutual TLS for the API server, the task servers it dispatches through
+    (from ZooKeeper), and the Watcher that keeps open tasks moving."""
     name = "procmgr"
 
     def __init__(self, config: ProcMgrConfig, *args):
@@ -55,6 +64,8 @@ class ProcMgrService(Service):
         self._tasks: list[asyncio.Task] = []
 
     def health(self):
+        """Healthy once serving, connected to ZooKeeper and with at least one dbproxy; the detail counts the task
+        servers known."""
         ok = self.server is not None and self.discovery.connected and bool(self.db.addresses)
         return ok, {"service": self.name, "node_id": self.node_id, "zookeeper": self.discovery.connected,
                     "dbproxies": self.db.addresses, "taskservers": len(self.peers.taskservers)}
@@ -63,6 +74,8 @@ class ProcMgrService(Service):
         return {"address": f"{self.advertise}:{self.port}", "metrics": f"{self.config.metrics.host}:{self.ops.port}"}
 
     async def start(self) -> None:
+        """Connect to ZooKeeper, watch dbproxies (unless configured) and task servers, bind and start the ProcService,
+        then register `<root>/procmgr/<node id>` with its address and metrics port."""
         await super().start()
         c = self.config
         await self.discovery.start()
@@ -85,10 +98,13 @@ class ProcMgrService(Service):
         log.info("procmgr serving", extra={"port": self.port, "node_id": self.node_id})
 
     async def run(self) -> None:
+        """Run the open-task Watcher until stopped."""
         self._tasks = [asyncio.ensure_future(self.watcher.run())]
         await asyncio.gather(*self._tasks)
 
     async def stop(self, grace: float) -> None:
+        """Leave ZooKeeper first (the API server stops choosing us), cancel the Watcher, stop serving within `grace`
+        seconds and close the dbproxy and task server channels."""
         await self.discovery.stop()
         for t in self._tasks:
             t.cancel()

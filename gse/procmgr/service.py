@@ -86,6 +86,8 @@ class Resolved:
 
     @property
     def cloud_ip(self) -> tuple[int, str]:
+        """(bk_cloud_id, ip) of the target: as named by host or as "cloud:ip", else from the agent's session, else (0,
+        "")."""
         t = self.target
         if t.by_host:
             return t.cloud_id, t.ip
@@ -97,11 +99,13 @@ class Resolved:
         return 0, ""
 
     def task_target(self, namespace: str, name: str) -> TaskTarget:
+        """The target as stored in the task record (ProcTask.targets) for process `namespace`/`name`."""
         cloud, ip = self.cloud_ip
         t = self.target
         return TaskTarget(t.requested, self.agent_id, cloud, ip, t.supplier_id, t.by_host, namespace, name)
 
     def answer(self) -> pb.Target:
+        """The target as answered to the API server: `agent_id` set only when the agent was ever seen."""
         cloud, ip = self.cloud_ip
         t = self.target
         return pb.Target(requested=t.requested, cloud_id=cloud, ip=ip, supplier_id=t.supplier_id, by_host=t.by_host,
@@ -149,12 +153,15 @@ class ProcStore:
         self.view = AgentsView(client)
 
     async def execute(self, ops: list) -> list:
+        """Run dbproxy ops in order, in batches of CHUNK (20,000) ops; returns one Result per op. Raises what the
+        DbClient raises (GseError, Unavailable) when dbproxy cannot be reached."""
         out = []
         for i in range(0, len(ops), CHUNK):
             out += await self.db.execute(ops[i:i + CHUNK])
         return out
 
     async def write(self, ops: list) -> None:
+        """Run write ops; GseError naming the first failure when any op failed."""
         res = await self.execute(ops)
         bad = [r.error for r in res if not r.ok]
         if bad:
@@ -207,9 +214,20 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
     # ---- operations -------------------------------------------------------------------------------
 
     async def Operate(self, request, context):
+        """gRPC Operate: `operate` (operate_proc, operate_proc_v2, operate_proc_multi); store errors abort UNAVAILABLE
+        or INTERNAL."""
         return await self._guard(context, self.operate(request))
 
     async def operate(self, request: pb.OperateRequest, internal: bool = False) -> pb.OperateReply:
+        """Make a task of every (target, process) of `request.entries`; its id comes back at once (spec §3, §8).
+
+        Each target is resolved to its agent; a spec in the request is stored as the definition (written only when
+        its digest or labels changed), and an operation without one carries the stored spec. Unknown op_types
+        answer 832 and offline agents 117 without being sent; the rest get one ProcOperations frame per distinct
+        set of operations, through the task servers holding them, and a 115 placeholder result. An agent its task
+        server could not reach answers the code the task server gave (117 when the server itself was unreachable).
+        The task's deadline is the largest operation budget (`op_budget_s`) plus 30 s. `internal`: procmgr's own
+        definition pushes (op types 100 define, 101 forget), which nobody polls."""
         task_id = new_task_id("GSEPROC")
         at = now_ms()
         t0 = time.perf_counter()
@@ -319,9 +337,12 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
         return pb.OperateReply(task_id=task_id)
 
     async def Result(self, request, context):
+        """gRPC Result: `result` (get_proc_operate_result, _v2)."""
         return await self._guard(context, self.result(request.task_id))
 
     async def result(self, task_id: str) -> pb.TargetResults:
+        """Every target of `task_id` in request order with its result (115 with empty message and content while
+        running); `known` false when the task record is absent (never made, or past its one-day TTL)."""
         t, r = await self.store.execute([ProcTask.read(task_id), ProcResults.read(task_id)])
         task = ProcTask.decode(t)
         if task is None:
@@ -340,9 +361,13 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
     # ---- registrations (v1 register/update/unregister_proc_info) ----------------------------------
 
     async def Define(self, request, context):
+        """gRPC Define: `define` (register_proc_info, update_proc_info, unregister_proc_info)."""
         return await self._guard(context, self.define(request))
 
     async def define(self, request: pb.DefineRequest) -> pb.TargetResults:
+        """Register (action 1: 850 when already registered), update (2: registers when absent) or unregister (3: 829
+        when not registered; leaves a tombstone) the entries' processes on their targets, answered per target at once.
+        Agents online now get the change pushed as an internal task; a push that fails is logged, not answered."""
         at = now_ms()
         rows = []
         targets = [t for e in request.entries for t in e.targets]
@@ -431,9 +456,12 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
         return info
 
     async def Status(self, request, context):
+        """gRPC Status: `status` (get_proc_status, _v2)."""
         return await self._guard(context, self.status(request))
 
     async def status(self, request: pb.StatusRequest) -> pb.ProcInfos:
+        """One ProcInfo per requested target for process `namespace`/`name`, from the stored records in one round trip
+        after resolving (status 0 for a host never registered); agents are not asked."""
         resolved, reads = await self.store.resolve(list(request.targets), lambda ids: [
             ProcRecord.pick(a, request.namespace, request.name, names=STATUS_FIELDS) for a in ids])
         out = pb.ProcInfos()
@@ -446,6 +474,7 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
         return out
 
     async def Sync(self, request, context):
+        """gRPC Sync: `sync` (sync_proc_status)."""
         return await self._guard(context, self.sync(request))
 
     async def _members(self, namespace: str) -> list[tuple[str, str]]:
@@ -463,6 +492,8 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
         return members
 
     async def sync(self, request: pb.SyncRequest) -> pb.ProcInfos:
+        """One page (`offset`, `limit`) of the namespace's registrations sorted by (bk_agent_id, name), with `count` the
+        namespace's total."""
         members = await self._members(request.namespace)
         page = members[request.offset:request.offset + request.limit]
         reads = await self.store.execute([ProcRecord.pick(a, request.namespace, n, names=STATUS_FIELDS)
@@ -474,9 +505,12 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
         return out
 
     async def List(self, request, context):
+        """gRPC List: `list` (the `gse proc list` extension)."""
         return await self._guard(context, self.list(request))
 
     async def list(self, request: pb.ListRequest) -> pb.ProcInfos:
+        """Every known process (registered through the API or held by the agent) of the requested agents, by namespace
+        and name."""
         resolved, _ = await self.store.resolve(list(request.targets))
         idx = await self.store.execute([ProcIndex.read_agent(r.agent_id) for r in resolved])
         keys = [(r, ns, n) for r, x in zip(resolved, idx) for ns, n in sorted(ProcIndex.decode(x))]
@@ -495,6 +529,7 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
     # ---- upgrade_to_agent_id ----------------------------------------------------------------------
 
     async def UpgradeToAgentId(self, request, context):
+        """gRPC UpgradeToAgentId: `upgrade` (upgrade_to_agent_id)."""
         return await self._guard(context, self.upgrade(request))
 
     async def upgrade(self, request: pb.UpgradeRequest) -> pb.UpgradeReply:
@@ -535,9 +570,12 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
     # ---- process groups ---------------------------------------------------------------------------
 
     async def SetGroups(self, request, context):
+        """gRPC SetGroups: `set_groups` (set_process_group_info)."""
         return await self._guard(context, self.set_groups(request))
 
     async def set_groups(self, request: pb.GroupsRequest) -> pb.TargetResults:
+        """Replace the process groups of `namespace` on every target (stored; agents do not enforce them); every target
+        answers 0."""
         resolved, _ = await self.store.resolve(list(request.targets))
         groups = [{"id": g.id, "resource": {"cpu_pool_limit": g.cpu_pool_limit, "mem_pool_limit": g.mem_pool_limit,
                                             "cpu_pool_weight": g.cpu_pool_weight,
@@ -548,9 +586,11 @@ class ProcServicer(pb_grpc.ProcServiceServicer):
                             content=control_content(r.agent_id, "", "", "ok")) for r in resolved])
 
     async def GetGroups(self, request, context):
+        """gRPC GetGroups: `get_groups` (get_process_group_info)."""
         return await self._guard(context, self.get_groups(request))
 
     async def get_groups(self, request: pb.GroupsQuery) -> pb.GroupsReply:
+        """The stored process groups of `namespace` per target (an empty list where none were set)."""
         resolved, _ = await self.store.resolve(list(request.targets))
         reads = await self.store.execute([ProcGroups.read(r.agent_id, request.namespace) for r in resolved])
         out = pb.GroupsReply()
@@ -588,6 +628,8 @@ class Watcher:
         self._last_sent: dict[str, int] = {}
 
     async def run(self) -> None:
+        """Sweep every `interval_s` seconds for ever; a sweep that cannot reach dbproxy is logged and tried at the next
+        period."""
         while True:
             await asyncio.sleep(self.interval_s)
             try:
@@ -596,6 +638,8 @@ class Watcher:
                 log.warning("open tasks not swept", extra={"error": str(exc)})
 
     async def sweep(self) -> None:
+        """One pass over the open tasks: drop those ended or gone, end what is left at the deadline with 65535, and send
+        the frames again (or answer 117) for targets still without a result after `redispatch_after_s`."""
         (res,) = await self.store.execute([ProcOpenTasks.read()])
         open_ids = ProcOpenTasks.decode(res)
         at = now_ms()
