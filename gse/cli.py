@@ -1,5 +1,5 @@
 """`gse`: the operator's command. `gse certs ...` (gse/certs.py), `gse dev up|down`, `gse run`, `gse push`,
-`gse proc`, `gse package agent`."""
+`gse proc`, `gse data top`, `gse package agent`."""
 
 from __future__ import annotations
 
@@ -422,6 +422,21 @@ def _proc_line(op: int, item: dict) -> str:
     return f"{text} ({code})" + (f": {out[-200:]}" if out and code not in (0, 828, 829) else "")
 
 
+def cmd_data_top(args) -> int:
+    from gse import datatop
+    hosts, root = args.zookeeper, args.root
+    if not hosts:
+        desc = Path(args.dir) / "cluster.json"
+        if not desc.exists():
+            raise SystemExit(f"gse: no --zookeeper given and no cluster description at {desc}")
+        d = json.loads(desc.read_text())
+        hosts, root = d["zookeeper"], d["zookeeper_root"]
+    try:
+        return datatop.run(datatop.dataservers_from_zookeeper(hosts, root), args.interval, args.once, args.json)
+    except KeyboardInterrupt:
+        return 0
+
+
 def cmd_package_agent(args) -> int:
     from gse import package
     path, sha = package.build(args.out, args.version or None, args.compress_level)
@@ -491,6 +506,16 @@ def build_parser() -> argparse.ArgumentParser:
     proc.add_argument("--timeout", type=float, default=300, help="seconds to wait for every host's result")
     _api_flags(proc)
     proc.set_defaults(func=cmd_proc)
+
+    data = sub.add_parser("data", help="the data path").add_subparsers(dest="data_cmd", required=True)
+    top = data.add_parser("top", help="every data server's figures per DataID and output, live")
+    top.add_argument("--zookeeper", default="", help="the ZooKeeper ensemble (default: the local cluster's)")
+    top.add_argument("--root", default="/gse", help="the ZooKeeper root (with --zookeeper)")
+    top.add_argument("--dir", default=".gse-dev", help="local cluster dir whose cluster.json names ZooKeeper")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between two scrapes")
+    top.add_argument("--once", action="store_true", help="one round, then exit")
+    top.add_argument("--json", action="store_true", help="the figures as one JSON object per round")
+    top.set_defaults(func=cmd_data_top)
 
     pkg = sub.add_parser("package", help="make installable packages").add_subparsers(dest="package_cmd", required=True)
     pa = pkg.add_parser("agent", help="the agent with its runtime and libraries for this platform, as a tarball")

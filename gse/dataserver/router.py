@@ -14,6 +14,7 @@ from typing import Callable
 
 from prometheus_client import Counter, Histogram
 
+from .dataop import Figures
 from .outputs import OutputError, Outputs
 from .route_table import RouteTable
 
@@ -32,15 +33,13 @@ CH_LATENCY = Histogram("gse_dataserver_channel_seconds", "From receiving a batch
 
 
 class _ChannelMetrics:
-    __slots__ = ("records", "bytes", "no_route", "errors", "delay", "latency", "count_records", "count_bytes",
-                 "count_no_route", "count_errors")
+    __slots__ = ("records", "bytes", "no_route", "errors", "delay", "latency")
 
     def __init__(self, channel: int):
         c = str(channel)
         self.records, self.bytes = CH_RECORDS.labels(c), CH_BYTES.labels(c)
         self.no_route, self.errors = CH_DROPPED.labels(c, "no_route"), CH_ERRORS.labels(c)
         self.delay, self.latency = CH_DELAY.labels(c), CH_LATENCY.labels(c)
-        self.count_records = self.count_bytes = self.count_no_route = self.count_errors = 0
 
 
 class Router:
@@ -49,9 +48,10 @@ class Router:
     `tapped` channels before routing (the host snapshot cache)."""
 
     def __init__(self, table: RouteTable, outputs: Outputs, no_route_log_interval_s: float = 60.0,
-                 tap: Callable[[int, str, list], None] | None = None):
+                 tap: Callable[[int, str, list], None] | None = None, figures: Figures | None = None):
         self.table = table
         self.outputs = outputs
+        self.figures = figures or Figures()     # the operating figures (gse/dataserver/dataop.py)
         self.no_route_log_interval_s = no_route_log_interval_s
         self.tap = tap                          # (channel, agent_id, records): side uses (host snapshots)
         self.tapped: set[int] = set()
@@ -75,19 +75,20 @@ class Router:
         m = self._metrics(channel)
         m.records.inc(n)
         m.bytes.inc(size)
-        m.count_records += n
-        m.count_bytes += size
         self.records_in += n
         self.bytes_in += size
         self.batches_in += 1
-        if arrival_ms:
-            m.delay.observe(max(0.0, time.time() - arrival_ms / 1000))
+        delay = max(0.0, time.time() - arrival_ms / 1000) if arrival_ms else None
+        if delay is not None:
+            m.delay.observe(delay)
+        figures = self.figures
+        figures.received(channel, n, size, delay)
         if channel in self.tapped and self.tap is not None:
             self.tap(channel, agent_id, records)
         route = self.table.get(channel)
         if route is None:
             m.no_route.inc(n)
-            m.count_no_route += n
+            figures.no_route(channel, n)
             now = time.monotonic()
             if now - self._no_route_logged.get(channel, -1e9) >= self.no_route_log_interval_s:
                 self._no_route_logged[channel] = now
@@ -103,35 +104,43 @@ class Router:
                 continue
             sink = self.outputs.get(entry.stream_to_id)
             if sink is None:
+                figures.settled(channel, n, size, False, 0.0)
                 return _failed(OutputError(f"route of channel {channel} names stream_to {entry.stream_to_id}, "
                                            "which does not exist"), m)
             plan.append((sink, selected, entry))
-        futs = [sink.submit(selected, agent_id, entry.target, channel) for sink, selected, entry in plan]
+        futs = []
+        for sink, selected, entry in plan:
+            t_out = time.perf_counter()
+            out = sink.submit(selected, agent_id, entry.target, channel)
+            k, b = len(selected), sum(map(len, selected))
+            out.add_done_callback(lambda f, label=sink.label, k=k, b=b, t=t_out: figures.output_settled(
+                label, k, b, _ok(f), time.perf_counter() - t))
+            futs.append(out)
         if not futs:
             return None
         fut = futs[0] if len(futs) == 1 else asyncio.gather(*futs)
         t0 = time.perf_counter()
-        fut.add_done_callback(lambda f: _settled(f, m, t0))
+        fut.add_done_callback(lambda f: _settled(f, m, t0, figures, channel, n, size))
         return fut
 
-    def figures(self) -> dict:
-        """Per channel: {"records", "bytes", "no_route", "errors"} counted since start (for the data server's own
-        reports)."""
-        return {str(c): {"records": m.count_records, "bytes": m.count_bytes, "no_route": m.count_no_route,
-                         "errors": m.count_errors} for c, m in self._channels.items()}
+
+def _ok(f: asyncio.Future) -> bool:
+    return not f.cancelled() and f.exception() is None
 
 
-def _settled(f: asyncio.Future, m: _ChannelMetrics, t0: float) -> None:
-    if f.cancelled() or f.exception() is not None:
+def _settled(f: asyncio.Future, m: _ChannelMetrics, t0: float, figures: Figures, channel: int, n: int,
+             size: int) -> None:
+    dt = time.perf_counter() - t0
+    ok = _ok(f)
+    if not ok:
         m.errors.inc()
-        m.count_errors += 1
     else:
-        m.latency.observe(time.perf_counter() - t0)
+        m.latency.observe(dt)
+    figures.settled(channel, n, size, ok, dt)
 
 
 def _failed(exc: Exception, m: _ChannelMetrics) -> asyncio.Future:
     m.errors.inc()
-    m.count_errors += 1
     fut = asyncio.get_running_loop().create_future()
     fut.set_exception(exc)
     return fut

@@ -196,21 +196,18 @@ class DataServerService(Service):
             await self.discovery.update(self.name, self.node_id, self._registration())
 
     async def _ops_figures(self) -> None:
-        """What the original called DataOpServer: this server's figures as a record on a reserved channel."""
-        last = (self.router.records_in, self.router.bytes_in)
+        """What the original called DataOpServer: this server's figures per channel and per output
+        (gse/dataserver/dataop.py) as a record on a reserved channel, every ops_interval_s."""
         host = socket.gethostname()
         while True:
             await asyncio.sleep(self.config.ops_interval_s)
-            r, b = self.router.records_in, self.router.bytes_in
+            figures = self.router.figures.record(self.outputs.sinks, self.ingest.load, self.config.ops_interval_s)
             body = json.dumps({
                 "node_id": self.node_id, "hostname": host, "version": __version__, "time": int(time.time() * 1000),
-                "interval_s": self.config.ops_interval_s, "agents": self.ingest.load,
-                "records_in": r, "bytes_in": b, "records_in_interval": r - last[0], "bytes_in_interval": b - last[1],
+                "records_in": self.router.records_in, "bytes_in": self.router.bytes_in,
                 "records_per_s": round(self.records_per_s, 1), "bytes_per_s": round(self.bytes_per_s),
-                "routes": len(self.table.routes), "channels": self.router.figures(),
-                "outputs": {s.label: {**s.stats, "last_error": s.last_error} for s in self.outputs.sinks.values()},
+                "routes": len(self.table.routes), **figures,
             }, separators=(",", ":")).encode()
-            last = (r, b)
             fut = self.router.route(self.config.ops_data_id, [body], self.node_id,
                                     (str(self.config.ops_data_id).encode(), b"0", self.advertise.encode(),
                                      self.node_id.encode()))
