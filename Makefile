@@ -17,7 +17,7 @@ STAMP  := $(VENV)/.stamp-install
 # zookeeper brings java with it (it depends on default-jre); iproute2 gives the tests `ip`.
 APT_PACKAGES := zookeeper redis-server iproute2
 # Every benchmark script `make bench` runs, in order.
-BENCHMARKS := bench/agent_attach.py bench/task_fanout.py bench/data_throughput.py bench/file_hashing.py bench/redis_output.py bench/api_latency.py bench/proc_ops.py
+BENCHMARKS := bench/agent_attach.py bench/task_fanout.py bench/data_throughput.py bench/file_hashing.py bench/redis_output.py bench/api_latency.py bench/proc_ops.py bench/agent_rss.py
 # -ra: one summary line for every test that did not pass (the closing "N passed in Ts" line comes anyway).
 PYTEST_ARGS ?= -ra
 # e.g. make demo DEMO_ARGS='--agents 5 --detach'

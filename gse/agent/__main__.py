@@ -92,11 +92,11 @@ def cmd_signal(cfg, sig: int, wait_gone: bool) -> int:
 
 
 def cmd_register(cfg) -> int:
-    from gse.common.tls import TLSMaterial
+    from gse.common.roles import of_pem_file
 
     from .agent import adopt_agent_id, load_or_create_agent_id
     if Path(cfg.tls.cert).exists():
-        named = TLSMaterial.load(cfg.tls).identity().agent_id
+        named = of_pem_file(cfg.tls.cert).agent_id
         agent_id = adopt_agent_id(cfg.data_dir, named) if named else load_or_create_agent_id(cfg.data_dir)
     else:
         agent_id = load_or_create_agent_id(cfg.data_dir)

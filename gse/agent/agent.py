@@ -30,13 +30,12 @@ from google.protobuf.message import DecodeError
 
 from gse import __version__
 from gse.common import framelink, roles
-from gse.common.address import route_ip, split_host_port
+from gse.common.address import route_ip, split_host_port, valid_agent_id
 from gse.common.backoff import Backoff
 from gse.common.config import ConfigError, LogConfig, MetricsConfig, TLSConfig, check_addresses
-from gse.common.records import valid_agent_id
 from gse.common.safefile import write_private, write_public
 from gse.common.screen import check_code_page
-from gse.common.service import Service
+from gse.common.service import LiteOpsServer, Service
 from gse.common.tls import TLSMaterial, make_csr, new_key, pem_key
 from gse.pb import agent_pb2 as pb
 
@@ -239,6 +238,8 @@ def _same_key(cert_pem: bytes, key) -> bool:
 
 class Agent(Service):
     name = "agent"
+    ops_server = LiteOpsServer      # light: no HTTP framework on every host (gse/common/service.py)
+    use_uvloop = False
 
     def __init__(self, config: AgentConfig, *args):
         super().__init__(config, *args)
@@ -281,7 +282,7 @@ class Agent(Service):
         """Load the TLS material; a certificate naming an agent gives the agent its id."""
         self.tls = TLSMaterial.load(self.config.tls)
         self.ssl = framelink.client_context(self.tls)
-        named = self.tls.identity().agent_id
+        named = roles.of_pem_file(self.config.tls.cert).agent_id     # (without loading cryptography)
         if named:
             self.agent_id = adopt_agent_id(self.config.data_dir, named)
         else:           # a shared certificate (the cluster must be in shared-certificate mode)
@@ -395,7 +396,8 @@ class Agent(Service):
         c = self.config
         parts = {"base": "ok",
                  "cluster": "ok" if attached else "not attached to a task server",
-                 "data": "ok" if not c.data.enabled or self.data.current else "no data server stream open",
+                 "data": "ok" if not c.data.enabled or self.data.current or not self.data.needed
+                 else "no data server stream open",
                  "file": "ok"}
         return attached, {"service": self.name, "bk_agent_id": self.agent_id, "ip": self.ip, "server": self.server,
                           "version": __version__, "pid": os.getpid(), "data": parts,

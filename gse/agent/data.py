@@ -20,7 +20,10 @@
   (agents connected). A new stream goes to a server chosen at random weighted by how far below the average
   load it is. Every `respread_interval_s` an agent on a server above the average moves with probability
   (load - average) / load, so a server that joins fills up within a round and no server is stampeded.
-- **Host snapshot** every `snapshot_interval_s` as a record on the reserved DataID.
+- **Host snapshot** every `snapshot_interval_s` as a record on the reserved DataID (0, the default: none; the
+  heartbeats carry the host's figures to the task server anyway, and list_agent_info shows them).
+- **Nothing loaded before it is needed.** No stream is opened (and gRPC not even imported) until there is a
+  batch to send: an agent whose plugins report nothing carries no data-path connection.
 - **Messages.** cluster/dispatch_message content reaches the plugins on the message socket; their responds go
   back to the task server, which posts them to the slot's callback.
 """
@@ -39,11 +42,10 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
-import grpc
 import psutil
-from prometheus_client import Counter, Gauge
 
-from gse.common import rpc
+from gse.common.lazyimport import lazy_module
+from gse.common.lazymetrics import Counter, Gauge
 from gse.common.backoff import Backoff
 from gse.common.address import split_host_port
 from gse.common.config import ConfigError, check_addresses
@@ -55,6 +57,9 @@ from gse.pb import data_pb2 as pb
 from .ipc import DEFAULT_MESSAGE_SOCKET, DEFAULT_REPORT_SOCKET, MessageSocketServer, Record, ReportSocketServer
 from .relay import SourceRelay
 from .spool import Spool
+
+grpc = lazy_module("grpc")                  # loaded with the first data stream (an idle agent has none)
+rpc = lazy_module("gse.common.rpc")
 
 log = logging.getLogger("gse.agent.data")
 
@@ -94,7 +99,7 @@ class DataConfig:
     spool_segment_bytes: int = 16 * 1024 * 1024
     spool_cache_bytes: int = 64 * 1024 * 1024
     spool_fsync_interval_s: float = 0.0     # 0 = leave writing back to the kernel (survives agent crashes)
-    snapshot_interval_s: float = 60.0
+    snapshot_interval_s: float = 0.0    # 0 = no host snapshot records
     snapshot_data_id: int = CHANNEL_HOST_SNAPSHOT
     ipc_max_message: int = 10 * 1024 * 1024
     ipc_mode: int = 0o660
@@ -106,8 +111,9 @@ class DataConfig:
             raise ConfigError("data: need batch_max_bytes <= spool_segment_bytes <= spool_max_bytes")
         if self.max_inflight_batches < 1 or self.max_inflight_bytes < self.batch_max_bytes:
             raise ConfigError("data: max_inflight_batches >= 1 and max_inflight_bytes >= batch_max_bytes")
-        if self.respread_interval_s <= 0 or self.snapshot_interval_s <= 0 or self.reconnect_max_s <= 0:
-            raise ConfigError("data: respread_interval_s, snapshot_interval_s and reconnect_max_s must be positive")
+        if self.respread_interval_s <= 0 or self.snapshot_interval_s < 0 or self.reconnect_max_s <= 0:
+            raise ConfigError("data: respread_interval_s and reconnect_max_s must be positive, snapshot_interval_s "
+                              "not negative")
         if self.ipc_mode & ~0o770:
             raise ConfigError("data: ipc_mode must not give others access (0660 or tighter)")
         check_addresses("data.servers", self.servers)
@@ -199,6 +205,7 @@ class DataPipeline:
                                             self.identity, max_message=cfg.ipc_max_message, mode=cfg.ipc_mode)
         self._open: dict[int, _Open] = {}
         self._wake = asyncio.Event()
+        self._has_data = asyncio.Event()            # set once there is something to send
         self._view_changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         # Sending state: the next batch id to consider and the batches in flight on the current stream.
@@ -227,7 +234,11 @@ class DataPipeline:
         await self.messages.start()
         if self.cfg.servers and not self.loads:
             self.loads = {s: 0.0 for s in self.cfg.servers}
-        coros = [self._send_loop(), self._snapshot_loop(), self._respread_loop(), self._housekeeping()]
+        coros = [self._send_loop(), self._respread_loop(), self._housekeeping()]
+        if self.cfg.snapshot_interval_s > 0:
+            coros.append(self._snapshot_loop())
+        if self.spool.first_pending() is not None:
+            self._has_data.set()                    # batches kept from before a restart
         if self.cfg.spool_fsync_interval_s > 0:
             coros.append(self._fsync_loop())
         self._tasks = [asyncio.ensure_future(c) for c in coros]
@@ -292,6 +303,7 @@ class DataPipeline:
 
         self.spool.append(payload, len(records))
         self._wake.set()
+        self._has_data.set()
 
     # ---- data server view and balancing -----------------------------------------------------------
 
@@ -343,6 +355,7 @@ class DataPipeline:
     async def _send_loop(self) -> None:
         # Full jitter from 0.2 s up to reconnect_max_s; a stream that lasted 10 s starts over.
         backoff = Backoff(min(RECONNECT_BASE_S, self.cfg.reconnect_max_s), self.cfg.reconnect_max_s)
+        await self._has_data.wait()                 # the first stream waits for the first batch
         while True:
             address = self._pick()
             if address is None:
@@ -563,6 +576,11 @@ class DataPipeline:
         for name, server in (("report", self.report), ("message", self.messages)):
             for reason, n in server.stats["errors"].items():
                 IPC_ERRORS.labels(name, reason).set(n)
+
+    @property
+    def needed(self) -> bool:
+        """Whether this agent has had anything to send yet (until then it holds no data server stream)."""
+        return self._has_data.is_set()
 
     def health(self) -> dict:
         return {"data_server": self.current, "spool": self.spool.stats(), "inflight": len(self.inflight),

@@ -49,9 +49,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
-from gse.common import patterns
+from gse.common.lazyimport import lazy_module
 from gse.common.address import join_host_port, split_host_port
 from gse.common.aio import spawn
 from gse.common.errors import ErrorCode, ScriptStatus
@@ -59,10 +57,13 @@ from gse.common.logs import trace
 from gse.common.safefile import write_private
 from gse.pb import agent_pb2 as pb
 from gse.pb import file_pb2 as fpb
-from gse.pb import file_pb2_grpc as fpb_grpc
 
 from . import safepath, sparse
 from .safepath import Identity, UnsafePath
+
+grpc = lazy_module("grpc")                  # loaded with the first transfer through the file server
+patterns = lazy_module("gse.common.patterns")   # RE2, for regex: file names
+fpb_grpc = lazy_module("gse.pb.file_pb2_grpc")
 
 log = logging.getLogger("gse.agent.files")
 

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Callable
 
 from google.protobuf import json_format
-from prometheus_client import Counter
+from gse.common.lazymetrics import Counter
 
 from gse.common import alarmrecord
 from gse.common.config import ConfigError

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from prometheus_client import Counter
+from gse.common.lazymetrics import Counter
 
 from gse.common.errors import FINAL_STATUSES, ErrorCode, ScriptStatus
 from gse.common.logs import trace

@@ -45,6 +45,15 @@ def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+MAX_AGENT_ID = 64
+
+
+def valid_agent_id(text: str) -> bool:
+    """A bk_agent_id as agents make and the API accepts it: 1-64 printable characters without ':' or ' '
+    (spec §2; ':' would be ambiguous with the "cloud:ip" form)."""
+    return 0 < len(text) <= MAX_AGENT_ID and text.isprintable() and ":" not in text and " " not in text
+
+
 def parse_host_id(text: str) -> tuple[int, str] | None:
     """`"{bk_cloud_id}:{ip}"` -> (cloud, ip); None when the text is not of that form (then it is a bk_agent_id)."""
     cloud, sep, ip = text.partition(":")

@@ -18,7 +18,7 @@ import gc
 import os
 import time
 
-from prometheus_client import Counter
+from .lazymetrics import Counter
 
 THRESHOLD = (50_000, 20, 10)
 

@@ -21,8 +21,7 @@ import logging
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-import grpc
-from prometheus_client import Counter
+from .lazymetrics import Counter
 
 log = logging.getLogger("gse.roles")
 
@@ -115,6 +114,21 @@ def of_certificate(cert) -> Identity:
     return from_uris(uris, f"{cert.serial_number:X}")
 
 
+def of_pem_file(path) -> Identity:
+    """From a PEM certificate file, read with the ssl module's own decoder (CPython's, used for its
+    self-tests), so that an agent learns its id without loading cryptography; cryptography when that decoder
+    is not there."""
+    import ssl
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is not None:
+        try:
+            return from_peercert(decode(str(path)))
+        except (ssl.SSLError, ValueError):
+            pass
+    with open(path, "rb") as f:
+        return of_pem(f.read())
+
+
 def of_pem(pem: bytes) -> Identity:
     """From one PEM-encoded certificate; raises ValueError when `pem` is not one."""
     from cryptography import x509
@@ -201,42 +215,57 @@ def allowed_roles(table: Mapping[str, frozenset], method: str) -> frozenset:
     return roles
 
 
-class RoleInterceptor(grpc.aio.ServerInterceptor):
-    """Checks every call's peer certificate against `table` before the handler runs; a refusal is
-    PERMISSION_DENIED naming the role required and the role shown. `deny` adds revocation."""
+def _interceptor_class():
+    """RoleInterceptor, made on first use: gRPC is imported only by processes that serve gRPC (the agent,
+    which uses this module for its link's identities, does not carry it)."""
+    import grpc
 
-    def __init__(self, table: Mapping[str, frozenset] = ACCESS, deny: DenyList | None = None):
-        self.table = table
-        self.deny = deny
-        self._cache: dict[str, tuple] = {}      # method -> (handler, guarded handler)
+    class RoleInterceptor(grpc.aio.ServerInterceptor):
+        """Checks every call's peer certificate against `table` before the handler runs; a refusal is
+        PERMISSION_DENIED naming the role required and the role shown. `deny` adds revocation."""
 
-    async def intercept_service(self, continuation, details):
-        """Wrap the handler of `details.method` in the role check (the wrapped handler is cached per method); unknown
-        methods pass through as None."""
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        method = details.method
-        hit = self._cache.get(method)
-        if hit is not None and hit[0] is handler:
-            return hit[1]
-        guarded = _guard(handler, method, allowed_roles(self.table, method), self)
-        self._cache[method] = (handler, guarded)
-        return guarded
+        def __init__(self, table: Mapping[str, frozenset] = ACCESS, deny: DenyList | None = None):
+            self.table = table
+            self.deny = deny
+            self._cache: dict[str, tuple] = {}      # method -> (handler, guarded handler)
 
-    async def check(self, context, method: str, allowed: frozenset) -> None:
-        """Abort the call with PERMISSION_DENIED (counted, logged with the peer) unless the peer's role is in `allowed`
-        and it is not revoked; the certificate serial is read only when the deny list names serials."""
-        ctx = context.auth_context()
-        ident = from_auth_context(ctx)
-        deny = self.deny
-        if deny is not None and deny.serials and ident.certified:
-            ident = Identity(ident.role, ident.agent_id, serial_of(ctx))
-        why = refusal(ident, allowed, deny, method)
-        if why:
-            REFUSED.labels(method, ident.label).inc()
-            log.warning("call refused", extra={"method": method, "peer": context.peer(), "reason": why})
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+        async def intercept_service(self, continuation, details):
+            """Wrap the handler of `details.method` in the role check (the wrapped handler is cached per
+            method); unknown methods pass through as None."""
+            handler = await continuation(details)
+            if handler is None:
+                return None
+            method = details.method
+            hit = self._cache.get(method)
+            if hit is not None and hit[0] is handler:
+                return hit[1]
+            guarded = _guard(handler, method, allowed_roles(self.table, method), self)
+            self._cache[method] = (handler, guarded)
+            return guarded
+
+        async def check(self, context, method: str, allowed: frozenset) -> None:
+            """Abort the call with PERMISSION_DENIED (counted, logged with the peer) unless the peer's role is in
+            `allowed` and it is not revoked; the certificate serial is read only when the deny list names
+            serials."""
+            ctx = context.auth_context()
+            ident = from_auth_context(ctx)
+            deny = self.deny
+            if deny is not None and deny.serials and ident.certified:
+                ident = Identity(ident.role, ident.agent_id, serial_of(ctx))
+            why = refusal(ident, allowed, deny, method)
+            if why:
+                REFUSED.labels(method, ident.label).inc()
+                log.warning("call refused", extra={"method": method, "peer": context.peer(), "reason": why})
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+
+    return RoleInterceptor
+
+
+def __getattr__(name: str):
+    if name == "RoleInterceptor":
+        cls = globals()["RoleInterceptor"] = _interceptor_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def peer_identity(context) -> Identity:
@@ -244,8 +273,10 @@ def peer_identity(context) -> Identity:
     return from_auth_context(context.auth_context())
 
 
-def _guard(handler, method: str, allowed: frozenset, icpt: RoleInterceptor):
+def _guard(handler, method: str, allowed: frozenset, icpt: "RoleInterceptor"):
     import inspect
+
+    import grpc
 
     check = icpt.check
     req_stream, resp_stream = handler.request_streaming, handler.response_streaming

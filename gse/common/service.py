@@ -18,10 +18,7 @@ import socket
 import sys
 from typing import Any
 
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Gauge, generate_latest
-
-from . import gctune
+from . import gctune, lazymetrics
 from .config import ConfigError, LogConfig, MetricsConfig, TLSConfig, ZooKeeperConfig, load_config
 from .logs import setup_logging
 
@@ -29,7 +26,7 @@ log = logging.getLogger("gse.service")
 
 STOP_BOUND_S = 15.0
 
-UP = Gauge("gse_up", "1 while the daemon is serving", ["service"])
+UP = lazymetrics.Gauge("gse_up", "1 while the daemon is serving", ["service"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,15 +75,16 @@ class OpsServer:
 
     `health()` returns (ok, detail), or an awaitable of it when finding out takes I/O."""
 
-    def __init__(self, cfg: MetricsConfig, health, registry=REGISTRY):
+    def __init__(self, cfg: MetricsConfig, health, registry=None):
         self.cfg = cfg
         self.health = health
-        self.registry = registry
-        self.runner: web.AppRunner | None = None
+        self.registry = registry            # None: prometheus_client's default registry
+        self.runner = None
         self.port = 0
 
     async def start(self) -> int:
         """Serve /metrics and /healthz on `cfg.host`:`cfg.port`; returns the bound port (useful with port 0)."""
+        from aiohttp import web
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
@@ -98,9 +96,12 @@ class OpsServer:
         return self.port
 
     async def _metrics(self, request):
-        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        from aiohttp import web
+        body, content_type = metrics_page(self.registry)
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def _healthz(self, request):
+        from aiohttp import web
         result = self.health()
         ok, detail = await result if inspect.isawaitable(result) else result
         return web.json_response({"ok": ok, **detail}, status=200 if ok else 503)
@@ -112,16 +113,76 @@ class OpsServer:
             self.runner = None
 
 
+def metrics_page(registry=None) -> tuple[bytes, str]:
+    """The Prometheus text of `registry` (default: the process's), the lazy metrics included."""
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+    lazymetrics.install()
+    return generate_latest(registry or REGISTRY), CONTENT_TYPE_LATEST
+
+
+class LiteOpsServer:
+    """/healthz and /metrics as OpsServer serves them, on asyncio's own streams: for the agent, which runs on
+    every host and should not carry an HTTP framework (~10 MB) for a page read now and then. One request per
+    connection, headers bounded (8 KiB, 5 s); prometheus_client is imported at the first /metrics."""
+
+    MAX_HEAD = 8192
+
+    def __init__(self, cfg: MetricsConfig, health, registry=None):
+        self.cfg = cfg
+        self.health = health
+        self.registry = registry
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, self.cfg.host, self.cfg.port, limit=self.MAX_HEAD)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import json
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            method, path = (head.split(b"\r\n", 1)[0].split(b" ") + [b"", b""])[:2]
+            path = path.split(b"?", 1)[0]
+            if method not in (b"GET", b"HEAD"):
+                status, body, ctype = "405 Method Not Allowed", b"", "text/plain"
+            elif path == b"/healthz":
+                result = self.health()
+                ok, detail = await result if inspect.isawaitable(result) else result
+                body = json.dumps({"ok": ok, **detail}, default=str).encode()
+                status, ctype = ("200 OK" if ok else "503 Service Unavailable"), "application/json"
+            elif path == b"/metrics":
+                body, ctype = metrics_page(self.registry)
+                status = "200 OK"
+            else:
+                status, body, ctype = "404 Not Found", b"", "text/plain"
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                         f"Connection: close\r\n\r\n".encode() + (body if method != b"HEAD" else b""))
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+
 class Service:
     """Base of every daemon. Subclasses implement `start`, `run` and `stop` and call the base versions."""
 
     name = "service"
+    ops_server = OpsServer      # the /metrics and /healthz server (the agent takes LiteOpsServer)
+    use_uvloop = True           # uvloop's event loop (the agent keeps asyncio's: ~9 MB less, one link to serve)
 
     def __init__(self, config: Any, config_path: str | None = None, overrides: tuple = ()):
         self.config = config
         self.config_path = config_path
         self.overrides = overrides
-        self.ops = OpsServer(config.metrics, self.health) if hasattr(config, "metrics") else None
+        self.ops = self.ops_server(config.metrics, self.health) if hasattr(config, "metrics") else None
         self._stopped = False
         # A command line to exec once stopped (a daemon restarting itself in place: the agent's restart and
         # upgrade); serve() then tells systemd RELOADING=1 rather than STOPPING=1, the same pid comes back.
@@ -211,10 +272,10 @@ def parse_args(prog: str, argv=None) -> argparse.Namespace:
 
 def main(service_cls, config_cls, argv=None) -> int:
     """Entry point shared by every daemon: `python -m gse.<daemon> --config FILE`."""
-    from . import workers
-
     name = service_cls.name
     args = parse_args(f"gse-{name}", argv)
+    if args.worker is not None or args.ready_fd is not None:
+        from . import workers       # (only daemons run as workers need it: it brings aiohttp and prometheus)
     if args.worker is not None and not workers.follow_supervisor(args.supervisor):
         print(f"gse-{name}: worker {args.worker}: supervisor {args.supervisor} is gone", file=sys.stderr)
         return 1
@@ -229,12 +290,14 @@ def main(service_cls, config_cls, argv=None) -> int:
     except ValueError as exc:
         print(f"gse-{name}: {exc}", file=sys.stderr)
         return 2
-    try:
-        import uvloop
-        uvloop.install()
-    except ImportError:  # pragma: no cover - uvloop is a dependency; run on asyncio's loop without it
-        pass
+    if service_cls.use_uvloop:
+        try:
+            import uvloop
+            uvloop.install()
+        except ImportError:  # pragma: no cover - uvloop is a dependency; run on asyncio's loop without it
+            pass
     if args.worker is None and getattr(config, "workers", 1) > 1:
+        from . import workers
         service = workers.Supervisor(service_cls, config, args.config, tuple(args.set))
     else:
         service = service_cls(config, args.config, tuple(args.set))

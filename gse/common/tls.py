@@ -27,13 +27,20 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from . import roles
+from .lazyimport import lazy_module
 from .safefile import write_private, write_public
+
+
+# cryptography (~13 MB) is loaded when a certificate is made or parsed, not by processes that only read files
+x509 = lazy_module("cryptography.x509")
+hashes = lazy_module("cryptography.hazmat.primitives.hashes")
+serialization = lazy_module("cryptography.hazmat.primitives.serialization")
+ec = lazy_module("cryptography.hazmat.primitives.asymmetric.ec")
+rsa = lazy_module("cryptography.hazmat.primitives.asymmetric.rsa")
+ExtendedKeyUsageOID = lazy_module("cryptography.x509.oid", "ExtendedKeyUsageOID")
+NameOID = lazy_module("cryptography.x509.oid", "NameOID")
 
 DEFAULT_SANS = ("localhost", "gse-server", "127.0.0.1", "::1")
 SERVING_ROLES = (roles.SERVER, roles.PROXY)     # these also serve TLS: serverAuth and the server names

@@ -20,11 +20,11 @@ import json
 import time
 
 from gse.common import dbclient as db
+from gse.common.address import MAX_AGENT_ID, valid_agent_id  # noqa: F401 - one definition, known here too
 from gse.common.errors import AgentStatus
 
 from .base import DAY_MS, hash_record
 
-MAX_AGENT_ID = 64
 SESSION_TTL_MS = 7 * DAY_MS
 SNAPSHOT_TTL_MS = 60_000
 
@@ -32,12 +32,6 @@ SNAPSHOT_TTL_MS = 60_000
 def now_ms() -> int:
     """Wall-clock milliseconds: the unit of every time stored in a record."""
     return int(time.time() * 1000)
-
-
-def valid_agent_id(text: str) -> bool:
-    """A bk_agent_id as agents make and the API accepts it: 1-64 printable characters without ':' or ' '
-    (spec §2; ':' would be ambiguous with the "cloud:ip" form)."""
-    return 0 < len(text) <= MAX_AGENT_ID and text.isprintable() and ":" not in text and " " not in text
 
 
 UPGRADE_ACTIVE = frozenset({"started", "waiting", "installing", "switching"})
