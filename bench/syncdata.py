@@ -108,8 +108,10 @@ def main() -> int:
         t0 = time.monotonic()
         sd = c.start_syncdata(cmdb={"url": cmdb.url, "app_code": cmdb.app_code, "app_secret": cmdb.app_secret,
                                     "watch_hold_s": cmdb.hold_s})
-        first = wait_for(lambda: (r := results(c, ids)) if sum(d["status"] == "synced" for d in r.values()) == n
-                         else None, args.timeout, f"{n} identities confirmed", interval=1.0)
+        def all_synced():
+            r = results(c, ids)
+            return r if sum(d["status"] == "synced" for d in r.values()) == n else None
+        first = wait_for(all_synced, args.timeout, f"{n} identities confirmed", interval=1.0)
         out["initial_s"] = round(time.monotonic() - t0, 1)
         print(f"initial: all {n} identities on their hosts {out['initial_s']} s after syncdata started", flush=True)
 

@@ -6,6 +6,8 @@ import asyncio
 import dataclasses
 import logging
 
+from prometheus_client import Gauge
+
 from gse.common import framelink, roles, rpc
 from gse.common.address import join_host_port
 from gse.common.config import ConfigError, DbProxyClientConfig
@@ -28,9 +30,12 @@ from .files import FileCoordinator, FileReports
 from .fleet import Fleet
 from .identity import AgentIdentity
 from .procs import ProcAckBatcher, ProcReports
-from .tasks import AckBatcher, ResultRecorder, TaskService
+from .tasks import AckBatcher, ResultRecorder, TaskClock, TaskService
 
 log = logging.getLogger("gse.taskserver")
+
+AREA_AGENTS = Gauge("gse_taskserver_agents_online", "Agents attached here, by the area (bk_cloud_id) served",
+                    ["area"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +183,7 @@ class TaskServerService(Service):
         self.writer = BatchWriter(self.db, c.flush_interval_s, high_water=c.write_queue_max,
                                   low_water=c.write_queue_max // 4)
         self.acks = AckBatcher(self.writer, c.ack_quiet_s, c.ack_max_delay_s)
+        self.clock = TaskClock()            # task creation times: result latency (gse_taskserver_task_result_seconds)
         # Workers of one machine share the agent port: the kernel spreads new agent connections across them.
         self.agent_sock = framelink.bind(c.host, c.agent_port, reuse_port=c.workers > 1)
         self.agent_port = self.agent_sock.getsockname()[1]
@@ -191,7 +197,7 @@ class TaskServerService(Service):
                                   heartbeat_interval_s=c.heartbeat_interval_s, heartbeat_misses=c.heartbeat_misses,
                                   hello_timeout_s=c.hello_timeout_s, balancer=self.balancer,
                                   reconnect_rate=c.reconnect_rate, host_snapshot_every=host_every,
-                                  on_report=ResultRecorder(self.writer, ttl, self.acks).on_report,
+                                  on_report=ResultRecorder(self.writer, ttl, self.acks, self.clock).on_report,
                                   identity=self.identity, enroller=self.enroller)
         self.task_server = rpc.make_server(self.tls, deny=self.deny)
         self.task_port = rpc.bind(self.task_server, self.tls, c.host, c.task_port)
@@ -213,7 +219,8 @@ class TaskServerService(Service):
         fleet = Fleet(self.access, self.writer)
         self.access.handlers.update({"host_identity_result": fleet.on_hostid_result,
                                      "operation_result": fleet.on_operation_result})
-        task_pb_grpc.add_TaskServiceServicer_to_server(TaskService(self.access, self.files), self.task_server)
+        task_pb_grpc.add_TaskServiceServicer_to_server(TaskService(self.access, self.files, self.clock),
+                                                       self.task_server)
         task_health = rpc.add_health(self.task_server)
         await self.task_server.start()
         await rpc.set_serving(task_health, True)
@@ -265,8 +272,10 @@ class TaskServerService(Service):
         await asyncio.gather(*self._tasks)
 
     async def _report_load(self) -> None:
+        area = AREA_AGENTS.labels(str(self.config.area))
         while True:
             await asyncio.sleep(self.config.load_report_interval_s)
+            area.set(self.access.load)
             self.access.retune()
             await self.discovery.update(self.name, self.node_id, self._registration())
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 
 import grpc
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 from gse.common.errors import ErrorCode
 from gse.common.logs import trace
@@ -32,6 +33,29 @@ RESULTS = Counter("gse_taskserver_task_results_total", "Item results received fr
 OUTPUT_BYTES = Counter("gse_taskserver_task_output_bytes_total", "Task output bytes received")
 ACKS = Counter("gse_taskserver_ack_frames_total", "Result acknowledgement frames written to agents")
 FINAL_RESULTS, PARTIAL_RESULTS = RESULTS.labels("1"), RESULTS.labels("0")
+RESULT_SECONDS = Histogram("gse_taskserver_task_result_seconds",
+                           "From a task's creation (the API server accepting it) to each item's final result here",
+                           buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 1800))
+
+
+class TaskClock:
+    """When the tasks dispatched here were created (task id -> ms; the newest `keep`), so that final results
+    can be timed from the API call (the result latency of the dashboards)."""
+
+    def __init__(self, keep: int = 20_000):
+        self.keep = keep
+        self.created: OrderedDict[str, int] = OrderedDict()
+
+    def note(self, task_id: str, created_ms: int) -> None:
+        if created_ms and task_id not in self.created:
+            self.created[task_id] = created_ms
+            if len(self.created) > self.keep:
+                self.created.popitem(last=False)
+
+    def observe(self, task_id: str, at_ms: int) -> None:
+        created = self.created.get(task_id)
+        if created:
+            RESULT_SECONDS.observe(max(0, at_ms - created) / 1000)
 
 
 class TaskService(pb_grpc.TaskServiceServicer):
@@ -39,11 +63,12 @@ class TaskService(pb_grpc.TaskServiceServicer):
     hand it frames for the agents held here, and transfers for the sources held here. Every answer lists the agents it
     could not serve (117: not attached here)."""
 
-    def __init__(self, access: AgentAccess, files=None):
+    def __init__(self, access: AgentAccess, files=None, clock: TaskClock | None = None):
         self.access = access
         self.files = files          # FileCoordinator
+        self.clock = clock or TaskClock()
 
-    def _send(self, frame: bytes, agent_ids) -> pb.DispatchReply:
+    def _send(self, frame: bytes, agent_ids, quiet: bool = False) -> pb.DispatchReply:
         failures = []
         sessions = self.access.sessions
         for aid in agent_ids:
@@ -52,16 +77,20 @@ class TaskService(pb_grpc.TaskServiceServicer):
                 failures.append(pb.AgentFailure(agent_id=aid, code=ErrorCode.AGENT_OFFLINE,
                                                 message="agent is not attached to this task server"))
         DISPATCHED.inc(len(agent_ids) - len(failures))
-        log.info("frame dispatched", extra={"agents": len(agent_ids), "not_held": len(failures)})
+        if not quiet:
+            log.info("frame dispatched", extra={"agents": len(agent_ids), "not_held": len(failures)})
         return pb.DispatchReply(failures=failures)
 
     async def Dispatch(self, request, context):
         """Write the serialized ServerFrame as is to every agent named (INVALID_ARGUMENT when it is not a
         ServerFrame); the agents not attached here are the failures."""
         try:
-            kind = apb.ServerFrame.FromString(request.frame).WhichOneof("body")
+            frame = apb.ServerFrame.FromString(request.frame)
+            kind = frame.WhichOneof("body")
         except Exception:  # noqa: BLE001 - protobuf raises DecodeError; anything else is as bad
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "frame is not a ServerFrame")
+        if kind == "task":
+            self.clock.note(frame.task.task_id, frame.task.created_ms)
         reply = self._send(request.frame, request.agent_ids)
         # One line per call (the trace names the task), never one per agent.
         log.info("delivered to agents", extra={"kind": kind, "agents": len(request.agent_ids),
@@ -77,7 +106,8 @@ class TaskService(pb_grpc.TaskServiceServicer):
                 apb.ServerFrame.FromString(part.frame)
             except Exception:  # noqa: BLE001 - protobuf raises DecodeError; anything else is as bad
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a frame is not a ServerFrame")
-            failures += self._send(part.frame, part.agent_ids).failures
+            failures += self._send(part.frame, part.agent_ids, quiet=True).failures
+        log.info("frames dispatched", extra={"frames": len(request.parts), "not_held": len(failures)})
         return pb.DispatchReply(failures=failures)
 
     async def Terminate(self, request, context):
@@ -189,10 +219,11 @@ class AckBatcher:
 class ResultRecorder:
     """Writes agents' task reports; acknowledges final results once stored (through `acks`)."""
 
-    def __init__(self, writer: BatchWriter, ttl_ms: int, acks: AckBatcher):
+    def __init__(self, writer: BatchWriter, ttl_ms: int, acks: AckBatcher, clock: TaskClock | None = None):
         self.writer = writer
         self.ttl_ms = ttl_ms
         self.acks = acks
+        self.clock = clock or TaskClock()
 
     def on_report(self, session: AgentSession, report) -> None:
         """The `report` frame handler: store output chunks (at their offsets) and item results through the batch
@@ -210,6 +241,7 @@ class ResultRecorder:
                 self.writer.put(TaskItem.update(out.task_id, aid, out.atomic_task_id, ttl_ms=ttl,
                                                 out_end=out.offset + len(out.data)))
         finals = []
+        now = int(time.time() * 1000)
         for r in report.results:
             fields = {"status": r.status, "error_code": r.error_code, "error_msg": r.error_msg,
                       "output_size": r.output_size, "truncated": r.truncated}
@@ -222,6 +254,7 @@ class ResultRecorder:
             self.writer.put(TaskItem.update(r.task_id, aid, r.atomic_task_id, ttl_ms=ttl, **fields))
             if r.final:
                 finals.append(apb.ItemRef(task_id=r.task_id, atomic_task_id=r.atomic_task_id))
+                self.clock.observe(r.task_id, now)
         FINAL_RESULTS.inc(len(finals))
         PARTIAL_RESULTS.inc(len(report.results) - len(finals))
         if finals and log.isEnabledFor(logging.DEBUG):      # one line per agent: debug only
