@@ -307,6 +307,25 @@ def test_proc_agent_restart_keeps_supervision(pc, papi, tmp_path):
     assert codes(result(papi, multi(papi, name, 1, [aid]))) == {f"{aid}:{NS}:{name}": 0}
 
 
+def test_proc_supervised_plugin_keeps_running_across_operate_agent_restart(pc, papi, tmp_path):
+    """cluster/operate_agent type 1: the agent executes itself again in place; what it supervises is its child
+    and keeps running, supervised again by the new image (spec section 11)."""
+    a = pc.agents[1]
+    aid = a.info["bk_agent_id"]
+    name = f"or{uuid.uuid4().hex[:6]}"
+    p = make_plugin(tmp_path, name)
+    assert codes(result(papi, multi(papi, name, 0, [aid], p.spec()))) == {f"{aid}:{NS}:{name}": 0}
+    pid, agent_pid = p.pid(), a.pid
+    before = papi.infos([aid])[aid]["start_time"]
+    r = papi.call("/api/v2/cluster/operate_agent", {"type": 1, "agent_id_list": [aid]})
+    assert r["code"] == 0 and r["data"]["results"] == []
+    wait_for(lambda: (i := papi.infos([aid])[aid])["start_time"] != before and i["status_code"] == 2, 30,
+             "the agent back after operate_agent restart", interval=0.2)
+    assert a.alive() and a.pid == agent_pid and p.alive() and p.pid() == pid
+    wait_status(papi, name, [aid], lambda i: i["status"] == 1 and i["pid"] == pid, "still supervised")
+    assert codes(result(papi, multi(papi, name, 1, [aid]))) == {f"{aid}:{NS}:{name}": 0}
+
+
 def test_proc_one_shot_runs_once(pc, papi, tmp_path):
     aid = pc.agents[0].info["bk_agent_id"]
     name = f"os{uuid.uuid4().hex[:6]}"
