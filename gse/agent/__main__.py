@@ -54,6 +54,8 @@ def _running(cfg) -> dict | None:
 
 
 def cmd_healthz(cfg) -> int:
+    """`--healthz`: print `healthz: {json}` of the running agent (its /healthz document, or `{"ok": false, "data":
+    {...}}` saying it is not running or not answering within 5 s); exit 0 only when healthy (spec section 11)."""
     info = _running(cfg)
     if info is None:
         doc = {"ok": False, "data": {"base": "the agent is not running", "cluster": "unknown", "data": "unknown",
@@ -72,6 +74,8 @@ def cmd_healthz(cfg) -> int:
 
 
 def cmd_signal(cfg, sig: int, wait_gone: bool) -> int:
+    """`--reload` (SIGHUP) and `--quit` (SIGTERM, `wait_gone`: wait up to 30 s for the pid to be gone): signal the
+    running agent. Exit 0 on success; `--quit` with no agent running is success, `--reload` is not."""
     info = _running(cfg)
     if info is None:
         print("gse-agent: no running agent found (its run_dir holds no live gse_agent.json)", file=sys.stderr)
@@ -92,6 +96,8 @@ def cmd_signal(cfg, sig: int, wait_gone: bool) -> int:
 
 
 def cmd_register(cfg) -> int:
+    """`--register`: print the agent's bk_agent_id, one line: the id its certificate names (adopted into the data dir),
+    else the one kept in the data dir, made on first use."""
     from gse.common.roles import of_pem_file
 
     from .agent import adopt_agent_id, load_or_create_agent_id
@@ -105,6 +111,9 @@ def cmd_register(cfg) -> int:
 
 
 def main(argv=None) -> int:
+    """The `gse-agent` entry point: the command-line actions of spec section 11 act on the running agent and return;
+    without one, run the agent (config from `-f`/`--config`/`-c`) until it stops. Returns the exit code (2 on a
+    configuration error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="gse-agent", add_help=False)
     p.add_argument("-f", "--config", "-c", dest="config")

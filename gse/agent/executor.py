@@ -5,7 +5,7 @@ in its own session and process group, as the task's user and with that user's lo
 item (started, new output, ended) is handed to `on_update` as an `ItemUpdate`; output is coalesced, bounded and
 streamed while the command runs. `Pools` bounds how many tasks of each kind the agent runs at once.
 
-Decisions the issue left open:
+Decisions the spec leaves open:
 
 - A malformed task (duplicate atomic task ids, a dependency cycle, a relation naming an unknown atomic task, a
   negative timeout) is not raised from the constructor: `run()` ends every item failed (5 / 65535) with a message
@@ -20,21 +20,20 @@ Decisions the issue left open:
   not parse, because a syntax error in a sourced file kills a POSIX shell). Their output is discarded. The command
   then runs as `/bin/sh -c COMMAND` with cwd = HOME (or / when HOME is missing).
 - Sourcing the profiles costs a login shell per command (about 0.1 s of CPU for root on a typical host, against
-  0.001 s for `sh -c true`), so `LoginEnvironments` does it once per user: a login shell sources the profiles
-  and prints its exported environment and umask, and commands exec `/bin/sh -c COMMAND` directly with them.
-  The capture is redone when one of the profile files changes (`_PROFILE_FILES`: their inode, size and mtime
-  are checked before every task) or when it is older than its bound (`max_age_s`, 600 s by default). What
-  differs from sourcing for every command: only exported variables and the umask carry over (as before,
-  functions, aliases and unexported variables never did), but what else a profile does to the shell process
-  (`ulimit`, `cd`) no longer applies; values computed at login (`$RANDOM`, an ssh-agent's socket, a date) are
-  those of the capture; a profile's side effects (starting a daemon, writing a file) happen once per capture;
-  and a change in a file the profiles read that is not a profile file (a script they source from elsewhere,
-  /etc/environment) is seen only after the bound. A task waits for a capture at most `_CAPTURE_WAIT_S`: when
-  the profiles are slower than that (seen: `pyenv init` waiting up to a minute for its rehash lock), the task's
-  commands source them themselves, as before (the time counting against their own timeouts), while the
-  capture finishes for later tasks. A user whose capture fails (a profile that hangs past `capture_timeout_s`,
-  or exits non-zero) gets the profiles sourced for each command, as before, and another capture is tried after
-  `_RETRY_FAILED_S`.
+  0.001 s for `sh -c true`), so `LoginEnvironments` does it once per user: a login shell sources the profiles and
+  prints its exported environment and umask, and commands exec `/bin/sh -c COMMAND` directly with them. The capture
+  is redone when one of the profile files changes (`_PROFILE_FILES`: their inode, size and mtime are checked before
+  every task) or when it is older than its bound (`max_age_s`, 600 s by default). What differs from sourcing for
+  every command: only exported variables and the umask carry over (functions, aliases and unexported variables never
+  cross an exec either way), and what else a profile does to the shell process (`ulimit`, `cd`) does not reach the
+  commands; values computed at login (`$RANDOM`, an ssh-agent's socket, a date) are those of the capture; a
+  profile's side effects (starting a daemon, writing a file) happen once per capture; and a change in a file the
+  profiles read that is not a profile file (a script they source from elsewhere, /etc/environment) is seen only
+  after the bound. A task waits for a capture at most `_CAPTURE_WAIT_S`: when the profiles are slower than that
+  (seen: `pyenv init` waiting up to a minute for its rehash lock), the task's commands source them themselves (the
+  time counting against their own timeouts), while the capture finishes for later tasks. A user whose capture fails
+  (a profile that hangs past `capture_timeout_s`, or exits non-zero) gets the profiles sourced for each command, and
+  another capture is tried after `_RETRY_FAILED_S`.
 - When a command's main process exits normally, whatever it left running in its process group (`daemon &`) is left
   alone, so jobs can start services; output is still read for up to `_DRAIN_AFTER_EXIT_S` after the exit, then the
   pipe is closed. On timeout and terminate the whole process group is killed (SIGTERM, SIGKILL after kill_grace_s).
@@ -150,6 +149,7 @@ class ItemUpdate:
 
     @property
     def is_final(self) -> bool:
+        """The item has ended (success, timeout, stopped, failed or agent restarted): no update follows."""
         return self.status in FINAL_STATUSES
 
 
@@ -183,9 +183,12 @@ class _Pool:
 
     @property
     def waiting(self) -> int:
+        """How many callers wait for a slot now (cancelled waiters not counted)."""
         return sum(1 for fut in self._waiters if not fut.done())
 
     async def acquire(self) -> None:
+        """Take a slot, waiting in FIFO order behind earlier waiters; raises Busy at once when `queue_limit` callers
+        already wait. A waiter cancelled just as a slot was handed to it passes the slot on."""
         if self.in_use < self.size and not self.waiting:
             self.in_use += 1
             return
@@ -204,6 +207,7 @@ class _Pool:
             raise
 
     def release(self) -> None:
+        """Hand the slot to the first live waiter, or free it."""
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
@@ -274,6 +278,8 @@ class _RunAs:
                    home=pw.pw_dir or "/", shell=pw.pw_shell or "/bin/sh")
 
     def environment(self) -> dict[str, str]:
+        """The clean login environment before the profiles: HOME, USER, LOGNAME, SHELL, PATH (root's or a user's) and
+        the agent's LANG when it has one."""
         env = {"HOME": self.home, "USER": self.name, "LOGNAME": self.name, "SHELL": self.shell,
                "PATH": _ROOT_PATH if self.uid == 0 else _USER_PATH}
         if "LANG" in os.environ:
@@ -282,6 +288,7 @@ class _RunAs:
 
     @property
     def uses_bash(self) -> bool:
+        """The user's login shell is an executable bash (then bash's profile order applies)."""
         return os.path.basename(self.shell) == "bash" and os.access(self.shell, os.X_OK)
 
     def argv(self, command: str) -> list[str]:
@@ -298,6 +305,7 @@ class _RunAs:
 
     @property
     def cwd(self) -> str:
+        """The directory commands start in: the user's home, or / when it does not exist."""
         return self.home if os.path.isdir(self.home) else "/"
 
     def credentials(self) -> dict:
@@ -352,6 +360,8 @@ class LoginEnvironments:
         return (run_as.uid, run_as.gid, run_as.groups, run_as.name, run_as.home, run_as.shell)
 
     async def get(self, run_as: _RunAs, wait_s: float | None = None) -> LoginEnv | None:
+        """The current LoginEnv of `run_as` (see the class docstring), waiting at most `wait_s` seconds (None: until the
+        capture ends); None when the cache is off, the capture failed in the last 30 s or did not finish in time."""
         if self.max_age_s <= 0:
             return None
         key = self._key(run_as)
@@ -528,7 +538,7 @@ def _watch_exit(proc: subprocess.Popen) -> asyncio.Future[int]:
     except (AttributeError, OSError):
         pidfd = None
     if pidfd is not None:
-        def on_exit() -> None:
+        def _on_exit() -> None:
             rc = proc.poll()
             if rc is None:
                 return
@@ -536,17 +546,17 @@ def _watch_exit(proc: subprocess.Popen) -> asyncio.Future[int]:
             os.close(pidfd)
             if not fut.done():
                 fut.set_result(rc)
-        loop.add_reader(pidfd, on_exit)
+        loop.add_reader(pidfd, _on_exit)
     else:  # kernels before 5.3
-        def set_result(rc: int) -> None:
+        def _set_result(rc: int) -> None:
             if not fut.done():
                 fut.set_result(rc)
 
-        def wait() -> None:
+        def _wait() -> None:
             rc = proc.wait()
             with contextlib.suppress(RuntimeError):  # the loop is closed
-                loop.call_soon_threadsafe(set_result, rc)
-        threading.Thread(target=wait, name=f"executor-wait-{proc.pid}", daemon=True).start()
+                loop.call_soon_threadsafe(_set_result, rc)
+        threading.Thread(target=_wait, name=f"executor-wait-{proc.pid}", daemon=True).start()
     return fut
 
 
@@ -558,12 +568,15 @@ class _OutputReader(asyncio.Protocol):
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def data_received(self, data: bytes) -> None:
+        """Hand the bytes to the item."""
         self._on_data(data)
 
     def eof_received(self) -> bool:
+        """End of file: returning False lets the transport close the pipe."""
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """The pipe is closed: resolve `closed`."""
         if not self.closed.done():
             self.closed.set_result(None)
 

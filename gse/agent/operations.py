@@ -41,15 +41,20 @@ def self_command() -> list[str]:
 
 
 class Operations:
+    """The agent's handler of `operate` frames (cluster/operate_agent, spec section 11): restart, reload and upgrade
+    (gse/agent/upgrade.py), each answered with an OperationResult frame."""
     def __init__(self, agent):
         self.agent = agent
         self.upgrader = Upgrader(agent)
 
     def result(self, op: pb.AgentOperation, **kw) -> bool:
+        """Send an OperationResult for `op` (`kw`: state, error_code, error_msg) carrying this agent's version; False
+        when not attached (the result is then lost: the operation's caller sees the agent's state instead)."""
         return self.agent.send(pb.AgentFrame(operation_result=pb.OperationResult(
             op=op.op, request_id=op.request_id, version=__version__, **kw)))
 
     def on_operate(self, op: pb.AgentOperation) -> None:
+        """Start the operation `op.op` names (1 restart, 2 reload, 3 upgrade); another type answers 65535 at once."""
         log.info("operation received", extra={"op": op.op, "request_id": op.request_id})
         if op.op == RESTART:
             self.restart(op)
@@ -69,6 +74,8 @@ class Operations:
         asyncio.get_running_loop().call_later(0.2, self.agent.stop_soon)
 
     async def reload(self, op: pb.AgentOperation) -> None:
+        """Check that the configuration file still loads (off the event loop), then apply it; answers "reloaded", or
+        65535 with the loader's message and the running configuration kept."""
         a = self.agent
         try:
             await asyncio.to_thread(load_config, type(a.config), a.config_path, a.overrides, env_prefix=a.name)

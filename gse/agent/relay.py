@@ -25,9 +25,11 @@ class _Pipe(asyncio.Protocol):
         self.pending: list[bytes] = []
 
     def connection_made(self, transport):
+        """Keep the transport; bytes that arrive before the peer side is connected wait in `pending`."""
         self.transport = transport
 
     def data_received(self, data):
+        """Forward to the peer side, or hold until it is connected."""
         peer = self.peer
         if peer is not None and peer.transport is not None:
             peer.transport.write(data)
@@ -35,19 +37,24 @@ class _Pipe(asyncio.Protocol):
             self.pending.append(data)
 
     def connection_lost(self, exc):
+        """One side closed: close the other."""
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.close()
 
     def pause_writing(self):
+        """Our side's buffer is full: stop reading the peer side."""
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.pause_reading()
 
     def resume_writing(self):
+        """Our side drained: read the peer side again."""
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.resume_reading()
 
 
 class SourceRelay:
+    """The relay of one agent component bound to `bind_ip`: an abstract Unix socket whose connections are spliced to TCP
+    connections from `bind_ip` to `target` ((host, port), set by the owner before dialling; None refuses them)."""
     def __init__(self, bind_ip: str):
         self.bind_ip = bind_ip
         self.name = f"gse-agent-{os.getpid()}-{secrets.token_hex(6)}"
@@ -56,9 +63,11 @@ class SourceRelay:
 
     @property
     def grpc_target(self) -> str:
+        """The gRPC target the channel dials instead of the server ("unix-abstract:<name>")."""
         return f"unix-abstract:{self.name}"
 
     async def start(self) -> None:
+        """Listen on the abstract socket."""
         loop = asyncio.get_running_loop()
         self.server = await loop.create_unix_server(self._accept, "\0" + self.name)
 
@@ -89,6 +98,7 @@ class SourceRelay:
             outer.transport.close()
 
     async def stop(self) -> None:
+        """Stop accepting (spliced connections end with their peers)."""
         if self.server is not None:
             self.server.close()
             self.server = None

@@ -35,6 +35,8 @@ SEEN_MAX = 10_000           # task ids remembered against a second delivery of t
 
 @dataclass
 class Item:
+    """One atomic task of a task on this agent: its output so far (bytes, capped by the executor), how much of it was
+    sent since the last attach, and its latest result (`dirty`: not sent since it changed)."""
     task_id: str
     atomic_id: int
     out: bytearray = field(default_factory=bytearray)
@@ -44,10 +46,15 @@ class Item:
 
     @property
     def final(self) -> bool:
+        """The item has a final result (kept until the server acknowledges it)."""
         return self.result is not None and self.result.final
 
 
 class TaskManager:
+    """The agent's task handler (spec section 4, async_execute_script): runs the TaskRequest frames the task server
+    sends, one executor slot ("script" pool) per task, streams output in 1 MiB chunks at byte offsets and results in
+    TaskReport frames (coalesced for `flush_s` seconds, a final result at once), and keeps each item until its result is
+    acknowledged, journaled in `<data_dir>/tasks/`."""
     def __init__(self, data_dir: str, send: Callable[[pb.AgentFrame], bool], pools: Pools,
                  max_output_bytes: int = 10 * 1024 * 1024, kill_grace_s: float = 3.0, flush_s: float = 0.05,
                  code_page: str = "utf8", login_env_max_age_s: float = 600.0):
@@ -162,11 +169,15 @@ class TaskManager:
             self.runs.pop(task_id, None)
 
     def on_terminate(self, task_id: str) -> None:
+        """The `terminate` frame handler: stop the run of `task_id` if it runs here (its items end 126 terminated); an
+        unknown id is ignored."""
         run = self.runs.get(task_id)
         if run is not None:
             run.terminate()
 
     def on_ack(self, ack: pb.ResultAck) -> None:
+        """The `result_ack` frame handler: drop the acknowledged items that are final and update their tasks' journals.
+        """
         touched: dict[str, int] = {}
         for ref in ack.items:
             item = self.items.get((ref.task_id, ref.atomic_task_id))
@@ -224,6 +235,9 @@ class TaskManager:
             self._flush_handle = loop.call_later(self.flush_s, self.flush)
 
     def flush(self) -> None:
+        """Send one TaskReport of unsent output (up to 4 MiB per call, 1 MiB chunks) and changed results, a result only
+        after all of its item's output; schedules itself again while anything is left. Not attached: nothing is sent and
+        everything goes again on the next attach."""
         self._flush_handle = None
         report = pb.TaskReport()
         size = 0
@@ -246,6 +260,7 @@ class TaskManager:
             self._schedule()
 
     async def stop(self) -> None:
+        """Terminate every run and wait up to 10 s for their tasks to end."""
         for run in self.runs.values():
             run.terminate()
         if self._tasks:

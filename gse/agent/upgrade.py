@@ -54,6 +54,8 @@ def home() -> Path | None:
 
 
 def read_state(home_dir: Path) -> dict[str, str]:
+    """The `upgrade.state` file of `home_dir` as a dict of its key=value lines; {} when there is none or it cannot be
+    read."""
     try:
         text = (home_dir / STATE).read_text()
     except OSError:
@@ -87,6 +89,7 @@ def switch_current(home_dir: Path, version: str) -> None:
 
 
 def sha256_of(path: str) -> str:
+    """The hex SHA-256 of the file at `path`, read in 1 MiB pieces (blocking: run it in a thread). Raises OSError."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -135,6 +138,8 @@ def prune(home_dir: Path, keep: set[str]) -> None:
 
 
 class Upgrader:
+    """Runs one upgrade at a time for `agent` (steps 1-3 of the module docstring); step 4 is `confirm_on_attach` in the
+    new version."""
     def __init__(self, agent):
         self.agent = agent
         self.busy = False
@@ -199,6 +204,7 @@ class Upgrader:
 
     @staticmethod
     def agent_args() -> list[str]:
+        """The agent's own command-line arguments, passed again to the launcher and the watchdog."""
         import sys
         return sys.argv[1:]
 
