@@ -106,6 +106,7 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """A plugin connected: note its pid (SO_PEERCRED, for logs) and join the server's connections."""
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None and hasattr(socket, "SO_PEERCRED"):
@@ -117,6 +118,8 @@ class _Connection(asyncio.Protocol):
         self.server._attach(self)
 
     def data_received(self, data: bytes) -> None:
+        """Append to the connection's buffer and handle every whole frame in it; a protocol error drops the connection
+        (counted by reason), a partial frame waits for the rest."""
         if self.closed:
             return
         self.server.stats["bytes"] += len(data)
@@ -141,9 +144,12 @@ class _Connection(asyncio.Protocol):
                 self.buf = buf[consumed:]
 
     def eof_received(self) -> bool:
+        """The plugin half-closed: returning False closes our side too."""
         return False  # close our side too; connection_lost does the accounting
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """The connection is gone: count a frame left half-received as `truncated` and leave the server's connections.
+        """
         if not self.closed and self.buf:
             self.server._count_error("truncated")
             log.warning("ipc connection ended mid-frame",
@@ -238,6 +244,7 @@ class _UnixSocketServer:
 
     @property
     def serving(self) -> bool:
+        """The socket is bound and accepting."""
         return self._server is not None
 
     def _bind(self) -> socket.socket:
@@ -325,6 +332,7 @@ class _UnixSocketServer:
                 conn.transport.pause_reading()
 
     def resume_reading(self) -> None:
+        """Read from every plugin again (upstream drained)."""
         self._paused = False
         for conn in self._conns:
             if not conn.closed and conn.transport is not None:
@@ -573,6 +581,7 @@ class MessageSocketServer(_UnixSocketServer):
             self.plugins.pop(name, None)
 
     async def stop(self) -> None:
+        """Stop serving (see `_UnixSocketServer.stop`) and forget the plugins known by keepalive."""
         await super().stop()
         self._by_name.clear()
         self.plugins.clear()

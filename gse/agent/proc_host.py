@@ -176,6 +176,8 @@ class CgroupV2:
                 (parent / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in missing))
 
     def leaf(self, namespace: str, name: str) -> Path:
+        """The leaf cgroup directory of registration `namespace`/`name` under `<root>/gse-procs`: "<namespace>.<name>"
+        with every character but letters, digits, '.', '_' and '-' replaced by '_'."""
         safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in f"{namespace}.{name}")
         return self.base / safe
 
@@ -221,6 +223,8 @@ class CgroupV2:
         return mem, thr
 
     def remove(self, namespace: str, name: str) -> None:
+        """Remove the registration's leaf cgroup when it is empty; one that still holds processes, or is gone, stays as
+        it is."""
         if not self.available:
             return
         try:

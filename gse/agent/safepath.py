@@ -97,7 +97,7 @@ async def run_as(identity: Identity, fn: Callable[..., T], *args: Any,
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
 
-        def body() -> None:
+        def _body() -> None:
             try:
                 _become(identity)
                 result = fn(*args, **kwargs)
@@ -106,7 +106,7 @@ async def run_as(identity: Identity, fn: Callable[..., T], *args: Any,
             else:
                 loop.call_soon_threadsafe(_settle, fut, result, None)
 
-        threading.Thread(target=body, name=f"as-{identity.name}", daemon=True).start()
+        threading.Thread(target=_body, name=f"as-{identity.name}", daemon=True).start()
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
@@ -291,6 +291,8 @@ def replace(dir_fd: int, tmp_name: str, final_name: str, acting_uid: int = 0) ->
 
 
 def unlink_quietly(dir_fd: int, name: str) -> None:
+    """Remove `name` in the directory `dir_fd` (never following a link: unlink removes the link itself); a name already
+    gone is no error, any other OSError is raised."""
     try:
         os.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -349,6 +351,7 @@ def open_source(path: str) -> tuple[int, os.stat_result]:
 
 
 def close_quietly(fd: int | None) -> None:
+    """Close `fd` when it is one (None or negative: nothing), ignoring errors: for cleanup paths."""
     if fd is not None and fd >= 0:
         try:
             os.close(fd)

@@ -51,13 +51,19 @@ class _Segment:
 
     @property
     def end_id(self) -> int:
+        """The id after the segment's last batch."""
         return self.first_id + len(self.offsets)
 
     def done(self) -> bool:
+        """Sealed and every batch in it acknowledged: the file can go."""
         return self.sealed and len(self.acked) == len(self.offsets)
 
 
 class Spool:
+    """The data spool of one agent in `directory` (see the module docstring). Sizes in bytes: `max_bytes` bounds the
+    segment files together, `segment_bytes` one segment file, `cache_bytes` the newest batches kept in memory. Raises
+    ValueError when `max_bytes` < `segment_bytes` or either is not positive. Not thread-safe: the event loop's thread
+    only, apart from `sync`."""
     def __init__(self, directory: str | os.PathLike, *, max_bytes: int, segment_bytes: int, cache_bytes: int):
         if segment_bytes <= 0 or max_bytes < segment_bytes:
             raise ValueError("spool: max_bytes must be at least segment_bytes, both positive")
@@ -231,6 +237,7 @@ class Spool:
         return True
 
     def pending(self, batch_id: int) -> bool:
+        """The batch is neither acknowledged nor dropped (it is to be sent, or sent again)."""
         if batch_id in self._orphans:
             return True
         seg = self._find(batch_id)
@@ -263,6 +270,7 @@ class Spool:
             return f.read(seg.sizes[i])
 
     def records_of(self, batch_id: int) -> int:
+        """How many records the batch holds (0 once its segment is gone, or for an id never made)."""
         seg = self._find(batch_id)
         return seg.counts[batch_id - seg.first_id] if seg is not None else self._orphans.get(batch_id, 0)
 
@@ -295,6 +303,7 @@ class Spool:
                     pass
 
     def close(self) -> None:
+        """Close the segment files (the spool is reopened with `open` by the next run)."""
         for seg in self.segments:
             if seg.fd is not None:
                 os.close(seg.fd)
@@ -302,6 +311,8 @@ class Spool:
             seg.sealed = True
 
     def stats(self) -> dict:
+        """Counters for metrics and health: unacknowledged batches, bytes and segments on disk, batches and records
+        dropped for room, failed writes, and the batches recovered at start."""
         return {"unacked_batches": self.unacked, "bytes": self.total_bytes, "segments": len(self.segments),
                 "dropped_batches": self.dropped_batches, "dropped_records": self.dropped_records,
                 "write_errors": self.write_errors, "recovered_batches": self.recovered_batches}

@@ -9,10 +9,10 @@ ever exists under the final name before that.
 libtorrent is asynchronous inside; its alerts are popped every POLL_INTERVAL by a background task and dispatched
 to the `Torrent` they belong to, so no call here blocks the event loop for long.
 
-Settings that matter (see /work/shared/notes/probes.md): DHT, LSD, UPnP and NAT-PMP off; TCP only (uTP is very
-slow on loopback); several connections per IP allowed (many agents behind one address, and tests on loopback);
-outgoing connections leave from the listen address; the global rate limits also apply to peers on local networks
-(libtorrent exempts those by default). Torrents are private (no PEX, no DHT) and v1-only (20-byte info_hash).
+Settings that matter: DHT, LSD, UPnP and NAT-PMP off; TCP only (uTP is very slow on loopback); several connections
+per IP allowed (many agents behind one address, and tests on loopback); outgoing connections leave from the listen
+address; the global rate limits also apply to peers on local networks (libtorrent exempts those by default).
+Torrents are private (no PEX, no DHT) and v1-only (20-byte info_hash).
 """
 
 from __future__ import annotations
@@ -176,10 +176,12 @@ class Torrent:
 
     @property
     def path(self) -> str:
+        """The file's path on disk now (`save_path`/`file_name`: the .part name until `commit`)."""
         return os.path.join(self.save_path, self.file_name)
 
     @property
     def complete(self) -> bool:
+        """Every piece is downloaded and passed its hash check (a seed is complete from the start)."""
         return self._complete.done() and not self._complete.cancelled() and self._complete.exception() is None
 
     async def wait_complete(self, timeout: float | None = None) -> Progress:
@@ -366,6 +368,8 @@ class TorrentSession:
     # ---- lifecycle ----
 
     async def start(self) -> None:
+        """Start the alert pump and wait (at most ALERT_WAIT seconds) until the session listens; on failure the session
+        is closed and the error raised (TorrentError, or TimeoutError)."""
         if self._pump is not None:
             return
         self._listening = asyncio.get_running_loop().create_future()
@@ -407,6 +411,7 @@ class TorrentSession:
 
     @property
     def listen_address(self) -> tuple[str, int]:
+        """(host, port) the session listens on, as peers and the tracker are told."""
         return self._host, self.listen_port
 
     # ---- torrents ----
@@ -538,6 +543,7 @@ class TorrentSession:
         torrent._require_handle().connect_peer((ip, port))
 
     def torrents(self) -> list[Torrent]:
+        """The torrents in the session now, seeds and downloads."""
         return list(self._torrents.values())
 
     def _params(self, ti: lt.torrent_info, save_path: str, tracker_url: str | None, name: str) -> lt.add_torrent_params:
