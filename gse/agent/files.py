@@ -7,7 +7,7 @@ file), or uploaded to the file server for direct mode; its holes are found with 
 as holes. While a transfer runs the source checks every file it serves (size, mtime and inode, every
 `source_check_s`); a file that changed is reported (`FileSourceChanged`) and its items end with 127 naming it.
 
-Decisions (spec section 4, issue 13):
+Decisions (spec section 4):
 - A name is first taken literally: a file (or directory) with exactly the given name is that file, even when the
   name contains `*`, `?` or `[`. Only when no such entry exists is the name a wildcard (its last component is
   matched against the entries of its directory). `regex:<expression>` is always a regular expression.
@@ -75,6 +75,8 @@ HASH_FAILURE_LIMIT = 10              # ... and this many times bt_max_hash_failu
 
 
 class FileError(Exception):
+    """A file entry (or a whole source) failed: `code` is the file error code it reports (104 source missing, 119 too
+    large, 122 user not found, 123 not writable, 127 checksum, 65535 other), `message` what the caller is told."""
     def __init__(self, code: int, message: str):
         super().__init__(message)
         self.code = code
@@ -111,6 +113,9 @@ class Held:
 
 @dataclass
 class SourceState:
+    """What this agent serves as the source of one transfer: the request, the user it reads as, and per entry index its
+    path, stat when read, held descriptor and seeding torrent; entries whose file changed; the tasks to cancel at the
+    end."""
     transfer_id: str
     frame: pb.FileSource
     identity: Identity | None = None
@@ -133,6 +138,9 @@ class Private:
 
 @dataclass
 class TargetState:
+    """What this agent receives in one transfer: the request, one task per entry (index -> task), entries ended from
+    outside (index -> (code, message)), the target directory's descriptor, and the torrents and private download
+    directories to clean up at the end."""
     transfer_id: str
     frame: pb.FileTarget
     tasks: dict[int, asyncio.Task] = field(default_factory=dict)
@@ -347,6 +355,10 @@ def _sweep(dir_fd: int, prefix: str) -> None:
 
 
 class FileManager:
+    """The agent's file transfer handler (spec section 4, async_transfer_file and async_push_file; see the module
+    docstring): serves the FileSource, FileTarget, UploadRequest, EndEntry and EndTransfer frames, reports each entry's
+    progress and outcome in FileReport frames (final ones kept until acknowledged) and journals target requests in
+    `<data_dir>/files/` to resume them after a restart."""
     def __init__(self, agent, data_dir: str, cfg):
         self.agent = agent
         self.cfg = cfg
@@ -368,6 +380,8 @@ class FileManager:
     # ---- plumbing ---------------------------------------------------------------------------------
 
     async def session(self):
+        """The agent's libtorrent session, started on first use on the first free port of `bt_port`-`bt_port_max`;
+        raises FileError when none is free."""
         async with self._session_lock:
             if self._session is None:
                 from .torrent import TorrentSession
@@ -388,6 +402,8 @@ class FileManager:
             return self._session
 
     def fileserver(self, address: str) -> fpb_grpc.FileServiceStub:
+        """A FileService stub for the file server at `address` (host:port), its channel kept per address; with `bind_ip`
+        configured the channel goes through a SourceRelay so that it leaves from that address."""
         ch = self._channels.get(address)
         if ch is None:
             from gse.common import rpc
@@ -410,6 +426,9 @@ class FileManager:
     # ---- reports ----------------------------------------------------------------------------------
 
     def report(self, p: pb.FileProgress, force: bool = False) -> None:
+        """Queue an entry's progress for the next FileReport: progress at most every REPORT_EVERY_S (1 s) unless
+        `force`, a final report at once. A final report is never replaced, and nothing is reported for a transfer that
+        ended."""
         if p.transfer_id in self._ended:
             return                  # the transfer is over: its items' outcomes are the coordinator's now
         key = (p.transfer_id, p.mode, p.index)
@@ -440,6 +459,8 @@ class FileManager:
             self._flusher = loop.call_later(delay, self.flush)
 
     def flush(self) -> None:
+        """Send every changed report in one FileReport frame; progress reports are then forgotten, final ones kept until
+        acknowledged. Not attached: they are sent on the next attach."""
         self._flusher = None
         items = [o for o in self.outgoing.values() if o.dirty]
         if not items:
@@ -454,6 +475,8 @@ class FileManager:
                 self.outgoing.pop((o.progress.transfer_id, o.progress.mode, o.progress.index), None)
 
     def on_ack(self, refs) -> None:
+        """The `ack` frame handler for file items (task ids "file:<transfer id>"): drop the acknowledged final
+        reports, and a target's journal once every entry of it was acknowledged."""
         acked = set()
         for ref in refs:
             if ref.task_id.startswith("file:"):
@@ -478,6 +501,7 @@ class FileManager:
             self._journal_path(transfer_id).unlink(missing_ok=True)
 
     def on_attach(self) -> None:
+        """A new session: every kept report is sent again."""
         for o in self.outgoing.values():
             o.dirty = True
         if self.outgoing:
@@ -486,6 +510,8 @@ class FileManager:
     # ---- source -----------------------------------------------------------------------------------
 
     def on_source(self, fs_: pb.FileSource) -> None:
+        """The `file_source` frame handler: find, open and hash (or upload) what the request names, as its user, and
+        answer a FileManifest; a transfer already served here is ignored."""
         if fs_.transfer_id in self.sources:
             return
         state = self.sources[fs_.transfer_id] = SourceState(fs_.transfer_id, fs_)
@@ -645,7 +671,7 @@ class FileManager:
         """Upload an entry to the file server from its open descriptor; holes travel as zeros without data."""
         holes = await asyncio.to_thread(sparse.holes, fd, size)
 
-        async def chunks():
+        async def _chunks():
             offset = 0
             spans = [h for h in holes if h[1] >= sparse.BLOCK] + [(size, 0)]
             for h_off, h_len in spans:
@@ -664,7 +690,7 @@ class FileManager:
                 yield fpb.Chunk(transfer_id=req.transfer_id, index=index, offset=0, token=req.token, size=0,
                                 last=True)
 
-        await self.fileserver(req.fileserver).Upload(chunks(), timeout=max(60, size / (1 << 20)))
+        await self.fileserver(req.fileserver).Upload(_chunks(), timeout=max(60, size / (1 << 20)))
 
     async def _source_fd(self, state: SourceState, index: int) -> tuple[int, os.stat_result]:
         """A descriptor of a source entry (its own: the caller closes it) and its stat when it was read."""
@@ -678,6 +704,8 @@ class FileManager:
         return fd, state.stats[index]
 
     def on_upload_request(self, ur: pb.UploadRequest) -> None:
+        """The `upload_request` frame handler: upload the named entries to the file server for direct mode (entries
+        whose source changed are skipped), and re-announce the seeds when asked."""
         state = self.sources.get(ur.transfer_id)
         if state is None:
             return
@@ -702,6 +730,8 @@ class FileManager:
     # ---- target -----------------------------------------------------------------------------------
 
     def on_target(self, ft: pb.FileTarget, persist: bool = True) -> None:
+        """The `file_target` frame handler (and `recover`, with `persist` false): journal the request and start one task
+        per entry, directories first; a transfer already received here is ignored."""
         if ft.transfer_id in self.targets:
             return
         state = self.targets[ft.transfer_id] = TargetState(ft.transfer_id, ft)
@@ -1030,7 +1060,7 @@ class FileManager:
         url = f"{ft.tracker_url}?gse_token={token}"
         last = {"done": -1, "at": time.monotonic(), "failures": 0}
 
-        def on_progress(p) -> None:
+        def _on_progress(p) -> None:
             if p.complete:
                 return              # the outcome is reported once the file is in place
             if p.total_done != last["done"]:
@@ -1055,7 +1085,7 @@ class FileManager:
         except FileExistsError:
             pass                                # a .part an earlier run left: libtorrent checks and resumes it
         try:
-            torrent = await session.download(e.torrent, f"/proc/self/fd/{priv.fd}", url, on_progress=on_progress,
+            torrent = await session.download(e.torrent, f"/proc/self/fd/{priv.fd}", url, on_progress=_on_progress,
                                              tmp_name=PART, download_rate_limit=ft.download_rate,
                                              upload_rate_limit=ft.upload_rate, max_connections=ft.max_connections,
                                              stripe=self._stripe(ft), have_pieces=have)
@@ -1231,6 +1261,9 @@ class FileManager:
     # ---- the end ----------------------------------------------------------------------------------
 
     def on_end(self, et: pb.EndTransfer) -> None:
+        """The `end_transfer` frame handler: forget the transfer's pending progress and journal, then release its
+        torrents, descriptors and private directories in the background (a source with `keep_seeding` and not terminated
+        seeds on)."""
         now = time.monotonic()
         self._ended = {t: at for t, at in self._ended.items() if now - at < 3600}
         self._ended[et.transfer_id] = now
@@ -1306,6 +1339,8 @@ class FileManager:
         safepath.close_quietly(state.root_fd)
 
     async def stop(self) -> None:
+        """Cancel every transfer's tasks and close the torrent session, the file server channels and the relays; the
+        journals stay for the next run."""
         for state in [*self.sources.values(), *self.targets.values()]:
             tasks = state.tasks.values() if isinstance(state.tasks, dict) else state.tasks
             for t in tasks:
@@ -1354,6 +1389,7 @@ class _Pace:
         self.sent = 0
 
     async def take(self, n: int) -> None:
+        """Count `n` more bytes and sleep for as long as the stream is ahead of `rate`."""
         self.sent += n
         if self.rate > 0:
             ahead = self.sent / self.rate - (time.monotonic() - self.start)

@@ -90,6 +90,8 @@ class ProcConfig:
     cgroup_root: str = "/sys/fs/cgroup"           # cgroup v2 mount; "" = measure limits, never use cgroups
 
     def validate(self) -> None:
+        """ConfigError unless the check, sample and scan periods are positive, at least one breach sample is needed and
+        results keep at least 1 KiB of output."""
         if self.check_interval_s <= 0 or self.sample_interval_s <= 0 or self.plugin_scan_interval_s <= 0:
             raise ConfigError("procs: check_interval_s, sample_interval_s and plugin_scan_interval_s must be > 0")
         if self.resource_breach_samples < 1 or self.max_output_bytes < 1024:
@@ -142,9 +144,12 @@ class Proc:
 
     @property
     def key(self) -> tuple[str, str]:
+        """(namespace, name): the registration's key on this host."""
         return self.namespace, self.name
 
     def persist(self) -> dict:
+        """The registration as one entry of `registry.json` (the spec as JSON with proto field names; runtime figures
+        are not kept)."""
         return {"namespace": self.namespace, "name": self.name,
                 "spec": json_format.MessageToDict(self.spec, preserving_proto_field_name=True),
                 "labels_json": self.labels_json, "source": self.source, "registered_at": self.registered_at,
@@ -153,6 +158,8 @@ class Proc:
 
 @dataclasses.dataclass
 class CmdResult:
+    """How a control command ended: `ok` when it exited 0, its exit code (None when it did not run to its end: then
+    `problem` says why), and its output decoded as UTF-8 (at most `procs.max_output_bytes`)."""
     ok: bool                        # exited 0
     exit_code: int | None
     output: str
@@ -220,6 +227,8 @@ class ProcManager:
     # ---- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Load the registry and kept results, auto-load plugins, note which processes run now, and start the liveness,
+        sampling and plugin-scan loops."""
         self._load()
         self._scan_plugins()
         for p in self.procs.values():
@@ -232,6 +241,8 @@ class ProcManager:
         self._tasks = [asyncio.ensure_future(c) for c in (self._check_loop(), self._sample_loop(), self._scan_loop())]
 
     async def stop(self) -> None:
+        """Cancel the loops and in-flight operations (their commands' process groups are killed), waiting up to 5 s;
+        supervised processes keep running."""
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -292,7 +303,7 @@ class ProcManager:
         chunks: list[bytes] = []
         final: list = []
 
-        def on_update(u) -> None:
+        def _on_update(u) -> None:
             if u.output_chunk:
                 chunks.append(u.output_chunk)
             if u.is_final:
@@ -300,7 +311,7 @@ class ProcManager:
 
         line = f"cd -- {shlex.quote(p.spec.setup_path)} && {command}"
         run = TaskRun(f"proc:{p.namespace}:{p.name}", p.spec.user or "root", [], [AtomicTask(0, line, timeout)], {},
-                      on_update, max_output_bytes=self.cfg.max_output_bytes, kill_grace_s=self.kill_grace_s)
+                      _on_update, max_output_bytes=self.cfg.max_output_bytes, kill_grace_s=self.kill_grace_s)
         try:
             await run.run()
         except asyncio.CancelledError:
@@ -795,6 +806,8 @@ class ProcManager:
         self.send(pb.AgentFrame(proc_report=report))
 
     def on_ack(self, ack: pb.ProcAck) -> None:
+        """The `proc_ack` frame handler: drop the acknowledged results (a repeat of one of those operations is then
+        ignored, for the last 4,096) and rewrite the journal."""
         dropped = False
         for ref in ack.items:
             key = (ref.task_id, ref.namespace, ref.name)
@@ -811,6 +824,8 @@ class ProcManager:
             self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
+        """Send one ProcReport with every kept result and the states that changed (a registration gone reports
+        `registered` false); changed states are sent again later when the agent is not attached."""
         self._flush_handle = None
         report = pb.ProcReport(results=list(self.results.values()))
         for key in self._dirty_states:
@@ -829,6 +844,8 @@ class ProcManager:
     # ---- what the operator sees -------------------------------------------------------------------
 
     def health(self) -> dict:
+        """The supervision figures of the agent's /healthz: registrations, supervised, running, unacknowledged results
+        and whether cgroup v2 is used."""
         return {"registrations": len(self.procs), "supervised": sum(p.isauto for p in self.procs.values()),
                 "running": sum(p.running for p in self.procs.values()), "results_unacked": len(self.results),
                 "cgroup_v2": self.cgroups.available}

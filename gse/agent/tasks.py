@@ -176,7 +176,7 @@ class TaskManager:
             run.terminate()
 
     def on_ack(self, ack: pb.ResultAck) -> None:
-        """The `result_ack` frame handler: drop the acknowledged items that are final and update their tasks' journals.
+        """The `ack` frame handler: drop the acknowledged items that are final and update their tasks' journals.
         """
         touched: dict[str, int] = {}
         for ref in ack.items:

@@ -3,8 +3,7 @@
 Where the role is: the certificate's subjectAltName carries URIs (gse/common/tls.py writes them)
     gse://role/<role>            server, api, agent, proxy or operator
     gse://agent/<bk_agent_id>    an agent certificate made for one agent (enrolled, or issued with --agent-id)
-A certificate without a role URI (made before roles existed, or by another tool) has role "" and is refused
-everywhere.
+A certificate without a role URI (one another tool made, say) has role "" and is refused everywhere.
 
 What each role reaches is one table, ACCESS, keyed by gRPC method ("/package.Service/Method") or by a whole
 service ("/package.Service/"); a method in no entry is refused (default deny). Every gRPC server gets it
