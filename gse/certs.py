@@ -2,7 +2,7 @@
 enrollment tokens (gse/common/enrollment.py), revocation and the shared-certificate switch.
 
     gse certs init    --dir DIR [--san NAME]... [--shared-agent] [--force]
-    gse certs issue   --dir DIR --role ROLE --name NAME [--agent-id ID] [--san NAME]... [--days N]
+    gse certs issue   --dir DIR --role ROLE --name NAME [--agent-id ID] [--area N] [--san NAME]... [--days N]
     gse certs token   [--count N | --agent-id ID...] [--ttl S] [--note TEXT] [--out FILE]
     gse certs revoke  ID... [--serial HEX]... [--reason TEXT] [--lift]
     gse certs revoked
@@ -47,7 +47,8 @@ def cmd_issue(args) -> int:
     try:
         ca = CA.load(d / "ca.crt", d / "ca.key")
         out.mkdir(parents=True, exist_ok=True)
-        path = ca.issue_files(out, name, args.role, agent_id=args.agent_id, sans=args.san, days=args.days)
+        path = ca.issue_files(out, name, args.role, agent_id=args.agent_id, sans=args.san, days=args.days,
+                              area=args.area)
     except CertError as exc:
         raise SystemExit(f"gse certs issue: {exc}") from None
     print(path)
@@ -217,6 +218,8 @@ def add_parser(sub) -> None:
     iss.add_argument("--name", default="", help="file name without .crt/.key (default: the agent id or role)")
     iss.add_argument("--agent-id", default="", help="agent/proxy certificates: the bk_agent_id it is made for")
     iss.add_argument("--san", action="append", default=[], help="server/proxy: extra subject alternative name")
+    iss.add_argument("--area", type=int, default=None,
+                     help="proxy certificates (required for them): the cloud area (bk_cloud_id) the proxy serves")
     iss.add_argument("--days", type=int, default=825)
     iss.add_argument("--out", default="", help="write the pair here instead of --dir")
     iss.add_argument("--force", action="store_true", help="replace an existing pair of that name")

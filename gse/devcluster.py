@@ -171,6 +171,7 @@ class Cluster:
         self.apiservers: list[Proc] = []
         self.fileservers: list[Proc] = []
         self.dataservers: list[Proc] = []
+        self.proxies: list[Proc] = []
         self.procmgrs: list[Proc] = []
         self.kafka: str | None = None          # bootstrap host:port of the local Kafka-protocol broker
         self.alarms: list[Proc] = []
@@ -370,6 +371,41 @@ class Cluster:
         self.syncdatas.append(proc)
         return self.wait_healthy(proc) if wait else proc
 
+    # ---- cloud areas: proxies ---------------------------------------------------------------------------
+
+    def proxy_cert(self, area: int) -> str:
+        """The name of a proxy certificate pair for `area` in the certs dir (made once, as an operator
+        would with `gse certs issue --role proxy --area N`)."""
+        name = f"proxy-area{area}"
+        if not (self.certs_dir / f"{name}.crt").exists():
+            self.ca.issue_files(self.certs_dir, name, "proxy", area=area, sync=False)
+        return name
+
+    def start_proxy(self, area: int, name: str | None = None, wait: bool = True, upstream: list[str] | None = None,
+                    host: str = "127.0.0.1", port: int | None = None, **overrides) -> Proc:
+        """A proxy of `area` relaying upstream to `upstream` (default: every task server; for a cascaded area,
+        the addresses of its parent area's proxies)."""
+        port, mport = port or free_port(host), free_port()
+        name = name or f"proxy-{area}{chr(ord('a') + sum(p.info['area'] == area for p in self.proxies))}"
+        cfg = {**self._common(mport, cert=self.proxy_cert(area)), "node_id": name, "area": area, "host": host,
+               "agent_port": port, "data_dir": str(self.base / name),
+               "upstream": {"servers": upstream or [p.info["address"] for p in self.taskservers],
+                            "reconnect_base_s": 0.5, "reconnect_max_s": 5.0},
+               **overrides}
+        cfg["tls"]["server_name"] = "gse-server"
+        proc = self._daemon("proxy", name, cfg, {"address": f"{host}:{port}", "area": area, "node_id": name})
+        self.proxies.append(proc)
+        return self.wait_healthy(proc) if wait else proc
+
+    def area_servers(self, area: int) -> list[str]:
+        """What an agent of `area` dials: the task servers for area 0, else the area's proxies."""
+        if area == 0:
+            return [p.info["address"] for p in self.taskservers]
+        found = [p.info["address"] for p in self.proxies if p.info["area"] == area]
+        if not found:
+            raise ClusterError(f"no proxy of area {area} started")
+        return found
+
     @property
     def ca(self) -> CA:
         if self._ca is None:
@@ -427,14 +463,14 @@ class Cluster:
         return {"tls": tls, "enroll": {"token_file": str(token_file)}}
 
     def agent_config(self, index: int, ip: str, servers: list[str] | None = None, identity: str | None = None,
-                     **overrides) -> dict:
+                     cloud_id: int = 0, **overrides) -> dict:
         d = self.base / "agents" / f"agent-{index}"
         # Each agent its own plugin directory (auto-load), never the host's /usr/local/gse/plugins.
         procs = {"plugin_dir": str(d / "plugins"), **overrides.pop("procs", {})}
         return {
             "data_dir": str(d / "data"), "run_dir": str(d / "run"),
-            "servers": servers or [p.info["address"] for p in self.taskservers],
-            "cloud_id": 0, "ip": ip, "bind_ip": ip, "hostid_path": str(d / "host" / "hostid"),
+            "servers": servers or self.area_servers(cloud_id),
+            "cloud_id": cloud_id, "ip": ip, "bind_ip": ip, "hostid_path": str(d / "host" / "hostid"),
             "heartbeat_interval_s": self.heartbeat_interval_s,
             "reconnect": {"base_s": 0.5, "max_s": 5.0},
             **self.agent_identity_files(d, identity),
@@ -472,7 +508,7 @@ class Cluster:
         cmd = proc.popen.args
         new = self._spawn(proc.name, proc.kind, cmd, dict(proc.info))
         for group in (self.dbproxies, self.taskservers, self.apiservers, self.fileservers, self.dataservers,
-                      self.procmgrs, self.alarms, self.syncdatas, self.agents):
+                      self.procmgrs, self.alarms, self.syncdatas, self.proxies, self.agents):
             if proc in group:
                 group[group.index(proc)] = new
         if proc in self.procs:
@@ -559,8 +595,8 @@ class Cluster:
 
     def stop(self) -> None:
         """Stop everything: agents first, infrastructure last."""
-        order = {"agent": 0, "apiserver": 1, "alarm": 1, "syncdata": 1, "procmgr": 2, "taskserver": 2, "fileserver": 2,
-                 "dataserver": 2, "dbproxy": 3, "redis": 4, "kafka": 4, "zookeeper": 5}
+        order = {"agent": 0, "proxy": 1, "apiserver": 1, "alarm": 1, "syncdata": 1, "procmgr": 2, "taskserver": 2,
+                 "fileserver": 2, "dataserver": 2, "dbproxy": 3, "redis": 4, "kafka": 4, "zookeeper": 5}
         for p in sorted(self.procs, key=lambda p: order.get(p.kind, 1)):
             p.stop()
 
@@ -571,8 +607,8 @@ class Cluster:
 def stop_from_description(path: str | os.PathLike, timeout: float = 15.0) -> int:
     """`gse dev down`: stop what a detached `gse dev up` started, from its cluster.json."""
     desc = json.loads(Path(path).read_text())
-    order = {"agent": 0, "apiserver": 1, "alarm": 1, "syncdata": 1, "procmgr": 2, "taskserver": 2, "fileserver": 2,
-             "dataserver": 2, "dbproxy": 3, "redis": 4, "kafka": 4, "zookeeper": 5}
+    order = {"agent": 0, "proxy": 1, "apiserver": 1, "alarm": 1, "syncdata": 1, "procmgr": 2, "taskserver": 2,
+             "fileserver": 2, "dataserver": 2, "dbproxy": 3, "redis": 4, "kafka": 4, "zookeeper": 5}
     procs = sorted(desc.get("processes", []), key=lambda p: order.get(p["kind"], 1))
     stopped = 0
     for p in procs:

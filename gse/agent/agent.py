@@ -525,9 +525,7 @@ class Agent(Service):
             self._out = asyncio.Queue()
             writer = asyncio.ensure_future(self._write(link, self._out))
             beat = asyncio.ensure_future(self._heartbeats(interval, w.host_snapshot_every))
-            self.tasks.on_attach()
-            self.files.on_attach()
-            self.procs.on_attach()
+            self._on_attached()
             if self.sessions == 1:
                 confirm_on_attach(self)     # a new version confirms its upgrade once it attached
             while True:
@@ -558,8 +556,22 @@ class Agent(Service):
                 link.close()
         return outcome
 
+    def _on_attached(self) -> None:
+        """A task server holds us now: send it again whatever it has not acknowledged."""
+        self.tasks.on_attach()
+        self.files.on_attach()
+        self.procs.on_attach()
+
     def on_frame(self, frame: pb.ServerFrame) -> None:
         kind = frame.WhichOneof("body")
+        if kind == "welcome":
+            # Another Welcome on the same link: our proxy attached us upstream again (it lost its task server
+            # and found another): what was in flight may be lost, so everything unacknowledged goes again.
+            w = frame.welcome
+            self.parent = (w.parent_ip, w.parent_port)
+            log.info("attached again through our proxy", extra={"node": w.node_id})
+            self._on_attached()
+            return
         if kind == "task":
             self.tasks.on_task(frame.task)
         elif kind == "terminate":

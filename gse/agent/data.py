@@ -221,6 +221,7 @@ class DataPipeline:
         self._replies: list[apb.AgentFrame] = []        # plugin replies waiting for the task server
         self._slots: OrderedDict[str, str] = OrderedDict()   # message_id -> slot_id
         self.stats = {"acked_records": 0, "sent_batches": 0}
+        self.on_acked: Callable[[list[int]], None] | None = None     # batch ids a data server acknowledged
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
@@ -437,6 +438,8 @@ class DataPipeline:
                 if spool.ack(bid):
                     self.stats["acked_records"] += n
                     BATCHES_ACKED.inc()
+            if ack.ok and self.on_acked is not None:
+                self.on_acked(list(ack.ok))
             if ack.failed:
                 BATCHES_FAILED.inc(len(ack.failed))
                 at = time.monotonic() + self.cfg.retry_delay_s

@@ -3,12 +3,19 @@
 Where the role is: the certificate's subjectAltName carries URIs (gse/common/tls.py writes them)
     gse://role/<role>            server, api, agent, proxy or operator
     gse://agent/<bk_agent_id>    an agent certificate made for one agent (enrolled, or issued with --agent-id)
+    gse://area/<bk_cloud_id>     a proxy certificate: the cloud area the proxy serves
 A certificate without a role URI (one another tool made, say) has role "" and is refused everywhere.
 
 What each role reaches is one table, ACCESS, keyed by gRPC method ("/package.Service/Method") or by a whole
 service ("/package.Service/"); a method in no entry is refused (default deny). Every gRPC server gets it
 through `RoleInterceptor` (gse/common/rpc.py installs it); the agent link (gse/common/framelink.py) is
 checked with `refusal(identity, AGENT_LINK, deny)` at the hello. Handlers never check roles themselves.
+
+Proxies (spec section 12) speak for other peers, so what they may claim is decided here too:
+`proxy_link_refusal` (a proxy's upstream link: role proxy, a certificate naming the area it says it serves)
+and `relay_claim_refusal` (an agent, or a proxy further down, claimed through a proxy: only of the area of
+the proxy holding its link, or of an area cascaded behind it). The task server and the proxies check relayed
+hellos with them, the data server relayed batches.
 
 Revocation: `DenyList` (ZooKeeper `<root>/config/revoked`, applied live) names agent ids and certificate
 serials; a peer it names is refused by the same check, whatever its role.
@@ -33,6 +40,8 @@ ROLES = (SERVER, API, AGENT, PROXY, OPERATOR)
 
 ROLE_URI = "gse://role/"
 AGENT_URI = "gse://agent/"
+AREA_URI = "gse://area/"
+NO_AREA = -1
 
 ANY = frozenset(ROLES)
 AGENT_LINK = frozenset({AGENT, PROXY})     # who may hold a link on the task server's agent port
@@ -65,11 +74,13 @@ REFUSED = Counter("gse_role_refused_total", "Calls and links refused for the pee
 @dataclass(frozen=True, slots=True)
 class Identity:
     """What a peer's certificate says: its role ("" if none), the bk_agent_id it was made for ("" if none),
-    its serial (upper-case hex, "" when not known) and whether a certificate was shown at all."""
+    its serial (upper-case hex, "" when not known), whether a certificate was shown at all, and for a proxy
+    the area (bk_cloud_id) it serves (NO_AREA when the certificate names none)."""
     role: str = ""
     agent_id: str = ""
     serial: str = ""
     certified: bool = True
+    area: int = NO_AREA
 
     @property
     def label(self) -> str:
@@ -84,14 +95,18 @@ NO_CERTIFICATE = Identity(certified=False)
 def from_uris(uris: Iterable[str], serial: str = "") -> Identity:
     """An Identity from a certificate's subjectAltName URIs. Several role URIs: the certificate is refused
     (role "" ): a certificate names one role."""
-    roles, agent_id = [], ""
+    roles, agent_id, areas = [], "", []
     for u in uris:
         if u.startswith(ROLE_URI):
             roles.append(u[len(ROLE_URI):])
         elif u.startswith(AGENT_URI) and not agent_id:
             agent_id = u[len(AGENT_URI):]
+        elif u.startswith(AREA_URI):
+            areas.append(u[len(AREA_URI):])
     role = roles[0] if len(roles) == 1 and roles[0] in ROLES else ""
-    return Identity(role, agent_id, serial.upper())
+    # One area, a plain non-negative number; anything else names none (and a proxy link is then refused).
+    area = int(areas[0]) if len(areas) == 1 and areas[0].isdigit() and len(areas[0]) < 10 else NO_AREA
+    return Identity(role, agent_id, serial.upper(), area=area)
 
 
 def from_peercert(cert: dict | None) -> Identity:
@@ -204,6 +219,37 @@ def refusal(ident: Identity, allowed: frozenset, deny: DenyList | None = None, w
         if why:
             return why
     return ""
+
+
+def proxy_link_refusal(ident: Identity, area: int, deny: DenyList | None = None) -> str:
+    """Why a peer may not hold an upstream link as the proxy of `area` ("" if it may): it must show a
+    certificate of role proxy naming that area (`gse certs issue --role proxy --area N`), not revoked."""
+    why = refusal(ident, frozenset({PROXY}), deny, "a proxy's upstream link")
+    if why:
+        return why
+    if ident.area == NO_AREA:
+        return "the proxy certificate names no area (issue it with --area)"
+    if ident.area != area:
+        return f"the proxy says it serves area {area} but its certificate is for area {ident.area}"
+    return ""
+
+
+def relay_claim_refusal(proxy_area: int, claimed_area: int, parents: Mapping[int, int] | None = None,
+                        what: str = "the agent") -> str:
+    """Why a proxy serving `proxy_area` may not speak for a peer of `claimed_area` ("" if it may). A proxy
+    speaks for the agents of its own area; with `parents` (area -> the area it is cascaded behind, as the
+    proxies of those areas attached) also for those of areas cascaded behind it, at any depth."""
+    if claimed_area == proxy_area:
+        return ""
+    seen = set()
+    area = claimed_area
+    while parents is not None and area in parents and area not in seen:
+        seen.add(area)
+        area = parents[area]
+        if area == proxy_area:
+            return ""
+    return (f"{what} is of area {claimed_area} but its proxy serves area {proxy_area}: agents attach "
+            f"through a proxy of their own area")
 
 
 def allowed_roles(table: Mapping[str, frozenset], method: str) -> frozenset:

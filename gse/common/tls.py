@@ -83,11 +83,13 @@ def _san(entries, uris) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
-def role_uris(role: str, agent_id: str = "") -> list[str]:
-    """The SAN URIs that name `role` (and the agent, for an agent certificate made for one agent)."""
+def role_uris(role: str, agent_id: str = "", area: int | None = None) -> list[str]:
+    """The SAN URIs that name `role` (and the agent, for an agent certificate made for one agent; the area, for
+    a proxy's)."""
     if role not in roles.ROLES:
         raise CertError(f"role '{role}' is not one of {', '.join(roles.ROLES)}")
-    return [roles.ROLE_URI + role] + ([roles.AGENT_URI + agent_id] if agent_id else [])
+    return ([roles.ROLE_URI + role] + ([roles.AGENT_URI + agent_id] if agent_id else [])
+            + ([roles.AREA_URI + str(area)] if area is not None else []))
 
 
 def make_ca(cn: str = "GSE cluster CA", days: int = 3650):
@@ -111,14 +113,20 @@ def make_ca(cn: str = "GSE cluster CA", days: int = 3650):
     return key, cert
 
 
-def certify(ca_key, ca_cert, public_key, role: str, cn: str = "", sans=(), agent_id: str = "", days: int = 825):
-    """A certificate for `public_key` naming `role` (and `agent_id`), signed by the CA."""
+def certify(ca_key, ca_cert, public_key, role: str, cn: str = "", sans=(), agent_id: str = "", days: int = 825,
+            area: int | None = None):
+    """A certificate for `public_key` naming `role` (and `agent_id`; for a proxy the `area` it serves, which it
+    must name), signed by the CA."""
     from .records import valid_agent_id
     if agent_id and not valid_agent_id(agent_id):
         raise CertError("bk_agent_id must be 1-64 printable characters")
     if agent_id and role not in (roles.AGENT, roles.PROXY):
         raise CertError(f"only agent and proxy certificates name an agent, not {role}")
-    uris = role_uris(role, agent_id)
+    if (area is not None) != (role == roles.PROXY):
+        raise CertError("a proxy certificate names the area it serves (--area N), and only a proxy's does")
+    if area is not None and not 0 < area < 2**31:
+        raise CertError("a proxy's area is a bk_cloud_id above 0 (area 0 reaches the servers directly)")
+    uris = role_uris(role, agent_id, area)
     serving = role in SERVING_ROLES
     names = list(dict.fromkeys([*DEFAULT_SANS, *sans])) if serving else list(sans)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -137,10 +145,11 @@ def certify(ca_key, ca_cert, public_key, role: str, cn: str = "", sans=(), agent
     )
 
 
-def issue(ca_key, ca_cert, role: str, cn: str = "", sans=(), agent_id: str = "", days: int = 825):
+def issue(ca_key, ca_cert, role: str, cn: str = "", sans=(), agent_id: str = "", days: int = 825,
+          area: int | None = None):
     """A new key and its certificate for `role`: (key, cert)."""
     key = new_key()
-    return key, certify(ca_key, ca_cert, key.public_key(), role, cn, sans, agent_id, days)
+    return key, certify(ca_key, ca_cert, key.public_key(), role, cn, sans, agent_id, days, area)
 
 
 def make_csr(key, agent_id: str) -> bytes:
@@ -204,10 +213,11 @@ class CA:
         return pem_cert(certify(self.key, self.cert, public_key, role, agent_id=agent_id, days=days))
 
     def issue_files(self, directory: str | os.PathLike, name: str, role: str, *, agent_id: str = "", sans=(),
-                    days: int = 825, sync: bool = True) -> Path:
-        """Write `<name>.crt` and `<name>.key` (0600) for `role` into `directory`; returns the .crt path."""
+                    days: int = 825, sync: bool = True, area: int | None = None) -> Path:
+        """Write `<name>.crt` and `<name>.key` (0600) for `role` into `directory` (a proxy's names its
+        `area`); returns the .crt path."""
         d = Path(directory)
-        key, cert = issue(self.key, self.cert, role, sans=sans, agent_id=agent_id, days=days)
+        key, cert = issue(self.key, self.cert, role, sans=sans, agent_id=agent_id, days=days, area=area)
         write_private(d / f"{name}.key", pem_key(key), sync=sync)
         return write_public(d / f"{name}.crt", pem_cert(cert), sync=sync)
 

@@ -1,7 +1,10 @@
 """Agent data streams (58625): batches in, acknowledgements out.
 
 One stream per agent. The first message down is an empty DataAck (the stream is open and the agent may
-count this server as its own). Batches are routed in the order they arrive, each as soon as it is read, so
+count this server as its own). A proxy (spec section 12) relays the batches of many agents of its area on
+one stream: its certificate names its area, every batch names its agent, and a batch naming an agent the
+proxy may not speak for (gse.common.roles.relay_claim_refusal: not of its area or of one cascaded behind
+it) or a revoked agent is refused (failed, with the reason). Batches are routed in the order they arrive, each as soon as it is read, so
 many are in flight at once; their acknowledgements are gathered and written together, whatever order the
 outputs finish in.
 """
@@ -16,6 +19,7 @@ from prometheus_client import Counter, Gauge
 
 from gse.common import roles
 from gse.common.datastate import MD_AGENT_ID, MD_CLOUD_ID, MD_IP
+from gse.common.records import valid_agent_id
 from gse.pb import data_pb2 as pb
 
 from .router import Router
@@ -24,6 +28,8 @@ log = logging.getLogger("gse.dataserver.ingest")
 
 STREAMS = Gauge("gse_dataserver_agent_streams", "Agent data streams open")
 BATCHES = Counter("gse_dataserver_batches_total", "Batches received", ["outcome"])
+RELAY_REFUSED = Counter("gse_dataserver_relay_refused_total", "Batches a proxy relayed for an agent it may not "
+                        "speak for (or a revoked one)")
 
 
 class Ingest:
@@ -32,8 +38,10 @@ class Ingest:
     advertises."""
     SERVICE = "gse.pb.DataIngest"
 
-    def __init__(self, router: Router):
+    def __init__(self, router: Router, deny: roles.DenyList | None = None):
         self.router = router
+        self.deny = deny
+        self.area_parents: dict[int, int] = {}   # area -> the area it is cascaded behind (gse.common.records)
         self.streams: dict[int, str] = {}     # id(task) -> agent id
         self.closing = False
         self._wakes: set[asyncio.Event] = set()
@@ -68,7 +76,11 @@ class Ingest:
         if not agent_id or len(agent_id) > 64:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"metadata {MD_AGENT_ID} is required (a bk_agent_id of 1-64 characters)")
-        certified = roles.peer_identity(context).agent_id
+        peer = roles.peer_identity(context)
+        relaying = peer.role == roles.PROXY
+        if relaying and peer.area == roles.NO_AREA:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "the proxy certificate names no area")
+        certified = peer.agent_id
         if certified and certified != agent_id:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"the stream names agent {agent_id} but the certificate is agent {certified}")
@@ -105,9 +117,22 @@ class Ingest:
             async for batch in request_iterator:
                 if self.closing:
                     break               # not acknowledged: the agent sends it to another data server
-                fields = (str(batch.data_id).encode(), *proto[1:])
+                sender = agent_id
+                if relaying:
+                    sender = batch.agent_id
+                    why = self.relay_refusal(peer.area, batch)
+                    if why:
+                        RELAY_REFUSED.inc()
+                        failed.append(batch.batch_id)
+                        reason[0] = reason[0] or why
+                        wake.set()
+                        continue
+                    fields = (str(batch.data_id).encode(), str(batch.cloud_id).encode(), batch.ip.encode(),
+                              sender.encode())
+                else:
+                    fields = (str(batch.data_id).encode(), *proto[1:])
                 try:
-                    fut = router.route(batch.data_id, batch.records, agent_id, fields, batch.arrival_ms)
+                    fut = router.route(batch.data_id, batch.records, sender, fields, batch.arrival_ms)
                 except Exception as exc:  # noqa: BLE001 - a bug in routing fails the batch, not the stream
                     log.exception("routing failed", extra={"channel": batch.data_id})
                     failed.append(batch.batch_id)
@@ -145,3 +170,14 @@ class Ingest:
             self._wakes.discard(wake)
             self.streams.pop(key, None)
             STREAMS.set(len(self.streams))
+
+    def relay_refusal(self, proxy_area: int, batch) -> str:
+        """Why a batch a proxy of `proxy_area` relays may not be taken ("" if it may)."""
+        if not valid_agent_id(batch.agent_id):
+            return "a relayed batch must name its agent (bk_agent_id)"
+        why = roles.relay_claim_refusal(proxy_area, batch.cloud_id, self.area_parents, what=f"agent {batch.agent_id}")
+        if why:
+            return why
+        if self.deny is not None and batch.agent_id in self.deny.agents:
+            return f"agent {batch.agent_id} is revoked"
+        return ""

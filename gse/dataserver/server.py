@@ -23,8 +23,8 @@ from gse.common.config import ConfigError, DbProxyClientConfig
 from gse.common.datastate import CHANNEL_DATASERVER_OPS, CHANNEL_HOST_SNAPSHOT, DEFAULT_DATASERVER_PORT
 from gse.common.dbclient import DbClient
 from gse.common.discovery import Discovery
-from gse.common.errors import Unavailable
-from gse.common.records import HostSnapshotRecord
+from gse.common.errors import GseError, Unavailable
+from gse.common.records import AreaParents, HostSnapshotRecord
 from gse.common.service import BaseConfig, Service
 from gse.common.tls import TLSMaterial
 
@@ -34,6 +34,8 @@ from .route_table import RouteTable
 from .router import Router
 
 log = logging.getLogger("gse.dataserver")
+
+AREA_PARENTS_INTERVAL_S = 10.0   # how often the cascade of areas is read (what proxies may claim)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +129,7 @@ class DataServerService(Service):
         self.snapshots = SnapshotCache(self.db, int(c.snapshot_ttl_s * 1000))
         self.router = Router(self.table, self.outputs, c.no_route_log_interval_s, tap=self.snapshots.on_records)
         self.router.tapped = {c.snapshot_data_id}
-        self.ingest = Ingest(self.router)
+        self.ingest = Ingest(self.router, self.deny)
         self.server = None
         self.port = 0
         self._tasks: list[asyncio.Task] = []
@@ -181,8 +183,18 @@ class DataServerService(Service):
 
     async def run(self) -> None:
         self._tasks = [asyncio.ensure_future(t) for t in (self._report_load(), self._ops_figures(),
-                                                          self.snapshots.run())]
+                                                          self.snapshots.run(), self._area_parents())]
         await asyncio.gather(*self._tasks)
+
+    async def _area_parents(self) -> None:
+        """Which areas are cascaded behind which (what proxies may claim for their agents), from Redis."""
+        while True:
+            try:
+                (r,) = await self.db.execute([AreaParents.read()])
+                self.ingest.area_parents = AreaParents.decode(r) or self.ingest.area_parents
+            except GseError as exc:
+                log.debug("area parents not read", extra={"error": str(exc)})
+            await asyncio.sleep(AREA_PARENTS_INTERVAL_S)
 
     async def _report_load(self) -> None:
         while True:

@@ -196,7 +196,7 @@ class Enrolled(_message.Message):
     def __init__(self, certificate: _Optional[bytes] = ..., ca: _Optional[bytes] = ...) -> None: ...
 
 class AgentFrame(_message.Message):
-    __slots__ = ("hello", "heartbeat", "report", "plugin_reply", "file_manifest", "file_report", "need_direct", "enroll", "host_identity_result", "operation_result", "source_changed", "proc_report")
+    __slots__ = ("hello", "heartbeat", "report", "plugin_reply", "file_manifest", "file_report", "need_direct", "enroll", "host_identity_result", "operation_result", "source_changed", "proc_report", "proxy_hello", "relay", "relay_end")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +209,9 @@ class AgentFrame(_message.Message):
     OPERATION_RESULT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_CHANGED_FIELD_NUMBER: _ClassVar[int]
     PROC_REPORT_FIELD_NUMBER: _ClassVar[int]
+    PROXY_HELLO_FIELD_NUMBER: _ClassVar[int]
+    RELAY_FIELD_NUMBER: _ClassVar[int]
+    RELAY_END_FIELD_NUMBER: _ClassVar[int]
     hello: AgentHello
     heartbeat: Heartbeat
     report: TaskReport
@@ -221,7 +224,10 @@ class AgentFrame(_message.Message):
     operation_result: OperationResult
     source_changed: FileSourceChanged
     proc_report: ProcReport
-    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., report: _Optional[_Union[TaskReport, _Mapping]] = ..., plugin_reply: _Optional[_Union[_data_pb2.PluginReply, _Mapping]] = ..., file_manifest: _Optional[_Union[FileManifest, _Mapping]] = ..., file_report: _Optional[_Union[FileReport, _Mapping]] = ..., need_direct: _Optional[_Union[NeedDirect, _Mapping]] = ..., enroll: _Optional[_Union[Enroll, _Mapping]] = ..., host_identity_result: _Optional[_Union[HostIdentityResult, _Mapping]] = ..., operation_result: _Optional[_Union[OperationResult, _Mapping]] = ..., source_changed: _Optional[_Union[FileSourceChanged, _Mapping]] = ..., proc_report: _Optional[_Union[ProcReport, _Mapping]] = ...) -> None: ...
+    proxy_hello: ProxyHello
+    relay: Relay
+    relay_end: RelayEnd
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., report: _Optional[_Union[TaskReport, _Mapping]] = ..., plugin_reply: _Optional[_Union[_data_pb2.PluginReply, _Mapping]] = ..., file_manifest: _Optional[_Union[FileManifest, _Mapping]] = ..., file_report: _Optional[_Union[FileReport, _Mapping]] = ..., need_direct: _Optional[_Union[NeedDirect, _Mapping]] = ..., enroll: _Optional[_Union[Enroll, _Mapping]] = ..., host_identity_result: _Optional[_Union[HostIdentityResult, _Mapping]] = ..., operation_result: _Optional[_Union[OperationResult, _Mapping]] = ..., source_changed: _Optional[_Union[FileSourceChanged, _Mapping]] = ..., proc_report: _Optional[_Union[ProcReport, _Mapping]] = ..., proxy_hello: _Optional[_Union[ProxyHello, _Mapping]] = ..., relay: _Optional[_Union[Relay, _Mapping]] = ..., relay_end: _Optional[_Union[RelayEnd, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("node_id", "heartbeat_interval_ms", "parent_ip", "parent_port", "reconnect_spread_ms", "host_snapshot_every")
@@ -262,7 +268,7 @@ class Refused(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., code: _Optional[str] = ...) -> None: ...
 
 class ServerFrame(_message.Message):
-    __slots__ = ("welcome", "redirect", "task", "terminate", "ack", "data_servers", "plugin_message", "file_source", "file_target", "upload_request", "end_transfer", "tune", "proc_ops", "proc_ack", "refused", "enrolled", "host_identity", "operate", "end_entry")
+    __slots__ = ("welcome", "redirect", "task", "terminate", "ack", "data_servers", "plugin_message", "file_source", "file_target", "upload_request", "end_transfer", "tune", "proc_ops", "proc_ack", "relay", "relay_end", "area_hosts", "refused", "enrolled", "host_identity", "operate", "end_entry")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     REDIRECT_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -277,6 +283,9 @@ class ServerFrame(_message.Message):
     TUNE_FIELD_NUMBER: _ClassVar[int]
     PROC_OPS_FIELD_NUMBER: _ClassVar[int]
     PROC_ACK_FIELD_NUMBER: _ClassVar[int]
+    RELAY_FIELD_NUMBER: _ClassVar[int]
+    RELAY_END_FIELD_NUMBER: _ClassVar[int]
+    AREA_HOSTS_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     ENROLLED_FIELD_NUMBER: _ClassVar[int]
     HOST_IDENTITY_FIELD_NUMBER: _ClassVar[int]
@@ -296,12 +305,15 @@ class ServerFrame(_message.Message):
     tune: Tune
     proc_ops: ProcOperations
     proc_ack: ProcAck
+    relay: Relay
+    relay_end: RelayEnd
+    area_hosts: AreaHosts
     refused: Refused
     enrolled: Enrolled
     host_identity: HostIdentity
     operate: AgentOperation
     end_entry: EndEntry
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., task: _Optional[_Union[TaskRequest, _Mapping]] = ..., terminate: _Optional[_Union[TerminateTask, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., data_servers: _Optional[_Union[_data_pb2.DataServerView, _Mapping]] = ..., plugin_message: _Optional[_Union[_data_pb2.PluginMessage, _Mapping]] = ..., file_source: _Optional[_Union[FileSource, _Mapping]] = ..., file_target: _Optional[_Union[FileTarget, _Mapping]] = ..., upload_request: _Optional[_Union[UploadRequest, _Mapping]] = ..., end_transfer: _Optional[_Union[EndTransfer, _Mapping]] = ..., tune: _Optional[_Union[Tune, _Mapping]] = ..., proc_ops: _Optional[_Union[ProcOperations, _Mapping]] = ..., proc_ack: _Optional[_Union[ProcAck, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., enrolled: _Optional[_Union[Enrolled, _Mapping]] = ..., host_identity: _Optional[_Union[HostIdentity, _Mapping]] = ..., operate: _Optional[_Union[AgentOperation, _Mapping]] = ..., end_entry: _Optional[_Union[EndEntry, _Mapping]] = ...) -> None: ...
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., task: _Optional[_Union[TaskRequest, _Mapping]] = ..., terminate: _Optional[_Union[TerminateTask, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., data_servers: _Optional[_Union[_data_pb2.DataServerView, _Mapping]] = ..., plugin_message: _Optional[_Union[_data_pb2.PluginMessage, _Mapping]] = ..., file_source: _Optional[_Union[FileSource, _Mapping]] = ..., file_target: _Optional[_Union[FileTarget, _Mapping]] = ..., upload_request: _Optional[_Union[UploadRequest, _Mapping]] = ..., end_transfer: _Optional[_Union[EndTransfer, _Mapping]] = ..., tune: _Optional[_Union[Tune, _Mapping]] = ..., proc_ops: _Optional[_Union[ProcOperations, _Mapping]] = ..., proc_ack: _Optional[_Union[ProcAck, _Mapping]] = ..., relay: _Optional[_Union[Relay, _Mapping]] = ..., relay_end: _Optional[_Union[RelayEnd, _Mapping]] = ..., area_hosts: _Optional[_Union[AreaHosts, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., enrolled: _Optional[_Union[Enrolled, _Mapping]] = ..., host_identity: _Optional[_Union[HostIdentity, _Mapping]] = ..., operate: _Optional[_Union[AgentOperation, _Mapping]] = ..., end_entry: _Optional[_Union[EndEntry, _Mapping]] = ...) -> None: ...
 
 class FileEntry(_message.Message):
     __slots__ = ("index", "rel_path", "is_dir", "size", "mode", "md5", "torrent", "info_hash", "link_target", "holes", "error_code", "error_msg", "content")
@@ -753,3 +765,59 @@ class OperationResult(_message.Message):
     version: str
     from_version: str
     def __init__(self, op: _Optional[int] = ..., request_id: _Optional[str] = ..., error_code: _Optional[int] = ..., error_msg: _Optional[str] = ..., state: _Optional[str] = ..., version: _Optional[str] = ..., from_version: _Optional[str] = ...) -> None: ...
+
+class ProxyHello(_message.Message):
+    __slots__ = ("node_id", "area", "agent_address", "data_address", "file_address", "tracker_url", "version", "boot_id", "ip", "hostname")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    AREA_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    FILE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TRACKER_URL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    IP_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    area: int
+    agent_address: str
+    data_address: str
+    file_address: str
+    tracker_url: str
+    version: str
+    boot_id: int
+    ip: str
+    hostname: str
+    def __init__(self, node_id: _Optional[str] = ..., area: _Optional[int] = ..., agent_address: _Optional[str] = ..., data_address: _Optional[str] = ..., file_address: _Optional[str] = ..., tracker_url: _Optional[str] = ..., version: _Optional[str] = ..., boot_id: _Optional[int] = ..., ip: _Optional[str] = ..., hostname: _Optional[str] = ...) -> None: ...
+
+class Relay(_message.Message):
+    __slots__ = ("agent_ids", "frame", "via", "peer", "serial")
+    AGENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    VIA_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    agent_ids: _containers.RepeatedScalarFieldContainer[str]
+    frame: bytes
+    via: str
+    peer: str
+    serial: str
+    def __init__(self, agent_ids: _Optional[_Iterable[str]] = ..., frame: _Optional[bytes] = ..., via: _Optional[str] = ..., peer: _Optional[str] = ..., serial: _Optional[str] = ...) -> None: ...
+
+class RelayEnd(_message.Message):
+    __slots__ = ("agent_ids", "reason")
+    AGENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    agent_ids: _containers.RepeatedScalarFieldContainer[str]
+    reason: str
+    def __init__(self, agent_ids: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AreaHosts(_message.Message):
+    __slots__ = ("area", "ips", "proxies")
+    AREA_FIELD_NUMBER: _ClassVar[int]
+    IPS_FIELD_NUMBER: _ClassVar[int]
+    PROXIES_FIELD_NUMBER: _ClassVar[int]
+    area: int
+    ips: _containers.RepeatedScalarFieldContainer[str]
+    proxies: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, area: _Optional[int] = ..., ips: _Optional[_Iterable[str]] = ..., proxies: _Optional[_Iterable[str]] = ...) -> None: ...

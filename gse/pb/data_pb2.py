@@ -24,25 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11gse/pb/data.proto\x12\x06gse.pb\"S\n\tDataBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x0f\n\x07\x64\x61ta_id\x18\x02 \x01(\r\x12\x0f\n\x07records\x18\x03 \x03(\x0c\x12\x12\n\narrival_ms\x18\x04 \x01(\x03\"5\n\x07\x44\x61taAck\x12\n\n\x02ok\x18\x01 \x03(\x04\x12\x0e\n\x06\x66\x61iled\x18\x02 \x03(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"W\n\x0e\x44\x61taServerInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04load\x18\x03 \x01(\x05\x12\x15\n\rrecords_per_s\x18\x04 \x01(\x01\"9\n\x0e\x44\x61taServerView\x12\'\n\x07servers\x18\x01 \x03(\x0b\x32\x16.gse.pb.DataServerInfo\"Z\n\rPluginMessage\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0f\n\x07slot_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\x12\x13\n\x0bplugin_name\x18\x04 \x01(\t\"k\n\x0bPluginReply\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0f\n\x07slot_id\x18\x02 \x01(\t\x12\x13\n\x0bplugin_name\x18\x03 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\x0c\x12\x11\n\tmeta_json\x18\x05 \x01(\t2>\n\nDataIngest\x12\x30\n\x06Stream\x12\x11.gse.pb.DataBatch\x1a\x0f.gse.pb.DataAck(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11gse/pb/data.proto\x12\x06gse.pb\"\x9c\x01\n\tDataBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x0f\n\x07\x64\x61ta_id\x18\x02 \x01(\r\x12\x0f\n\x07records\x18\x03 \x03(\x0c\x12\x12\n\narrival_ms\x18\x04 \x01(\x03\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\x12\x10\n\x08\x63loud_id\x18\x06 \x01(\x05\x12\n\n\x02ip\x18\x07 \x01(\t\x12\x17\n\x0forigin_batch_id\x18\x08 \x01(\x04\"5\n\x07\x44\x61taAck\x12\n\n\x02ok\x18\x01 \x03(\x04\x12\x0e\n\x06\x66\x61iled\x18\x02 \x03(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"W\n\x0e\x44\x61taServerInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04load\x18\x03 \x01(\x05\x12\x15\n\rrecords_per_s\x18\x04 \x01(\x01\"9\n\x0e\x44\x61taServerView\x12\'\n\x07servers\x18\x01 \x03(\x0b\x32\x16.gse.pb.DataServerInfo\"Z\n\rPluginMessage\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0f\n\x07slot_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\x12\x13\n\x0bplugin_name\x18\x04 \x01(\t\"k\n\x0bPluginReply\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0f\n\x07slot_id\x18\x02 \x01(\t\x12\x13\n\x0bplugin_name\x18\x03 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\x0c\x12\x11\n\tmeta_json\x18\x05 \x01(\t2>\n\nDataIngest\x12\x30\n\x06Stream\x12\x11.gse.pb.DataBatch\x1a\x0f.gse.pb.DataAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gse.pb.data_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATABATCH']._serialized_start=29
-  _globals['_DATABATCH']._serialized_end=112
-  _globals['_DATAACK']._serialized_start=114
-  _globals['_DATAACK']._serialized_end=167
-  _globals['_DATASERVERINFO']._serialized_start=169
-  _globals['_DATASERVERINFO']._serialized_end=256
-  _globals['_DATASERVERVIEW']._serialized_start=258
-  _globals['_DATASERVERVIEW']._serialized_end=315
-  _globals['_PLUGINMESSAGE']._serialized_start=317
-  _globals['_PLUGINMESSAGE']._serialized_end=407
-  _globals['_PLUGINREPLY']._serialized_start=409
-  _globals['_PLUGINREPLY']._serialized_end=516
-  _globals['_DATAINGEST']._serialized_start=518
-  _globals['_DATAINGEST']._serialized_end=580
+  _globals['_DATABATCH']._serialized_start=30
+  _globals['_DATABATCH']._serialized_end=186
+  _globals['_DATAACK']._serialized_start=188
+  _globals['_DATAACK']._serialized_end=241
+  _globals['_DATASERVERINFO']._serialized_start=243
+  _globals['_DATASERVERINFO']._serialized_end=330
+  _globals['_DATASERVERVIEW']._serialized_start=332
+  _globals['_DATASERVERVIEW']._serialized_end=389
+  _globals['_PLUGINMESSAGE']._serialized_start=391
+  _globals['_PLUGINMESSAGE']._serialized_end=481
+  _globals['_PLUGINREPLY']._serialized_start=483
+  _globals['_PLUGINREPLY']._serialized_end=590
+  _globals['_DATAINGEST']._serialized_start=592
+  _globals['_DATAINGEST']._serialized_end=654
 # @@protoc_insertion_point(module_scope)

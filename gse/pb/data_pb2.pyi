@@ -7,16 +7,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DataBatch(_message.Message):
-    __slots__ = ("batch_id", "data_id", "records", "arrival_ms")
+    __slots__ = ("batch_id", "data_id", "records", "arrival_ms", "agent_id", "cloud_id", "ip", "origin_batch_id")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     DATA_ID_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     ARRIVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CLOUD_ID_FIELD_NUMBER: _ClassVar[int]
+    IP_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     batch_id: int
     data_id: int
     records: _containers.RepeatedScalarFieldContainer[bytes]
     arrival_ms: int
-    def __init__(self, batch_id: _Optional[int] = ..., data_id: _Optional[int] = ..., records: _Optional[_Iterable[bytes]] = ..., arrival_ms: _Optional[int] = ...) -> None: ...
+    agent_id: str
+    cloud_id: int
+    ip: str
+    origin_batch_id: int
+    def __init__(self, batch_id: _Optional[int] = ..., data_id: _Optional[int] = ..., records: _Optional[_Iterable[bytes]] = ..., arrival_ms: _Optional[int] = ..., agent_id: _Optional[str] = ..., cloud_id: _Optional[int] = ..., ip: _Optional[str] = ..., origin_batch_id: _Optional[int] = ...) -> None: ...
 
 class DataAck(_message.Message):
     __slots__ = ("ok", "failed", "reason")

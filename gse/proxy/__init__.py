@@ -1,1 +1,1 @@
-"""Proxy (PA): agent access and transit for a cloud area (not built yet)."""
+"""The cloud-area proxy (PA, spec section 12): agent access, data and file relays, reachability pings."""

@@ -7,6 +7,8 @@ enroll (enroll.py), when this server enrolls. There is no coroutine per agent: f
 are decrypted, and outgoing frames are serialized once by whoever sends them and written as bytes, so a
 broadcast costs one serialization for all targets. A disconnected agent is written offline at once; a
 silent one is cut after `heartbeat_misses` intervals, a link without a hello after `hello_timeout_s`.
+Agents of other areas are not taken here directly: they come through their proxies (relay_access.py),
+whose links show a proxy certificate and open with a ProxyHello.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from gse.common.records import AgentAddress, AgentIndex, AgentRecord, now_ms, va
 from gse.pb import agent_pb2 as pb
 
 from .batch_writer import BatchWriter
-from .identity import AgentIdentity
+from .identity import AgentIdentity, area_refusal
+from .relay_access import ProxySession, Relays
 
 log = logging.getLogger("gse.taskserver.access")
 
@@ -42,13 +45,18 @@ WRITING_KINDS = frozenset({"report", "file_report", "file_manifest", "plugin_rep
 class AgentSession:
     """One attached agent and its link."""
 
-    __slots__ = ("agent_id", "cloud_id", "ip", "boot_id", "peer", "connected_at", "last_seen", "link")
+    __slots__ = ("agent_id", "cloud_id", "ip", "boot_id", "peer", "connected_at", "last_seen", "link", "proxy")
 
     def __init__(self, agent_id: str, cloud_id: int, ip: str, boot_id: int, peer: str, connected_at: float,
-                 last_seen: float, link):
+                 last_seen: float, link, proxy: str = ""):
         self.agent_id, self.cloud_id, self.ip, self.boot_id = agent_id, cloud_id, ip, boot_id
         self.peer, self.connected_at, self.last_seen = peer, connected_at, last_seen
         self.link = link
+        self.proxy = proxy          # node id of the proxy relaying this agent ("" = its own link)
+
+    @property
+    def relayed(self) -> bool:
+        return bool(self.proxy)
 
     @property
     def closed(self) -> bool:
@@ -69,8 +77,10 @@ class AgentAccess:
     def __init__(self, node_id: str, parent_ip: str, parent_port: int, writer: BatchWriter, *,
                  session_ttl_ms: int, heartbeat_interval_s: float, heartbeat_misses: int, hello_timeout_s: float,
                  balancer=None, on_report=None, on_attach=None, reconnect_rate: float = 1000.0,
-                 host_snapshot_every: int = 1, identity: AgentIdentity | None = None, enroller=None):
+                 host_snapshot_every: int = 1, identity: AgentIdentity | None = None, enroller=None,
+                 area: int = 0):
         self.node_id = node_id
+        self.area = area                    # the bk_cloud_id of the agents attaching here directly
         self.parent_ip = parent_ip
         self.parent_port = parent_port
         self.writer = writer
@@ -97,6 +107,7 @@ class AgentAccess:
         self.throttled = False              # the write queue is over its bound (BatchWriter.on_pressure)
         self.paused: set = set()            # links not read until the write queue drains
         self.server = None
+        self.relays = Relays(self, area)    # proxies and the agents of other areas they relay
 
     async def listen(self, tls, sock) -> None:
         """Serve agent links on a bound socket (framelink.bind), mutual TLS with `tls` (a TLSMaterial); with
@@ -154,25 +165,35 @@ class AgentAccess:
             else:
                 self._enroll(link, frame)
             return
-        session.last_seen = time.monotonic()
-        kind = frame.WhichOneof("body")
-        if kind == "heartbeat":
-            self._heartbeat(session, frame.heartbeat)
-            return
-        handler = self.handlers.get(kind)
-        if handler is None:
-            return
-        try:
-            handler(session, getattr(frame, kind))
-        except Exception:  # noqa: BLE001 - end this agent's link (it resends what was not acknowledged), never the server
-            log.exception("agent frame failed; closing its link", extra={"agent_id": session.agent_id, "kind": kind})
-            session.close()
-            return
+        if session.__class__ is ProxySession:
+            kind = self.relays.on_frame(link, session, frame)
+        else:
+            session.last_seen = time.monotonic()
+            kind = frame.WhichOneof("body")
+            if not self.on_session_frame(session, frame, kind):
+                return
         if self.throttled and kind in WRITING_KINDS:
             # The write queue is over its bound: read no more from this agent until it drains. The agent
             # keeps what it has not had acknowledged; TCP flow control holds it back meanwhile.
             self.paused.add(link)
             link.transport.pause_reading()
+
+    def on_session_frame(self, session: AgentSession, frame, kind: str | None) -> bool:
+        """A frame of an attached agent (its own link's or relayed by its proxy); False when its link was
+        closed for it."""
+        if kind == "heartbeat":
+            self._heartbeat(session, frame.heartbeat)
+            return True
+        handler = self.handlers.get(kind)
+        if handler is None:
+            return True
+        try:
+            handler(session, getattr(frame, kind))
+        except Exception:  # noqa: BLE001 - end this agent's link (it resends what was not acknowledged), never the server
+            log.exception("agent frame failed; closing its link", extra={"agent_id": session.agent_id, "kind": kind})
+            session.close()
+            return False
+        return True
 
     def on_pressure(self, over: bool) -> None:
         """The batch writer's queue crossed its high-water mark (True) or fell back under its low one."""
@@ -218,12 +239,20 @@ class AgentAccess:
 
     def _hello(self, link, first, checked: bool = False) -> None:
         self.unattached.pop(link, None)
-        if first.WhichOneof("body") != "hello":
+        kind = first.WhichOneof("body")
+        if kind == "proxy_hello":
+            self.relays.hello(link, first.proxy_hello)
+            return
+        if kind != "hello":
             self._refuse(link, "the first frame must be a hello", "bad_hello")
             return
         hello = first.hello
         if not valid_agent_id(hello.agent_id):
             self._refuse(link, "bk_agent_id must be 1-64 printable characters", "bad_agent_id")
+            return
+        refused = area_refusal(hello.agent_id, hello.cloud_id, self.area)
+        if refused is not None:
+            self._refuse(link, refused[1], refused[0], refused[0])
             return
         refused = self.identity.check(link, hello.agent_id, self.sessions)
         if refused is not None:
@@ -242,9 +271,14 @@ class AgentAccess:
                 link.write(pb.ServerFrame(redirect=pb.Redirect(address=target, reason="balance")).SerializeToString())
                 link.close()
                 return
+        self.attach(link, hello, parent_ip=self.parent_ip, parent_port=self.parent_port)
 
+    def attach(self, link, hello, *, parent_ip: str, parent_port: int, proxy: str = "", peer: str = "") -> AgentSession:
+        """Hold an agent whose hello passed its checks (on its own link, or relayed by `proxy`): session,
+        records, Welcome."""
         now = time.monotonic()
-        session = AgentSession(hello.agent_id, hello.cloud_id, hello.ip, hello.boot_id, link.peer, now, now, link)
+        session = AgentSession(hello.agent_id, hello.cloud_id, hello.ip, hello.boot_id, peer or link.peer, now, now,
+                               link, proxy)
         link.session = session
         old = self.sessions.get(hello.agent_id)
         if old is not None:
@@ -260,16 +294,17 @@ class AgentAccess:
             agent_id=hello.agent_id, cloud_id=hello.cloud_id, ip=hello.ip, hostname=hello.hostname,
             os=hello.os, arch=hello.arch, version=hello.version, run_mode=hello.run_mode,
             start_time=hello.start_time_ms, boot_id=hello.boot_id, online=True, node=self.node_id,
-            parent_ip=self.parent_ip, parent_port=self.parent_port, connect_time=at,
+            parent_ip=parent_ip, parent_port=parent_port, proxy=proxy, connect_time=at,
             report_time=at, deadline=self.deadline_ms(at), status_code=AgentStatus.RUNNING, peer=session.peer,
             hostid_md5=hello.hostid_md5, hostid_time=at))
         session.send(pb.ServerFrame(welcome=pb.Welcome(
             node_id=self.node_id, heartbeat_interval_ms=int(self.hb_interval_s * 1000),
-            parent_ip=self.parent_ip, parent_port=self.parent_port,
+            parent_ip=parent_ip, parent_port=parent_port,
             reconnect_spread_ms=max(self.spread_ms(), self.told_spread_ms),
             host_snapshot_every=self.host_snapshot_every)).SerializeToString())
         if self.on_attach is not None:
             self.on_attach(session)
+        return session
 
     async def _hello_checked(self, link, first) -> None:
         """Shared-certificate mode: the hello goes on only if no other task server holds the id from another
@@ -296,6 +331,7 @@ class AgentAccess:
             log.warning("revoked agent cut", extra={"agent_id": s.agent_id, "reason": why})
             s.send(pb.ServerFrame(refused=pb.Refused(reason=why, code="revoked")).SerializeToString())
             s.close()
+        self.relays.cut_revoked()
 
     def link_lost(self, link, exc) -> None:
         self.pending.discard(link)
@@ -306,12 +342,21 @@ class AgentAccess:
         if session is None:
             return
         link.session = None
+        if session.__class__ is ProxySession:
+            self.relays.lost(session)
+            return
+        self.detach(session)
+
+    def detach(self, session: AgentSession, offline: bool = True) -> None:
+        """The agent's session here ends; `offline`: write it offline now (else its deadline decides: its
+        proxy lost this server but still holds the agent)."""
         if self.sessions.get(session.agent_id) is session:
             del self.sessions[session.agent_id]
             SESSIONS.set(len(self.sessions))
-            self.writer.put(AgentRecord.update(
-                session.agent_id, ttl_ms=self.ttl_ms, online=False, status_code=AgentStatus.UNKNOWN,
-                disconnect_time=now_ms(), last_status_code=AgentStatus.RUNNING))
+            if offline:
+                self.writer.put(AgentRecord.update(
+                    session.agent_id, ttl_ms=self.ttl_ms, online=False, status_code=AgentStatus.UNKNOWN,
+                    disconnect_time=now_ms(), last_status_code=AgentStatus.RUNNING))
 
     def _heartbeat(self, session: AgentSession, hb) -> None:
         HEARTBEATS.inc()
@@ -339,9 +384,11 @@ class AgentAccess:
             await asyncio.sleep(max(0.2, min(self.hb_interval_s, self.hello_timeout_s) / 2))
             now = time.monotonic()
             limit = now - self.hb_interval_s * self.hb_misses
-            for s in [s for s in self.sessions.values() if s.last_seen < limit and s.link not in self.paused]:
+            for s in [s for s in self.sessions.values()
+                      if s.last_seen < limit and getattr(s.link, "physical", s.link) not in self.paused]:
                 log.info("agent silent; closing its session", extra={"agent_id": s.agent_id})
                 s.close()
+            self.relays.sweep(limit)
             limit = now - self.hello_timeout_s
             for link in [k for k, at in self.unattached.items() if at < limit]:
                 del self.unattached[link]
@@ -361,6 +408,7 @@ class AgentAccess:
             self.server.close()
         for s in list(self.sessions.values()):
             s.close()
+        self.relays.close_all()
         for link in list(self.unattached):
             link.abort()
         self.unattached.clear()

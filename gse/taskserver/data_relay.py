@@ -85,13 +85,21 @@ class DataRelay:
         self._last_push = time.monotonic()
         if self.frame is None:
             return
+        # Agents relayed by a proxy send their data through it (it tells them its own data relay); the
+        # proxies are told the data servers instead.
         for s in list(self.access.sessions.values()):
-            s.send(self.frame)
+            if not s.relayed:
+                s.send(self.frame)
+        for p in list(self.access.relays.proxies.values()):
+            if p.parent is None:        # a cascaded proxy sends through its parent proxy's data relay
+                p.send(self.frame)
         VIEW_PUSHES.inc()
 
-    def on_attach(self, session: AgentSession) -> None:
-        """A new agent session gets the current data server view."""
-        if self.frame is not None:
+    def on_attach(self, session) -> None:
+        """A new agent session, or a proxy (relay_access.ProxyPeer): the data servers, unless it sends its data
+        through a proxy (a relayed agent, a cascaded proxy)."""
+        if self.frame is not None and not getattr(session, "relayed", False) \
+                and getattr(session, "parent", None) is None:
             session.send(self.frame)
 
     # ---- plugin replies ---------------------------------------------------------------------------

@@ -29,6 +29,15 @@ log = logging.getLogger("gse.taskserver.identity")
 Refusal = tuple[str, str]
 
 
+def area_refusal(agent_id: str, cloud_id: int, area: int) -> Refusal | None:
+    """An agent's own link: it must be of the area this task server serves; agents of other areas attach
+    through a proxy of their area (gse/proxy), which relays them (relay_access.py)."""
+    if cloud_id == area:
+        return None
+    return "area", (f"agent {agent_id} says area {cloud_id} but this task server serves area {area}: agents of "
+                    f"area {cloud_id} attach through a proxy of that area")
+
+
 def peer_host(peer: str) -> str:
     """The host of a link's peer name (framelink.peer_name: "ipv4:1.2.3.4:5678", "ipv6:[::1]:5678")."""
     _family, _, address = peer.partition(":")

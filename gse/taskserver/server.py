@@ -76,6 +76,7 @@ class TaskServerConfig(BaseConfig):
     host_snapshot_interval_s: float = 60.0  # agents send their host snapshot this often (liveness at every heartbeat)
     load_report_interval_s: float = 2.0
     data_view_interval_s: float = 30.0  # data server loads are told to agents at most this often
+    area_hosts_interval_s: float = 60.0 # proxies are told the hosts of their area (they ping them) this often
     workers: int = 1                    # processes sharing agent_port (SO_REUSEPORT) under one supervisor
     balance: BalanceConfig = BalanceConfig()
     dbproxy: DbProxyClientConfig = DbProxyClientConfig()
@@ -198,7 +199,7 @@ class TaskServerService(Service):
                                   hello_timeout_s=c.hello_timeout_s, balancer=self.balancer,
                                   reconnect_rate=c.reconnect_rate, host_snapshot_every=host_every,
                                   on_report=ResultRecorder(self.writer, ttl, self.acks, self.clock).on_report,
-                                  identity=self.identity, enroller=self.enroller)
+                                  identity=self.identity, enroller=self.enroller, area=c.area)
         self.task_server = rpc.make_server(self.tls, deny=self.deny)
         self.task_port = rpc.bind(self.task_server, self.tls, c.host, c.task_port)
         self.files = FileCoordinator(self.node_id, self.access, self.writer, self.db, self.peers, ttl,
@@ -215,6 +216,7 @@ class TaskServerService(Service):
         self.proc_acks = ProcAckBatcher(self.writer, c.ack_quiet_s, c.ack_max_delay_s)
         self.access.handlers["proc_report"] = ProcReports(self.writer, self.db, self.proc_acks).on_report
         self.access.on_attach = self.data_relay.on_attach
+        self.access.relays.on_proxy_attach = self.data_relay.on_attach
         self.writer.on_pressure = self.access.on_pressure
         fleet = Fleet(self.access, self.writer)
         self.access.handlers.update({"host_identity_result": fleet.on_hostid_result,
@@ -268,6 +270,7 @@ class TaskServerService(Service):
         self._tasks = [asyncio.ensure_future(t) for t in (
             self.writer.run(), self.acks.run(), self.access.sweep_loop(), self._report_load(), self._rebalance(),
             self.files.monitor(), self.proc_acks.run(),
+            self.access.relays.area_hosts_loop(self.db, self.config.area_hosts_interval_s),
             self.discovery.refresh_loop(self.config.load_report_interval_s))]
         await asyncio.gather(*self._tasks)
 
@@ -287,7 +290,9 @@ class TaskServerService(Service):
             if not plan:
                 continue
             # Shed the most recently attached agents: long-lived sessions stay where they are.
-            newest = sorted(self.access.sessions.values(), key=lambda s: s.connected_at, reverse=True)
+            # Agents relayed by proxies are not ours to send elsewhere: their proxies choose.
+            newest = sorted((s for s in self.access.sessions.values() if not s.relayed), key=lambda s: s.connected_at,
+                            reverse=True)
             pos = 0
             for address, n in plan:
                 self.access.redirect(newest[pos:pos + n], address, "rebalance")

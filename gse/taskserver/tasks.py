@@ -71,8 +71,11 @@ class TaskService(pb_grpc.TaskServiceServicer):
     def _send(self, frame: bytes, agent_ids, quiet: bool = False) -> pb.DispatchReply:
         failures = []
         sessions = self.access.sessions
+        relays = self.access.relays
         for aid in agent_ids:
             s = sessions.get(aid)
+            if s is None and aid.startswith("proxy:"):     # a proxy itself (relay_access.proxy_target)
+                s = relays.target(aid)
             if s is None or not s.send(frame):
                 failures.append(pb.AgentFailure(agent_id=aid, code=ErrorCode.AGENT_OFFLINE,
                                                 message="agent is not attached to this task server"))

@@ -57,7 +57,8 @@ class AgentRecord:
     node: str = ""                  # node id of the task server holding the agent
     parent_ip: str = ""             # what get_agent_info shows as the agent's parent (task server or proxy)
     parent_port: int = 0
-    peer: str = ""                  # the agent's address as the task server sees it
+    proxy: str = ""                 # node id of the proxy holding the agent's link ("" = attached directly)
+    peer: str = ""                  # the agent's address as the task server (or its proxy) sees it
     connect_time: int = 0
     disconnect_time: int = 0
     report_time: int = 0            # the last heartbeat

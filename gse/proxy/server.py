@@ -1,0 +1,157 @@
+"""The proxy daemon (PA, spec section 12): what the hosts of a cloud area reach instead of the servers.
+
+One proxy serves one area (`area`, the bk_cloud_id; its certificate names the same area). Its relays:
+
+| relay | port | what |
+|---|---|---|
+| agent access | 28668 | the area's agent links, relayed over `upstream.links` links to task servers (or the parent area's proxy) |
+| data | 28625 | agents' data batches: spooled on the proxy's disk, forwarded to data servers, acknowledged end to end |
+| files | 28925, tracker 20030 | a file entering the area is fetched once, cached and seeded inside it with the area's own tracker |
+
+It also pings the area's hosts (chunks of 50, 20 s timeout) and reports the unreachable as type-8 alarms
+on DataID 1000 through its data relay. Several proxies may serve one area: agents list them all and fail
+over between them; each proxy pings its share of the hosts.
+
+The proxy host also runs an agent, in proxy mode (`run_mode: 0`), dialling this proxy like the area's other
+hosts. The proxy registers in ZooKeeper (`/gse/proxy/<node_id>`, with its area and addresses) when it can
+reach it (`register`); the cluster also knows it from its upstream links (gse.common.records.ProxyRecord).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import socket
+
+from gse import __version__
+from gse.common import framelink, roles, rpc
+from gse.common.address import join_host_port
+from gse.common.config import ConfigError
+from gse.common.discovery import Discovery
+from gse.common.service import BaseConfig, Service
+from gse.common.tls import TLSMaterial
+from gse.pb import agent_pb2 as pb
+
+from .access import AreaAccess, UpstreamConfig
+from .data import DataRelay, ProxyDataConfig
+
+log = logging.getLogger("gse.proxy")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyConfig(BaseConfig):
+    area: int = 1                       # the cloud area (bk_cloud_id) served; the certificate names the same
+    host: str = "127.0.0.1"             # where the area's hosts reach this proxy
+    advertise_host: str = ""            # what they dial ("" = host)
+    agent_port: int = 28668
+    data_dir: str = "/var/lib/gse/proxy"
+    register: bool = True               # register in ZooKeeper (false: a proxy that cannot reach it)
+    hello_timeout_s: float = 10.0       # a link that sends no hello within this is cut
+    enroll: bool = True                 # relay enrollments of agents without a certificate to a task server
+    upstream: UpstreamConfig = UpstreamConfig()
+    data: ProxyDataConfig = ProxyDataConfig()
+    load_report_interval_s: float = 5.0
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 < self.area < 2**31:
+            raise ConfigError("area must be a bk_cloud_id above 0 (area 0 reaches the servers directly)")
+        if self.hello_timeout_s <= 0:
+            raise ConfigError("hello_timeout_s must be positive")
+
+
+class ProxyService(Service):
+    name = "proxy"
+
+    def __init__(self, config: ProxyConfig, *args):
+        super().__init__(config, *args)
+        self.tls = TLSMaterial.load(config.tls)
+        ident = self.tls.identity()
+        if ident.role != roles.PROXY or ident.area != config.area:
+            raise ConfigError(f"tls.cert must be a proxy certificate for area {config.area} (it is role "
+                              f"{ident.role or 'none'}, area {ident.area if ident.area >= 0 else 'none'}): "
+                              f"gse certs issue --role proxy --area {config.area}")
+        self.discovery = Discovery(config.zookeeper) if config.register else None
+        self.deny = roles.DenyList()        # applied when ZooKeeper is reachable (the task servers check too)
+        self.agent_sock = None
+        self.agent_port = 0
+        self.access: AreaAccess | None = None
+        self.grpc = None
+        self.data_port = 0
+        self.data: DataRelay | None = None
+
+    @property
+    def main_port(self) -> int:
+        return self.agent_port or self.config.agent_port
+
+    def hello(self) -> pb.ProxyHello:
+        c = self.config
+        return pb.ProxyHello(node_id=self.node_id, area=c.area,
+                             agent_address=join_host_port(self.advertise, self.agent_port),
+                             data_address=join_host_port(self.advertise, self.data_port),
+                             version=__version__, boot_id=random.getrandbits(62), ip=self.advertise,
+                             hostname=socket.gethostname())
+
+    def health(self):
+        up = self.access is not None and bool(self.access.live)
+        detail = {"service": self.name, "node_id": self.node_id, "area": self.config.area}
+        if self.access is not None:
+            detail.update(self.access.health())
+        if self.data is not None:
+            detail["data"] = {"address": self.access.proxy_hello.data_address, **self.data.health()}
+        return up, detail
+
+    def _registration(self) -> dict:
+        h = self.access.proxy_hello
+        return {"area": self.config.area, "agent_address": h.agent_address, "data_address": h.data_address,
+                "file_address": h.file_address, "tracker_url": h.tracker_url, "load": self.access.agent_count,
+                "metrics": join_host_port(self.config.metrics.host, self.ops.port)}
+
+    async def start(self) -> None:
+        await super().start()
+        c = self.config
+        if self.discovery is not None:
+            await self.discovery.start()
+            await self.discovery.watch_config("revoked", self.deny.apply)
+        self.agent_sock = framelink.bind(c.host, c.agent_port)
+        self.agent_port = self.agent_sock.getsockname()[1]
+        # The data relay first: agents are told its address as soon as they attach.
+        self.grpc = rpc.make_server(self.tls, deny=self.deny)
+        self.data_port = rpc.bind(self.grpc, self.tls, c.host, c.data.port)
+        self.access = AreaAccess(node_id=self.node_id, area=c.area, tls=self.tls, server_name=c.tls.server_name,
+                                 upstream=c.upstream, hello=self.hello(), hello_timeout_s=c.hello_timeout_s,
+                                 enroll=c.enroll, deny=self.deny)
+        self.data = DataRelay(c.data, data_dir=c.data_dir, tls=self.tls, node_id=self.node_id, area=c.area,
+                              ip=self.advertise, access=self.access)
+        self.grpc.add_generic_rpc_handlers((self.data.handler(),))
+        health = rpc.add_health(self.grpc)
+        await self.grpc.start()
+        await rpc.set_serving(health, True)
+        await self.data.start()
+        self.access.on_upstream_view = self.data.on_view
+        self.access.data_view = pb.ServerFrame(data_servers=self.data.view_frame(
+            self.access.proxy_hello.data_address)).SerializeToString()
+        await self.access.listen(self.agent_sock)
+        self.access.start()
+        if self.discovery is not None:
+            await self.discovery.register(self.name, self.node_id, self._registration())
+        log.info("proxy serving", extra={"area": c.area, "agent_port": self.agent_port, "node_id": self.node_id})
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.load_report_interval_s)
+            if self.discovery is not None:
+                await self.discovery.update(self.name, self.node_id, self._registration())
+
+    async def stop(self, grace: float) -> None:
+        if self.discovery is not None:
+            await self.discovery.stop()
+        if self.access is not None:
+            await self.access.stop()
+        if self.grpc is not None:
+            await self.grpc.stop(grace)
+        if self.data is not None:
+            await self.data.stop()
+        await super().stop(grace)
