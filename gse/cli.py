@@ -46,7 +46,8 @@ def cmd_dev_up(args) -> int:
                       agent_identity=args.agent_identity)
     try:
         print(f"starting a local GSE cluster in {cluster.base} ...", flush=True)
-        cluster.up(agents=args.agents, taskservers=args.taskservers, redis_nodes=args.redis)
+        cluster.up(agents=args.agents, taskservers=args.taskservers, redis_nodes=args.redis, areas=args.areas,
+                   area_agents=args.area_agents)
         for p in cluster.agents:
             p.info["bk_agent_id"] = cluster.agent_id_of(p)
         ids = [p.info["bk_agent_id"] for p in cluster.agents]
@@ -74,13 +75,13 @@ def cmd_dev_up(args) -> int:
         if p.kind == "kafka":
             rows.append([p.name, p.pid, cluster.kafka, "-"])
     for p in (cluster.dbproxies + cluster.taskservers + cluster.apiservers + cluster.dataservers + cluster.procmgrs
-              + cluster.alarms + cluster.syncdatas):
+              + cluster.alarms + cluster.syncdatas + cluster.proxies):
         rows.append([p.name, p.pid, p.info.get("address") or p.info.get("url") or "-",
                      f"127.0.0.1:{p.info['metrics_port']}"])
     print("\n" + _table(rows))
-    arows = [["agent", "bk_agent_id", "ip", "pid"]]
+    arows = [["agent", "bk_agent_id", "ip", "area", "pid"]]
     for p in cluster.agents:
-        arows.append([p.name, p.info["bk_agent_id"], p.info["ip"], p.pid])
+        arows.append([p.name, p.info["bk_agent_id"], p.info["ip"], p.info["bk_cloud_id"], p.pid])
     print("\n" + _table(arows))
     body = {"agent_id_list": ids[:2]}
     answer = api_call(url, cluster.app_code, cluster.app_secret, "/api/v2/cluster/list_agent_state", body)
@@ -186,6 +187,7 @@ def resolve_targets(api: Api, spec: list[str]) -> tuple[list[str], dict[str, str
     wanted: list[str] = []
     labels: dict[str, str] = {}
     listing = None
+    named: list[str] = []
     for item in (t for s in spec for t in s.split(",") if t):
         if item == "all" or any(ch in item for ch in "*?["):
             if listing is None:
@@ -194,15 +196,37 @@ def resolve_targets(api: Api, spec: list[str]) -> tuple[list[str], dict[str, str
                     raise SystemExit(f"gse: cannot list agents: {r.get('message')}")
                 listing = r["data"]
             for a in listing:
-                label = f"{a['bk_cloud_id']}:{a['bk_host_ip']}"
-                if item == "all" or fnmatch.fnmatch(a["bk_host_ip"], item) or fnmatch.fnmatch(label, item):
+                host_id = f"{a['bk_cloud_id']}:{a['bk_host_ip']}"
+                if item == "all" or fnmatch.fnmatch(a["bk_host_ip"], item) or fnmatch.fnmatch(host_id, item):
                     if a["bk_agent_id"] not in labels:
                         wanted.append(a["bk_agent_id"])
-                        labels[a["bk_agent_id"]] = label
+                        labels[a["bk_agent_id"]] = host_label(a["bk_host_ip"], a["bk_cloud_id"])
         elif item not in labels:
             wanted.append(item)
-            labels[item] = item if parse_host_id(item) else item[:12]
+            named.append(item)
+            host = parse_host_id(item)
+            labels[item] = host_label(host[1], host[0]) if host else item[:12]
+    # Hosts named by bk_agent_id: their ip and area from the API (one call per 5,000).
+    ids = [i for i in named if not parse_host_id(i)]
+    for k in range(0, len(ids), 5000):
+        r = api.call("/api/v2/cluster/list_agent_info", {"agent_id_list": ids[k:k + 5000]})
+        for a in (r.get("data") or []) if r.get("code") == 0 else []:
+            if a.get("bk_agent_id") in labels and a.get("bk_host_ip"):
+                labels[a["bk_agent_id"]] = host_label(a["bk_host_ip"], a.get("bk_cloud_id", 0))
     return wanted, labels
+
+
+def host_label(ip: str, cloud_id: int) -> str:
+    """How the CLI names a host in its output: "<area>:<ip>" (its bk_cloud_id and ip, GSE's own host form:
+    the same ip in two areas is two hosts, spec section 12)."""
+    return f"{cloud_id}:{ip}"
+
+
+def areas_of(ids: list[str], labels: dict[str, str]) -> str:
+    """ "areas 0 (2 hosts), 1 (1 host)" for the hosts among `ids` whose label names their area."""
+    from collections import Counter
+    counts = Counter(labels[i].split(":", 1)[0] for i in ids if ":" in labels.get(i, ""))
+    return ", ".join(f"{a} ({n} host{'s' if n != 1 else ''})" for a, n in sorted(counts.items(), key=lambda kv: int(kv[0])))
 
 
 def cmd_run(args) -> int:
@@ -263,7 +287,8 @@ def cmd_run(args) -> int:
             summary["failed"].append(aid)
             reason = item.get("error_msg") or f"exit {item.get('script_exit_code')}"
             print(f"{labels[aid]:<{width}} ! {reason}", file=sys.stderr)
-    print("summary: " + ", ".join(f"{k} {len(v)}" for k, v in summary.items()) + f" (task {task_id})")
+    print("summary: " + ", ".join(f"{k} {len(v)}" for k, v in summary.items()) + f" (task {task_id})"
+          + (f"; areas {areas}" if (areas := areas_of(ids, labels)) else ""))
     return 0 if len(summary["ok"]) == len(ids) else 1
 
 
@@ -341,7 +366,8 @@ def cmd_push(args) -> int:
             break
         time.sleep(0.5)
     ok = [a for a in ids if per_host.get(a) and all(i["error_code"] == 0 for i in per_host[a])]
-    print(f"summary: ok {len(ok)}, failed {len(ids) - len(ok)} (task {task_id})")
+    print(f"summary: ok {len(ok)}, failed {len(ids) - len(ok)} (task {task_id})"
+          + (f"; areas {areas}" if (areas := areas_of(ids, labels)) else ""))
     return 0 if len(ok) == len(ids) else 1
 
 
@@ -468,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--taskservers", type=int, default=2)
     up.add_argument("--redis", type=int, default=2, help="Redis nodes behind dbproxy (replicas = min(2, n))")
     up.add_argument("--heartbeat", type=float, default=10.0, help="agent heartbeat interval, seconds")
+    up.add_argument("--areas", type=int, default=0,
+                    help="cloud areas 1..N, each with a proxy and its own agents (spec section 12)")
+    up.add_argument("--area-agents", type=int, default=2, help="agents per cloud area (besides the proxy host's)")
     up.add_argument("--dir", default=".gse-dev")
     up.add_argument("--detach", action="store_true")
     up.add_argument("--agent-identity", choices=("enroll", "issued", "shared"), default="enroll",

@@ -534,7 +534,10 @@ class Cluster:
     def api_url(self) -> str:
         return self.apiservers[0].info["url"]
 
-    def up(self, agents: int = 3, taskservers: int = 2, redis_nodes: int = 2) -> None:
+    def up(self, agents: int = 3, taskservers: int = 2, redis_nodes: int = 2, areas: int = 0,
+           area_agents: int = 2) -> None:
+        """The whole cluster; `areas` > 0 adds cloud areas 1..N, each with a proxy, the proxy host's own agent
+        (run_mode 0) and `area_agents` agents (ips 127.<area>.0.11, ...), all dialling that proxy."""
         self.start_zookeeper()
         for _ in range(redis_nodes):
             self.start_redis()
@@ -550,6 +553,11 @@ class Cluster:
         self.start_alarm()
         self.start_syncdata()
         procs = [self.start_agent(wait=False) for _ in range(agents)]
+        for area in range(1, areas + 1):
+            self.start_proxy(area)
+            procs.append(self.start_agent(ip=f"127.{area}.0.1", cloud_id=area, run_mode=0, wait=False))
+            procs += [self.start_agent(ip=f"127.{area}.0.{11 + i}", cloud_id=area, wait=False)
+                      for i in range(area_agents)]
         for p in procs:
             self.wait_healthy(p)
 
@@ -578,6 +586,8 @@ class Cluster:
             "hostid_dir": str(self.base / "hostid"),
             "fileservers": [{"address": p.info["address"], "tracker_url": p.info["tracker_url"], "pid": p.pid}
                             for p in self.fileservers],
+            "proxies": [{"node_id": p.info["node_id"], "area": p.info["area"], "address": p.info["address"],
+                         "pid": p.pid, "metrics_port": p.info["metrics_port"]} for p in self.proxies],
             "agents": [{"bk_agent_id": p.info.get("bk_agent_id", ""), "ip": p.info["ip"],
                         "bk_cloud_id": p.info["bk_cloud_id"], "pid": p.pid, "data_dir": p.info["data_dir"],
                         "run_dir": p.info["run_dir"],

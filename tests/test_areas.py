@@ -324,3 +324,45 @@ async def test_data_through_a_proxy_killed_mid_run_loses_nothing(make_cluster, i
                    if x.startswith("gse_dataserver_agent_streams "))
     assert 1 <= streams <= 2
     rds.close()
+
+
+def test_the_proxy_pings_its_area_s_hosts_and_reports_the_unreachable_as_type_8_alarms(make_cluster, infra):
+    import json as _json
+
+    import redis
+    from test_data_flow import add_route, add_streamto, to_redis, wait_routes
+
+    c = make_cluster()
+    c.start_dbproxy()
+    c.start_taskserver(area_hosts_interval_s=1.0)
+    c.start_apiserver()
+    c.start_dataserver(load_report_interval_s=0.5)
+    c.start_proxy(1, ping={"interval_s": 1.0, "timeout_s": 2.0, "count": 1})
+    api = api_for(c)
+    tag = time.monotonic_ns()
+    ch = add_route(api, [to_redis(add_streamto(api, "redis", c), f"alarm{tag}")], channel_id=1000)
+    wait_routes(c, [ch])
+    up = c.start_agent(cloud_id=1)
+    # a host that attached once from an address nothing answers at (it claims 198.18.250.1, then goes away)
+    gone = c.start_agent(cloud_id=1, ip="198.18.250.1", bind_ip="")
+    api.wait_alive([up.info["bk_agent_id"], gone.info["bk_agent_id"]])
+    gone.stop()
+    host, port = c.redis[0].rsplit(":", 1)
+    rds = redis.Redis(host=host, port=int(port))
+
+    def alarm():
+        for raw in rds.lrange(f"alarm{tag}", 0, -1):
+            rec = _json.loads(raw)
+            if rec["value"][0]["extra"]["type"] == 8:
+                return rec
+    rec = wait_for(alarm, 30, "a type-8 alarm record")
+    assert len(rec["value"]) == 1
+    extra = rec["value"][0]["extra"]
+    assert extra["iplist"] == ["198.18.250.1"] and extra["count"] == 1
+    assert extra["host"] == [{"bizid": 0, "cloudid": 1, "ip": "198.18.250.1", "agent_id": "1:198.18.250.1"}]
+    assert rec["value"][0]["event_type"] == "gse_basic_alarm_type"
+    # the reachable host is never reported
+    for raw in rds.lrange(f"alarm{tag}", 0, -1):
+        assert up.info["ip"] not in _json.loads(raw)["value"][0]["extra"].get("iplist", [])
+    assert c.healthz(c.proxies[0])["ping"]["share"] == 2
+    rds.close()

@@ -22,6 +22,7 @@ from gse.dataserver.server import DataServerConfig
 from gse.dbproxy.server import DbProxyConfig
 from gse.fileserver.server import FileServerConfig
 from gse.procmgr.server import ProcMgrConfig
+from gse.proxy.server import ProxyConfig
 from gse.taskserver.server import TaskServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +39,7 @@ CONFIGS = {
     "procmgr": ProcMgrConfig,
     "alarm": AlarmConfig,
     "syncdata": SyncDataConfig,
+    "proxy": ProxyConfig,
 }
 
 # spec section 6
@@ -46,6 +48,7 @@ DBPROXY_PORT = 58859
 APISERVER_PORT = 50002
 DATASERVER_PORT = 58625
 PROCMGR_PORT = 50000
+PROXY_AGENT_PORT, PROXY_DATA_PORT = 28668, 28625      # spec section 12 (GSE 2.0's)
 
 
 def sample_names() -> list[str]:
@@ -100,7 +103,7 @@ def test_deploy_sample_spells_out_every_key(name):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_deploy_sample_uses_the_production_certificates(name):
     tls = load_sample(name).tls
-    cert = {"agent": "agent", "apiserver": "api"}.get(name, "server")
+    cert = {"agent": "agent", "apiserver": "api", "proxy": "proxy"}.get(name, "server")
     assert (tls.ca, tls.cert, tls.key) == ("/etc/gse/certs/ca.crt", f"/etc/gse/certs/{cert}.crt",
                                            f"/etc/gse/certs/{cert}.key")
     assert tls.server_name == "gse-server"       # every server.crt made by `gse certs init` carries it
@@ -112,6 +115,8 @@ def test_deploy_sample_ports_match_the_spec():
     assert load_sample("apiserver").port == APISERVER_PORT
     assert load_sample("dataserver").port == DATASERVER_PORT
     assert load_sample("procmgr").port == PROCMGR_PORT
+    proxy = load_sample("proxy")
+    assert (proxy.agent_port, proxy.data.port) == (PROXY_AGENT_PORT, PROXY_DATA_PORT)
     agent = load_sample("agent")
     assert agent.servers and all(s.endswith(f":{TASKSERVER_AGENT_PORT}") for s in agent.servers)
 
@@ -122,7 +127,7 @@ def test_deploy_sample_agent_uses_the_production_dirs():
 
 
 def test_deploy_sample_servers_advertise_a_dialable_address():
-    for name in ("taskserver", "dbproxy", "apiserver", "dataserver", "procmgr"):
+    for name in ("taskserver", "dbproxy", "apiserver", "dataserver", "procmgr", "proxy"):
         cfg = load_sample(name)
         if cfg.host in ("0.0.0.0", "::"):
             assert cfg.advertise_host not in ("", "0.0.0.0", "::"), name

@@ -28,7 +28,7 @@ def _alive(pid: int) -> bool:
 def test_dev_up_detach_and_down(tmp_path):
     d = tmp_path / "dev"
     up = subprocess.run([sys.executable, "-m", "gse.cli", "dev", "up", "--detach", "--agents", "2", "--dir", str(d),
-                         "--heartbeat", "2"], capture_output=True, text=True, timeout=240)
+                         "--heartbeat", "2", "--areas", "1", "--area-agents", "1"], capture_output=True, text=True, timeout=240)
     desc_path = d / "cluster.json"
     try:
         assert up.returncode == 0, up.stdout + up.stderr
@@ -36,7 +36,10 @@ def test_dev_up_detach_and_down(tmp_path):
         for key in ("api_url", "app_code", "app_secret", "zookeeper", "redis", "certs_dir", "taskservers", "agents",
                     "fileservers"):
             assert desc[key], key
-        assert len(desc["agents"]) == 2 and all(len(a["bk_agent_id"]) == 32 for a in desc["agents"])
+        # two agents in area 0; area 1: its proxy, the proxy host's agent and one more
+        assert [a["bk_cloud_id"] for a in desc["agents"]] == [0, 0, 1, 1]
+        assert all(len(a["bk_agent_id"]) == 32 for a in desc["agents"])
+        assert [(p["area"], p["node_id"]) for p in desc["proxies"]] == [(1, "proxy-1a")]
         assert "example API call" in up.stdout and '"status_code": 2' in up.stdout
         api = ApiClient(desc["api_url"], desc["app_code"], desc["app_secret"])
         states = api.states([a["bk_agent_id"] for a in desc["agents"]])

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 import zlib
 
 import grpc
@@ -155,7 +156,8 @@ class DataRelay:
             for bid, batch in lane.recovered():
                 key = (batch.agent_id, batch.origin_batch_id)
                 lane.owner[bid] = key
-                self.held[key] = (lane, bid)
+                if key != (self.node_id, 0):        # (the proxy's own records are not anybody's to wait for)
+                    self.held[key] = (lane, bid)
                 recovered += 1
         if recovered:
             log.info("data relay spools recovered", extra={"batches": recovered})
@@ -282,8 +284,6 @@ class DataRelay:
 
     def submit(self, data_id: int, records: list[bytes]) -> None:
         """The proxy's own records (its reachability alarms): sent as the proxy's, on its own lane."""
-        import time
-        key = (self.node_id, 0)
         lane = self._lane(self.node_id)
 
         def payload(bid: int) -> bytes:
@@ -291,7 +291,7 @@ class DataRelay:
                                 agent_id=self.node_id, cloud_id=self.area, ip=self.ip).SerializeToString()
 
         bid, _ = lane.spool.append(payload, len(records))
-        lane.owner[bid] = key
+        lane.owner[bid] = (self.node_id, 0)
         lane._wake.set()
 
     # ---- out -----------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from gse.pb import agent_pb2 as pb
 
 from .access import AreaAccess, UpstreamConfig
 from .data import DataRelay, ProxyDataConfig
+from .reach import PingConfig, Reachability
 
 log = logging.getLogger("gse.proxy")
 
@@ -52,6 +53,7 @@ class ProxyConfig(BaseConfig):
     enroll: bool = True                 # relay enrollments of agents without a certificate to a task server
     upstream: UpstreamConfig = UpstreamConfig()
     data: ProxyDataConfig = ProxyDataConfig()
+    ping: PingConfig = PingConfig()
     load_report_interval_s: float = 5.0
 
     def validate(self) -> None:
@@ -81,6 +83,7 @@ class ProxyService(Service):
         self.grpc = None
         self.data_port = 0
         self.data: DataRelay | None = None
+        self.reach: Reachability | None = None
 
     @property
     def main_port(self) -> int:
@@ -101,6 +104,8 @@ class ProxyService(Service):
             detail.update(self.access.health())
         if self.data is not None:
             detail["data"] = {"address": self.access.proxy_hello.data_address, **self.data.health()}
+        if self.reach is not None:
+            detail["ping"] = self.reach.health()
         return up, detail
 
     def _registration(self) -> dict:
@@ -131,6 +136,8 @@ class ProxyService(Service):
         await rpc.set_serving(health, True)
         await self.data.start()
         self.access.on_upstream_view = self.data.on_view
+        self.reach = Reachability(c.ping, node_id=self.node_id, area=c.area, ip=self.advertise, submit=self.data.submit)
+        self.access.on_area_hosts = self.reach.on_area_hosts
         self.access.data_view = pb.ServerFrame(data_servers=self.data.view_frame(
             self.access.proxy_hello.data_address)).SerializeToString()
         await self.access.listen(self.agent_sock)
@@ -140,6 +147,9 @@ class ProxyService(Service):
         log.info("proxy serving", extra={"area": c.area, "agent_port": self.agent_port, "node_id": self.node_id})
 
     async def run(self) -> None:
+        await asyncio.gather(self.reach.run(), self._report_load())
+
+    async def _report_load(self) -> None:
         while True:
             await asyncio.sleep(self.config.load_report_interval_s)
             if self.discovery is not None:
