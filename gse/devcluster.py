@@ -387,8 +387,9 @@ class Cluster:
         the addresses of its parent area's proxies)."""
         port, mport = port or free_port(host), free_port()
         name = name or f"proxy-{area}{chr(ord('a') + sum(p.info['area'] == area for p in self.proxies))}"
+        data = {"port": free_port(host), **overrides.pop("data", {})}
         cfg = {**self._common(mport, cert=self.proxy_cert(area)), "node_id": name, "area": area, "host": host,
-               "agent_port": port, "data_dir": str(self.base / name),
+               "agent_port": port, "data_dir": str(self.base / name), "data": data,
                "upstream": {"servers": upstream or [p.info["address"] for p in self.taskservers],
                             "reconnect_base_s": 0.5, "reconnect_max_s": 5.0},
                **overrides}
