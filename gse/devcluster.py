@@ -388,8 +388,11 @@ class Cluster:
         port, mport = port or free_port(host), free_port()
         name = name or f"proxy-{area}{chr(ord('a') + sum(p.info['area'] == area for p in self.proxies))}"
         data = {"port": free_port(host), **overrides.pop("data", {})}
+        bt = free_ports(3, host)
+        files = {"port": free_port(host), "tracker_port": free_port(host), "bt_port": bt, "bt_port_max": bt + 2,
+                 "announce_interval_s": 2, **overrides.pop("files", {})}
         cfg = {**self._common(mport, cert=self.proxy_cert(area)), "node_id": name, "area": area, "host": host,
-               "agent_port": port, "data_dir": str(self.base / name), "data": data,
+               "agent_port": port, "data_dir": str(self.base / name), "data": data, "files": files,
                "upstream": {"servers": upstream or [p.info["address"] for p in self.taskservers],
                             "reconnect_base_s": 0.5, "reconnect_max_s": 5.0},
                **overrides}

@@ -366,3 +366,45 @@ def test_the_proxy_pings_its_area_s_hosts_and_reports_the_unreachable_as_type_8_
         assert up.info["ip"] not in _json.loads(raw)["value"][0]["extra"].get("iplist", [])
     assert c.healthz(c.proxies[0])["ping"]["share"] == 2
     rds.close()
+
+
+def test_files_from_area_0_into_area_1_and_a_cascaded_area_2_through_their_proxies(area_cluster, tmp_path):
+    """BitTorrent (large) and direct (small) entries, into area 1 and into area 2 behind it in one transfer:
+    each area's hosts are told their own proxy's tracker and relay; every file arrives whole."""
+    import hashlib
+    import os
+    from test_files import md5, send, task, wait_done
+
+    c = area_cluster
+    c.start_fileserver()
+    api = api_for(c)
+    p1 = c.proxies[0]
+    p2 = c.start_proxy(2, upstream=[p1.info["address"]], register=False)
+    src_agent = c.start_agent(cloud_id=0, files={"bt_stall_s": 10.0})
+    a1 = [c.start_agent(cloud_id=1, wait=False, files={"bt_stall_s": 10.0}) for _ in range(2)]
+    a2 = [c.start_agent(cloud_id=2, wait=False, files={"bt_stall_s": 10.0}) for _ in range(2)]
+    for a in a1 + a2:
+        c.wait_healthy(a)
+    targets = [a.info["bk_agent_id"] for a in a1 + a2]
+    api.wait_alive([src_agent.info["bk_agent_id"], *targets])
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(5 * 1024 * 1024 + 77))
+    (src / "small.txt").write_bytes(b"small and direct\n")
+    s = src_agent.info["bk_agent_id"]
+    dests = {t: tmp_path / f"d-{i}" for i, t in enumerate(targets)}
+    tid = send(api, [task(s, src, "big.bin", [t], dests[t]) for t in targets]
+               + [task(s, src, "small.txt", targets, tmp_path / "small")], timeout_seconds=120)
+    items = wait_done(api, tid, targets, timeout=120)
+    assert all(i["error_code"] == 0 for i in items), items
+    assert {i["content"]["type"] for i in items} >= {"bt", "direct"}
+    for t, d in dests.items():
+        assert md5(d / "big.bin") == md5(src / "big.bin")
+    assert (tmp_path / "small" / "small.txt").read_bytes() == b"small and direct\n"
+    # both proxies relayed the file and keep it in their cache (named by its info-hash)
+    for p in (p1, p2):
+        h = c.healthz(p)
+        assert h["files"]["cached_bytes"] >= 5 * 1024 * 1024, h
+    ih_files = {x.name for p in (p1, p2) for x in (c.base / p.name / "files").iterdir()}
+    assert len(ih_files) == 1, ih_files
+    del hashlib

@@ -546,11 +546,13 @@ class TorrentSession:
         """The torrents in the session now, seeds and downloads."""
         return list(self._torrents.values())
 
-    def _params(self, ti: lt.torrent_info, save_path: str, tracker_url: str | None, name: str) -> lt.add_torrent_params:
+    def _params(self, ti: lt.torrent_info, save_path: str, tracker_url: str | list[str] | None,
+                name: str) -> lt.add_torrent_params:
         atp = lt.add_torrent_params()
         atp.ti = ti
         atp.save_path = save_path
-        atp.trackers = [tracker_url] if tracker_url else []
+        # Several trackers: a proxy relaying a file is a member of two swarms (its area's and the one above).
+        atp.trackers = [tracker_url] if isinstance(tracker_url, str) and tracker_url else list(tracker_url or [])
         # Not auto-managed: libtorrent's queue (3 active downloads by default) must not park a GSE transfer.
         atp.flags = (lt.torrent_flags.default_flags & ~lt.torrent_flags.auto_managed & ~lt.torrent_flags.paused
                      | lt.torrent_flags.update_subscribe)

@@ -158,6 +158,8 @@ class FileEndpoints:
         timeout = v.integer(body, "timeout_seconds", required=False, default=3600, minimum=0, maximum=7 * 86400)
         auto_mkdir = body.get("auto_mkdir", False) is True
         keep_seeding = body.get("keep_source_seeding", False) is True   # extension: the source seeds on after the end
+        # extension (spec section 12): peers of different cloud areas may meet (they reach each other directly)
+        cross_area = body.get("cross_area", False) is True
         up, down = self._speed(body, "upload_speed"), self._speed(body, "download_speed")
         task_id = new_task_id("GSEFILE")
         set_trace(task_id=task_id)
@@ -202,7 +204,7 @@ class FileEndpoints:
                 permission=t["permission"], target_agents=[a for a, _u, _n in targets],
                 target_users=[u for _a, u, _n in targets], target_nodes={a: n for a, _u, n in targets},
                 timeout_seconds=timeout, auto_mkdir=auto_mkdir, upload_rate=up, download_rate=down,
-                keep_seeding=keep_seeding)))
+                keep_seeding=keep_seeding, cross_area=cross_area)))
         await self._start(task_id, "file", req, len(tasks), coordinators,
                           sorted({alive[a].agent_id if a in alive else a for a in ids}), initial_ops, specs)
         return {"result": {"task_id": task_id}}

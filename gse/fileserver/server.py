@@ -98,6 +98,8 @@ class Transfer:
     directory: Path
     torrents: list[str] = field(default_factory=list)
     blobs: dict[int, Blob] = field(default_factory=dict)
+    member_areas: dict[str, int] = field(default_factory=dict)   # members of another area than `area`
+    cross_area: bool = False
 
     def blob(self, index: int) -> Blob:
         """The relayed entry `index`, made (empty, size unknown) on first use."""
@@ -162,6 +164,32 @@ class FileService(pb_grpc.FileServiceServicer):
 
     # ---- task servers -----------------------------------------------------------------------------
 
+    def create(self, transfer_id: str, area: int, tokens: dict[str, str], timeout_seconds: int = 0,
+               member_areas: dict[str, int] | None = None, cross_area: bool = False) -> Transfer:
+        """Open a transfer to the members of `tokens` (member -> token); also what a proxy relaying a transfer
+        into its area does with the tokens the transfer's file server gave (gse/proxy/files.py)."""
+        ttl = timeout_seconds + 60 if timeout_seconds > 0 else self.cfg.transfer_ttl_s
+        # Named by a digest of the id: no id (".." say) can name a directory outside the relay root.
+        d = self.root / hashlib.sha256(transfer_id.encode()).hexdigest()[:32]
+        d.mkdir(parents=True, exist_ok=True)
+        t = self.transfers[transfer_id] = Transfer(transfer_id, area, dict(tokens), {v: k for k, v in tokens.items()},
+                                                   time.monotonic() + ttl, d, member_areas=dict(member_areas or {}),
+                                                   cross_area=cross_area)
+        TRANSFERS.set(len(self.transfers))
+        log.info("transfer created", extra={"transfer_id": transfer_id, "members": len(tokens), "area": area,
+                                            "cross_area": cross_area})
+        return t
+
+    def add_torrents(self, t: Transfer, info_hashes) -> None:
+        """Register the transfer's torrents with the tracker (one tracker transfer per torrent)."""
+        for ih in info_hashes:
+            sub = f"{t.transfer_id}/{ih.hex()}"
+            if sub in t.torrents:
+                continue
+            self.tracker.register_transfer(sub, ih, t.area, list(t.members), tokens=t.members, areas=t.member_areas,
+                                           cross_area=t.cross_area)
+            t.torrents.append(sub)
+
     async def CreateTransfer(self, request, context):
         """Task servers: create a transfer for `members` (INVALID_ARGUMENT for an empty or existing id, or no
         members). Answers a token per member, the tracker URL, the rate cap and max connections per torrent; the
@@ -169,14 +197,8 @@ class FileService(pb_grpc.FileServiceServicer):
         if request.transfer_id in self.transfers or not request.transfer_id or not request.members:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a new transfer id and members are required")
         tokens = {m: secrets.token_urlsafe(24) for m in request.members}
-        ttl = request.timeout_seconds + 60 if request.timeout_seconds > 0 else self.cfg.transfer_ttl_s
-        # Named by a digest of the id: no id (".." say) can name a directory outside the relay root.
-        d = self.root / hashlib.sha256(request.transfer_id.encode()).hexdigest()[:32]
-        d.mkdir(parents=True, exist_ok=True)
-        self.transfers[request.transfer_id] = Transfer(request.transfer_id, request.area, tokens,
-                                                       {v: k for k, v in tokens.items()}, time.monotonic() + ttl, d)
-        TRANSFERS.set(len(self.transfers))
-        log.info("transfer created", extra={"transfer_id": request.transfer_id, "members": len(tokens)})
+        self.create(request.transfer_id, request.area, tokens, request.timeout_seconds, dict(request.member_areas),
+                    request.cross_area)
         return pb.CreateTransferReply(tokens=tokens, tracker_url=self.tracker_url,
                                       rate_limit=self.rate_limit(request.max_rate),
                                       max_connections=self.cfg.max_connections_per_torrent)
@@ -187,12 +209,7 @@ class FileService(pb_grpc.FileServiceServicer):
         t = self.transfers.get(request.transfer_id)
         if t is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no live transfer {request.transfer_id}")
-        for ih in request.info_hashes:
-            sub = f"{t.transfer_id}/{ih.hex()}"
-            if sub in t.torrents:
-                continue
-            self.tracker.register_transfer(sub, ih, t.area, list(t.members), tokens=t.members)
-            t.torrents.append(sub)
+        self.add_torrents(t, request.info_hashes)
         return pb.AddTorrentsReply()
 
     async def EndTransfer(self, request, context):

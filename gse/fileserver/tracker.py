@@ -3,8 +3,10 @@
 A transfer is one torrent (info_hash) moving to a known set of members (agents) of one area. Every member gets its
 own announce URL carrying a secret token, `http://HOST:PORT/announce?gse_token=<token>`; the token names the
 transfer and the member, because libtorrent's peer_id is random and says nothing about who is asking. A peer only
-ever learns the peers of its own transfer, and a transfer lives in exactly one area; the same file sent to two areas
-is two transfers sharing an info_hash and never sharing peers.
+ever learns the peers of its own transfer, and of its own cloud area: every member has an area (a transfer's
+default), and the tracker never introduces members of different areas to each other, unless the transfer was
+registered as one allowed to cross areas (cross-area penetration, spec section 12). A file that enters an area
+does so through the area's proxy, a member of the swarm on each side.
 
 Why a `gse_token` query parameter: libtorrent appends its own parameters to a tracker URL that already has a query
 string (with `&`) and always sends its own `key`, and its SSRF mitigation refuses a URL whose query string
@@ -74,6 +76,7 @@ class _Member:
     member: str
     token: str
     address: str | None = None
+    area: int = 0
 
 
 @dataclass
@@ -82,6 +85,7 @@ class _Transfer:
     info_hash: bytes
     area: int
     max_peers_returned: int
+    cross_area: bool = False
     members: dict[str, _Member] = field(default_factory=dict)
     peers: dict[str, PeerStats] = field(default_factory=dict)  # by member: one live peer per member
     completed: int = 0
@@ -116,19 +120,22 @@ class Tracker:
     def register_transfer(self, transfer_id: str, info_hash: bytes, area: int, members: Iterable[str],
                           max_peers_returned: int = DEFAULT_NUMWANT,
                           addresses: Mapping[str, str] | None = None,
-                          tokens: Mapping[str, str] | None = None) -> dict[str, str]:
-        """Opens a transfer to `members`; returns each member's token. `addresses` pins a member's peer IP."""
+                          tokens: Mapping[str, str] | None = None, areas: Mapping[str, int] | None = None,
+                          cross_area: bool = False) -> dict[str, str]:
+        """Opens a transfer to `members`; returns each member's token. `addresses` pins a member's peer IP;
+        `areas` gives a member another area than `area` (its swarm's); `cross_area` lets areas meet."""
         if transfer_id in self._transfers:
             raise ValueError(f"transfer {transfer_id} is already registered")
         if not isinstance(info_hash, bytes) or len(info_hash) != 20:
             raise ValueError("info_hash must be 20 bytes")
         if max_peers_returned <= 0:
             raise ValueError("max_peers_returned must be positive")
-        self._transfers[transfer_id] = _Transfer(transfer_id, info_hash, area, max_peers_returned)
+        self._transfers[transfer_id] = _Transfer(transfer_id, info_hash, area, max_peers_returned, cross_area)
         self._by_hash.setdefault(info_hash, set()).add(transfer_id)
         addresses = addresses or {}
         given = tokens or {}
-        tokens = {m: self.add_member(transfer_id, m, addresses.get(m), given.get(m)) for m in members}
+        areas = areas or {}
+        tokens = {m: self.add_member(transfer_id, m, addresses.get(m), given.get(m), areas.get(m)) for m in members}
         log.info("transfer registered", extra={"transfer_id": transfer_id, "info_hash": info_hash.hex(),
                                                "area": area, "members": len(tokens)})
         return tokens
@@ -146,8 +153,10 @@ class Tracker:
                 del self._by_hash[transfer.info_hash]
         log.info("transfer unregistered", extra={"transfer_id": transfer_id})
 
-    def add_member(self, transfer_id: str, member: str, address: str | None = None, token: str | None = None) -> str:
-        """Admits `member` to the transfer (idempotent) and returns its token (`token` = use this one)."""
+    def add_member(self, transfer_id: str, member: str, address: str | None = None, token: str | None = None,
+                   area: int | None = None) -> str:
+        """Admits `member` to the transfer (idempotent) and returns its token (`token` = use this one); `area`:
+        its swarm's area (default: the transfer's)."""
         transfer = self._transfer(transfer_id)
         if address is not None:
             ipaddress.ip_address(address)  # a bad pinned address is the caller's error, said now
@@ -156,7 +165,7 @@ class Tracker:
             existing.address = address if address is not None else existing.address
             return existing.token
         token = token or secrets.token_urlsafe(24)
-        transfer.members[member] = _Member(member, token, address)
+        transfer.members[member] = _Member(member, token, address, transfer.area if area is None else area)
         self._tokens[(token, transfer.info_hash)] = (transfer_id, member)
         return token
 
@@ -265,6 +274,10 @@ class Tracker:
             numwant = DEFAULT_NUMWANT
         numwant = min(numwant, transfer.max_peers_returned)
         others = [p for k, p in transfer.peers.items() if k != member_id]
+        if not transfer.cross_area:
+            # Peers of different areas never meet (they could not reach each other, and the file enters an area
+            # once, through its proxy), unless the transfer may cross areas.
+            others = [p for p in others if transfer.members[p.member].area == member.area]
         if peer.left == 0:  # a seed has no use for other seeds
             others = [p for p in others if p.left != 0]
         chosen = random.sample(others, numwant) if len(others) > numwant else others

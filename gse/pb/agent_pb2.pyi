@@ -268,7 +268,7 @@ class Refused(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., code: _Optional[str] = ...) -> None: ...
 
 class ServerFrame(_message.Message):
-    __slots__ = ("welcome", "redirect", "task", "terminate", "ack", "data_servers", "plugin_message", "file_source", "file_target", "upload_request", "end_transfer", "tune", "proc_ops", "proc_ack", "relay", "relay_end", "area_hosts", "refused", "enrolled", "host_identity", "operate", "end_entry")
+    __slots__ = ("welcome", "redirect", "task", "terminate", "ack", "data_servers", "plugin_message", "file_source", "file_target", "upload_request", "end_transfer", "tune", "proc_ops", "proc_ack", "relay", "relay_end", "area_hosts", "relay_transfer", "refused", "enrolled", "host_identity", "operate", "end_entry")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     REDIRECT_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -286,6 +286,7 @@ class ServerFrame(_message.Message):
     RELAY_FIELD_NUMBER: _ClassVar[int]
     RELAY_END_FIELD_NUMBER: _ClassVar[int]
     AREA_HOSTS_FIELD_NUMBER: _ClassVar[int]
+    RELAY_TRANSFER_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     ENROLLED_FIELD_NUMBER: _ClassVar[int]
     HOST_IDENTITY_FIELD_NUMBER: _ClassVar[int]
@@ -308,12 +309,13 @@ class ServerFrame(_message.Message):
     relay: Relay
     relay_end: RelayEnd
     area_hosts: AreaHosts
+    relay_transfer: RelayTransfer
     refused: Refused
     enrolled: Enrolled
     host_identity: HostIdentity
     operate: AgentOperation
     end_entry: EndEntry
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., task: _Optional[_Union[TaskRequest, _Mapping]] = ..., terminate: _Optional[_Union[TerminateTask, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., data_servers: _Optional[_Union[_data_pb2.DataServerView, _Mapping]] = ..., plugin_message: _Optional[_Union[_data_pb2.PluginMessage, _Mapping]] = ..., file_source: _Optional[_Union[FileSource, _Mapping]] = ..., file_target: _Optional[_Union[FileTarget, _Mapping]] = ..., upload_request: _Optional[_Union[UploadRequest, _Mapping]] = ..., end_transfer: _Optional[_Union[EndTransfer, _Mapping]] = ..., tune: _Optional[_Union[Tune, _Mapping]] = ..., proc_ops: _Optional[_Union[ProcOperations, _Mapping]] = ..., proc_ack: _Optional[_Union[ProcAck, _Mapping]] = ..., relay: _Optional[_Union[Relay, _Mapping]] = ..., relay_end: _Optional[_Union[RelayEnd, _Mapping]] = ..., area_hosts: _Optional[_Union[AreaHosts, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., enrolled: _Optional[_Union[Enrolled, _Mapping]] = ..., host_identity: _Optional[_Union[HostIdentity, _Mapping]] = ..., operate: _Optional[_Union[AgentOperation, _Mapping]] = ..., end_entry: _Optional[_Union[EndEntry, _Mapping]] = ...) -> None: ...
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., task: _Optional[_Union[TaskRequest, _Mapping]] = ..., terminate: _Optional[_Union[TerminateTask, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., data_servers: _Optional[_Union[_data_pb2.DataServerView, _Mapping]] = ..., plugin_message: _Optional[_Union[_data_pb2.PluginMessage, _Mapping]] = ..., file_source: _Optional[_Union[FileSource, _Mapping]] = ..., file_target: _Optional[_Union[FileTarget, _Mapping]] = ..., upload_request: _Optional[_Union[UploadRequest, _Mapping]] = ..., end_transfer: _Optional[_Union[EndTransfer, _Mapping]] = ..., tune: _Optional[_Union[Tune, _Mapping]] = ..., proc_ops: _Optional[_Union[ProcOperations, _Mapping]] = ..., proc_ack: _Optional[_Union[ProcAck, _Mapping]] = ..., relay: _Optional[_Union[Relay, _Mapping]] = ..., relay_end: _Optional[_Union[RelayEnd, _Mapping]] = ..., area_hosts: _Optional[_Union[AreaHosts, _Mapping]] = ..., relay_transfer: _Optional[_Union[RelayTransfer, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., enrolled: _Optional[_Union[Enrolled, _Mapping]] = ..., host_identity: _Optional[_Union[HostIdentity, _Mapping]] = ..., operate: _Optional[_Union[AgentOperation, _Mapping]] = ..., end_entry: _Optional[_Union[EndEntry, _Mapping]] = ...) -> None: ...
 
 class FileEntry(_message.Message):
     __slots__ = ("index", "rel_path", "is_dir", "size", "mode", "md5", "torrent", "info_hash", "link_target", "holes", "error_code", "error_msg", "content")
@@ -821,3 +823,36 @@ class AreaHosts(_message.Message):
     ips: _containers.RepeatedScalarFieldContainer[str]
     proxies: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, area: _Optional[int] = ..., ips: _Optional[_Iterable[str]] = ..., proxies: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RelayTransfer(_message.Message):
+    __slots__ = ("transfer_id", "area", "member", "members", "entries", "upstream_fileserver", "upstream_tracker_url", "timeout_seconds", "rate", "max_connections", "task_id")
+    class MembersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    AREA_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_FILESERVER_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_TRACKER_URL_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    area: int
+    member: str
+    members: _containers.ScalarMap[str, str]
+    entries: _containers.RepeatedCompositeFieldContainer[FileEntry]
+    upstream_fileserver: str
+    upstream_tracker_url: str
+    timeout_seconds: int
+    rate: int
+    max_connections: int
+    task_id: str
+    def __init__(self, transfer_id: _Optional[str] = ..., area: _Optional[int] = ..., member: _Optional[str] = ..., members: _Optional[_Mapping[str, str]] = ..., entries: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., upstream_fileserver: _Optional[str] = ..., upstream_tracker_url: _Optional[str] = ..., timeout_seconds: _Optional[int] = ..., rate: _Optional[int] = ..., max_connections: _Optional[int] = ..., task_id: _Optional[str] = ...) -> None: ...

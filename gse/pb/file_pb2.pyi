@@ -7,18 +7,29 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CreateTransferRequest(_message.Message):
-    __slots__ = ("transfer_id", "area", "members", "timeout_seconds", "max_rate")
+    __slots__ = ("transfer_id", "area", "members", "timeout_seconds", "max_rate", "member_areas", "cross_area")
+    class MemberAreasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     AREA_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_RATE_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_AREAS_FIELD_NUMBER: _ClassVar[int]
+    CROSS_AREA_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     area: int
     members: _containers.RepeatedScalarFieldContainer[str]
     timeout_seconds: int
     max_rate: int
-    def __init__(self, transfer_id: _Optional[str] = ..., area: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., timeout_seconds: _Optional[int] = ..., max_rate: _Optional[int] = ...) -> None: ...
+    member_areas: _containers.ScalarMap[str, int]
+    cross_area: bool
+    def __init__(self, transfer_id: _Optional[str] = ..., area: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., timeout_seconds: _Optional[int] = ..., max_rate: _Optional[int] = ..., member_areas: _Optional[_Mapping[str, int]] = ..., cross_area: _Optional[bool] = ...) -> None: ...
 
 class CreateTransferReply(_message.Message):
     __slots__ = ("tokens", "tracker_url", "rate_limit", "max_connections")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17gse/pb/taskserver.proto\x12\x06gse.pb\">\n\x14\x44ispatchBatchRequest\x12&\n\x05parts\x18\x01 \x03(\x0b\x32\x17.gse.pb.DispatchRequest\"\xb2\x04\n\x0cTransferSpec\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\ntask_index\x18\x02 \x01(\x05\x12\x13\n\x0btransfer_id\x18\x03 \x01(\t\x12\x14\n\x0csource_agent\x18\x04 \x01(\t\x12\x13\n\x0bsource_user\x18\x05 \x01(\t\x12\x12\n\nsource_dir\x18\x06 \x01(\t\x12\x13\n\x0bsource_name\x18\x07 \x01(\t\x12\x0b\n\x03md5\x18\x08 \x01(\t\x12\x10\n\x08\x64\x65st_dir\x18\t \x01(\t\x12\x11\n\tdest_name\x18\n \x01(\t\x12\r\n\x05owner\x18\x0b \x01(\t\x12\x12\n\npermission\x18\x0c \x01(\x05\x12\x15\n\rtarget_agents\x18\r \x03(\t\x12\x14\n\x0ctarget_users\x18\x0e \x03(\t\x12;\n\x0ctarget_nodes\x18\x0f \x03(\x0b\x32%.gse.pb.TransferSpec.TargetNodesEntry\x12\x17\n\x0ftimeout_seconds\x18\x10 \x01(\x05\x12\x12\n\nauto_mkdir\x18\x11 \x01(\x08\x12\x13\n\x0bupload_rate\x18\x12 \x01(\x03\x12\x15\n\rdownload_rate\x18\x13 \x01(\x03\x12\x0c\n\x04\x61rea\x18\x14 \x01(\x05\x12\x14\n\x0ckeep_seeding\x18\x15 \x01(\x08\x12\x13\n\x0b\x66rom_caller\x18\x16 \x01(\x08\x12\x0f\n\x07\x63ontent\x18\x17 \x01(\x0c\x1a\x32\n\x10TargetNodesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x11NeedDirectRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\"_\n\x14SourceChangedRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x11\n\terror_msg\x18\x04 \x01(\t\"3\n\x0f\x44ispatchRequest\x12\r\n\x05\x66rame\x18\x01 \x01(\x0c\x12\x11\n\tagent_ids\x18\x02 \x03(\t\"?\n\x0c\x41gentFailure\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"7\n\rDispatchReply\x12&\n\x08\x66\x61ilures\x18\x01 \x03(\x0b\x32\x14.gse.pb.AgentFailure\"6\n\x10TerminateRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tagent_ids\x18\x02 \x03(\t2\xd7\x03\n\x0bTaskService\x12:\n\x08\x44ispatch\x12\x17.gse.pb.DispatchRequest\x1a\x15.gse.pb.DispatchReply\x12<\n\tTerminate\x12\x18.gse.pb.TerminateRequest\x1a\x15.gse.pb.DispatchReply\x12<\n\rStartTransfer\x12\x14.gse.pb.TransferSpec\x1a\x15.gse.pb.DispatchReply\x12\x44\n\x11TerminateTransfer\x12\x18.gse.pb.TerminateRequest\x1a\x15.gse.pb.DispatchReply\x12>\n\nNeedDirect\x12\x19.gse.pb.NeedDirectRequest\x1a\x15.gse.pb.DispatchReply\x12\x44\n\rSourceChanged\x12\x1c.gse.pb.SourceChangedRequest\x1a\x15.gse.pb.DispatchReply\x12\x44\n\rDispatchBatch\x12\x1c.gse.pb.DispatchBatchRequest\x1a\x15.gse.pb.DispatchReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17gse/pb/taskserver.proto\x12\x06gse.pb\">\n\x14\x44ispatchBatchRequest\x12&\n\x05parts\x18\x01 \x03(\x0b\x32\x17.gse.pb.DispatchRequest\"\xc6\x04\n\x0cTransferSpec\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\ntask_index\x18\x02 \x01(\x05\x12\x13\n\x0btransfer_id\x18\x03 \x01(\t\x12\x14\n\x0csource_agent\x18\x04 \x01(\t\x12\x13\n\x0bsource_user\x18\x05 \x01(\t\x12\x12\n\nsource_dir\x18\x06 \x01(\t\x12\x13\n\x0bsource_name\x18\x07 \x01(\t\x12\x0b\n\x03md5\x18\x08 \x01(\t\x12\x10\n\x08\x64\x65st_dir\x18\t \x01(\t\x12\x11\n\tdest_name\x18\n \x01(\t\x12\r\n\x05owner\x18\x0b \x01(\t\x12\x12\n\npermission\x18\x0c \x01(\x05\x12\x15\n\rtarget_agents\x18\r \x03(\t\x12\x14\n\x0ctarget_users\x18\x0e \x03(\t\x12;\n\x0ctarget_nodes\x18\x0f \x03(\x0b\x32%.gse.pb.TransferSpec.TargetNodesEntry\x12\x17\n\x0ftimeout_seconds\x18\x10 \x01(\x05\x12\x12\n\nauto_mkdir\x18\x11 \x01(\x08\x12\x13\n\x0bupload_rate\x18\x12 \x01(\x03\x12\x15\n\rdownload_rate\x18\x13 \x01(\x03\x12\x0c\n\x04\x61rea\x18\x14 \x01(\x05\x12\x14\n\x0ckeep_seeding\x18\x15 \x01(\x08\x12\x13\n\x0b\x66rom_caller\x18\x16 \x01(\x08\x12\x0f\n\x07\x63ontent\x18\x17 \x01(\x0c\x12\x12\n\ncross_area\x18\x18 \x01(\x08\x1a\x32\n\x10TargetNodesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x11NeedDirectRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\"_\n\x14SourceChangedRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x11\n\terror_msg\x18\x04 \x01(\t\"3\n\x0f\x44ispatchRequest\x12\r\n\x05\x66rame\x18\x01 \x01(\x0c\x12\x11\n\tagent_ids\x18\x02 \x03(\t\"?\n\x0c\x41gentFailure\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"7\n\rDispatchReply\x12&\n\x08\x66\x61ilures\x18\x01 \x03(\x0b\x32\x14.gse.pb.AgentFailure\"6\n\x10TerminateRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tagent_ids\x18\x02 \x03(\t2\xd7\x03\n\x0bTaskService\x12:\n\x08\x44ispatch\x12\x17.gse.pb.DispatchRequest\x1a\x15.gse.pb.DispatchReply\x12<\n\tTerminate\x12\x18.gse.pb.TerminateRequest\x1a\x15.gse.pb.DispatchReply\x12<\n\rStartTransfer\x12\x14.gse.pb.TransferSpec\x1a\x15.gse.pb.DispatchReply\x12\x44\n\x11TerminateTransfer\x12\x18.gse.pb.TerminateRequest\x1a\x15.gse.pb.DispatchReply\x12>\n\nNeedDirect\x12\x19.gse.pb.NeedDirectRequest\x1a\x15.gse.pb.DispatchReply\x12\x44\n\rSourceChanged\x12\x1c.gse.pb.SourceChangedRequest\x1a\x15.gse.pb.DispatchReply\x12\x44\n\rDispatchBatch\x12\x1c.gse.pb.DispatchBatchRequest\x1a\x15.gse.pb.DispatchReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,21 +36,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DISPATCHBATCHREQUEST']._serialized_start=35
   _globals['_DISPATCHBATCHREQUEST']._serialized_end=97
   _globals['_TRANSFERSPEC']._serialized_start=100
-  _globals['_TRANSFERSPEC']._serialized_end=662
-  _globals['_TRANSFERSPEC_TARGETNODESENTRY']._serialized_start=612
-  _globals['_TRANSFERSPEC_TARGETNODESENTRY']._serialized_end=662
-  _globals['_NEEDDIRECTREQUEST']._serialized_start=664
-  _globals['_NEEDDIRECTREQUEST']._serialized_end=737
-  _globals['_SOURCECHANGEDREQUEST']._serialized_start=739
-  _globals['_SOURCECHANGEDREQUEST']._serialized_end=834
-  _globals['_DISPATCHREQUEST']._serialized_start=836
-  _globals['_DISPATCHREQUEST']._serialized_end=887
-  _globals['_AGENTFAILURE']._serialized_start=889
-  _globals['_AGENTFAILURE']._serialized_end=952
-  _globals['_DISPATCHREPLY']._serialized_start=954
-  _globals['_DISPATCHREPLY']._serialized_end=1009
-  _globals['_TERMINATEREQUEST']._serialized_start=1011
-  _globals['_TERMINATEREQUEST']._serialized_end=1065
-  _globals['_TASKSERVICE']._serialized_start=1068
-  _globals['_TASKSERVICE']._serialized_end=1539
+  _globals['_TRANSFERSPEC']._serialized_end=682
+  _globals['_TRANSFERSPEC_TARGETNODESENTRY']._serialized_start=632
+  _globals['_TRANSFERSPEC_TARGETNODESENTRY']._serialized_end=682
+  _globals['_NEEDDIRECTREQUEST']._serialized_start=684
+  _globals['_NEEDDIRECTREQUEST']._serialized_end=757
+  _globals['_SOURCECHANGEDREQUEST']._serialized_start=759
+  _globals['_SOURCECHANGEDREQUEST']._serialized_end=854
+  _globals['_DISPATCHREQUEST']._serialized_start=856
+  _globals['_DISPATCHREQUEST']._serialized_end=907
+  _globals['_AGENTFAILURE']._serialized_start=909
+  _globals['_AGENTFAILURE']._serialized_end=972
+  _globals['_DISPATCHREPLY']._serialized_start=974
+  _globals['_DISPATCHREPLY']._serialized_end=1029
+  _globals['_TERMINATEREQUEST']._serialized_start=1031
+  _globals['_TERMINATEREQUEST']._serialized_end=1085
+  _globals['_TASKSERVICE']._serialized_start=1088
+  _globals['_TASKSERVICE']._serialized_end=1559
 # @@protoc_insertion_point(module_scope)

@@ -13,7 +13,7 @@ class DispatchBatchRequest(_message.Message):
     def __init__(self, parts: _Optional[_Iterable[_Union[DispatchRequest, _Mapping]]] = ...) -> None: ...
 
 class TransferSpec(_message.Message):
-    __slots__ = ("task_id", "task_index", "transfer_id", "source_agent", "source_user", "source_dir", "source_name", "md5", "dest_dir", "dest_name", "owner", "permission", "target_agents", "target_users", "target_nodes", "timeout_seconds", "auto_mkdir", "upload_rate", "download_rate", "area", "keep_seeding", "from_caller", "content")
+    __slots__ = ("task_id", "task_index", "transfer_id", "source_agent", "source_user", "source_dir", "source_name", "md5", "dest_dir", "dest_name", "owner", "permission", "target_agents", "target_users", "target_nodes", "timeout_seconds", "auto_mkdir", "upload_rate", "download_rate", "area", "keep_seeding", "from_caller", "content", "cross_area")
     class TargetNodesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class TransferSpec(_message.Message):
     KEEP_SEEDING_FIELD_NUMBER: _ClassVar[int]
     FROM_CALLER_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
+    CROSS_AREA_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     task_index: int
     transfer_id: str
@@ -67,7 +68,8 @@ class TransferSpec(_message.Message):
     keep_seeding: bool
     from_caller: bool
     content: bytes
-    def __init__(self, task_id: _Optional[str] = ..., task_index: _Optional[int] = ..., transfer_id: _Optional[str] = ..., source_agent: _Optional[str] = ..., source_user: _Optional[str] = ..., source_dir: _Optional[str] = ..., source_name: _Optional[str] = ..., md5: _Optional[str] = ..., dest_dir: _Optional[str] = ..., dest_name: _Optional[str] = ..., owner: _Optional[str] = ..., permission: _Optional[int] = ..., target_agents: _Optional[_Iterable[str]] = ..., target_users: _Optional[_Iterable[str]] = ..., target_nodes: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[int] = ..., auto_mkdir: _Optional[bool] = ..., upload_rate: _Optional[int] = ..., download_rate: _Optional[int] = ..., area: _Optional[int] = ..., keep_seeding: _Optional[bool] = ..., from_caller: _Optional[bool] = ..., content: _Optional[bytes] = ...) -> None: ...
+    cross_area: bool
+    def __init__(self, task_id: _Optional[str] = ..., task_index: _Optional[int] = ..., transfer_id: _Optional[str] = ..., source_agent: _Optional[str] = ..., source_user: _Optional[str] = ..., source_dir: _Optional[str] = ..., source_name: _Optional[str] = ..., md5: _Optional[str] = ..., dest_dir: _Optional[str] = ..., dest_name: _Optional[str] = ..., owner: _Optional[str] = ..., permission: _Optional[int] = ..., target_agents: _Optional[_Iterable[str]] = ..., target_users: _Optional[_Iterable[str]] = ..., target_nodes: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[int] = ..., auto_mkdir: _Optional[bool] = ..., upload_rate: _Optional[int] = ..., download_rate: _Optional[int] = ..., area: _Optional[int] = ..., keep_seeding: _Optional[bool] = ..., from_caller: _Optional[bool] = ..., content: _Optional[bytes] = ..., cross_area: _Optional[bool] = ...) -> None: ...
 
 class NeedDirectRequest(_message.Message):
     __slots__ = ("transfer_id", "index", "agent_id")

@@ -36,6 +36,7 @@ from gse.pb import agent_pb2 as pb
 
 from .access import AreaAccess, UpstreamConfig
 from .data import DataRelay, ProxyDataConfig
+from .files import FileRelay, ProxyFilesConfig
 from .reach import PingConfig, Reachability
 
 log = logging.getLogger("gse.proxy")
@@ -54,6 +55,7 @@ class ProxyConfig(BaseConfig):
     upstream: UpstreamConfig = UpstreamConfig()
     data: ProxyDataConfig = ProxyDataConfig()
     ping: PingConfig = PingConfig()
+    files: ProxyFilesConfig = ProxyFilesConfig()
     load_report_interval_s: float = 5.0
 
     def validate(self) -> None:
@@ -84,6 +86,9 @@ class ProxyService(Service):
         self.data_port = 0
         self.data: DataRelay | None = None
         self.reach: Reachability | None = None
+        self.files: FileRelay | None = None
+        self.file_port = 0
+        self.tracker_url = ""
 
     @property
     def main_port(self) -> int:
@@ -94,6 +99,8 @@ class ProxyService(Service):
         return pb.ProxyHello(node_id=self.node_id, area=c.area,
                              agent_address=join_host_port(self.advertise, self.agent_port),
                              data_address=join_host_port(self.advertise, self.data_port),
+                             file_address=join_host_port(self.advertise, self.file_port) if self.file_port else "",
+                             tracker_url=self.tracker_url,
                              version=__version__, boot_id=random.getrandbits(62), ip=self.advertise,
                              hostname=socket.gethostname())
 
@@ -106,6 +113,8 @@ class ProxyService(Service):
             detail["data"] = {"address": self.access.proxy_hello.data_address, **self.data.health()}
         if self.reach is not None:
             detail["ping"] = self.reach.health()
+        if self.files is not None:
+            detail["files"] = {"address": self.access.proxy_hello.file_address, **self.files.health()}
         return up, detail
 
     def _registration(self) -> dict:
@@ -125,6 +134,13 @@ class ProxyService(Service):
         # The data relay first: agents are told its address as soon as they attach.
         self.grpc = rpc.make_server(self.tls, deny=self.deny)
         self.data_port = rpc.bind(self.grpc, self.tls, c.host, c.data.port)
+        if c.files.enabled:
+            # The file relay: its file service on its own port (the same gRPC server), its tracker, BitTorrent.
+            self.file_port = rpc.bind(self.grpc, self.tls, c.host, c.files.port)
+            self.files = FileRelay(c.files, data_dir=c.data_dir, tls=self.tls, host=c.host, advertise=self.advertise,
+                                   node_id=self.node_id, area=c.area)
+            await self.files.start(self.grpc)
+            self.tracker_url = self.files.tracker_url
         self.access = AreaAccess(node_id=self.node_id, area=c.area, tls=self.tls, server_name=c.tls.server_name,
                                  upstream=c.upstream, hello=self.hello(), hello_timeout_s=c.hello_timeout_s,
                                  enroll=c.enroll, deny=self.deny)
@@ -138,6 +154,8 @@ class ProxyService(Service):
         self.access.on_upstream_view = self.data.on_view
         self.reach = Reachability(c.ping, node_id=self.node_id, area=c.area, ip=self.advertise, submit=self.data.submit)
         self.access.on_area_hosts = self.reach.on_area_hosts
+        if self.files is not None:
+            self.access.on_control = self.files.on_control
         self.access.data_view = pb.ServerFrame(data_servers=self.data.view_frame(
             self.access.proxy_hello.data_address)).SerializeToString()
         await self.access.listen(self.agent_sock)
@@ -164,4 +182,6 @@ class ProxyService(Service):
             await self.grpc.stop(grace)
         if self.data is not None:
             await self.data.stop()
+        if self.files is not None:
+            await self.files.stop()
         await super().stop(grace)

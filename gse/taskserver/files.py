@@ -9,7 +9,9 @@ source file changed (127 on every target), and ends the transfer when every item
 or on terminate. A pushed file (async_push_file: content from the caller) has no source and no file
 server: the task server holding its first target coordinates it and the content rides in the FileTarget
 frame. Any task server records the file reports of the agents it holds and acknowledges final ones once
-stored.
+stored. A transfer touching cloud areas runs one swarm per area, joined by the areas' proxies
+(area_files.py): each area's members are sent the tracker and direct relay of their own area, and each relay
+proxy a RelayTransfer.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import grpc
 
 from gse.common import dbclient as db
-from gse.common.errors import FINAL_STATUSES, ErrorCode, ScriptStatus
+from gse.common.errors import FINAL_STATUSES, ErrorCode, GseError, ScriptStatus
 from gse.common.logs import current_trace, trace
 from gse.common.peers import Peers
 from gse.common.records import FileItem, FileResults, item_name
@@ -34,6 +36,7 @@ from gse.pb import file_pb2 as fpb
 from gse.pb import taskserver_pb2 as pb
 
 from .agent_access import AgentAccess, AgentSession
+from .area_files import AreaPlan, plan as plan_areas
 from .batch_writer import BatchWriter
 
 log = logging.getLogger("gse.taskserver.files")
@@ -58,6 +61,7 @@ class Transfer:
     source_dir: str = ""
     upload_requested: set[int] = field(default_factory=set)
     targets_sent: bool = False
+    plan: AreaPlan | None = None        # the swarms of the areas it touches (None: all of area 0, or crossing)
     request_id: str = ""            # the API request that made it (from the trace of StartTransfer)
 
     def trace(self):
@@ -91,7 +95,7 @@ class FileCoordinator:
         for node, ids in by_node.items():
             if node == self.node_id:
                 for aid in ids:
-                    s = self.access.sessions.get(aid)
+                    s = self.access.sessions.get(aid) or self.access.relays.target(aid)
                     if s is None or s.closed:
                         missed.append(aid)
                     else:
@@ -155,20 +159,35 @@ class FileCoordinator:
         if address is None:
             return [(spec.source_agent, ErrorCode.FAILED, "no file server is registered")]
         members = [spec.source_agent, *spec.target_agents]
+        area_plan = None
+        if not spec.cross_area:
+            try:
+                area_plan = await plan_areas(self.db, spec.source_agent, source.cloud_id, list(spec.target_agents),
+                                             address, "")
+            except GseError as exc:
+                return [(spec.source_agent, ErrorCode.FAILED, f"the areas of the targets cannot be read: {exc}")]
+            if area_plan is not None:
+                members += area_plan.relay_members()
         try:
             reply = await self.peers.file(address).CreateTransfer(fpb.CreateTransferRequest(
                 transfer_id=spec.transfer_id, area=spec.area, members=members, timeout_seconds=spec.timeout_seconds,
-                max_rate=max(spec.upload_rate, spec.download_rate)), timeout=10, metadata=trace_metadata())
+                max_rate=max(spec.upload_rate, spec.download_rate), cross_area=spec.cross_area,
+                member_areas=area_plan.member_areas(spec.source_agent) if area_plan else {}), timeout=10,
+                metadata=trace_metadata())
         except grpc.aio.AioRpcError as exc:
             return [(spec.source_agent, ErrorCode.FAILED, f"file server {address}: {exc.code().name}: {exc.details()}")]
         timeout = spec.timeout_seconds or 3600
         t = Transfer(spec, address, dict(reply.tokens), reply.tracker_url, reply.rate_limit, reply.max_connections,
-                     time.monotonic() + timeout, request_id=current_trace().get("request_id", ""))
+                     time.monotonic() + timeout, plan=area_plan, request_id=current_trace().get("request_id", ""))
+        if area_plan is not None:
+            area_plan.fileserver, area_plan.tracker_url = address, reply.tracker_url
+        source_fs, source_tracker = area_plan.endpoint(area_plan.source_area) if area_plan else \
+            (address, reply.tracker_url)
         self.transfers[spec.transfer_id] = t
         source.send(apb.ServerFrame(file_source=apb.FileSource(
             task_id=spec.task_id, transfer_id=spec.transfer_id, store_dir=spec.source_dir,
-            file_name=spec.source_name, md5=spec.md5, user=spec.source_user, fileserver=address,
-            token=t.tokens[spec.source_agent], tracker_url=reply.tracker_url, direct_max=self.direct_max,
+            file_name=spec.source_name, md5=spec.md5, user=spec.source_user, fileserver=source_fs,
+            token=t.tokens[spec.source_agent], tracker_url=source_tracker, direct_max=self.direct_max,
             max_file_size=self.max_file_size, upload_rate=_cap(spec.upload_rate, t.rate),
             timeout_seconds=spec.timeout_seconds, keep_seeding=spec.keep_seeding,
             targets=len(spec.target_agents), coordinator=self.node_id,
@@ -215,6 +234,8 @@ class FileCoordinator:
             await self.end(t, terminated=True)
             return
         await self._write_items(t, lambda target, e: self._item(t, target, e))
+        if t.plan is not None:
+            await self._start_relays(t)
         if hashes:
             # The source seeds before the tracker knows its torrents, so its first announce is refused: ask it
             # to announce again now that they are registered.
@@ -238,11 +259,44 @@ class FileCoordinator:
         log.info("push started", extra={"transfer_id": spec.transfer_id, "targets": len(spec.target_agents)})
         return []
 
+    async def _start_relays(self, t: Transfer) -> None:
+        """Tell each area's relay proxy its part (area_files.py); the targets behind a relay that cannot be
+        reached cannot be reached either."""
+        p, spec = t.plan, t.spec
+        by_node: dict[str, list[str]] = {}
+        frames = {}
+        for area, rec in p.relays.items():
+            up_fs, up_tracker = p.upstream(area)
+            swarm = p.swarm_members(area, spec.source_agent, list(spec.target_agents))
+            frames[area] = apb.ServerFrame(relay_transfer=apb.RelayTransfer(
+                transfer_id=spec.transfer_id, task_id=spec.task_id, area=area, member=p.member(rec.node_id),
+                members={m: t.tokens[m] for m in swarm if m in t.tokens}, entries=t.entries,
+                upstream_fileserver=up_fs, upstream_tracker_url=up_tracker, timeout_seconds=spec.timeout_seconds,
+                rate=t.rate, max_connections=t.max_connections)).SerializeToString()
+            by_node.setdefault(rec.node, []).append(p.member(rec.node_id))
+        missed: set[str] = set()
+        for area, frame in frames.items():
+            rec = p.relays[area]
+            missed.update(await self._send(frame, {rec.node: [p.member(rec.node_id)]}))
+        lost_areas = {a for a, r in p.relays.items() if p.member(r.node_id) in missed}
+        for target in spec.target_agents:
+            if target not in p.unreachable:
+                way = [a for a in p.relays if p.relays[a].node_id in p.route(target)]
+                if set(way) & lost_areas:
+                    p.unreachable[target] = f"the proxy relaying into area {sorted(set(way) & lost_areas)[0]} " \
+                                            f"is not reachable now"
+        log.info("relays started", extra={"transfer_id": spec.transfer_id,
+                                          "relays": {a: r.node_id for a, r in p.relays.items()},
+                                          "unreached": len(missed)})
+
     async def _send_targets(self, t: Transfer) -> None:
-        """One FileTarget frame per run-as user to every target, wherever it is attached; the unreachable
-        ones are answered 117 at once."""
+        """One FileTarget frame per run-as user (and area) to every target, wherever it is attached; the
+        unreachable ones are answered 117 at once (65535 when no proxy can relay the file into their area)."""
         now = int(time.time() * 1000)
         spec = t.spec
+        if t.plan is not None:
+            await self._send_area_targets(t, now)
+            return
         frame = apb.ServerFrame(file_target=apb.FileTarget(
             task_id=spec.task_id, transfer_id=spec.transfer_id, coordinator=self.node_id, dest_dir=spec.dest_dir,
             dest_name=spec.dest_name, owner=spec.owner, permission=spec.permission, auto_mkdir=spec.auto_mkdir,
@@ -263,12 +317,49 @@ class FileCoordinator:
         t.targets_sent = True
         log.info("targets told", extra={"transfer_id": spec.transfer_id, "targets": len(spec.target_agents),
                                         "not_attached": len(missed)})
-        if missed:
-            ops = [FileResults.update(spec.task_id, aid, {
-                item_name(spec.task_index, e.index, progress=True): self._item(
-                    t, aid, e, status=ScriptStatus.FAILED, error_code=ErrorCode.AGENT_OFFLINE,
-                    error_msg="agent is offline", end_time=now) for e in t.entries}, self.ttl).op() for aid in missed]
-            await self.db.execute(ops)
+        await self._fail_targets(t, {aid: (ErrorCode.AGENT_OFFLINE, "agent is offline") for aid in missed}, now)
+
+    async def _fail_targets(self, t: Transfer, why: dict[str, tuple[int, str]], now: int) -> None:
+        if not why:
+            return
+        spec = t.spec
+        ops = [FileResults.update(spec.task_id, aid, {
+            item_name(spec.task_index, e.index, progress=True): self._item(
+                t, aid, e, status=ScriptStatus.FAILED, error_code=code, error_msg=msg, end_time=now)
+            for e in t.entries}, self.ttl).op() for aid, (code, msg) in why.items()]
+        await self.db.execute(ops)
+
+    async def _send_area_targets(self, t: Transfer, now: int) -> None:
+        """FileTarget frames per area swarm: each names the tracker and direct relay of its area and the
+        tokens of that swarm's targets only (they share the pieces out among themselves, area_files.py)."""
+        p, spec = t.plan, t.spec
+        users = dict(zip(spec.target_agents, spec.target_users))
+        groups: dict[tuple[int, str], dict[str, list[str]]] = {}
+        for node, ids in self._targets_by_node(t).items():
+            for aid in ids:
+                if aid not in p.unreachable:
+                    key = (p.target_area.get(aid, 0), users.get(aid, "root"))
+                    groups.setdefault(key, {}).setdefault(node, []).append(aid)
+        missed: list[str] = []
+        for (area, user), by_node in groups.items():
+            fileserver, tracker_url = p.endpoint(area)
+            swarm = [a for ids in by_node.values() for a in ids]
+            swarm_all = [a for a in spec.target_agents if p.target_area.get(a, 0) == area and a not in p.unreachable]
+            frame = apb.ServerFrame(file_target=apb.FileTarget(
+                task_id=spec.task_id, transfer_id=spec.transfer_id, coordinator=self.node_id, dest_dir=spec.dest_dir,
+                dest_name=spec.dest_name, owner=spec.owner, permission=spec.permission, auto_mkdir=spec.auto_mkdir,
+                entries=t.entries, fileserver=fileserver, tracker_url=tracker_url,
+                tokens={a: t.tokens[a] for a in swarm_all}, download_rate=_cap(spec.download_rate, t.rate),
+                upload_rate=_cap(spec.upload_rate, t.rate), timeout_seconds=spec.timeout_seconds,
+                source_agent_id=spec.source_agent, source_dir=t.source_dir, max_connections=t.max_connections,
+                task_index=spec.task_index, user=user, request_id=t.request_id)).SerializeToString()
+            missed += await self._send(frame, by_node)
+            log.info("targets sent", extra={"transfer_id": spec.transfer_id, "area": area, "targets": len(swarm),
+                                            "via": " > ".join(p.route(swarm[0])) if swarm else ""})
+        t.targets_sent = True
+        why = {aid: (ErrorCode.AGENT_OFFLINE, "agent is offline") for aid in missed}
+        why.update({aid: (ErrorCode.FAILED, msg) for aid, msg in p.unreachable.items()})
+        await self._fail_targets(t, why, now)
 
     def on_need_direct(self, transfer_id: str, index: int) -> bool:
         """NeedDirect: a target's BitTorrent keeps failing for entry `index`, so the source is asked (once per entry)
@@ -314,6 +405,9 @@ class FileCoordinator:
         by_node = self._targets_by_node(t)
         if t.spec.source_agent:
             by_node.setdefault(self.node_id, []).append(t.spec.source_agent)
+        if t.plan is not None:          # the relays drop the transfer too (they keep the file in their cache)
+            for rec in t.plan.relays.values():
+                by_node.setdefault(rec.node, []).append(t.plan.member(rec.node_id))
         await self._send(frame, by_node)
         if t.fileserver:
             try:
