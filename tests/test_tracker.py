@@ -118,6 +118,27 @@ async def test_tracker_compact_peers_scoped_by_transfer_and_area(tracker):
     assert {(p[b"ip"], p[b"port"]) for p in plain[b"peers"]} == {(b"10.0.0.1", 6001), (b"10.0.0.3", 6003)}
 
 
+async def test_tracker_never_introduces_members_of_different_areas_unless_the_transfer_may_cross(tracker):
+    """One transfer whose members are of two areas (a source and a relay proxy in area 0, hosts of area 1):
+    each member learns only the members of its own area; a transfer allowed to cross areas introduces all."""
+    members = {"src", "relay", "h1", "h2"}
+    addresses = {"src": "10.0.0.1", "relay": "10.0.0.9", "h1": "10.1.0.1", "h2": "10.1.0.2"}
+    areas = {"h1": 1, "h2": 1}
+    t = tracker.register_transfer("t/a", HASH_A, 0, members, addresses=addresses, areas=areas)
+    for m, port in (("src", 6001), ("relay", 6009), ("h1", 6101), ("h2", 6102)):
+        await announce(tracker, HASH_A, t[m], port, event="started", left=0 if m == "src" else 100)
+    assert compact_peers(await announce(tracker, HASH_A, t["h1"], 6101)) == {("10.1.0.2", 6102)}
+    assert compact_peers(await announce(tracker, HASH_A, t["relay"], 6009)) == {("10.0.0.1", 6001)}
+    assert compact_peers(await announce(tracker, HASH_A, t["src"], 6001, left=0)) == {("10.0.0.9", 6009)}
+
+    crossing = tracker.register_transfer("t/b", HASH_B, 0, members, addresses=addresses, areas=areas,
+                                         cross_area=True)
+    for m, port in (("src", 7001), ("h1", 7101), ("h2", 7102)):
+        await announce(tracker, HASH_B, crossing[m], port, event="started", left=0 if m == "src" else 100)
+    assert compact_peers(await announce(tracker, HASH_B, crossing["h1"], 7101)) == \
+        {("10.0.0.1", 7001), ("10.1.0.2", 7102)}
+
+
 async def test_tracker_refuses_unknown_info_hash(tracker):
     tokens = tracker.register_transfer("t", HASH_A, 0, {"a"})
     reply = await announce(tracker, HASH_B, tokens["a"], 6001, event="started")
