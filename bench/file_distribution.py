@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 from gse.cli import api_call  # noqa: E402
 from gse.common.tls import init_certs  # noqa: E402
 from gse.devcluster import Cluster, free_port, wait_for  # noqa: E402
+from gse.devnet import in_namespace, tbf  # noqa: E402
 
 BRIDGE = "gsebr0"
 SERVER_IP = "198.18.0.1"
@@ -91,9 +92,8 @@ class Network:
         sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{host_ip(i)}/16", "dev", "eth0")
         sh("ip", "netns", "exec", ns, "ip", "link", "set", "eth0", "up")
         sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        tbf = ["tbf", "rate", f"{self.rate}mbit", "burst", "256kb", "latency", "50ms"]
-        sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", *tbf)   # host's upload
-        sh("tc", "qdisc", "add", "dev", outer, "root", *tbf)                                 # host's download
+        sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", *tbf(self.rate))   # host's upload
+        sh("tc", "qdisc", "add", "dev", outer, "root", *tbf(self.rate))                                 # host's download
         return ns
 
     @staticmethod
@@ -176,10 +176,7 @@ class LinkSampler:
 
 def in_host(ns: str, cmd: list[str], private_dest: bool = False) -> list[str]:
     """The command line that runs `cmd` in host namespace `ns` (with a private tmpfs at DEST)."""
-    if not private_dest:
-        return ["ip", "netns", "exec", ns, *cmd]
-    script = f"mount -t tmpfs -o size=1g gsebench {DEST} && exec \"$@\""
-    return ["ip", "netns", "exec", ns, "unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *cmd]
+    return in_namespace(ns, cmd, DEST if private_dest else "")
 
 
 def run_ours(n: int, size: int, src_path: str, rate: int, work: str, mtu: int = 1500,

@@ -243,29 +243,45 @@ class Cluster:
             "metrics": {"host": "127.0.0.1", "port": metrics_port},
         }
 
-    def _daemon(self, kind: str, name: str, config: dict, extra: dict | None = None) -> Proc:
+    def _daemon(self, kind: str, name: str, config: dict, extra: dict | None = None, netns: str = "",
+                private_mount: str = "") -> Proc:
+        """Write the config and start the daemon; in network namespace `netns` when given (gse/devnet.py:
+        with a private tmpfs at `private_mount`); its /healthz is then read from inside that namespace."""
         path = self.base / "conf" / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         cmd = [sys.executable, "-m", f"gse.{kind}", "--config", str(path)]
-        info = {"config": str(path), "metrics_port": config["metrics"]["port"], **(extra or {})}
+        if netns:
+            from gse.devnet import in_namespace
+            cmd = in_namespace(netns, cmd, private_mount)
+        info = {"config": str(path), "metrics_port": config["metrics"]["port"], "netns": netns,
+                "metrics_host": config["metrics"].get("host", "127.0.0.1"), **(extra or {})}
         proc = self._spawn(name, kind, cmd, info)
         return proc
 
     def wait_healthy(self, proc: Proc, timeout: float = 30.0) -> Proc:
-        port = proc.info["metrics_port"]
-        wait_for(lambda: _http_ok(f"http://127.0.0.1:{port}/healthz"), timeout, f"{proc.name} to be healthy",
-                 proc=proc)
+        wait_for(lambda: self._health(proc)[0] == 200, timeout, f"{proc.name} to be healthy", proc=proc,
+                 interval=0.05 if not proc.info.get("netns") else 0.3)
         return proc
+
+    def _health(self, proc: Proc) -> tuple[int, dict]:
+        url = f"http://{proc.info.get('metrics_host', '127.0.0.1')}:{proc.info['metrics_port']}/healthz"
+        if proc.info.get("netns"):
+            code = ("import json,sys,urllib.request,urllib.error\ntry:\n    r=urllib.request.urlopen(sys.argv[1],"
+                    "timeout=5); print(r.status); print(r.read().decode())\nexcept urllib.error.HTTPError as e:\n"
+                    "    print(e.code); print(e.read().decode())\n")
+            out = subprocess.run(["ip", "netns", "exec", proc.info["netns"], sys.executable, "-c", code, url],
+                                 capture_output=True, text=True, timeout=15).stdout.split("\n", 1)
+            return int(out[0]), json.loads(out[1])
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
 
     def healthz(self, proc: Proc) -> dict:
         """The /healthz document of a daemon, healthy or not (for a task server run as workers: the
         supervisor's, listing every worker with its pid, node id, restarts and own health)."""
-        url = f"http://127.0.0.1:{proc.info['metrics_port']}/healthz"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as exc:
-            return json.loads(exc.read())
+        return self._health(proc)[1]
 
     def start_dbproxy(self, replicas: int = 2, name: str | None = None, wait: bool = True, **overrides) -> Proc:
         if self.zookeeper is None or not self.redis:
@@ -382,9 +398,10 @@ class Cluster:
         return name
 
     def start_proxy(self, area: int, name: str | None = None, wait: bool = True, upstream: list[str] | None = None,
-                    host: str = "127.0.0.1", port: int | None = None, **overrides) -> Proc:
+                    host: str = "127.0.0.1", port: int | None = None, netns: str = "", **overrides) -> Proc:
         """A proxy of `area` relaying upstream to `upstream` (default: every task server; for a cascaded area,
-        the addresses of its parent area's proxies)."""
+        the addresses of its parent area's proxies); in network namespace `netns` if given (gse/devnet.py:
+        then `host` is its address there, and its ports are taken as free in the root namespace)."""
         port, mport = port or free_port(host), free_port()
         name = name or f"proxy-{area}{chr(ord('a') + sum(p.info['area'] == area for p in self.proxies))}"
         data = {"port": free_port(host), **overrides.pop("data", {})}
@@ -397,7 +414,11 @@ class Cluster:
                             "reconnect_base_s": 0.5, "reconnect_max_s": 5.0},
                **overrides}
         cfg["tls"]["server_name"] = "gse-server"
-        proc = self._daemon("proxy", name, cfg, {"address": f"{host}:{port}", "area": area, "node_id": name})
+        if netns:
+            cfg["metrics"]["host"] = host
+        advertise = cfg.get("advertise_host") or host
+        proc = self._daemon("proxy", name, cfg, {"address": f"{advertise}:{port}", "area": area, "node_id": name},
+                            netns=netns)
         self.proxies.append(proc)
         return self.wait_healthy(proc) if wait else proc
 
@@ -485,7 +506,7 @@ class Cluster:
         }
 
     def start_agent(self, index: int | None = None, ip: str | None = None, wait: bool = True,
-                    config: dict | None = None, **overrides) -> Proc:
+                    config: dict | None = None, netns: str = "", private_mount: str = "", **overrides) -> Proc:
         index = len(self.agents) + 1 if index is None else index
         ip = ip or f"127.0.0.{10 + index}"
         cfg = config or self.agent_config(index, ip, **overrides)
@@ -493,8 +514,11 @@ class Cluster:
             self.zk_put_config("agent_auth", {"shared_certificate": True})
             self._shared_on = True
         name = f"agent-{index}"
+        if netns:
+            cfg["metrics"]["host"] = ip
         proc = self._daemon("agent", name, cfg, {"ip": ip, "data_dir": cfg["data_dir"], "run_dir": cfg["run_dir"],
-                                                 "bk_cloud_id": cfg.get("cloud_id", 0)})
+                                                 "bk_cloud_id": cfg.get("cloud_id", 0)}, netns=netns,
+                            private_mount=private_mount)
         self.agents.append(proc)
         if wait:
             self.wait_healthy(proc)
