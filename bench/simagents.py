@@ -97,7 +97,7 @@ class SimAgent:
     """One simulated agent; also its link's handler (framelink calls link_open / link_frame / link_lost)."""
 
     def __init__(self, i: int, tag: str, servers: list[str], identity: Identity, stats: Stats, heartbeat_s: float,
-                 bind: bool, token: str = ""):
+                 bind: bool, token: str = "", cloud_id: int = 0, server_name: str = ""):
         self.i = i
         self.id = agent_id(tag, i)
         self.ip = agent_ip(i)
@@ -113,7 +113,8 @@ class SimAgent:
         self.seen: set[str] = set()                  # task ids answered (a task delivered twice runs once)
         self.unacked: dict[tuple[str, int], pb.TaskReport] = {}   # as the real agent: kept until acknowledged
         self.spread_s = 0.0
-        self.hello_fields = dict(agent_id=self.id, cloud_id=0, ip=self.ip, hostname=f"sim-{i}", os="linux",
+        self.server_name = server_name          # "" = the dialled host
+        self.hello_fields = dict(agent_id=self.id, cloud_id=cloud_id, ip=self.ip, hostname=f"sim-{i}", os="linux",
                                  arch="x86_64", version="0.1.0-sim", run_mode=1,
                                  start_time_ms=int(time.time() * 1000), boot_id=random.getrandbits(62))
         self.host_every = 1
@@ -192,7 +193,7 @@ class SimAgent:
         self.first, self.gone = loop.create_future(), loop.create_future()
         started = 0.0
         try:
-            self.link = await framelink.dial(self.ctx, host, port, self, server_hostname=host,
+            self.link = await framelink.dial(self.ctx, host, port, self, server_hostname=self.server_name or host,
                                              local_ip=self.ip if self.bind else "", timeout=30)
             self.link.write(self.hello(redirects))
             first = await asyncio.wait_for(self.first, 30)
@@ -362,7 +363,7 @@ async def main_async(args) -> None:
     if identity.mode == "enroll" and len(tokens) < args.count:
         raise SystemExit(f"--tokens: {len(tokens)} tokens for {args.count} agents")
     agents = [SimAgent(i, args.tag, servers, identity, stats, args.heartbeat, not args.no_bind,
-                       tokens[k] if tokens else "")
+                       tokens[k] if tokens else "", args.cloud_id, args.server_name)
               for k, i in enumerate(range(args.first, args.first + args.count))]
     tasks = []
     stop = asyncio.Event()
@@ -428,10 +429,13 @@ def prepare(c, n: int, workers: int, tag: str, directory: str, mode: str = "issu
 
 
 def spawn_workers(n: int, workers: int, server: str, certs: str, tag: str, log_dir: str,
-                  heartbeat: float = 10.0, ramp_rate: float = 0.0, identities: list[dict] | None = None) -> list:
+                  heartbeat: float = 10.0, ramp_rate: float = 0.0, identities: list[dict] | None = None,
+                  cloud_id: int = 0, wrap: list[str] | tuple = (), server_name: str = "") -> list:
     """Start `workers` processes holding `n` simulated agents between them (ids and ips from `tag`);
     `ramp_rate`: agents started per second over all workers (0: each worker's default, 1,000/s);
-    `identities`: what `prepare` made (default: the shared certificate)."""
+    `identities`: what `prepare` made (default: the shared certificate); `cloud_id`: their area (they dial
+    its proxies); `wrap`: a command prefix (e.g. `ip netns exec NS`: then they connect from that namespace's
+    address, not from their own 127.x ones); `server_name`: the name checked in the server's certificate."""
     import subprocess
     per = (n + workers - 1) // workers
     procs = []
@@ -444,7 +448,9 @@ def spawn_workers(n: int, workers: int, server: str, certs: str, tag: str, log_d
             + (["--tokens", ident["tokens"]] if "tokens" in ident else [])
         log = open(os.path.join(log_dir, f"worker-{w}.log"), "w")
         procs.append(subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--servers", server, "--certs", certs, "--count", str(count),
+            [*wrap, sys.executable, os.path.abspath(__file__), "--servers", server, "--certs", certs,
+             "--count", str(count), "--cloud-id", str(cloud_id), *(["--no-bind"] if wrap else []),
+             *(["--server-name", server_name] if server_name else []),
              "--first", str(w * per), "--tag", tag, "--heartbeat", str(heartbeat), "--report-s", "5", *extra,
              *(["--ramp-batch", "10", "--ramp-pause", str(10 * workers / ramp_rate)] if ramp_rate > 0 else [])],
             stdout=log, stderr=subprocess.STDOUT))
@@ -488,6 +494,10 @@ def parse(argv=None):
     p.add_argument("--ramp-pause", type=float, default=0.05)
     p.add_argument("--report-s", type=float, default=1.0)
     p.add_argument("--no-bind", action="store_true", help="connect from 127.0.0.1 instead of per-agent addresses")
+    p.add_argument("--cloud-id", type=int, default=0, help="the agents' area (bk_cloud_id); N > 0: --servers are "
+                   "that area's proxies")
+    p.add_argument("--server-name", default="", help="name checked in the server's certificate (default: the host "
+                   "dialled)")
     return p.parse_args(argv)
 
 

@@ -144,7 +144,7 @@ async def test_data_and_dispatch_message_through_the_proxy(area_net):
     import redis
     from aiohttp import web
 
-    from gse.agent.ipc_client import MessageClient, ReportClient
+    from gse.testing.plugin import MessageClient, ReportClient
     from test_data_flow import add_route, add_streamto, to_redis, wait_routes
 
     c = area_net["c"]

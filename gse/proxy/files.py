@@ -173,6 +173,14 @@ class FileRelay:
         return {"tracker_url": self.tracker_url, "transfers": len(self.relayed),
                 "cached_bytes": self._cache_bytes()}
 
+    async def run(self) -> None:
+        """End relayed transfers nobody ended (their coordinator went away): after their timeout."""
+        while True:
+            await asyncio.sleep(10)
+            self.service.expire()
+            for tid in [t for t in self.relayed if t not in self.service.transfers]:
+                await self._guard(self.end(tid))
+
     # ---- transfers ------------------------------------------------------------------------------------
 
     def on_control(self, frame: apb.ServerFrame) -> None:
@@ -305,7 +313,8 @@ class FileRelay:
         """A member fetches entry `index`: have it fetched from upstream once (unless it is here, or comes from
         a source inside the area)."""
         st = self.relayed.get(transfer_id)
-        if st is None or not st.msg.upstream_fileserver or index in st.fetchers or index in st.uploads:
+        if st is None or not st.msg.upstream_fileserver or st.msg.source_inside or index in st.fetchers \
+                or index in st.uploads:
             return
         t = self.service.transfers.get(transfer_id)
         if t is None:

@@ -165,7 +165,7 @@ class ProxyService(Service):
         log.info("proxy serving", extra={"area": c.area, "agent_port": self.agent_port, "node_id": self.node_id})
 
     async def run(self) -> None:
-        await asyncio.gather(self.reach.run(), self._report_load())
+        await asyncio.gather(self.reach.run(), self._report_load(), *([self.files.run()] if self.files else []))
 
     async def _report_load(self) -> None:
         while True:

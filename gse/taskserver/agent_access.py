@@ -206,6 +206,9 @@ class AgentAccess:
                 link.transport.resume_reading()
                 if link.session is not None:
                     link.session.last_seen = now        # it was silent because we did not read it
+                    for rl in getattr(link.session, "agents", {}).values():     # a proxy's: its agents too
+                        if rl.session is not None:
+                            rl.session.last_seen = now
         self.paused.clear()
 
     def _refuse(self, link, reason: str, label: str, code: str = "") -> None:

@@ -272,7 +272,8 @@ class FileCoordinator:
                 transfer_id=spec.transfer_id, task_id=spec.task_id, area=area, member=p.member(rec.node_id),
                 members={m: t.tokens[m] for m in swarm if m in t.tokens}, entries=t.entries,
                 upstream_fileserver=up_fs, upstream_tracker_url=up_tracker, timeout_seconds=spec.timeout_seconds,
-                rate=t.rate, max_connections=t.max_connections)).SerializeToString()
+                rate=t.rate, max_connections=t.max_connections,
+                source_inside=p.source_area == area)).SerializeToString()
             by_node.setdefault(rec.node, []).append(p.member(rec.node_id))
         missed: set[str] = set()
         for area, frame in frames.items():
