@@ -48,7 +48,7 @@ DBPROXY_PORT = 58859
 APISERVER_PORT = 50002
 DATASERVER_PORT = 58625
 PROCMGR_PORT = 50000
-PROXY_AGENT_PORT, PROXY_DATA_PORT = 28668, 28625      # spec section 12 (GSE 2.0's)
+PROXY_AGENT_PORT, PROXY_DATA_PORT, PROXY_FILE_PORT = 28668, 28625, 28925      # spec section 12 (GSE 2.0's)
 
 
 def sample_names() -> list[str]:
@@ -116,7 +116,9 @@ def test_deploy_sample_ports_match_the_spec():
     assert load_sample("dataserver").port == DATASERVER_PORT
     assert load_sample("procmgr").port == PROCMGR_PORT
     proxy = load_sample("proxy")
-    assert (proxy.agent_port, proxy.data.port) == (PROXY_AGENT_PORT, PROXY_DATA_PORT)
+    assert (proxy.agent_port, proxy.data.port, proxy.files.port) == (PROXY_AGENT_PORT, PROXY_DATA_PORT,
+                                                                     PROXY_FILE_PORT)
+    assert (proxy.files.tracker_port, proxy.files.bt_port) == (20030, 20020)
     agent = load_sample("agent")
     assert agent.servers and all(s.endswith(f":{TASKSERVER_AGENT_PORT}") for s in agent.servers)
 
