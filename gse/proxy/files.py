@@ -32,6 +32,7 @@ from prometheus_client import Counter, Gauge
 
 from gse.agent.torrent import TorrentError, TorrentSession
 from gse.common import rpc
+from gse.common.aio import spawn
 from gse.common.address import join_host_port
 from gse.common.config import ConfigError
 from gse.fileserver.server import FileServerConfig, FileService
@@ -186,9 +187,9 @@ class FileRelay:
     def on_control(self, frame: apb.ServerFrame) -> None:
         kind = frame.WhichOneof("body")
         if kind == "relay_transfer":
-            asyncio.ensure_future(self._guard(self.relay(frame.relay_transfer)))
+            spawn(self._guard(self.relay(frame.relay_transfer)), "relaying a transfer")
         elif kind == "end_transfer":
-            asyncio.ensure_future(self._guard(self.end(frame.end_transfer.transfer_id)))
+            spawn(self._guard(self.end(frame.end_transfer.transfer_id)), "ending a relayed transfer")
 
     async def _guard(self, coro) -> None:
         try:
@@ -245,7 +246,7 @@ class FileRelay:
         except TorrentError as exc:
             log.warning("relay torrent not added", extra={"transfer_id": msg.transfer_id, "error": str(exc)})
             return
-        asyncio.ensure_future(self._guard(self._cached_when_complete(tor, ih)))
+        spawn(self._guard(self._cached_when_complete(tor, ih)), "caching a relayed file")
 
     async def _cached_when_complete(self, tor, ih: bytes) -> None:
         try:
@@ -322,7 +323,7 @@ class FileRelay:
         blob = t.blob(index)
         if blob.complete:
             return
-        st.fetchers[index] = asyncio.ensure_future(self._guard(self._fetch(st, t, index)))
+        st.fetchers[index] = spawn(self._guard(self._fetch(st, t, index)), "fetching a direct entry")
 
     async def _fetch(self, st: _Relayed, t, index: int) -> None:
         msg = st.msg
@@ -360,7 +361,7 @@ class FileRelay:
         blob = t.blob(index)
         if blob.complete:
             st.uploads.add(index)
-            asyncio.ensure_future(self._guard(self._upload(st, blob, index)))
+            spawn(self._guard(self._upload(st, blob, index)), "forwarding an upload")
 
     async def _upload(self, st: _Relayed, blob, index: int) -> None:
         msg = st.msg
