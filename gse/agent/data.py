@@ -302,9 +302,15 @@ class DataPipeline:
             return pb.DataBatch(batch_id=batch_id, data_id=data_id, records=records,
                                 arrival_ms=ob.arrival).SerializeToString()
 
-        self.spool.append(payload, len(records))
+        self.enqueue(payload, len(records))
+
+    def enqueue(self, payload: Callable[[int], bytes], count: int) -> int:
+        """Append one batch to the spool and wake the sender: `payload(batch_id)` gives the serialized DataBatch,
+        `count` its records. Returns the batch id. The first batch also opens the first stream."""
+        batch_id, _ = self.spool.append(payload, count)
         self._wake.set()
         self._has_data.set()
+        return batch_id
 
     # ---- data server view and balancing -----------------------------------------------------------
 

@@ -88,6 +88,8 @@ class Lane(DataPipeline):
     async def start(self) -> None:
         self.spool.open()
         self.cursor = self.spool.first_pending() or self.spool.next_id
+        if self.spool.first_pending() is not None:
+            self._has_data.set()                        # batches kept from before a crash go first
         coros = [self._send_loop(), self._respread_loop()]
         if self.cfg.spool_fsync_interval_s > 0:
             coros.append(self._fsync_loop())
@@ -275,10 +277,9 @@ class DataRelay:
                                 arrival_ms=batch.arrival_ms, agent_id=agent_id, cloud_id=cloud, ip=ip,
                                 origin_batch_id=batch.batch_id).SerializeToString()
 
-        bid, _ = lane.spool.append(payload, len(batch.records))
+        bid = lane.enqueue(payload, len(batch.records))
         lane.owner[bid] = key
         self.held[key] = (lane, bid)
-        lane._wake.set()
         TAKEN.labels("taken").inc()
         PENDING.set(len(self.held))
 
@@ -290,9 +291,8 @@ class DataRelay:
             return pb.DataBatch(batch_id=bid, data_id=data_id, records=records, arrival_ms=int(time.time() * 1000),
                                 agent_id=self.node_id, cloud_id=self.area, ip=self.ip).SerializeToString()
 
-        bid, _ = lane.spool.append(payload, len(records))
+        bid = lane.enqueue(payload, len(records))
         lane.owner[bid] = (self.node_id, 0)
-        lane._wake.set()
 
     # ---- out -----------------------------------------------------------------------------------------------
 

@@ -105,16 +105,20 @@ class ProxyService(Service):
                              hostname=socket.gethostname())
 
     def health(self):
-        up = self.access is not None and bool(self.access.live)
+        """/healthz: up once an upstream link is live; the detail names the agent, data and file addresses the
+        area's agents are told, with each relay's own figures (before start: only the names)."""
         detail = {"service": self.name, "node_id": self.node_id, "area": self.config.area}
-        if self.access is not None:
-            detail.update(self.access.health())
+        if self.access is None:
+            return False, detail
+        up = bool(self.access.live)
+        detail.update(self.access.health())
+        hello = self.access.proxy_hello
         if self.data is not None:
-            detail["data"] = {"address": self.access.proxy_hello.data_address, **self.data.health()}
+            detail["data"] = {"address": hello.data_address, **self.data.health()}
         if self.reach is not None:
             detail["ping"] = self.reach.health()
         if self.files is not None:
-            detail["files"] = {"address": self.access.proxy_hello.file_address, **self.files.health()}
+            detail["files"] = {"address": hello.file_address, **self.files.health()}
         return up, detail
 
     def _registration(self) -> dict:
