@@ -16,6 +16,9 @@ from gse.common.errors import ErrorCode, ScriptStatus
 
 
 def api_call(url: str, app_code: str, app_secret: str, path: str, body: dict, timeout: float = 10.0) -> dict:
+    """POST `body` as JSON to `url` + `path` with the X-Bkapi-Authorization header of `app_code`/`app_secret` (spec
+    section 1) and return the decoded envelope, also when the HTTP status is an error (401 carries one too). A
+    connection failure raises urllib.error.URLError; a body that is not JSON, ValueError."""
     req = urllib.request.Request(
         url.rstrip("/") + path, data=json.dumps(body).encode(), method="POST",
         headers={"Content-Type": "application/json",
@@ -33,6 +36,10 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def cmd_dev_up(args) -> int:
+    """`gse dev up`: start a whole local cluster in `--dir` (replacing one a detached run left there), wait until
+    every agent shows status 2 in list_agent_state, write cluster.json and print the daemons, the agents, an example
+    API call and a demo task; then keep it up until Ctrl-C or SIGTERM (or return at once with `--detach`). Exit status
+    1, with the logs' tails, when something does not come up."""
     from gse.devcluster import Cluster, ClusterError, stop_from_description, wait_for
 
     base = Path(args.dir)
@@ -147,6 +154,8 @@ def demo_task(url: str, code: str, secret: str, ids: list[str]) -> None:
 
 
 def cmd_dev_down(args) -> int:
+    """`gse dev down`: stop what a detached `gse dev up` started in `--dir` (from its cluster.json) and remove the
+    description; 0 also when there is nothing to stop."""
     from gse.devcluster import stop_from_description
 
     desc = Path(args.dir) / "cluster.json"
@@ -175,6 +184,7 @@ class Api:
         self.url, self.code, self.secret = url, code, secret
 
     def call(self, path: str, body: dict) -> dict:
+        """POST one API request (`path` under the API URL, 60 s timeout) and return its envelope."""
         return api_call(self.url, self.code, self.secret, path, body, timeout=60)
 
 
@@ -449,6 +459,8 @@ def _proc_line(op: int, item: dict) -> str:
 
 
 def cmd_data_top(args) -> int:
+    """`gse data top`: the data servers' figures per DataID and output (gse/datatop.py), found through `--zookeeper`
+    or the local cluster's cluster.json; 0 on Ctrl-C. SystemExit when neither names ZooKeeper."""
     from gse import datatop
     hosts, root = args.zookeeper, args.root
     if not hosts:
@@ -464,6 +476,8 @@ def cmd_data_top(args) -> int:
 
 
 def cmd_package_agent(args) -> int:
+    """`gse package agent`: build the agent tarball (gse/package.py) into `--out` and print its path, sha256, size and
+    the register_agent_package call that offers it to operate_agent upgrades (spec section 11)."""
     from gse import package
     path, sha = package.build(args.out, args.version or None, args.compress_level)
     size = path.stat().st_size
@@ -483,6 +497,8 @@ def _api_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `gse`: certs, dev up/down, run, push, proc, data top and package agent, each
+    subcommand's handler in `func`."""
     p = argparse.ArgumentParser(prog="gse", description="GSE operator command")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -556,6 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Entry point of the `gse` console script: what follows `--` is the command of `gse run`; returns the exit status
+    of the subcommand."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command: list[str] = []
     if "--" in argv:

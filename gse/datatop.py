@@ -30,6 +30,8 @@ class Scrape:
 
 
 def scrape(node: str, address: str, timeout: float = 5.0) -> Scrape:
+    """Read one data server's /metrics at `address` (host:port) and keep its gse_dataserver_* samples, stamped with
+    the monotonic time; an unreachable server gives a Scrape whose `error` says why (never raises OSError)."""
     s = Scrape(node, time.monotonic())
     try:
         with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout) as r:
@@ -140,6 +142,8 @@ def _fmt(v, digits: int = 1) -> str:
 
 
 def render(fig: dict, interval: float) -> str:
+    """The text screen of `figures()`: one table of servers, one per DataID (rates per second, bytes per second,
+    latency in ms), one per output; `interval` (seconds) is only named in the heading."""
     lines = [f"gse data top: {len(fig['servers'])} data server(s), rates over {interval:g} s"]
     rows = [["server", "agent streams", "records/s in"]]
     for s in fig["servers"]:
@@ -185,6 +189,9 @@ def dataservers_from_zookeeper(hosts: str, root: str) -> dict[str, str]:
 
 
 def run(servers: dict[str, str], interval: float, once: bool, as_json: bool = False, out=sys.stdout) -> int:
+    """Scrape `servers` (node -> metrics host:port) every `interval` seconds and print the figures of each interval to
+    `out` (JSON lines with `as_json`; the screen is cleared between rounds on a terminal); one round with `once`.
+    Returns 0, or 1 when there is no data server."""
     if not servers:
         print("gse data top: no data server found", file=sys.stderr)
         return 1

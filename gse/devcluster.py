@@ -28,10 +28,12 @@ ZK_CLASSPATH = "/usr/share/java/zookeeper.jar:/usr/share/java/zookeeper-jute.jar
 
 
 class ClusterError(RuntimeError):
-    pass
+    """A process of the local cluster could not start, exited early, or did not become ready in time."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (bound to port 0 and released: checked, not reserved, so another process may take
+    it before it is used)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -54,6 +56,9 @@ def free_ports(n: int, host: str = "127.0.0.1") -> int:
 
 
 def wait_for(pred, timeout: float, what: str, interval: float = 0.05, proc: "Proc | None" = None):
+    """Call `pred()` every `interval` seconds until it returns something truthy, and return that; an exception from
+    `pred` counts as not ready. Raises ClusterError after `timeout` seconds, or at once when `proc` exits meanwhile
+    (both with `proc`'s log tail)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -73,6 +78,9 @@ def wait_for(pred, timeout: float, what: str, interval: float = 0.05, proc: "Pro
 
 @dataclass
 class Proc:
+    """A process this cluster started: `name` (also its log's name), `kind` (the gse module, or redis, zookeeper,
+    kafka), its Popen, its log file (stdout and stderr) and `info` (addresses, ports, config path, agent id: what
+    cluster.json shows)."""
     name: str
     kind: str
     popen: subprocess.Popen
@@ -81,12 +89,15 @@ class Proc:
 
     @property
     def pid(self) -> int:
+        """The OS pid."""
         return self.popen.pid
 
     def alive(self) -> bool:
+        """True while the process has not exited (a non-blocking poll)."""
         return self.popen.poll() is None
 
     def log_tail(self, lines: int = 40) -> str:
+        """The last `lines` lines of its log under a header naming the file; a note when there is no log."""
         try:
             text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
         except OSError:
@@ -94,10 +105,13 @@ class Proc:
         return f"--- last lines of {self.log_path} ---\n" + "\n".join(text)
 
     def signal(self, sig: int) -> None:
+        """Send `sig` to the process if it still runs."""
         if self.alive():
             os.kill(self.pid, sig)
 
     def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM (the daemons' graceful stop), then SIGKILL if it has not exited after `timeout` seconds; nothing
+        when it is gone already."""
         if not self.alive():
             return
         self.signal(signal.SIGTERM)
@@ -107,6 +121,7 @@ class Proc:
             self.kill()
 
     def kill(self) -> None:
+        """SIGKILL and reap it (waits up to 10 s); nothing when it is gone already."""
         if self.alive():
             self.popen.kill()
             self.popen.wait(10)
@@ -181,6 +196,9 @@ class Cluster:
     # ---- infrastructure ---------------------------------------------------------------------------
 
     def start_zookeeper(self, port: int | None = None, name: str = "zookeeper") -> Proc:
+        """A standalone ZooKeeper (the system's zookeeper package, 256 MiB heap, tick 500 ms) on loopback `port`
+        (default: a free one); waits up to 60 s for 'imok' and sets `self.zookeeper`. Raises ClusterError when
+        ZooKeeper is not installed or does not come up."""
         if not Path("/usr/share/java/zookeeper.jar").exists():
             raise ClusterError("ZooKeeper is not installed (apt-get install zookeeper; 'make setup' does it)")
         port = port or free_port()
@@ -259,6 +277,8 @@ class Cluster:
         return proc
 
     def wait_healthy(self, proc: Proc, timeout: float = 30.0) -> Proc:
+        """Wait until `proc`'s /healthz answers 200 (read from inside its network namespace when it has one) and
+        return `proc`; ClusterError after `timeout` seconds or when it exits first."""
         wait_for(lambda: self._health(proc)[0] == 200, timeout, f"{proc.name} to be healthy", proc=proc,
                  interval=0.05 if not proc.info.get("netns") else 0.3)
         return proc
@@ -284,6 +304,8 @@ class Cluster:
         return self._health(proc)[1]
 
     def start_dbproxy(self, replicas: int = 2, name: str | None = None, wait: bool = True, **overrides) -> Proc:
+        """A dbproxy over every Redis node started so far, keeping `replicas` copies of each key; `overrides` replace
+        config keys. Raises ClusterError unless ZooKeeper and Redis run."""
         if self.zookeeper is None or not self.redis:
             raise ClusterError("start ZooKeeper and Redis first")
         port, mport = free_port(), free_port()
@@ -312,6 +334,8 @@ class Cluster:
         return self.wait_healthy(proc, timeout=max(30.0, 15.0 * workers)) if wait else proc
 
     def start_apiserver(self, name: str | None = None, wait: bool = True, **overrides) -> Proc:
+        """An API server (the HTTP API of spec sections 1-4 and 8-12) accepting this cluster's app code and secret;
+        `info['url']` is its base URL, `overrides` replace config keys."""
         port, mport = free_port(), free_port()
         name = name or f"apiserver-{len(self.apiservers) + 1}"
         cfg = {**self._common(mport, cert="api"), "host": "127.0.0.1", "port": port,
@@ -321,6 +345,8 @@ class Cluster:
         return self.wait_healthy(proc) if wait else proc
 
     def start_fileserver(self, name: str | None = None, wait: bool = True, **overrides) -> Proc:
+        """A file server and its BitTorrent tracker (announce every 2 s), data under `<base>/<name>`; `info` holds its
+        control address and tracker URL."""
         port, tport, mport = free_port(), free_port(), free_port()
         name = name or f"fileserver-{len(self.fileservers) + 1}"
         cfg = {**self._common(mport), "host": "127.0.0.1", "port": port, "tracker_port": tport,
@@ -358,6 +384,8 @@ class Cluster:
 
     def start_dataserver(self, name: str | None = None, wait: bool = True, port: int | None = None,
                          **overrides) -> Proc:
+        """A data server on `port` (default: a free one) reporting its load every second, its file outputs confined to
+        `<base>/data-out`; agents find it through ZooKeeper."""
         port, mport = port or free_port(), free_port()
         name = name or f"dataserver-{len(self.dataservers) + 1}"
         cfg = {**self._common(mport), "host": "127.0.0.1", "port": port, "load_report_interval_s": 1.0,
@@ -433,6 +461,8 @@ class Cluster:
 
     @property
     def ca(self) -> CA:
+        """The cluster's CA (`ca.crt` and `ca.key` in the certs dir), loaded on first use; it issues the agents' and
+        proxies' certificates."""
         if self._ca is None:
             self._ca = CA.load(self.certs_dir / "ca.crt", self.certs_dir / "ca.key")
         return self._ca
@@ -489,6 +519,10 @@ class Cluster:
 
     def agent_config(self, index: int, ip: str, servers: list[str] | None = None, identity: str | None = None,
                      cloud_id: int = 0, **overrides) -> dict:
+        """The config of agent `index` (living in `<base>/agents/agent-<index>`) at `ip`: dialling `servers` (default:
+        the task servers for area 0, else the proxies of `cloud_id`), with its identity made per `identity` (see
+        agent_identity_files) and a free metrics port. `overrides` replace top-level keys; `procs` is merged into the
+        plugin settings. Raises ClusterError when area `cloud_id` has no proxy."""
         d = self.base / "agents" / f"agent-{index}"
         # Each agent its own plugin directory (auto-load), never the host's /usr/local/gse/plugins.
         procs = {"plugin_dir": str(d / "plugins"), **overrides.pop("procs", {})}
@@ -507,6 +541,11 @@ class Cluster:
 
     def start_agent(self, index: int | None = None, ip: str | None = None, wait: bool = True,
                     config: dict | None = None, netns: str = "", private_mount: str = "", **overrides) -> Proc:
+        """Start agent `index` (default: the next) at `ip` (default 127.0.0.<10 + index>) from `config`, or from
+        agent_config(**overrides) when no config is given (then `overrides` are not used); in network namespace
+        `netns` when given. An agent using the shared certificate first turns shared-certificate mode on in ZooKeeper.
+        Waits for its /healthz when `wait`, and in every case up to 15 s for its bk_agent_id, kept in
+        `info['bk_agent_id']`; ClusterError on timeout or exit."""
         index = len(self.agents) + 1 if index is None else index
         ip = ip or f"127.0.0.{10 + index}"
         cfg = config or self.agent_config(index, ip, **overrides)
@@ -526,6 +565,8 @@ class Cluster:
         return proc
 
     def agent_id_of(self, proc: Proc, timeout: float = 15.0) -> str:
+        """The bk_agent_id (spec section 2) that agent `proc` keeps in `<data_dir>/agent_id`, waiting up to `timeout`
+        seconds for the file; ClusterError when it does not appear."""
         path = Path(proc.info["data_dir"]) / "agent_id"
         return wait_for(lambda: path.exists() and path.read_text().strip(), timeout, f"{proc.name} agent id",
                         proc=proc)
@@ -560,6 +601,7 @@ class Cluster:
     # ---- whole cluster ----------------------------------------------------------------------------
 
     def api_url(self) -> str:
+        """Base URL of the first API server (IndexError when none was started)."""
         return self.apiservers[0].info["url"]
 
     def up(self, agents: int = 3, taskservers: int = 2, redis_nodes: int = 2, areas: int = 0,
@@ -590,6 +632,8 @@ class Cluster:
             self.wait_healthy(p)
 
     def describe(self) -> dict:
+        """What cluster.json holds: addresses, pids and metrics ports of every daemon, the app code and secret, each
+        agent's id, directories and IPC socket paths, and every live process (what `gse dev down` stops)."""
         return {
             "api_url": self.api_url() if self.apiservers else None,
             "app_code": self.app_code,
@@ -627,6 +671,7 @@ class Cluster:
         }
 
     def write_description(self) -> Path:
+        """Write describe() as `<base>/cluster.json` and return its path."""
         path = self.base / "cluster.json"
         path.write_text(json.dumps(self.describe(), indent=2) + "\n")
         return path
@@ -639,6 +684,7 @@ class Cluster:
             p.stop()
 
     def logs(self, lines: int = 30) -> str:
+        """The last `lines` lines of every process's log, one block per process (printed when a test fails)."""
         return "\n".join(p.log_tail(lines) for p in self.procs)
 
 

@@ -24,6 +24,8 @@ SERVER_IP = "198.18.0.1"
 
 
 def sh(*args, check: bool = True) -> subprocess.CompletedProcess:
+    """Run one command (argv, no shell) and return its CompletedProcess with text output captured; CalledProcessError
+    on a non-zero exit when `check`."""
     return subprocess.run(args, check=check, capture_output=True, text=True)
 
 
@@ -66,14 +68,17 @@ class Node:
 
     @property
     def ip(self) -> str:
+        """The node's address in its own area: its link down for a proxy, its one link for a host."""
         return (self.links.get("down") or self.links.get("eth")).ip
 
     @property
     def up_ip(self) -> str:
+        """A proxy's address on its parent area's bridge (KeyError for a host)."""
         return self.links["up"].ip
 
     @property
     def down_ip(self) -> str:
+        """A proxy's address on its own area's bridge (KeyError for a host)."""
         return self.links["down"].ip
 
 
@@ -104,6 +109,8 @@ class Topology:
 
     @staticmethod
     def cleanup_stale(prefix: str) -> None:
+        """Delete every namespace and interface whose name starts with `prefix` (what a killed run left); errors are
+        ignored."""
         out = sh("ip", "netns", "list", check=False).stdout
         for line in out.splitlines():
             name = line.split()[0] if line.split() else ""
@@ -116,6 +123,8 @@ class Topology:
                 sh("ip", "link", "del", name, check=False)
 
     def close(self) -> None:
+        """Delete this topology's namespaces, veth pairs and bridges (errors ignored, so it also cleans up after a
+        half-built topology); idempotent."""
         for node in self.nodes:
             sh("ip", "netns", "del", node.ns, check=False)
             for link in node.links.values():
@@ -196,6 +205,7 @@ class Topology:
         return node
 
     def run(self, node: Node, cmd: list[str], private_mount: str = "") -> list[str]:
+        """The command line that runs `cmd` inside `node`'s namespace (see in_namespace); it runs nothing."""
         return in_namespace(node.ns, cmd, private_mount)
 
     def reaches(self, node: Node, ip: str, port: int, timeout: float = 2.0) -> bool:
