@@ -56,10 +56,12 @@ class AgentSession:
 
     @property
     def relayed(self) -> bool:
+        """True when the agent reaches this server through a proxy (spec section 12)."""
         return bool(self.proxy)
 
     @property
     def closed(self) -> bool:
+        """True once the agent's link (or, relayed, its session on the proxy's link) is closed."""
         return self.link.closed
 
     def send(self, frame_bytes: bytes) -> bool:
@@ -117,6 +119,7 @@ class AgentAccess:
 
     @property
     def load(self) -> int:
+        """How many agents are attached here (direct and relayed): what the balancer compares."""
         return len(self.sessions)
 
     def spread_ms(self) -> int:
@@ -139,14 +142,20 @@ class AgentAccess:
             self.told_spread_ms = now
 
     def deadline_ms(self, at_ms: int) -> int:
+        """When an agent last heard at `at_ms` (epoch ms) counts as offline: `heartbeat_misses` intervals later, plus
+        1 s of slack; epoch ms."""
         return at_ms + int(self.hb_interval_s * 1000 * self.hb_misses) + 1000
 
     # ---- one agent link ---------------------------------------------------------------------------
 
     def link_open(self, link) -> None:
+        """A TLS link was accepted: it must send its hello within `hello_timeout_s` (sweep_loop)."""
         self.unattached[link] = time.monotonic()
 
     def link_frame(self, link, body) -> None:
+        """One frame (a serialized AgentFrame) from a link: before the hello, the hello or an enrollment; then the
+        attached agent's frames or a proxy's (relay_access). An undecodable frame closes the link. While the write
+        queue is over its bound, a frame that queues writes pauses reading that link."""
         try:
             frame = pb.AgentFrame.FromString(body)
         except DecodeError:
@@ -337,6 +346,8 @@ class AgentAccess:
         self.relays.cut_revoked()
 
     def link_lost(self, link, exc) -> None:
+        """A link closed (`exc` the error, or None): a proxy's takes its relayed sessions with it (no offline write);
+        an agent's session is detached and written offline at once."""
         self.pending.discard(link)
         if self.unattached.pop(link, None) is not None and not link.ready:
             REFUSED.labels("tls").inc()
@@ -399,6 +410,8 @@ class AgentAccess:
                 link.abort()
 
     def redirect(self, sessions: list[AgentSession], address: str, reason: str) -> None:
+        """Send each of `sessions` a Redirect to `address` (host:port of a less loaded peer) with `reason`, then close
+        its link once that went out."""
         frame = pb.ServerFrame(redirect=pb.Redirect(address=address, reason=reason)).SerializeToString()
         for s in sessions:
             s.send(frame)

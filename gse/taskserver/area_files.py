@@ -42,9 +42,11 @@ class AreaPlan:
 
     @staticmethod
     def member(node_id: str) -> str:
+        """The member name of the relay proxy `node_id` in a transfer: "proxy:<node_id>"."""
         return PROXY_MEMBER + node_id
 
     def relay_members(self) -> list[str]:
+        """The member names of every area's relay proxy in this plan."""
         return [self.member(p.node_id) for p in self.relays.values()]
 
     def endpoint(self, area: int) -> tuple[str, str]:

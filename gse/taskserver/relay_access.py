@@ -72,17 +72,23 @@ class RelayedLink:
 
     @property
     def closed(self) -> bool:
+        """True once this agent's relayed session ended here, or its proxy's link is gone."""
         return self._closed or self.mux.link.closed
 
     @property
     def transport(self):
+        """The asyncio transport of the proxy's physical link, shared by all of that proxy's agents (part of the
+        FrameLink interface; pausing it pauses them all)."""
         return self.mux.link.transport
 
     @property
     def physical(self):
+        """The proxy's FrameLink this agent's frames travel on (the sweep looks there for a paused link)."""
         return self.mux.link
 
     def write(self, body: bytes) -> bool:
+        """Queue a serialized ServerFrame for this agent on its proxy's link (sent in the next flush, grouped with the
+        same frame for other agents); False once the link is closed. Never blocks."""
         if self.closed:
             return False
         return self.mux.queue(self.agent_id, body)
@@ -118,6 +124,7 @@ class ProxyPeer:
 
     @property
     def area(self) -> int:
+        """The bk_cloud_id this proxy serves (from its ProxyHello, checked against its certificate)."""
         return self.hello.area
 
     def chain(self) -> list["ProxyPeer"]:
@@ -129,12 +136,15 @@ class ProxyPeer:
         return out
 
     def send(self, body: bytes) -> bool:
+        """Send a serialized ServerFrame to this proxy itself: straight on the link for the proxy holding it, wrapped
+        in a Relay naming "proxy:<node_id>" for a cascaded one; False when the link is closed."""
         if self.parent is None:
             return self.mux.link.write(body)
         return self.mux.queue(proxy_target(self.node_id), body)
 
     @property
     def closed(self) -> bool:
+        """True when its link is gone or it has been reached through another link since."""
         return self.mux.link.closed or self.mux.peers.get(self.node_id) is not self
 
 
@@ -160,16 +170,20 @@ class ProxySession:
 
     @property
     def agent_id(self) -> str:      # what logs and counters name a session by
+        """"proxy:<node_id>" of the proxy holding the link."""
         return proxy_target(self.root.node_id)
 
     @property
     def closed(self) -> bool:
+        """True once the proxy's link is closed."""
         return self.link.closed
 
     def send(self, body: bytes) -> bool:
+        """Write a serialized ServerFrame on the proxy's link as it is (no Relay); False when closed."""
         return self.link.write(body)
 
     def close(self) -> None:
+        """Close the proxy's link; its agents' sessions end through Relays.lost, without an offline write."""
         self.link.close()
 
     # ---- frames down ------------------------------------------------------------------------------------
@@ -192,6 +206,8 @@ class ProxySession:
         return True
 
     def queue_end(self, target: str) -> None:
+        """Tell the proxy, with the next flush, that `target` (an agent id or "proxy:<node_id>") no longer has a
+        session here (one RelayEnd for all of a turn's ends)."""
         self._ends.append(target)
         self._schedule()
 
@@ -201,6 +217,8 @@ class ProxySession:
             asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
+        """Write what was queued this event-loop turn: one Relay per group of targets sharing a frame, in queue order,
+        then one RelayEnd for the ended targets."""
         self._scheduled = False
         groups, self._groups = self._groups, []
         self._by_frame, self._last = {}, {}
@@ -487,6 +505,8 @@ class Relays:
                 mux.queue_end(proxy_target(peer.node_id))
 
     def cut_revoked(self) -> None:
+        """After the deny list changed: refuse (code 'revoked') and close every proxy link whose certificate is now
+        revoked."""
         deny = self.access.identity.deny
         for mux in list(self.muxes.values()):
             why = deny.revoked(mux.link.identity)
@@ -534,12 +554,16 @@ class Relays:
                     p.send(frame)
 
     def close_all(self) -> None:
+        """Close every proxy link (the task server is stopping; the proxies reconnect to a peer)."""
         for mux in list(self.muxes.values()):
             mux.close()
 
     @property
     def relayed_count(self) -> int:
+        """How many agents are attached here through proxies, over every proxy link."""
         return sum(len(m.agents) for m in self.muxes.values())
 
     def area_parents(self) -> dict[int, int]:
+        """area -> parent area (0 for an area whose proxy dials this server), as the proxies here announced
+        themselves; a copy."""
         return dict(self.parents)

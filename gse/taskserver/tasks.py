@@ -47,12 +47,16 @@ class TaskClock:
         self.created: OrderedDict[str, int] = OrderedDict()
 
     def note(self, task_id: str, created_ms: int) -> None:
+        """Remember when task `task_id` was created (epoch ms; 0 = unknown, ignored); the oldest is forgotten past
+        `keep`."""
         if created_ms and task_id not in self.created:
             self.created[task_id] = created_ms
             if len(self.created) > self.keep:
                 self.created.popitem(last=False)
 
     def observe(self, task_id: str, at_ms: int) -> None:
+        """Time one item's final result at `at_ms` (epoch ms) from its task's creation into
+        gse_taskserver_task_result_seconds; nothing for a task not noted here."""
         created = self.created.get(task_id)
         if created:
             RESULT_SECONDS.observe(max(0, at_ms - created) / 1000)
