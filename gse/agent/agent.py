@@ -55,17 +55,23 @@ REDIRECT_COOLDOWN_S = 60.0
 
 @dataclasses.dataclass(frozen=True)
 class ReconnectConfig:
+    """The agent's `reconnect` section: full-jitter back-off between task server links (seconds): the first window
+    `base_s`, doubling up to `max_s`; a link that lasted `stable_s` resets it."""
     base_s: float = 1.0        # the first retry waits up to this long (uniformly random)
     max_s: float = 30.0        # the retry window doubles up to this
     stable_s: float = 10.0     # a session that lasted this long resets the backoff
 
     def validate(self) -> None:
+        """ConfigError unless 0 < base_s <= max_s."""
         if not 0 < self.base_s <= self.max_s:
             raise ConfigError("reconnect: need 0 < base_s <= max_s")
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
+    """The agent's `tasks` section: how many scripts, file and process operations run at once and how many wait (more
+    are refused as busy), the output kept per item (bytes), the TERM-to-KILL grace (s), the host's code page and how
+    long a user's login environment is reused (s)."""
     pool_script: int = 16          # scripts running at once
     pool_file: int = 8             # file operations at once
     pool_proc: int = 8             # process operations at once
@@ -80,6 +86,8 @@ class TaskConfig:
     login_env_max_age_s: float = 600.0
 
     def validate(self) -> None:
+        """ConfigError when a pool is below 1, queue_limit or login_env_max_age_s is negative, or the code page is
+        unknown."""
         if min(self.pool_script, self.pool_file, self.pool_proc) < 1 or self.queue_limit < 0:
             raise ConfigError("tasks: pools must be at least 1 and queue_limit not negative")
         if self.login_env_max_age_s < 0:
@@ -92,6 +100,8 @@ class TaskConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FileConfig:
+    """The agent's `files` section: its BitTorrent port range, when a stalled or corrupt swarm falls back to direct
+    mode (seconds, failed pieces) and how often a source re-checks what it serves (s)."""
     bt_port: int = 60020            # BitTorrent listen port (the next free one up to bt_port_max)
     bt_port_max: int = 60030
     bt_stall_s: float = 20.0        # no BitTorrent progress for this long: switch to direct mode
@@ -99,6 +109,7 @@ class FileConfig:
     source_check_s: float = 1.0     # a source checks the files it serves for changes this often (0 = never)
 
     def validate(self) -> None:
+        """ConfigError unless 0 < bt_port <= bt_port_max < 65536 and source_check_s >= 0."""
         if not 0 < self.bt_port <= self.bt_port_max < 65536:
             raise ConfigError("files: need 0 < bt_port <= bt_port_max < 65536")
         if self.source_check_s < 0:
@@ -114,6 +125,9 @@ class EnrollmentConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AgentConfig:
+    """The agent's whole config (deploy/agent.yaml): where it keeps data and sockets, the task servers (host:port) it
+    dials, its area (bk_cloud_id) and ip, run_mode (1 agent, 0 a proxy's own agent, spec section 4), and the sections
+    of each part."""
     data_dir: str = "/var/lib/gse/agent"
     run_dir: str = "/var/run/gse"
     servers: tuple[str, ...] = ("127.0.0.1:48668",)
@@ -137,6 +151,9 @@ class AgentConfig:
     stop_grace_s: float = 5.0
 
     def validate(self) -> None:
+        """ConfigError when tls.ca, cert or key is not set, there is no task server or one is not host:port, the
+        heartbeat interval is not positive, run_mode is not 0 or 1, or cloud_id is negative. (The sections validate
+        themselves when loaded.)"""
         self.tls.require()
         if not self.servers:
             raise ConfigError("servers: at least one task server address (host:port) is required")
@@ -237,6 +254,9 @@ def _same_key(cert_pem: bytes, key) -> bool:
 
 
 class Agent(Service):
+    """The agent daemon (`python -m gse.agent`, spec sections 2, 5, 8, 11): enrolls if it has no certificate, keeps
+    one link to a task server (redirects, fail-over with back-off), heartbeats, and hands the frames it gets to its
+    parts: tasks, files, the data path, process supervision, host identity and agent operations."""
     name = "agent"
     ops_server = LiteOpsServer      # light: no HTTP framework on every host (gse/common/service.py)
     use_uvloop = False
@@ -384,9 +404,12 @@ class Agent(Service):
 
     @property
     def node_id(self) -> str:
+        """The agent's bk_agent_id (what the daemon is named by in logs and /healthz)."""
         return self.agent_id
 
     def identity(self) -> dict:
+        """{'cloud_id', 'bk_agent_id'}: what the data path, the plugins' keepalive replies (spec section 5) and
+        process events name the agent by."""
         return {"cloud_id": self.config.cloud_id, "bk_agent_id": self.agent_id}
 
     def health(self):
@@ -424,6 +447,9 @@ class Agent(Service):
             pass
 
     def hello(self, redirects: int, hostid_md5: str = "") -> pb.AgentFrame:
+        """The AgentHello opening a link: id, area, ip, hostname, OS, arch, version, run_mode, start time (epoch ms),
+        boot id, how many redirects led here (`redirects` > 0 asks not to be redirected again) and the md5 of the host
+        identity file ("" when there is none)."""
         c = self.config
         return pb.AgentFrame(hello=pb.AgentHello(
             agent_id=self.agent_id, cloud_id=c.cloud_id, ip=self.ip, hostname=c.hostname or socket.gethostname(),
@@ -431,6 +457,10 @@ class Agent(Service):
             start_time_ms=self.start_ms, redirects=redirects, boot_id=self.boot_id, hostid_md5=hostid_md5))
 
     async def start(self) -> None:
+        """Start /healthz; enroll first when there is no certificate (retries until a task server signs; ConfigError
+        without a token); write the run files (pid, metrics address); start the data path (when enabled); take up task
+        results and file transfers kept across a restart; start process supervision (when enabled). The link itself is
+        made by run()."""
         await super().start()
         if self.tls is None:
             await self.enroll()
@@ -451,6 +481,9 @@ class Agent(Service):
                                           "servers": list(self.config.servers)})
 
     async def run(self) -> None:
+        """Keep one link to a task server for ever: start at a server chosen by the agent id, follow up to 3 redirects
+        in a row, then the next server after a back-off (full jitter, never narrower than the spread the last server
+        asked for). Returns only when cancelled."""
         c = self.config
         idx = int(self.agent_id[:8], 16) % len(c.servers) if self.agent_id[:8].isalnum() else 0
         # Full jitter, never narrower than the spread the last server asked for (`floor_s`, kept current by
@@ -563,6 +596,9 @@ class Agent(Service):
         self.procs.on_attach()
 
     def on_frame(self, frame: pb.ServerFrame) -> None:
+        """Hand one ServerFrame of the attached link to the part it is for (tasks, acknowledgements, files, the data
+        server view, plugin messages, process operations, host identity, agent operations, reconnect spread); a second
+        Welcome (through a proxy) sends again all that is unacknowledged. Unknown kinds are ignored."""
         kind = frame.WhichOneof("body")
         if kind == "welcome":
             # Another Welcome on the same link: our proxy attached us upstream again (it lost its task server
@@ -647,6 +683,9 @@ class Agent(Service):
             await asyncio.sleep(interval)
 
     async def stop(self, grace: float) -> None:
+        """Stop process supervision first (its last events still reach the data path), spool what plugins sent, stop
+        running tasks (unless restarting in place: then commands keep running), stop file transfers and background
+        work, remove the run files, then /healthz."""
         await self.procs.stop()         # first: its last events still go to the data path
         if self.config.data.enabled:
             await self.data.stop()      # spools what plugins sent

@@ -83,6 +83,10 @@ IPC_RECORDS = Gauge("gse_agent_ipc_records", "Records read from the report socke
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
+    """The agent's `data` config section: batching (bytes, records, delay in ms), the in-flight window to a data
+    server, timeouts and back-off (seconds), the on-disk spool (bytes), host snapshots and the plugin IPC sockets
+    (spec section 5: 10 MiB messages, socket mode). `servers` (host:port) are used only when the task server names no
+    data server."""
     enabled: bool = True
     servers: tuple[str, ...] = ()       # data servers (host:port) to use when the task server names none
     batch_max_bytes: int = 512 * 1024
@@ -105,6 +109,8 @@ class DataConfig:
     ipc_mode: int = 0o660
 
     def validate(self) -> None:
+        """Raise ConfigError naming the keys when the sizes do not nest (batch <= segment <= spool, batch <= in-flight
+        bytes), an interval is not positive, `ipc_mode` gives others access, or a server address is malformed."""
         if self.batch_max_bytes < 1024 or self.batch_max_records < 1 or self.batch_delay_ms < 0:
             raise ConfigError("data: batch_max_bytes >= 1024, batch_max_records >= 1, batch_delay_ms >= 0")
         if self.spool_segment_bytes < self.batch_max_bytes or self.spool_max_bytes < self.spool_segment_bytes:
@@ -163,6 +169,9 @@ class HostSnapshotter:
         psutil.cpu_percent(None)
 
     def sample(self, identity: dict) -> bytes:
+        """One host snapshot record (compact JSON bytes: cpu, memory, disks, network counters, load, uptime in s,
+        process count, time in epoch ms) for the agent named by `identity` (`bk_agent_id`, `cloud_id`, optional `ip`;
+        KeyError without the first two). Blocking (psutil): run it in a thread."""
         vm = psutil.virtual_memory()
         disks = []
         for part in psutil.disk_partitions(all=False):
@@ -189,6 +198,10 @@ class HostSnapshotter:
 
 
 class DataPipeline:
+    """The agent's data path (see the module): the plugin report and message sockets (spec section 5), batches per
+    DataID in the spool, one stream to a data server, and plugin messages both ways (spec sections 4 and 9).
+    `identity()` gives the agent's bk_agent_id and cloud_id; `send` writes a frame to the task server (False when it
+    cannot now)."""
     def __init__(self, cfg: DataConfig, *, data_dir: str, run_dir: str, tls: TLSMaterial,
                  identity: Callable[[], dict], send: Callable[[apb.AgentFrame], bool], ip: str, bind_ip: str = ""):
         self.cfg = cfg
@@ -226,6 +239,10 @@ class DataPipeline:
     # ---- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Open the spool (resuming after what was acknowledged), start the source-address relay when `bind_ip` is
+        set, bind the report and message sockets, and start the send, re-spread and housekeeping loops (and the
+        snapshot and fsync loops when configured). No stream is opened until the first batch; batches left from before
+        a restart count as one."""
         self.spool.open()
         self.cursor = self.spool.first_pending() or self.spool.next_id
         self._gauges()
@@ -284,6 +301,8 @@ class DataPipeline:
                 self._seal(data_id)
 
     def submit(self, data_id: int, bodies: list[bytes]) -> None:
+        """The agent's own records (`bodies`, one record each) on DataID `data_id`, stamped now (epoch ms) and batched
+        like a plugin's."""
         at = time.time_ns() // 1_000_000
         self.on_records([Record(data_id, b, at) for b in bodies])
 
@@ -315,6 +334,8 @@ class DataPipeline:
     # ---- data server view and balancing -----------------------------------------------------------
 
     def on_view(self, view: pb.DataServerView) -> None:
+        """The data servers the task server told (DataServerView: address and load of each); with none, the configured
+        `servers`. A stream on a server no longer listed moves to another."""
         loads = {s.address: float(s.load) for s in view.servers if s.address}
         if not loads and self.cfg.servers:
             loads = {s: 0.0 for s in self.cfg.servers}
@@ -535,6 +556,9 @@ class DataPipeline:
             await asyncio.sleep(self.cfg.snapshot_interval_s)
 
     def on_plugin_message(self, msg: pb.PluginMessage) -> None:
+        """Hand a cluster/dispatch_message content (spec section 4) to the plugin on the message socket (to the named
+        plugin, or every one), remembering its slot for the reply (the newest 10,000 messages). Too large or no
+        plugin: counted and logged, never raised."""
         self._slots[msg.message_id] = msg.slot_id
         while len(self._slots) > 10_000:
             self._slots.popitem(last=False)
@@ -550,6 +574,9 @@ class DataPipeline:
                         extra={"message_id": msg.message_id, "slot_id": msg.slot_id, "plugin": msg.plugin_name})
 
     def on_respond(self, meta: dict, payload: bytes, plugin_name: str) -> None:
+        """A plugin's 0x900a respond (spec sections 5 and 9): sent up as a PluginReply to the slot that dispatched
+        `message_id` (else the meta's session_id); kept (the newest 1,000) and sent again every second while the task
+        server is away."""
         message_id = str(meta.get("message_id", ""))
         slot = self._slots.get(message_id) or str(meta.get("session_id", ""))
         frame = apb.AgentFrame(plugin_reply=pb.PluginReply(
@@ -592,6 +619,8 @@ class DataPipeline:
         return self._has_data.is_set()
 
     def health(self) -> dict:
+        """The data path in /healthz: the data server streamed to (None when none), spool figures, batches in flight
+        and the two IPC sockets' counters."""
         return {"data_server": self.current, "spool": self.spool.stats(), "inflight": len(self.inflight),
                 "ipc_report": self.report.stats, "ipc_message": {k: v for k, v in self.messages.stats.items()}}
 

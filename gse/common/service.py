@@ -135,6 +135,8 @@ class LiteOpsServer:
         self.port = 0
 
     async def start(self) -> int:
+        """Listen on `cfg.host`:`cfg.port` (0: any free port) and return the bound port; OSError when the address is
+        taken."""
         self.server = await asyncio.start_server(self._serve, self.cfg.host, self.cfg.port, limit=self.MAX_HEAD)
         self.port = self.server.sockets[0].getsockname()[1]
         return self.port
@@ -166,6 +168,7 @@ class LiteOpsServer:
             writer.close()
 
     async def stop(self) -> None:
+        """Stop accepting connections (idempotent); a request being answered finishes."""
         if self.server is not None:
             self.server.close()
             self.server = None
