@@ -57,11 +57,15 @@ REATTACHED = Counter("gse_proxy_reattached_total", "Agents attached again throug
 
 
 def proxy_target(node_id: str) -> str:
+    """How a proxy is named where agent ids go (Relay agent_ids, RelayEnd): "proxy:<node_id>"."""
     return PROXY_PREFIX + node_id
 
 
 @dataclasses.dataclass(frozen=True)
 class UpstreamConfig:
+    """The proxy's `upstream` section: the task servers' agent ports (or the parent area's proxies, host:port) it
+    dials, how many links it holds, connect timeout and reconnect back-off (s), and how much of its agents' traffic it
+    keeps while no link is up (frames, bytes; the oldest go first)."""
     servers: tuple[str, ...] = ("127.0.0.1:48668",)   # task servers' agent ports, or the parent area's proxies
     links: int = 2                  # links held at once (to different servers when there are several)
     connect_timeout_s: float = 10.0
@@ -71,6 +75,8 @@ class UpstreamConfig:
     hold_max_bytes: int = 256 * 1024 * 1024
 
     def validate(self) -> None:
+        """ConfigError when there is no server or one is not host:port, links is not 1..16, or the back-off is not 0 <
+        reconnect_base_s <= reconnect_max_s."""
         if not self.servers:
             raise ConfigError("upstream.servers: at least one task server (or parent proxy) address is required")
         check_addresses("upstream.servers", self.servers)
@@ -117,9 +123,12 @@ class Uplink:
 
     # framelink handler (the upstream side of this link)
     def link_open(self, link) -> None:
+        """framelink's callback when the upstream link is up; nothing to do until the Welcome."""
         pass
 
     def link_frame(self, link, body) -> None:
+        """One ServerFrame from upstream: the first answers the ProxyHello (Welcome or Refused); the rest go to
+        AreaAccess.from_upstream. An undecodable frame closes the link."""
         try:
             frame = pb.ServerFrame.FromString(body)
         except DecodeError:
@@ -132,6 +141,8 @@ class Uplink:
         self.access.from_upstream(self, frame)
 
     def link_lost(self, link, exc) -> None:
+        """The upstream link closed (`exc` the error or None): wake whoever waits for its Welcome or end, and move its
+        agents to another live link."""
         for f in (self.welcome, self.ended):
             if f is not None and not f.done():
                 f.set_result(None)
@@ -202,13 +213,17 @@ class AreaAccess:
 
     @property
     def live(self) -> list[Uplink]:
+        """The upstream links that are up now (between their Welcome and their loss)."""
         return [u for u in self.uplinks if u.live]
 
     @property
     def agent_count(self) -> int:
+        """How many agents of this area hold a link here (cascaded proxies not counted)."""
         return sum(1 for d in self.down.values() if d.kind == "agent")
 
     def health(self) -> dict:
+        """The agent access in the proxy's /healthz: area, agents, cascaded proxies, each upstream link (server, node,
+        live, agents on it) and the frames held while no link is up."""
         return {"area": self.area, "agents": self.agent_count, "cascaded_proxies": len(self.down) - self.agent_count,
                 "upstream": [{"server": u.server, "node": u.node, "live": u.live, "agents": len(u.members)}
                              for u in self.uplinks], "held_frames": len(self.held)}
@@ -216,14 +231,20 @@ class AreaAccess:
     # ---- serving -----------------------------------------------------------------------------------------
 
     async def listen(self, sock) -> None:
+        """Serve the area's links on the bound agent port `sock` (mutual TLS; a client without a certificate is let in
+        only to enroll, when `enroll` is on)."""
         ctx = framelink.server_context(self.tls, certificate_optional=self.enroll)
         self.server = await framelink.listen(ctx, self, sock)
 
     def start(self) -> None:
+        """Start the upstream link loops (one per `upstream.links`, each reconnecting for ever), the sweep of silent
+        and hello-less links, and this proxy's heartbeat upstream."""
         self._tasks = [asyncio.ensure_future(u_loop) for u_loop in
                        [self._uplink_loop(u) for u in self.uplinks] + [self._sweep_loop(), self._beat_loop()]]
 
     async def stop(self) -> None:
+        """Stop accepting, cancel the loops, and close every downstream and upstream link; the task servers keep the
+        agents until their heartbeat deadline passes."""
         if self.server is not None:
             self.server.close()
         for t in self._tasks:
@@ -329,6 +350,8 @@ class AreaAccess:
         # hellos again, see from_upstream)
 
     def uplink_lost(self, u: Uplink) -> None:
+        """An upstream link is gone: give its agents (cascaded proxies first) to the live link holding the fewest,
+        their hellos sent again; with none live they wait here and what they send is held."""
         UPLINKS.set(len(self.live))
         members = [self.down[n] for n in list(u.members) if n in self.down]
         u.members.clear()
@@ -345,6 +368,9 @@ class AreaAccess:
     # ---- frames from upstream ---------------------------------------------------------------------------
 
     def from_upstream(self, u: Uplink, frame: pb.ServerFrame) -> None:
+        """A ServerFrame from upstream link `u` (None: a frame relayed to this proxy itself): Relay and RelayEnd go
+        down to the agents they name, data_servers and area_hosts to their callbacks, a second Welcome (the parent
+        proxy re-attached) sends every hello of this link again, other kinds to `on_control` (the file relay)."""
         kind = frame.WhichOneof("body")
         if kind == "relay":
             FRAMES.labels("down").inc()
@@ -454,9 +480,13 @@ class AreaAccess:
     # ---- downstream links (framelink handler of the agent port) -----------------------------------------
 
     def link_open(self, link) -> None:
+        """A downstream link was accepted: it must send its first frame within `hello_timeout_s`."""
         self.unattached[link] = time.monotonic()
 
     def link_frame(self, link, body) -> None:
+        """One frame of a downstream link: the first is checked (hello, cascaded ProxyHello or Enroll; refused with a
+        code otherwise); an agent's later frames go up wrapped in a Relay, a cascaded proxy's relays go up as they
+        are."""
         d = link.session
         if d is None:
             self._first(link, body)
@@ -657,6 +687,8 @@ class AreaAccess:
                                              frame=frame.SerializeToString())).SerializeToString())
 
     def link_lost(self, link, exc) -> None:
+        """A downstream link closed: forget the agent (or cascaded proxy) and tell upstream with a RelayEnd, unless a
+        newer link of the same name replaced it or upstream ended it."""
         self.unattached.pop(link, None)
         d = link.session
         if d is None:

@@ -50,6 +50,9 @@ PENDING = Gauge("gse_proxy_data_pending_batches", "Batches held here, not yet ac
 
 @dataclasses.dataclass(frozen=True)
 class ProxyDataConfig:
+    """The proxy's `data` section: its DataIngest port, how many spools (lanes) it keeps, each lane's spool and
+    segment size (bytes) and fsync interval (s), and the in-flight window, ack timeout and retry delay of each lane's
+    stream upstream."""
     port: int = 28625                   # agents' data streams (spec section 12; 58625 in GSE 1.0)
     lanes: int = 2                      # spools, each with its own stream upstream
     spool_max_bytes: int = 1024**3      # per lane; beyond it the oldest segments are dropped (and counted)
@@ -61,12 +64,15 @@ class ProxyDataConfig:
     retry_delay_s: float = 1.0
 
     def validate(self) -> None:
+        """ConfigError unless lanes is 1..16 and 1 MiB <= spool_segment_bytes <= spool_max_bytes."""
         if not 1 <= self.lanes <= 16:
             raise ConfigError("data.lanes must be 1..16")
         if self.spool_max_bytes < self.spool_segment_bytes or self.spool_segment_bytes < 1024 * 1024:
             raise ConfigError("data: need 1 MiB <= spool_segment_bytes <= spool_max_bytes")
 
     def lane_config(self) -> DataConfig:
+        """The agent sender's DataConfig a lane runs with: batches up to min(8 MiB, a segment), at least 8 MiB in
+        flight, and this section's spool and timeouts."""
         return DataConfig(batch_max_bytes=min(8 * 1024**2, self.spool_segment_bytes),
                           max_inflight_bytes=max(self.max_inflight_bytes, 8 * 1024**2),
                           max_inflight_batches=self.max_inflight_batches, ack_timeout_s=self.ack_timeout_s,
@@ -86,6 +92,8 @@ class Lane(DataPipeline):
         self.on_acked = lambda ids: relay.acked(self, ids)
 
     async def start(self) -> None:
+        """Open the lane's spool and start its send and re-spread loops (and the fsync loop when set); batches a
+        previous run left go first. No plugin sockets, no snapshots."""
         self.spool.open()
         self.cursor = self.spool.first_pending() or self.spool.next_id
         if self.spool.first_pending() is not None:
@@ -96,6 +104,8 @@ class Lane(DataPipeline):
         self._tasks = [asyncio.ensure_future(c) for c in coros]
 
     async def stop(self) -> None:
+        """Wait up to 2 s for the acknowledgements of what is in flight, then stop the loops and close the spool (what
+        is unacknowledged stays in it for the next run)."""
         deadline = asyncio.get_running_loop().time() + 2.0
         while self.inflight and self.current and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
@@ -152,6 +162,8 @@ class DataRelay:
     # ---- lifecycle --------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Start every lane and take up what their spools hold from a previous run, so that an agent sending a batch
+        again waits for the same acknowledgement instead of spooling it twice."""
         recovered = 0
         for lane in self.lanes:
             await lane.start()
@@ -166,6 +178,7 @@ class DataRelay:
         PENDING.set(len(self.held))
 
     async def stop(self) -> None:
+        """Stop every lane (each waits up to 2 s for acknowledgements in flight)."""
         for lane in self.lanes:
             await lane.stop()
 
@@ -175,12 +188,16 @@ class DataRelay:
             lane.on_view(view)
 
     def health(self) -> dict:
+        """The data relay in the proxy's /healthz: open agent streams, batches held unacknowledged, and each lane's
+        data server and spool figures."""
         return {"streams": self.streams, "pending": len(self.held),
                 "lanes": [{"data_server": lane.current, "spool": lane.spool.stats()} for lane in self.lanes]}
 
     # ---- in ------------------------------------------------------------------------------------------------
 
     def handler(self) -> grpc.GenericRpcHandler:
+        """The gRPC handler serving gse.pb.DataIngest/Stream (DataBatch in, DataAck out), the method agents call on a
+        data server."""
         return grpc.method_handlers_generic_handler(self.SERVICE, {
             "Stream": grpc.stream_stream_rpc_method_handler(
                 self.stream, request_deserializer=pb.DataBatch.FromString,
@@ -213,6 +230,10 @@ class DataRelay:
         return roles.relay_claim_refusal(peer.area, batch.cloud_id, parents, what=f"agent {batch.agent_id}")
 
     async def stream(self, request_iterator, context):
+        """One agent's (or cascaded proxy's) DataIngest stream: aborted with PERMISSION_DENIED when the metadata or
+        certificate may not send for that agent or area; else an empty DataAck at once, then each batch is spooled and
+        acknowledged (`ok`) once a data server acknowledged the proxy's copy. A cascaded proxy's batch naming an agent
+        it may not speak for comes back in `failed` with the reason."""
         md = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         peer = roles.peer_identity(context)
         why = self._refusal(peer, md)

@@ -54,6 +54,8 @@ CHUNK = 1024 * 1024
 
 @dataclasses.dataclass(frozen=True)
 class ProxyFilesConfig:
+    """The proxy's `files` section: the direct-mode relay's port, the area tracker's port and announce interval (s),
+    the BitTorrent port range, the cache directory and its bound (bytes), and peers per torrent."""
     enabled: bool = True
     port: int = 28925               # direct-mode relay (the file service's Fetch/Upload; 58925 in GSE 1.0)
     tracker_port: int = 20030       # the area's BitTorrent tracker
@@ -65,6 +67,8 @@ class ProxyFilesConfig:
     max_connections_per_torrent: int = 50
 
     def validate(self) -> None:
+        """ConfigError unless 0 < bt_port <= bt_port_max < 65536, cache_max_bytes >= 0 and announce_interval_s >=
+        1."""
         if not 0 < self.bt_port <= self.bt_port_max < 65536:
             raise ConfigError("files: need 0 < bt_port <= bt_port_max < 65536")
         if self.cache_max_bytes < 0 or self.announce_interval_s < 1:
@@ -80,11 +84,15 @@ class RelayFileService(FileService):
         self.relay = relay
 
     async def Fetch(self, request, context):
+        """The file service's Fetch for a member of the area, after asking the relay to fetch that entry from upstream
+        once (the reply streams as it arrives)."""
         self.relay.want(request.transfer_id, request.index)
         async for chunk in super().Fetch(request, context):
             yield chunk
 
     async def Upload(self, request_iterator, context):
+        """The file service's Upload from a source inside the area; once it is complete, the relay forwards the entry
+        upstream."""
         which: list[tuple[str, int]] = []
 
         async def tap():
@@ -161,6 +169,8 @@ class FileRelay:
         return port
 
     async def stop(self) -> None:
+        """End every relayed transfer (complete files stay cached), close the BitTorrent session, the tracker and the
+        channels upstream."""
         for tid in list(self.relayed):
             await self.end(tid)
         if self.session is not None:
@@ -171,6 +181,7 @@ class FileRelay:
             await ch.close()
 
     def health(self) -> dict:
+        """The file relay in the proxy's /healthz: tracker URL, transfers relayed now, bytes cached."""
         return {"tracker_url": self.tracker_url, "transfers": len(self.relayed),
                 "cached_bytes": self._cache_bytes()}
 
@@ -185,6 +196,8 @@ class FileRelay:
     # ---- transfers ------------------------------------------------------------------------------------
 
     def on_control(self, frame: apb.ServerFrame) -> None:
+        """A frame from upstream meant for this proxy: RelayTransfer starts relaying, EndTransfer ends one; both in
+        the background (a failure is logged, never raised)."""
         kind = frame.WhichOneof("body")
         if kind == "relay_transfer":
             spawn(self._guard(self.relay(frame.relay_transfer)), "relaying a transfer")
@@ -201,6 +214,9 @@ class FileRelay:
         return msg.members.get(msg.member, "")
 
     async def relay(self, msg: apb.RelayTransfer) -> None:
+        """Relay one transfer (idempotent per transfer id): register its area swarm's members and tokens with the
+        tracker and file service, join each torrent on both trackers (seeded from the cache when the file is there,
+        else downloaded into it), and fetch direct-mode files from upstream once."""
         async with self._lock:
             if msg.transfer_id in self.relayed:
                 return
@@ -259,6 +275,8 @@ class FileRelay:
         log.info("file cached", extra={"info_hash": ih.hex(), "size": tor.progress().total_size})
 
     async def end(self, transfer_id: str) -> None:
+        """End one relayed transfer: cancel its fetches, forget its members, and remove each torrent no other transfer
+        uses (a complete file stays in the cache, a partial one is deleted)."""
         st = self.relayed.pop(transfer_id, None)
         RELAYS.set(len(self.relayed))
         if st is None:

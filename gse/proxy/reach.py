@@ -37,6 +37,9 @@ SHARE = Gauge("gse_proxy_ping_share", "Hosts of the area this proxy pings")
 
 @dataclasses.dataclass(frozen=True)
 class PingConfig:
+    """The proxy's `ping` section (spec section 12): one round over its share of the area's hosts every `interval_s`,
+    `chunk` hosts at once, each chunk within `timeout_s`, `count` echo requests per host, and which ICMP socket to
+    use."""
     enabled: bool = True
     interval_s: float = 60.0        # one round over this proxy's share of the area's hosts
     chunk: int = 50                 # hosts pinged at once
@@ -45,6 +48,8 @@ class PingConfig:
     privileged: str = "auto"        # auto | raw | unprivileged
 
     def validate(self) -> None:
+        """ConfigError unless interval_s and timeout_s are positive, chunk is 1..1000, count 1..10 and privileged is
+        auto, raw or unprivileged."""
         if self.interval_s <= 0 or self.timeout_s <= 0 or not 1 <= self.chunk <= 1000 or not 1 <= self.count <= 10:
             raise ConfigError("ping: interval_s and timeout_s positive, chunk 1..1000, count 1..10")
         if self.privileged not in ("auto", "raw", "unprivileged"):
@@ -90,10 +95,14 @@ class Reachability:
         self._changed.set()
 
     def health(self) -> dict:
+        """Pinging in the proxy's /healthz: the area's hosts, this proxy's share, how many were unreachable in the
+        last round, rounds done."""
         return {"hosts": len(self.hosts), "share": len(self.mine), "unreachable": len(self.unreachable),
                 "rounds": self.rounds}
 
     async def run(self) -> None:
+        """Wait for the first list of the area's hosts, then ping this proxy's share every `interval_s` seconds for
+        ever (a failing round is logged); returns at once when disabled."""
         if not self.cfg.enabled:
             return
         await self._changed.wait()          # nothing to ping before the first list
@@ -155,6 +164,8 @@ class Reachability:
         return False
 
     def report(self, ips: list[str]) -> None:
+        """One type-8 alarm record (spec section 10: the hosts in `extra.host`, their IPs in `extra.iplist`) for the
+        unreachable `ips`, submitted on DataID 1000 through the data relay."""
         hosts = [alarmrecord.AlarmHost(ip=ip, cloud_id=self.area) for ip in ips]
         record = alarmrecord.alarm_record(
             alarmrecord.TYPE_PING_UNREACHABLE, hosts, server=self.ip,

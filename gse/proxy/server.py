@@ -44,6 +44,9 @@ log = logging.getLogger("gse.proxy")
 
 @dataclasses.dataclass(frozen=True)
 class ProxyConfig(BaseConfig):
+    """The proxy's config (deploy/proxy.yaml): the area it serves (bk_cloud_id > 0, as its certificate says), where
+    its area's hosts reach it, whether it registers in ZooKeeper, and the sections of its upstream links, data relay,
+    pinging and file relay."""
     area: int = 1                       # the cloud area (bk_cloud_id) served; the certificate names the same
     host: str = "127.0.0.1"             # where the area's hosts reach this proxy
     advertise_host: str = ""            # what they dial ("" = host)
@@ -59,6 +62,8 @@ class ProxyConfig(BaseConfig):
     load_report_interval_s: float = 5.0
 
     def validate(self) -> None:
+        """ConfigError when the TLS material or an advertise_host for a wildcard host is missing, area is not
+        1..2^31-1, or hello_timeout_s is not positive."""
         super().validate()
         if not 0 < self.area < 2**31:
             raise ConfigError("area must be a bk_cloud_id above 0 (area 0 reaches the servers directly)")
@@ -67,6 +72,8 @@ class ProxyConfig(BaseConfig):
 
 
 class ProxyService(Service):
+    """The proxy daemon (`python -m gse.proxy`, spec section 12): agent access, data and file relays and pinging for
+    one cloud area. Constructing it raises ConfigError unless tls.cert is a proxy certificate naming `area`."""
     name = "proxy"
 
     def __init__(self, config: ProxyConfig, *args):
@@ -92,9 +99,13 @@ class ProxyService(Service):
 
     @property
     def main_port(self) -> int:
+        """The agent port (bound once started, else the configured one): what names the proxy when no node_id is
+        set."""
         return self.agent_port or self.config.agent_port
 
     def hello(self) -> pb.ProxyHello:
+        """The ProxyHello this proxy opens each upstream link with: node id, area, the addresses its area's agents are
+        told (agent, data, file relay, tracker URL), version, a fresh boot id, ip and hostname."""
         c = self.config
         return pb.ProxyHello(node_id=self.node_id, area=c.area,
                              agent_address=join_host_port(self.advertise, self.agent_port),
@@ -128,6 +139,9 @@ class ProxyService(Service):
                 "metrics": join_host_port(self.config.metrics.host, self.ops.port)}
 
     async def start(self) -> None:
+        """Start /healthz and, when registering, ZooKeeper (following the revocations); bind the agent, data and file
+        ports; start the file relay (tracker, BitTorrent), the data relay's lanes and the gRPC server; then serve the
+        agent port, open the upstream links and register in ZooKeeper."""
         await super().start()
         c = self.config
         if self.discovery is not None:
@@ -169,6 +183,8 @@ class ProxyService(Service):
         log.info("proxy serving", extra={"area": c.area, "agent_port": self.agent_port, "node_id": self.node_id})
 
     async def run(self) -> None:
+        """Run the pinging rounds, the load update in ZooKeeper every `load_report_interval_s` and the file relay's
+        expiry of abandoned transfers, until cancelled."""
         await asyncio.gather(self.reach.run(), self._report_load(), *([self.files.run()] if self.files else []))
 
     async def _report_load(self) -> None:
@@ -178,6 +194,8 @@ class ProxyService(Service):
                 await self.discovery.update(self.name, self.node_id, self._registration())
 
     async def stop(self, grace: float) -> None:
+        """Leave ZooKeeper, close the agent links and upstream links, stop the gRPC server within `grace` seconds,
+        stop the data relay's lanes (what is unacknowledged stays spooled) and the file relay, then /healthz."""
         if self.discovery is not None:
             await self.discovery.stop()
         if self.access is not None:
