@@ -38,6 +38,7 @@ class Window:
         self.seen = 0
 
     def add(self, seconds: float) -> None:
+        """One latency sample, in seconds (kept in the reservoir with probability SAMPLE / seen)."""
         self.seen += 1
         if len(self.samples) < SAMPLE:
             self.samples.append(seconds)
@@ -94,18 +95,22 @@ class Figures:
         self._out_metrics: dict[int, tuple] = {}
 
     def channel(self, ch: int) -> _Channel:
+        """The counts of DataID `ch` (made at first use)."""
         c = self.channels.get(ch)
         if c is None:
             c = self.channels[ch] = _Channel()
         return c
 
     def output(self, label: str) -> _Output:
+        """The counts of the output labelled `label` (made at first use)."""
         o = self.outputs.get(label)
         if o is None:
             o = self.outputs[label] = _Output()
         return o
 
     def received(self, ch: int, n: int, size: int, delay_s: float | None) -> None:
+        """A batch of DataID `ch` arrived: `n` records of `size` bytes; `delay_s` from the agent reading its first
+        record to now (None when unknown)."""
         c = self.channel(ch)
         c.counts["records_in"] += n
         c.counts["bytes_in"] += size
@@ -113,6 +118,7 @@ class Figures:
             c.delay.add(delay_s)
 
     def no_route(self, ch: int, n: int) -> None:
+        """`n` records of DataID `ch` had no route: counted as no_route and dropped."""
         c = self.channel(ch)
         c.counts["no_route"] += n
         c.counts["dropped"] += n
@@ -135,6 +141,8 @@ class Figures:
             c.counts["errors"] += 1
 
     def output_settled(self, label: str, n: int, size: int, ok: bool, seconds: float) -> None:
+        """An output took (`ok`) a batch of `n` records, `size` bytes, `seconds` after it was submitted, or failed it
+        (one error)."""
         o = self.output(label)
         if ok:
             o.counts["records"] += n

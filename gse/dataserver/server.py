@@ -40,18 +40,23 @@ AREA_PARENTS_INTERVAL_S = 10.0   # how often the cascade of areas is read (what 
 
 @dataclasses.dataclass(frozen=True)
 class KafkaOutputConfig:
+    """The data server's `kafka` section: producer linger (ms), the largest record batch per partition (bytes; no
+    record may be larger), request timeout (s) and acks (all, 1 or 0)."""
     linger_ms: int = 5                  # how long the producer waits to fill a request
     max_batch_bytes: int = 1024 * 1024  # one record batch per partition (a record may not be larger)
     request_timeout_s: float = 10.0
     acks: str = "all"                   # all | 1 | 0
 
     def validate(self) -> None:
+        """ConfigError unless acks is all, 1 or 0."""
         if self.acks not in ("all", "1", "0"):
             raise ConfigError("kafka.acks must be all, 1 or 0")
 
 
 @dataclasses.dataclass(frozen=True)
 class FileOutputConfig:
+    """The data server's `files` section: the directories a file stream_to's data_log_path must lie under (spec
+    section 3, report_mode file), and rotation (bytes per file, backups kept)."""
     roots: tuple[str, ...] = ("/var/log/gse/data",)     # a stream_to's data_log_path must lie under one
     rotate_bytes: int = 256 * 1024 * 1024
     backups: int = 5
@@ -59,6 +64,9 @@ class FileOutputConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataServerConfig(BaseConfig):
+    """The data server's config (deploy/dataserver.yaml): its port (58625), area, how often it reports its load and
+    sends its operating figures (s, on `ops_data_id`), the host snapshot channel and TTL, output retry and Redis
+    settings, and the kafka, files and dbproxy sections."""
     host: str = "127.0.0.1"
     port: int = DEFAULT_DATASERVER_PORT
     advertise_host: str = ""
@@ -77,6 +85,8 @@ class DataServerConfig(BaseConfig):
     dbproxy: DbProxyClientConfig = DbProxyClientConfig()
 
     def validate(self) -> None:
+        """ConfigError when the TLS material or an advertise_host for a wildcard host is missing, or
+        load_report_interval_s or ops_interval_s is not positive."""
         super().validate()
         if self.load_report_interval_s <= 0 or self.ops_interval_s <= 0:
             raise ConfigError("load_report_interval_s and ops_interval_s must be positive")
@@ -92,10 +102,14 @@ class SnapshotCache:
         self.written = 0
 
     def on_records(self, _channel: int, agent_id: str, records) -> None:
+        """Router tap for the host snapshot channel: keep the last record of `records` as the agent's latest snapshot
+        (the channel id is not used)."""
         if records:
             self.latest[agent_id] = bytes(records[-1])
 
     async def run(self) -> None:
+        """Every second, write the snapshots received since the last write to Redis (one dbproxy round trip, TTL
+        `ttl_ms`); while dbproxy is unavailable they are logged and dropped (newer ones follow)."""
         while True:
             await asyncio.sleep(1.0)
             if not self.latest or not self.db.addresses:
@@ -110,6 +124,8 @@ class SnapshotCache:
 
 
 class DataServerService(Service):
+    """The data server daemon (`python -m gse.dataserver`): agents' DataIngest streams in, records routed per DataID
+    (spec section 3, data routes) to Kafka, Redis and files."""
     name = "dataserver"
 
     def __init__(self, config: DataServerConfig, *args):
@@ -140,13 +156,18 @@ class DataServerService(Service):
 
     @property
     def advertise(self) -> str:
+        """The host agents dial: advertise_host, else the listen host."""
         return self.config.advertise_host or self.config.host
 
     @property
     def node_id(self) -> str:
+        """node_id from the config, else `<advertised host>-<port>`."""
         return self.config.node_id or f"{self.advertise}-{self.port or self.config.port}"
 
     def health(self):
+        """(ok, detail) for /healthz: ok while serving and connected to ZooKeeper; the detail has agent streams,
+        routes and stream_tos (and the route table version), the channels (up to 1,000), records in and each output's
+        stats."""
         ok = self.server is not None and self.discovery.connected
         return ok, {"service": self.name, "node_id": self.node_id, "agents": self.ingest.load,
                     "zookeeper": self.discovery.connected, "routes": len(self.table.routes),
@@ -164,6 +185,9 @@ class DataServerService(Service):
         self.outputs.apply(streamtos)
 
     async def start(self) -> None:
+        """Start /healthz, ZooKeeper (following revocations, and dbproxy when none is configured), load the route
+        table and make its outputs, bind and start the DataIngest gRPC server, then register in ZooKeeper with its
+        load."""
         await super().start()
         c = self.config
         await self.discovery.start()
@@ -182,6 +206,8 @@ class DataServerService(Service):
                                                 "routes": len(self.table.routes)})
 
     async def run(self) -> None:
+        """Report the load to ZooKeeper every `load_report_interval_s`, send the operating figures every
+        `ops_interval_s`, store host snapshots and re-read the area cascade, until cancelled."""
         self._tasks = [asyncio.ensure_future(t) for t in (self._report_load(), self._ops_figures(),
                                                           self.snapshots.run(), self._area_parents())]
         await asyncio.gather(*self._tasks)
@@ -230,6 +256,9 @@ class DataServerService(Service):
                     log.warning("operating figures not delivered", extra={"error": repr(exc)})
 
     async def stop(self, grace: float) -> None:
+        """Leave ZooKeeper first (agents go elsewhere), end the ingest streams once their acks are written, stop
+        following routes and the loops, stop gRPC within `grace` seconds, then close the outputs (what is still
+        queued there fails: unacknowledged, the agents send it again) and the dbproxy client."""
         await self.discovery.stop()          # leave ZooKeeper first so that agents go elsewhere
         self.ingest.close()                  # streams end once their acks are written
         self.table.stop()
