@@ -30,4 +30,6 @@ class LazyModule:
 
 
 def lazy_module(module: str, attr: str = "") -> LazyModule:
+    """A stand-in for module `module` (or its attribute `attr`) imported at the first attribute read; ImportError or
+    AttributeError surfaces then, not here."""
     return LazyModule(module, attr)

@@ -90,14 +90,19 @@ class _Metric:
 
 
 class Counter(_Metric):
+    """A counter with prometheus_client's Counter calls (`labels`, `inc`); a name ending in _total is exposed as
+    prometheus_client would."""
     kind = "counter"
 
 
 class Gauge(_Metric):
+    """A gauge with prometheus_client's Gauge calls (`labels`, `inc`, `dec`, `set`)."""
     kind = "gauge"
 
 
 class Histogram(_Metric):
+    """A histogram with prometheus_client's Histogram calls (`labels`, `observe`); `buckets` are upper bounds (+Inf
+    added), DEFAULT_BUCKETS when not given."""
     kind = "histogram"
 
 

@@ -46,6 +46,7 @@ class ProxyRecord:
     deadline: int = 0
 
     def alive(self, at_ms: int | None = None) -> bool:
+        """Whether the proxy is alive at `at_ms` (epoch ms; default now): online and its deadline not passed."""
         return self.online and (at_ms or now_ms()) <= self.deadline
 
 
@@ -55,14 +56,18 @@ class ProxyIndex:
 
     @staticmethod
     def add(node_id: str, area: int, ttl_ms: int = SESSION_TTL_MS) -> db.Op:
+        """The op recording proxy `node_id` as serving `area` (the index's TTL renewed to `ttl_ms`)."""
         return db.hset(ProxyIndex.KEY, {node_id: str(area)}, ttl_ms)
 
     @staticmethod
     def read() -> db.Op:
+        """The op reading the whole index (one HGETALL)."""
         return db.hgetall(ProxyIndex.KEY)
 
     @staticmethod
     def decode(result) -> dict[str, int]:
+        """node_id -> area from the result of read(); {} when absent or failed; entries whose area is not an integer
+        are skipped."""
         if not (result.ok and result.found):
             return {}
         out = {}
@@ -80,14 +85,17 @@ class AreaParents:
 
     @staticmethod
     def set(area: int, parent: int) -> db.Op:
+        """The op recording that `area` is cascaded behind `parent` (0: its proxies reach the servers)."""
         return db.hset(AreaParents.KEY, {str(area): str(parent)})
 
     @staticmethod
     def read() -> db.Op:
+        """The op reading the whole cascade (one HGETALL)."""
         return db.hgetall(AreaParents.KEY)
 
     @staticmethod
     def decode(result) -> dict[int, int]:
+        """area -> parent area from the result of read(); {} when absent or failed; malformed entries are skipped."""
         if not (result.ok and result.found):
             return {}
         out = {}
@@ -128,16 +136,20 @@ class AreaHosts:
 
     @staticmethod
     def key(area: int) -> str:
+        """The Redis key of `area`'s host set: gse:areahosts:<area>."""
         return f"{AreaHosts.PREFIX}{area}"
 
     @staticmethod
     def add(area: int, ips, ttl_ms: int = SESSION_TTL_MS) -> db.Op:
+        """The op adding `ips` (an iterable of str) to `area`'s hosts (the set's TTL renewed to `ttl_ms`)."""
         return db.sadd(AreaHosts.key(area), ips, ttl_ms)
 
     @staticmethod
     def read(area: int) -> db.Op:
+        """The op reading `area`'s hosts (SMEMBERS)."""
         return db.smembers(AreaHosts.key(area))
 
     @staticmethod
     def decode(result) -> list[str]:
+        """The sorted IPs from the result of read(); [] when it failed."""
         return sorted(m.decode() for m in result.values) if result.ok else []
