@@ -33,6 +33,9 @@ log = logging.getLogger("gse.alarm")
 
 @dataclasses.dataclass(frozen=True)
 class AlarmConfig(BaseConfig):
+    """The alarm daemon's config (deploy/alarm.yaml): when an agent counts as lost and how often and how long it is
+    reported (s; spec section 10: every minute for 24 h), how many sessions are read per dbproxy call and records sent
+    per batch, the DataID (1000) and the area whose data servers carry the records."""
     advertise_host: str = ""            # the `server` IP in the records; "" = the address towards ZooKeeper
     area: int = 0                       # the data servers of this area carry the records
     scan_interval_s: float = 10.0       # the leader reads every session this often
@@ -46,6 +49,8 @@ class AlarmConfig(BaseConfig):
     dbproxy: DbProxyClientConfig = DbProxyClientConfig()
 
     def validate(self) -> None:
+        """ConfigError when TLS material is missing, an interval is not positive, scan_interval_s exceeds
+        report_interval_s, lost_grace_s is negative, or a batch size is below 1."""
         self.tls.require()              # (no listen address: nothing dials the alarm daemon)
         if self.scan_interval_s <= 0 or self.report_interval_s <= 0 or self.report_for_s <= 0:
             raise ConfigError("scan_interval_s, report_interval_s and report_for_s must be positive")
@@ -58,6 +63,8 @@ class AlarmConfig(BaseConfig):
 
 
 class AlarmService(Service):
+    """The alarm daemon (`python -m gse.alarm`, spec section 10): instances contend for leadership; the leader reports
+    lost agents on DataID 1000 through the data servers."""
     name = "alarm"
 
     def __init__(self, config: AlarmConfig, *args):
@@ -78,9 +85,12 @@ class AlarmService(Service):
 
     @property
     def node_id(self) -> str:
+        """node_id from the config, else `<ip>-<pid>` (no port: the daemon listens on none but /healthz)."""
         return self._node_id
 
     def health(self):
+        """(ok, detail) for /healthz: ok once it contends, with ZooKeeper connected and a dbproxy known; the detail
+        says whether it leads, the dbproxies and data servers it uses and the lost-agent counters."""
         ok = self.leadership is not None and self.discovery.connected and bool(self.db.addresses)
         return ok, {"service": self.name, "node_id": self.node_id, "leader": bool(self.leadership and
                                                                                  self.leadership.leading),
@@ -88,6 +98,8 @@ class AlarmService(Service):
                     "data_servers": sorted(self.sender.servers), **self.lost.stats}
 
     async def start(self) -> None:
+        """Start /healthz and ZooKeeper, follow the dbproxies (unless configured) and the data servers, and register
+        `<root>/alarm/<node_id>`; contending starts in run()."""
         await super().start()
         c = self.config
         await self.discovery.start()
@@ -100,9 +112,13 @@ class AlarmService(Service):
         log.info("alarm daemon contending for leadership", extra={"node_id": self.node_id})
 
     async def run(self) -> None:
+        """Contend for leadership for ever; while leading (and connected), scan the sessions and report lost agents
+        (gse/alarm/lost.py)."""
         await self.leadership.run(self.lost.lead)
 
     async def stop(self, grace: float) -> None:
+        """Give up leadership (the scan stops), leave ZooKeeper, close the data sender and dbproxy client, then
+        /healthz."""
         if self.leadership is not None:
             await self.leadership.stop()
         await self.discovery.stop()
