@@ -52,6 +52,9 @@ class CmdbClient:
         self._session: aiohttp.ClientSession | None = None
 
     async def call(self, name: str, body: dict, timeout_s: float | None = None):
+        """POST `body` to the CMDB's ESB API `name` (`/api/c/compapi/v2/cc/<name>/`) and return the envelope's `data`.
+        Raises Unavailable when the CMDB cannot be reached, times out (`timeout_s`, default the client's) or does not
+        answer an envelope, and CmdbError(code) when it answers a non-zero code or result false."""
         if self._session is None:
             self._session = aiohttp.ClientSession()
         try:
@@ -106,6 +109,7 @@ class CmdbClient:
         return out
 
     async def close(self) -> None:
+        """Close the HTTP session (idempotent; the next call opens another)."""
         if self._session is not None:
             await self._session.close()
             self._session = None

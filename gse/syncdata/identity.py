@@ -74,6 +74,8 @@ def associations(relations: Iterable[dict]) -> dict[str, dict]:
 
 
 def encode(doc: dict) -> bytes:
+    """The canonical bytes of an identity document: compact JSON, keys sorted, UTF-8 (what the md5 and the file on the
+    host are made of)."""
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 

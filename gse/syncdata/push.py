@@ -53,6 +53,10 @@ CONFIRMED = Counter("gse_syncdata_confirmed_total", "Identity files agents confi
 
 @dataclasses.dataclass(frozen=True)
 class PushPolicy:
+    """The pusher's timings, in seconds: how often pending agents are looked at, when an offline agent is looked at
+    again, the retry back-off of an unconfirmed push (base doubling to max), how often every identity is checked again
+    and unresolved hosts are resolved again; and the agents per dbproxy or task server call and the task server call
+    timeout."""
     push_interval_s: float = 1.0
     offline_check_s: float = 5.0
     retry_base_s: float = 5.0
@@ -71,6 +75,9 @@ class _Due:
 
 
 class Pusher:
+    """What every agent's identity file should be, and pushing the difference (see the module): `apply` takes what the
+    sources learn, `run` pushes while syncdata leads. Raises nothing for a task server or dbproxy that is away: the
+    round is retried."""
     def __init__(self, dbc: db.DbClient, peers: Peers, policy: PushPolicy):
         self.db = dbc
         self.peers = peers

@@ -31,6 +31,9 @@ log = logging.getLogger("gse.syncdata")
 
 @dataclasses.dataclass(frozen=True)
 class CmdbConfig:
+    """syncdata's `cmdb` section: the CMDB's ESB or API gateway base URL ("" = no CMDB source), the app code, secret
+    and user it calls as, the supplier account, a call's timeout and how long a resource_watch may be held (s), and
+    how often every host is read again (s)."""
     url: str = ""                   # the CMDB's ESB / API gateway base URL; "" = no CMDB source
     app_code: str = ""
     app_secret: str = ""
@@ -43,12 +46,16 @@ class CmdbConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FileSourceConfig:
+    """syncdata's `file` section: a JSON file of identities or a directory of *.json ("" = none), polled every
+    `poll_s` seconds."""
     path: str = ""                  # a JSON file of identities, or a directory of *.json; "" = none
     poll_s: float = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
 class SyncDataConfig(BaseConfig):
+    """The syncdata daemon's config (deploy/syncdata.yaml): exactly one source (cmdb or file) and the pusher's timings
+    (s) and batch size (agents per dbproxy and task server call)."""
     advertise_host: str = ""        # shown in ZooKeeper; "" = this host's address towards ZooKeeper
     cmdb: CmdbConfig = CmdbConfig()
     file: FileSourceConfig = FileSourceConfig()
@@ -62,6 +69,8 @@ class SyncDataConfig(BaseConfig):
     dbproxy: DbProxyClientConfig = DbProxyClientConfig()
 
     def validate(self) -> None:
+        """ConfigError when TLS material is missing, not exactly one source is configured, the CMDB source lacks its
+        app code or secret, a push timing is not positive or retry_max_s < retry_base_s, or batch_size is below 1."""
         self.tls.require()          # (no listen address: nothing dials syncdata)
         if bool(self.cmdb.url) == bool(self.file.path):
             raise ConfigError("configure exactly one source: cmdb.url or file.path")
@@ -75,6 +84,8 @@ class SyncDataConfig(BaseConfig):
 
 
 class SyncDataService(Service):
+    """The syncdata daemon (`python -m gse.syncdata`, spec section 11): instances contend for leadership; the leader
+    keeps every agent's host identity file current from its source."""
     name = "syncdata"
 
     def __init__(self, config: SyncDataConfig, *args):
@@ -101,9 +112,13 @@ class SyncDataService(Service):
 
     @property
     def node_id(self) -> str:
+        """node_id from the config, else `<ip>-<pid>` (it listens on no port but /healthz)."""
         return self._node_id
 
     def health(self):
+        """(ok, detail) for /healthz: ok once it contends, with ZooKeeper connected and a dbproxy known; the detail
+        says whether it leads, its source, and the hosts known, pending and unresolved with the pusher's and source's
+        counters."""
         ok = self.leadership is not None and self.discovery.connected and bool(self.db.addresses)
         return ok, {"service": self.name, "node_id": self.node_id,
                     "leader": bool(self.leadership and self.leadership.leading), "source": self.source.name,
@@ -113,6 +128,8 @@ class SyncDataService(Service):
                     "source_stats": self.source.stats}
 
     async def start(self) -> None:
+        """Start /healthz and ZooKeeper, follow the dbproxies (unless configured) and the task servers, and register
+        `<root>/syncdata/<node_id>`; contending starts in run()."""
         await super().start()
         c = self.config
         await self.discovery.start()
@@ -133,9 +150,12 @@ class SyncDataService(Service):
             tg.create_task(self.pusher.run())
 
     async def run(self) -> None:
+        """Contend for leadership for ever; while leading, run the source and the pusher together (see lead())."""
         await self.leadership.run(self.lead)
 
     async def stop(self, grace: float) -> None:
+        """Give up leadership (source and pusher stop), leave ZooKeeper, close the CMDB, task server and dbproxy
+        clients, then /healthz."""
         if self.leadership is not None:
             await self.leadership.stop()
         await self.discovery.stop()

@@ -37,6 +37,8 @@ RESOURCES = ("host", "host_relation")
 
 
 class CmdbSource:
+    """Host identities from the CMDB (see the module): a full read, then resource_watch on `host` and `host_relation`
+    from the cursors kept in Redis, every change rendered and handed to the pusher."""
     name = "cmdb"
 
     def __init__(self, client: CmdbClient, dbc: db.DbClient, full_sync_s: float = 3600.0, hold_s: float = 25.0):
@@ -50,6 +52,9 @@ class CmdbSource:
         self.stats = {"full_syncs": 0, "events": 0, "hosts": 0}
 
     async def run(self, sink) -> None:
+        """While leading, for ever: read every host and relation, then follow both watches for `full_sync_s` seconds,
+        and start over (at once when the CMDB no longer keeps a cursor). A CMDB error other than a lost cursor is
+        raised (the leadership loop starts the source again)."""
         while True:
             started = int(time.time())
             cursors = await self._cursors()
@@ -253,6 +258,8 @@ class FileSource:
         return out, sorted(before - held)
 
     async def run(self, sink) -> None:
+        """While leading, for ever: read every identity file again (a new leader starts from nothing), then poll every
+        `poll_s` seconds and hand the pusher what changed and the refs that disappeared."""
         self.seen.clear()           # a new leader re-reads everything (the pusher keeps only what changed)
         while True:
             found = await asyncio.to_thread(self.scan)
