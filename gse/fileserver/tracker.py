@@ -141,6 +141,8 @@ class Tracker:
         return tokens
 
     def unregister_transfer(self, transfer_id: str) -> None:
+        """Close a transfer: its tokens stop working and its peers are forgotten at once (nothing when it is not
+        registered)."""
         transfer = self._transfers.pop(transfer_id, None)
         if transfer is None:
             return
@@ -170,6 +172,8 @@ class Tracker:
         return token
 
     def remove_member(self, transfer_id: str, member: str) -> None:
+        """Take `member` out of a transfer: its token stops working and other members no longer learn of it (nothing
+        when either is unknown)."""
         transfer = self._transfers.get(transfer_id)
         if transfer is None:
             return
@@ -179,6 +183,7 @@ class Tracker:
         transfer.peers.pop(member, None)
 
     def token(self, transfer_id: str, member: str) -> str:
+        """The announce token of `member` in the transfer; KeyError naming what is unknown."""
         transfer = self._transfer(transfer_id)
         try:
             return transfer.members[member].token
@@ -193,6 +198,8 @@ class Tracker:
         return f"{base}?{TOKEN_PARAM}={self.token(transfer_id, member)}"
 
     def transfer_stats(self, transfer_id: str) -> TransferStats:
+        """The swarm of one transfer now (stale peers dropped first): seeders, leechers, completions, the bytes its
+        peers reported uploaded, downloaded and left, and each peer's figures; KeyError for an unknown transfer."""
         transfer = self._transfer(transfer_id)
         self._expire(transfer, time.monotonic())
         peers = {k: PeerStats(**vars(p)) for k, p in transfer.peers.items()}
@@ -204,6 +211,7 @@ class Tracker:
                              left=sum(p.left for p in peers.values()), peers=peers)
 
     def transfers(self) -> list[str]:
+        """The ids of the transfers registered now."""
         return list(self._transfers)
 
     def _transfer(self, transfer_id: str) -> _Transfer:
@@ -334,6 +342,8 @@ class Tracker:
         return bound
 
     async def stop(self) -> None:
+        """Stop the tracker's own site if start() made one (idempotent); a tracker mounted with add_routes stops with
+        its app."""
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()

@@ -66,6 +66,8 @@ class ReportClient(_Connection):
     what = "report client"
 
     async def connect(self, path: str) -> ReportClient:
+        """Connect to the agent's report socket at `path` (spec section 5); returns self. OSError (FileNotFoundError,
+        PermissionError) when the socket is not there or not ours to use."""
         self._reader, self._writer = await asyncio.open_unix_connection(path)
         return self
 
@@ -76,6 +78,8 @@ class ReportClient(_Connection):
         return REPORT_UP_HEADER.pack(proto_type, data_id, utc, len(body), 0, 0) + body
 
     async def send(self, data_id: int, body: bytes) -> None:
+        """Send one record `body` on DataID `data_id` (a 0x0C01 frame) and wait until it is written; the agent closes
+        the connection on a body over its max message (10 MiB)."""
         self._w.write(self.frame(data_id, body))
         await self._w.drain()
 
@@ -119,6 +123,8 @@ class MessageClient(_Connection):
         self._closed_exc: BaseException | None = None
 
     async def connect(self, path: str) -> MessageClient:
+        """Connect to the agent's message socket at `path` (spec section 5) and start reading its frames; returns
+        self. OSError when the socket is not there or not ours to use."""
         self._reader, self._writer = await asyncio.open_unix_connection(path, limit=self.max_message)
         self._task = asyncio.create_task(self._read_loop())
         return self
@@ -191,6 +197,8 @@ class MessageClient(_Connection):
             self._dispatches.put_nowait(None)
 
     async def close(self) -> None:
+        """Stop reading and close the connection (idempotent); a waiting keepalive() or receive() then raises
+        ConnectionError."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
