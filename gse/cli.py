@@ -18,7 +18,8 @@ from gse.common.errors import ErrorCode, ScriptStatus
 def api_call(url: str, app_code: str, app_secret: str, path: str, body: dict, timeout: float = 10.0) -> dict:
     """POST `body` as JSON to `url` + `path` with the X-Bkapi-Authorization header of `app_code`/`app_secret` (spec
     section 1) and return the decoded envelope, also when the HTTP status is an error (401 carries one too). A
-    connection failure raises urllib.error.URLError; a body that is not JSON, ValueError."""
+    connection failure raises urllib.error.URLError (TimeoutError after `timeout` seconds); a body that is not JSON,
+    ValueError."""
     req = urllib.request.Request(
         url.rstrip("/") + path, data=json.dumps(body).encode(), method="POST",
         headers={"Content-Type": "application/json",

@@ -522,7 +522,7 @@ class Cluster:
         """The config of agent `index` (living in `<base>/agents/agent-<index>`) at `ip`: dialling `servers` (default:
         the task servers for area 0, else the proxies of `cloud_id`), with its identity made per `identity` (see
         agent_identity_files) and a free metrics port. `overrides` replace top-level keys; `procs` is merged into the
-        plugin settings. Raises ClusterError when area `cloud_id` has no proxy."""
+        plugin settings. Raises ClusterError when no `servers` are given and area `cloud_id` has no proxy."""
         d = self.base / "agents" / f"agent-{index}"
         # Each agent its own plugin directory (auto-load), never the host's /usr/local/gse/plugins.
         procs = {"plugin_dir": str(d / "plugins"), **overrides.pop("procs", {})}

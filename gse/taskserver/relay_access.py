@@ -564,6 +564,6 @@ class Relays:
         return sum(len(m.agents) for m in self.muxes.values())
 
     def area_parents(self) -> dict[int, int]:
-        """area -> parent area (0 for an area whose proxy dials this server), as the proxies here announced
-        themselves; a copy."""
+        """area -> parent area (this server's own area for one whose proxy dials it directly), as the proxies
+        here announced themselves; a copy."""
         return dict(self.parents)
