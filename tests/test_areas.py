@@ -408,3 +408,42 @@ def test_files_from_area_0_into_area_1_and_a_cascaded_area_2_through_their_proxi
     ih_files = {x.name for p in (p1, p2) for x in (c.base / p.name / "files").iterdir()}
     assert len(ih_files) == 1, ih_files
     del hashlib
+
+
+
+def test_a_source_inside_a_cascaded_area_sends_direct_and_bittorrent_entries_up_through_its_relays(area_cluster,
+                                                                                                    tmp_path):
+    """A source in area 2 (behind area 1's proxy) sends to hosts of areas 0 and 1: its direct-mode upload goes
+    to area 2's proxy, which forwards it to area 1's, which forwards it to the file server (the relays hear of
+    the transfer before the source does, and take its data from below); every target gets the source's bytes."""
+    import os
+
+    from test_files import md5, send, task, wait_done
+
+    c = area_cluster
+    c.start_fileserver()
+    api = api_for(c)
+    p1 = c.proxies[0]
+    p2 = c.start_proxy(2, upstream=[p1.info["address"]], register=False)
+    src_agent = c.start_agent(cloud_id=2, files={"bt_stall_s": 10.0})
+    t0 = c.start_agent(cloud_id=0, wait=False, files={"bt_stall_s": 10.0})
+    t1 = c.start_agent(cloud_id=1, wait=False, files={"bt_stall_s": 10.0})
+    for a in (t0, t1):
+        c.wait_healthy(a)
+    s, targets = src_agent.info["bk_agent_id"], [t0.info["bk_agent_id"], t1.info["bk_agent_id"]]
+    api.wait_alive([s, *targets])
+    mix = tmp_path / "mix"
+    mix.mkdir()
+    (mix / "small.txt").write_bytes(b"from inside area 2\n")
+    (mix / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    tid = send(api, [task(s, tmp_path, "mix", targets, tmp_path / "dst")], download_speed=0.5, timeout_seconds=120)
+    items = wait_done(api, tid, targets, timeout=120)
+    assert all(i["error_code"] == 0 for i in items), items
+    assert {i["content"]["type"] for i in items} >= {"bt", "direct"}
+    assert (tmp_path / "dst" / "mix" / "small.txt").read_bytes() == b"from inside area 2\n"
+    assert md5(tmp_path / "dst" / "mix" / "big.bin") == md5(mix / "big.bin")
+    # The source's upload went up the chain: area 2's proxy forwarded it to area 1's, which forwarded it on.
+    for p in (p2, p1):
+        forwarded = [float(line.split()[-1]) for line in _metrics(p).splitlines()
+                     if line.startswith("gse_proxy_file_forwarded_bytes_total ")]
+        assert forwarded and forwarded[0] >= len(b"from inside area 2\n"), (p.name, forwarded)

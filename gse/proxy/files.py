@@ -50,6 +50,7 @@ CACHE_HITS = Counter("gse_proxy_file_cache_hits_total", "Torrents seeded from th
 CACHE_BYTES = Gauge("gse_proxy_file_cache_bytes", "Bytes in the file cache")
 
 CHUNK = 1024 * 1024
+ARRIVAL_WAIT_S = 10.0       # how long a call for a transfer not relayed yet waits for its RelayTransfer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,27 @@ class RelayFileService(FileService):
     def __init__(self, cfg: FileServerConfig, tracker: Tracker, tracker_url: str, relay: "FileRelay"):
         super().__init__(cfg, tracker, tracker_url)
         self.relay = relay
+        self.arrivals: dict[str, asyncio.Event] = {}
+
+    def create(self, transfer_id: str, *args, **kw):
+        """FileService.create, waking the calls that wait for this transfer (see `_member`)."""
+        t = super().create(transfer_id, *args, **kw)
+        ev = self.arrivals.pop(transfer_id, None)
+        if ev is not None:
+            ev.set()
+        return t
+
+    async def _member(self, context, transfer_id: str, token: str):
+        """FileService._member, after waiting up to ARRIVAL_WAIT_S for a transfer not relayed yet: its
+        coordinator tells this proxy and the members at once, on links that need not keep that order."""
+        if transfer_id and transfer_id not in self.transfers:
+            ev = self.arrivals.setdefault(transfer_id, asyncio.Event())
+            try:
+                await asyncio.wait_for(ev.wait(), ARRIVAL_WAIT_S)
+            except asyncio.TimeoutError:
+                if self.arrivals.get(transfer_id) is ev:
+                    del self.arrivals[transfer_id]
+        return await super()._member(context, transfer_id, token)
 
     async def Fetch(self, request, context):
         """The file service's Fetch for a member of the area, after asking the relay to fetch that entry from upstream
@@ -111,6 +133,7 @@ class RelayFileService(FileService):
 class _Relayed:
     msg: apb.RelayTransfer
     hashes: list[bytes]
+    entries: set[int] = dataclasses.field(default_factory=set)     # the indexes of the entries relayed so far
     fetchers: dict[int, asyncio.Task] = dataclasses.field(default_factory=dict)
     uploads: set = dataclasses.field(default_factory=set)
 
@@ -214,29 +237,39 @@ class FileRelay:
         return msg.members.get(msg.member, "")
 
     async def relay(self, msg: apb.RelayTransfer) -> None:
-        """Relay one transfer (idempotent per transfer id): register its area swarm's members and tokens with the
-        tracker and file service, join each torrent on both trackers (seeded from the cache when the file is there,
-        else downloaded into it), and fetch direct-mode files from upstream once."""
+        """Relay one transfer (see the module): the first RelayTransfer, sent when it starts, registers its area
+        swarm's members and tokens with the tracker and file service; the one carrying the source's entries joins
+        each torrent on both trackers (seeded from the cache when the file is there, else downloaded into it) and
+        fetches direct-mode files from upstream once (unless the source is on this side). Entries already
+        relayed are skipped."""
         async with self._lock:
-            if msg.transfer_id in self.relayed:
+            st = self.relayed.get(msg.transfer_id)
+            if st is None:
+                self.service.create(msg.transfer_id, msg.area, dict(msg.members), msg.timeout_seconds)
+                st = self.relayed[msg.transfer_id] = _Relayed(msg, [])
+                RELAYS.set(len(self.relayed))
+                log.info("transfer relayed", extra={"transfer_id": msg.transfer_id, "members": len(msg.members),
+                                                    "upstream": msg.upstream_fileserver or "-"})
+            t = self.service.transfers.get(msg.transfer_id)
+            new = [e for e in msg.entries if e.index not in st.entries]
+            if t is None or not new:
                 return
+            st.msg = msg
+            st.entries.update(e.index for e in new)
             token = self._token(msg)
-            t = self.service.create(msg.transfer_id, msg.area, dict(msg.members), msg.timeout_seconds)
-            hashes = [e.info_hash for e in msg.entries if e.torrent]
+            hashes = [e.info_hash for e in new if e.torrent]
             self.service.add_torrents(t, hashes)
-            st = self.relayed[msg.transfer_id] = _Relayed(msg, hashes)
-            RELAYS.set(len(self.relayed))
+            st.hashes += hashes
             trackers = [f"{self.tracker_url}?gse_token={token}"]
             if msg.upstream_tracker_url:
                 trackers.append(f"{msg.upstream_tracker_url}?gse_token={token}")
-            for e in msg.entries:
+            for e in new:
                 if e.torrent:
                     await self._torrent(msg, e, trackers)
                 elif not e.is_dir and not e.link_target and not e.error_code and not e.content:
                     self.want(msg.transfer_id, e.index)     # a direct-mode entry: fetched once, now
-            log.info("transfer relayed", extra={"transfer_id": msg.transfer_id, "members": len(msg.members),
-                                                "torrents": len(hashes), "upstream": msg.upstream_fileserver or "-",
-                                                "entries": len(st.msg.entries)})
+            log.info("transfer entries relayed", extra={"transfer_id": msg.transfer_id, "torrents": len(hashes),
+                                                        "entries": len(new)})
 
     async def _torrent(self, msg: apb.RelayTransfer, e, trackers: list[str]) -> None:
         ih = e.info_hash

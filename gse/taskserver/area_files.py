@@ -74,6 +74,14 @@ class AreaPlan:
                 and self.parents.get(a) == area]
         return out
 
+    def _source_way(self) -> list[int]:
+        """The areas the file leaves on its way from the source's area up to the top (not the top)."""
+        return region_chain(self.parents, self.source_area, self.top) or []
+
+    def on_source_way(self, area: int) -> bool:
+        """The source is in `area` or below it: the relay of `area` gets the file from below, never from above."""
+        return area == self.source_area or area in self._source_way()
+
     def upstream(self, area: int) -> tuple[str, str]:
         """Where the relay of `area` fetches from: ("", "") for the top of the chain."""
         return ("", "") if area == self.top else self.endpoint(self.parents[area])

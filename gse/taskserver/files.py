@@ -184,6 +184,10 @@ class FileCoordinator:
         source_fs, source_tracker = area_plan.endpoint(area_plan.source_area) if area_plan else \
             (address, reply.tracker_url)
         self.transfers[spec.transfer_id] = t
+        if area_plan is not None and area_plan.relays:
+            # Before the source hears of it: a source inside an area uploads its direct entries into its relay
+            # (which forwards them up) while it prepares its manifest.
+            await self._start_relays(t)
         source.send(apb.ServerFrame(file_source=apb.FileSource(
             task_id=spec.task_id, transfer_id=spec.transfer_id, store_dir=spec.source_dir,
             file_name=spec.source_name, md5=spec.md5, user=spec.source_user, fileserver=source_fs,
@@ -260,8 +264,10 @@ class FileCoordinator:
         return []
 
     async def _start_relays(self, t: Transfer) -> None:
-        """Tell each area's relay proxy its part (area_files.py); the targets behind a relay that cannot be
-        reached cannot be reached either."""
+        """Tell each area's relay proxy its part (area_files.py): once when the transfer starts (its members and
+        tokens: the relays on the source's way take its uploads from then on), and again with the source's
+        entries once its manifest is in. The targets behind a relay that cannot be reached cannot be reached
+        either."""
         p, spec = t.plan, t.spec
         by_node: dict[str, list[str]] = {}
         frames = {}
@@ -273,7 +279,7 @@ class FileCoordinator:
                 members={m: t.tokens[m] for m in swarm if m in t.tokens}, entries=t.entries,
                 upstream_fileserver=up_fs, upstream_tracker_url=up_tracker, timeout_seconds=spec.timeout_seconds,
                 rate=t.rate, max_connections=t.max_connections,
-                source_inside=p.source_area == area)).SerializeToString()
+                source_inside=p.on_source_way(area))).SerializeToString()
             by_node.setdefault(rec.node, []).append(p.member(rec.node_id))
         missed: set[str] = set()
         for area, frame in frames.items():
