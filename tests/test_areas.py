@@ -411,14 +411,39 @@ def test_files_from_area_0_into_area_1_and_a_cascaded_area_2_through_their_proxi
 
 
 
+def test_area_plan_uploaders_are_the_source_and_the_relays_on_its_way_up():
+    """Only the source and the relays it leaves areas through may upload; relays above it take data from
+    below; a relay beside the way (a target's area) is no uploader and fetches from above."""
+    from gse.common.records import ProxyRecord
+    from gse.taskserver.area_files import AreaPlan
+
+    parents = {1: 0, 2: 1, 3: 1}
+    relays = {a: ProxyRecord(node_id=f"p{a}", area=a) for a in (1, 2, 3)}
+    # source in area 2; targets in areas 0 and 3: the top is 0, the source leaves 2 then 1
+    p = AreaPlan(2, 0, {"t0": 0, "t3": 3}, parents, relays, {})
+    assert p.uploaders("src") == ["src", "proxy:p2", "proxy:p1"]
+    assert [a for a in (1, 2, 3) if p.on_source_way(a)] == [1, 2]
+    # targets all in area 3: the top is area 1, whose relay has nothing above it to forward to
+    p = AreaPlan(2, 1, {"t3": 3}, parents, relays, {})
+    assert p.uploaders("src") == ["src", "proxy:p2"]
+    assert [a for a in (1, 2, 3) if p.on_source_way(a)] == [2]
+    # a source in area 0 sending into areas: nobody but the source uploads
+    assert AreaPlan(0, 0, {"t3": 3}, parents, relays, {}).uploaders("src") == ["src"]
+
+
 def test_a_source_inside_a_cascaded_area_sends_direct_and_bittorrent_entries_up_through_its_relays(area_cluster,
                                                                                                     tmp_path):
     """A source in area 2 (behind area 1's proxy) sends to hosts of areas 0 and 1: its direct-mode upload goes
     to area 2's proxy, which forwards it to area 1's, which forwards it to the file server (the relays hear of
-    the transfer before the source does, and take its data from below); every target gets the source's bytes."""
+    the transfer before the source does, and take its data from below; each is an uploader on the source's
+    way). A target of area 1 using its own token to upload into its proxy's relay is refused and counted
+    there; every target gets the source's bytes."""
     import os
 
-    from test_files import md5, send, task, wait_done
+    import grpc
+    from test_files import file_service_call, md5, send, target_journal, task, wait_done
+
+    from gse.pb import file_pb2 as fpb
 
     c = area_cluster
     c.start_fileserver()
@@ -437,6 +462,15 @@ def test_a_source_inside_a_cascaded_area_sends_direct_and_bittorrent_entries_up_
     (mix / "small.txt").write_bytes(b"from inside area 2\n")
     (mix / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024))
     tid = send(api, [task(s, tmp_path, "mix", targets, tmp_path / "dst")], download_speed=0.5, timeout_seconds=120)
+    ft = wait_for(lambda: target_journal(c, targets[1], tid), 30, "the area-1 target's journal")
+    assert ft.fileserver != c.fileservers[0].info["address"]      # its area's proxy relays direct entries
+    assert set(ft.tokens) == {targets[1]}
+    small = next(e.index for e in ft.entries if e.rel_path.endswith("small.txt"))
+    forged = fpb.Chunk(transfer_id=ft.transfer_id, index=small, offset=0, data=b"forged\n", size=7, last=True,
+                       token=ft.tokens[targets[1]])
+    code, details = file_service_call(c, ft.fileserver, "Upload", [forged])
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "source" in details, (code, details)
+    assert 'gse_fileserver_refused_total{reason="not_uploader"} 1.0' in _metrics(p1)
     items = wait_done(api, tid, targets, timeout=120)
     assert all(i["error_code"] == 0 for i in items), items
     assert {i["content"]["type"] for i in items} >= {"bt", "direct"}

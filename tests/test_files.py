@@ -229,6 +229,84 @@ def test_tracker_refuses_strangers(fc):
     assert b"failure reason" in body
 
 
+def target_journal(c, bk_agent_id, task_id):
+    """The FileTarget a target agent journaled for the transfer of `task_id` (what a host holds of it)."""
+    from gse.pb import agent_pb2 as apb
+    proc = next(p for p in c.agents if p.info["bk_agent_id"] == bk_agent_id)
+    for path in (Path(proc.info["data_dir"]) / "files").glob("*.target"):
+        ft = apb.FileTarget.FromString(path.read_bytes())
+        if ft.task_id == task_id:
+            return ft
+    return None
+
+
+def file_service_call(c, address, method, request):
+    """Call FileService `method` on `address` as a host would (the agents' certificate); returns the reply, or
+    the (status code, details) it failed with."""
+    import asyncio
+
+    import grpc
+
+    from gse.common import rpc
+    from gse.common.tls import TLSMaterial
+    from gse.pb import file_pb2_grpc as fpb_grpc
+
+    async def go():
+        ch = rpc.make_channel(TLSMaterial.from_dir(c.certs_dir, "agent"), address)
+        try:
+            call = getattr(fpb_grpc.FileServiceStub(ch), method)
+            if method == "Upload":
+                return await call(iter(request), timeout=10)
+            return [chunk async for chunk in call(request, timeout=10)]
+        except grpc.aio.AioRpcError as exc:
+            return exc.code(), exc.details()
+        finally:
+            await ch.close()
+    return asyncio.run(go())
+
+
+def test_a_target_s_token_cannot_upload_and_the_source_s_still_does(fc, fapi, tmp_path):
+    """Only the source uploads a transfer's direct-mode entries: a target host using its own token (read from
+    its journal, which holds no other member's token that may upload) is refused PERMISSION_DENIED, counted,
+    and nothing it sent reaches the relay; the source's upload of the same entry arrives whole everywhere."""
+    import grpc
+
+    from gse.pb import file_pb2 as fpb
+    a = ids(fc)
+    mix = tmp_path / "mix"
+    mix.mkdir()
+    (mix / "small.txt").write_bytes(b"the source's own bytes\n")
+    (mix / "big.bin").write_bytes(os.urandom(6 * 1024 * 1024))
+    # One transfer (a directory): a direct entry, and a BitTorrent one slow enough to keep it running.
+    tid = send(fapi, [task(a[0], tmp_path, "mix", [a[1], a[2]], tmp_path / "dst")], download_speed=0.5)
+    ft = wait_for(lambda: target_journal(fc, a[1], tid), 30, "the target's journal")
+    assert a[0] not in ft.tokens and set(ft.tokens) == {a[1], a[2]}
+    small = next(e.index for e in ft.entries if e.rel_path.endswith("small.txt"))
+    big = next(e.index for e in ft.entries if e.rel_path.endswith("big.bin"))
+    mine = ft.tokens[a[1]]
+    for index in (small, big):
+        forged = fpb.Chunk(transfer_id=ft.transfer_id, index=index, offset=0, data=b"forged by a target\n",
+                           size=19, last=True, token=mine)
+        code, details = file_service_call(fc, ft.fileserver, "Upload", [forged])
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "source" in details, (code, details)
+    m = urllib.request.urlopen(f"http://127.0.0.1:{fc.fileservers[0].info['metrics_port']}/metrics",
+                               timeout=5).read().decode()
+    assert any(line.startswith('gse_fileserver_refused_total{reason="not_uploader"}') and float(line.split()[-1]) >= 2
+               for line in m.splitlines()), m
+    # Nothing was stored for the BitTorrent entry (its source never uploads it) ...
+    code, _ = file_service_call(fc, ft.fileserver, "Fetch", fpb.FetchRequest(
+        transfer_id=ft.transfer_id, index=big, token=ft.tokens[a[2]], wait_seconds=1))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    # ... and the direct entry is the source's upload, fetched by the other target like any fetch.
+    chunks = file_service_call(fc, ft.fileserver, "Fetch", fpb.FetchRequest(
+        transfer_id=ft.transfer_id, index=small, token=ft.tokens[a[2]], wait_seconds=10))
+    assert b"".join(ch.data for ch in chunks) == b"the source's own bytes\n"
+    items = wait_done(fapi, tid, a[1:3], timeout=60)
+    assert all(i["error_code"] == 0 for i in items), items
+    assert (tmp_path / "dst" / "mix" / "small.txt").read_bytes() == b"the source's own bytes\n"
+    assert md5(tmp_path / "dst" / "mix" / "big.bin") == md5(mix / "big.bin")
+
+
 def test_terminate_and_timeout_leave_nothing(fc, fapi, src, tmp_path):
     a = ids(fc)
     # Waits are bounds for a loaded machine (they cost nothing when it is not).

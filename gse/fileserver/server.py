@@ -2,7 +2,9 @@
 
 A transfer exists only when a task server created it (file management takes only the server role: see
 ACCESS in gse/common/roles.py); its members get one token each, valid for the tracker announces of the
-transfer's torrents and for direct-mode uploads and fetches. Direct mode relays data through here: the source uploads an entry
+transfer's torrents and for direct-mode fetches; only its uploaders' tokens (the source's, and those of the
+proxies relaying the source's uploads out of its area) are valid for uploads, so no target can replace the
+bytes the other targets receive. Direct mode relays data through here: the source uploads an entry
 (small files always, large ones when a target's BitTorrent keeps failing) and targets fetch it, waiting for
 bytes the source has not sent yet. The server caps greediness: a per-member rate (the request's, else the
 configured default, at most `max_share` of an agent's configured bandwidth) and connections per torrent.
@@ -19,6 +21,7 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,7 +92,8 @@ class Blob:
 class Transfer:
     """One live transfer as the file server holds it: its members (bk_agent_ids) and their tokens both ways, the area
     its torrents are scoped to, when it expires (monotonic s), its relay directory, the tracker swarms of its torrents
-    ("<transfer_id>/<info hash hex>") and the direct-mode entries relayed so far."""
+    ("<transfer_id>/<info hash hex>"), the direct-mode entries relayed so far, and the members that may upload
+    them (the source, or a proxy relaying its uploads)."""
     transfer_id: str
     area: int
     members: dict[str, str]               # member -> token
@@ -100,6 +104,7 @@ class Transfer:
     blobs: dict[int, Blob] = field(default_factory=dict)
     member_areas: dict[str, int] = field(default_factory=dict)   # members of another area than `area`
     cross_area: bool = False
+    uploaders: frozenset[str] = frozenset()
 
     def blob(self, index: int) -> Blob:
         """The relayed entry `index`, made (empty, size unknown) on first use."""
@@ -125,14 +130,23 @@ class FileService(pb_grpc.FileServiceServicer):
 
     # ---- helpers ----------------------------------------------------------------------------------
 
-    async def _member(self, context, transfer_id: str, token: str) -> Transfer:
+    async def _member(self, context, transfer_id: str, token: str, upload: bool = False) -> Transfer:
+        """The live transfer `token` is a member of (of its uploaders, for an `upload`); else the call is aborted:
+        NOT_FOUND for an unknown transfer, PERMISSION_DENIED for a stranger's token or a member that may not
+        upload (refusals counted by reason)."""
         t = self.transfers.get(transfer_id)
         if t is None:
             REFUSED.labels("unknown_transfer").inc()
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no live transfer {transfer_id}")
-        if token not in t.by_token:
+        member = t.by_token.get(token)
+        if member is None:
             REFUSED.labels("bad_token").inc()
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not a member of this transfer")
+        if upload and member not in t.uploaders:
+            REFUSED.labels("not_uploader").inc()
+            log.warning("upload refused: not the source", extra={"transfer_id": transfer_id, "member": member})
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "only the transfer's source (or a proxy relaying it) may upload its entries")
         return t
 
     def rate_limit(self, requested: int) -> int:
@@ -165,16 +179,18 @@ class FileService(pb_grpc.FileServiceServicer):
     # ---- task servers -----------------------------------------------------------------------------
 
     def create(self, transfer_id: str, area: int, tokens: dict[str, str], timeout_seconds: int = 0,
-               member_areas: dict[str, int] | None = None, cross_area: bool = False) -> Transfer:
-        """Open a transfer to the members of `tokens` (member -> token); also what a proxy relaying a transfer
-        into its area does with the tokens the transfer's file server gave (gse/proxy/files.py)."""
+               member_areas: dict[str, int] | None = None, cross_area: bool = False,
+               uploaders: Iterable[str] = ()) -> Transfer:
+        """Open a transfer to the members of `tokens` (member -> token), of which only `uploaders` may upload
+        direct-mode entries; also what a proxy relaying a transfer into its area does with the tokens the
+        transfer's file server gave (gse/proxy/files.py)."""
         ttl = timeout_seconds + 60 if timeout_seconds > 0 else self.cfg.transfer_ttl_s
         # Named by a digest of the id: no id (".." say) can name a directory outside the relay root.
         d = self.root / hashlib.sha256(transfer_id.encode()).hexdigest()[:32]
         d.mkdir(parents=True, exist_ok=True)
         t = self.transfers[transfer_id] = Transfer(transfer_id, area, dict(tokens), {v: k for k, v in tokens.items()},
                                                    time.monotonic() + ttl, d, member_areas=dict(member_areas or {}),
-                                                   cross_area=cross_area)
+                                                   cross_area=cross_area, uploaders=frozenset(uploaders) & set(tokens))
         TRANSFERS.set(len(self.transfers))
         log.info("transfer created", extra={"transfer_id": transfer_id, "members": len(tokens), "area": area,
                                             "cross_area": cross_area})
@@ -191,14 +207,15 @@ class FileService(pb_grpc.FileServiceServicer):
             t.torrents.append(sub)
 
     async def CreateTransfer(self, request, context):
-        """Task servers: create a transfer for `members` (INVALID_ARGUMENT for an empty or existing id, or no
-        members). Answers a token per member, the tracker URL, the rate cap and max connections per torrent; the
-        transfer expires `timeout_seconds` + 60 s from now, else after transfer_ttl_s."""
+        """Task servers: create a transfer for `members` (the source first; INVALID_ARGUMENT for an empty or
+        existing id, or no members), of which `uploaders` (default: the source) may upload direct-mode entries.
+        Answers a token per member, the tracker URL, the rate cap and max connections per torrent; the transfer
+        expires `timeout_seconds` + 60 s from now, else after transfer_ttl_s."""
         if request.transfer_id in self.transfers or not request.transfer_id or not request.members:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a new transfer id and members are required")
         tokens = {m: secrets.token_urlsafe(24) for m in request.members}
         self.create(request.transfer_id, request.area, tokens, request.timeout_seconds, dict(request.member_areas),
-                    request.cross_area)
+                    request.cross_area, request.uploaders or request.members[:1])
         return pb.CreateTransferReply(tokens=tokens, tracker_url=self.tracker_url,
                                       rate_limit=self.rate_limit(request.max_rate),
                                       max_connections=self.cfg.max_connections_per_torrent)
@@ -220,17 +237,19 @@ class FileService(pb_grpc.FileServiceServicer):
     # ---- members ----------------------------------------------------------------------------------
 
     async def Upload(self, request_iterator, context):
-        """Members: the stream of one entry's chunks, in order (offset 0 starts it again; a chunk at another offset
-        than the bytes received so far is INVALID_ARGUMENT). Data is written to the relay file, holes (`zeros`) are
-        kept as holes; fetchers waiting on the entry are woken at every chunk. NOT_FOUND/PERMISSION_DENIED for an
-        unknown transfer or a token that is not a member's. Answers the bytes received."""
+        """The transfer's uploaders (its source, or a proxy relaying the source's upload): the stream of one
+        entry's chunks, in order (offset 0 starts it again; a chunk at another offset than the bytes received so
+        far is INVALID_ARGUMENT). Data is written to the relay file, holes (`zeros`) are kept as holes; fetchers
+        waiting on the entry are woken at every chunk. NOT_FOUND for an unknown transfer; PERMISSION_DENIED,
+        before anything is written, for a token that is not a member's or a member that is not an uploader
+        (a target). Answers the bytes received."""
         transfer: Transfer | None = None
         blob: Blob | None = None
         fd = None
         try:
             async for chunk in request_iterator:
                 if transfer is None:
-                    transfer = await self._member(context, chunk.transfer_id, chunk.token)
+                    transfer = await self._member(context, chunk.transfer_id, chunk.token, upload=True)
                     blob = transfer.blob(chunk.index)
                     fd = os.open(blob.path, os.O_WRONLY | os.O_CREAT, 0o600)
                     async with blob.cond:

@@ -825,7 +825,7 @@ class AreaHosts(_message.Message):
     def __init__(self, area: _Optional[int] = ..., ips: _Optional[_Iterable[str]] = ..., proxies: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RelayTransfer(_message.Message):
-    __slots__ = ("transfer_id", "area", "member", "members", "entries", "upstream_fileserver", "upstream_tracker_url", "timeout_seconds", "rate", "max_connections", "task_id", "source_inside")
+    __slots__ = ("transfer_id", "area", "member", "members", "entries", "upstream_fileserver", "upstream_tracker_url", "timeout_seconds", "rate", "max_connections", "task_id", "source_inside", "uploaders")
     class MembersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -845,6 +845,7 @@ class RelayTransfer(_message.Message):
     MAX_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_INSIDE_FIELD_NUMBER: _ClassVar[int]
+    UPLOADERS_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     area: int
     member: str
@@ -857,4 +858,5 @@ class RelayTransfer(_message.Message):
     max_connections: int
     task_id: str
     source_inside: bool
-    def __init__(self, transfer_id: _Optional[str] = ..., area: _Optional[int] = ..., member: _Optional[str] = ..., members: _Optional[_Mapping[str, str]] = ..., entries: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., upstream_fileserver: _Optional[str] = ..., upstream_tracker_url: _Optional[str] = ..., timeout_seconds: _Optional[int] = ..., rate: _Optional[int] = ..., max_connections: _Optional[int] = ..., task_id: _Optional[str] = ..., source_inside: _Optional[bool] = ...) -> None: ...
+    uploaders: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, transfer_id: _Optional[str] = ..., area: _Optional[int] = ..., member: _Optional[str] = ..., members: _Optional[_Mapping[str, str]] = ..., entries: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., upstream_fileserver: _Optional[str] = ..., upstream_tracker_url: _Optional[str] = ..., timeout_seconds: _Optional[int] = ..., rate: _Optional[int] = ..., max_connections: _Optional[int] = ..., task_id: _Optional[str] = ..., source_inside: _Optional[bool] = ..., uploaders: _Optional[_Iterable[str]] = ...) -> None: ...

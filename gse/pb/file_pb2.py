@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11gse/pb/file.proto\x12\x06gse.pb\"\x84\x02\n\x15\x43reateTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0c\n\x04\x61rea\x18\x02 \x01(\x05\x12\x0f\n\x07members\x18\x03 \x03(\t\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x05\x12\x10\n\x08max_rate\x18\x05 \x01(\x03\x12\x44\n\x0cmember_areas\x18\x06 \x03(\x0b\x32..gse.pb.CreateTransferRequest.MemberAreasEntry\x12\x12\n\ncross_area\x18\x07 \x01(\x08\x1a\x32\n\x10MemberAreasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\xbf\x01\n\x13\x43reateTransferReply\x12\x37\n\x06tokens\x18\x01 \x03(\x0b\x32\'.gse.pb.CreateTransferReply.TokensEntry\x12\x13\n\x0btracker_url\x18\x02 \x01(\t\x12\x12\n\nrate_limit\x18\x03 \x01(\x03\x12\x17\n\x0fmax_connections\x18\x04 \x01(\x05\x1a-\n\x0bTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x12\x41\x64\x64TorrentsRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x13\n\x0binfo_hashes\x18\x02 \x03(\x0c\"\x12\n\x10\x41\x64\x64TorrentsReply\")\n\x12\x45ndTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"\x12\n\x10\x45ndTransferReply\"\x83\x01\n\x05\x43hunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05token\x18\x05 \x01(\t\x12\x0c\n\x04size\x18\x06 \x01(\x03\x12\x0c\n\x04last\x18\x07 \x01(\x08\x12\r\n\x05zeros\x18\x08 \x01(\x03\"\x1f\n\x0bUploadReply\x12\x10\n\x08received\x18\x01 \x01(\x03\"g\n\x0c\x46\x65tchRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\r\n\x05token\x18\x04 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x05 \x01(\x05\x32\xc5\x02\n\x0b\x46ileService\x12L\n\x0e\x43reateTransfer\x12\x1d.gse.pb.CreateTransferRequest\x1a\x1b.gse.pb.CreateTransferReply\x12\x43\n\x0b\x41\x64\x64Torrents\x12\x1a.gse.pb.AddTorrentsRequest\x1a\x18.gse.pb.AddTorrentsReply\x12\x43\n\x0b\x45ndTransfer\x12\x1a.gse.pb.EndTransferRequest\x1a\x18.gse.pb.EndTransferReply\x12.\n\x06Upload\x12\r.gse.pb.Chunk\x1a\x13.gse.pb.UploadReply(\x01\x12.\n\x05\x46\x65tch\x12\x14.gse.pb.FetchRequest\x1a\r.gse.pb.Chunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11gse/pb/file.proto\x12\x06gse.pb\"\x97\x02\n\x15\x43reateTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0c\n\x04\x61rea\x18\x02 \x01(\x05\x12\x0f\n\x07members\x18\x03 \x03(\t\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x05\x12\x10\n\x08max_rate\x18\x05 \x01(\x03\x12\x44\n\x0cmember_areas\x18\x06 \x03(\x0b\x32..gse.pb.CreateTransferRequest.MemberAreasEntry\x12\x12\n\ncross_area\x18\x07 \x01(\x08\x12\x11\n\tuploaders\x18\x08 \x03(\t\x1a\x32\n\x10MemberAreasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\xbf\x01\n\x13\x43reateTransferReply\x12\x37\n\x06tokens\x18\x01 \x03(\x0b\x32\'.gse.pb.CreateTransferReply.TokensEntry\x12\x13\n\x0btracker_url\x18\x02 \x01(\t\x12\x12\n\nrate_limit\x18\x03 \x01(\x03\x12\x17\n\x0fmax_connections\x18\x04 \x01(\x05\x1a-\n\x0bTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x12\x41\x64\x64TorrentsRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x13\n\x0binfo_hashes\x18\x02 \x03(\x0c\"\x12\n\x10\x41\x64\x64TorrentsReply\")\n\x12\x45ndTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"\x12\n\x10\x45ndTransferReply\"\x83\x01\n\x05\x43hunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05token\x18\x05 \x01(\t\x12\x0c\n\x04size\x18\x06 \x01(\x03\x12\x0c\n\x04last\x18\x07 \x01(\x08\x12\r\n\x05zeros\x18\x08 \x01(\x03\"\x1f\n\x0bUploadReply\x12\x10\n\x08received\x18\x01 \x01(\x03\"g\n\x0c\x46\x65tchRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\r\n\x05token\x18\x04 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x05 \x01(\x05\x32\xc5\x02\n\x0b\x46ileService\x12L\n\x0e\x43reateTransfer\x12\x1d.gse.pb.CreateTransferRequest\x1a\x1b.gse.pb.CreateTransferReply\x12\x43\n\x0b\x41\x64\x64Torrents\x12\x1a.gse.pb.AddTorrentsRequest\x1a\x18.gse.pb.AddTorrentsReply\x12\x43\n\x0b\x45ndTransfer\x12\x1a.gse.pb.EndTransferRequest\x1a\x18.gse.pb.EndTransferReply\x12.\n\x06Upload\x12\r.gse.pb.Chunk\x1a\x13.gse.pb.UploadReply(\x01\x12.\n\x05\x46\x65tch\x12\x14.gse.pb.FetchRequest\x1a\r.gse.pb.Chunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,27 +36,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATETRANSFERREPLY_TOKENSENTRY']._loaded_options = None
   _globals['_CREATETRANSFERREPLY_TOKENSENTRY']._serialized_options = b'8\001'
   _globals['_CREATETRANSFERREQUEST']._serialized_start=30
-  _globals['_CREATETRANSFERREQUEST']._serialized_end=290
-  _globals['_CREATETRANSFERREQUEST_MEMBERAREASENTRY']._serialized_start=240
-  _globals['_CREATETRANSFERREQUEST_MEMBERAREASENTRY']._serialized_end=290
-  _globals['_CREATETRANSFERREPLY']._serialized_start=293
-  _globals['_CREATETRANSFERREPLY']._serialized_end=484
-  _globals['_CREATETRANSFERREPLY_TOKENSENTRY']._serialized_start=439
-  _globals['_CREATETRANSFERREPLY_TOKENSENTRY']._serialized_end=484
-  _globals['_ADDTORRENTSREQUEST']._serialized_start=486
-  _globals['_ADDTORRENTSREQUEST']._serialized_end=548
-  _globals['_ADDTORRENTSREPLY']._serialized_start=550
-  _globals['_ADDTORRENTSREPLY']._serialized_end=568
-  _globals['_ENDTRANSFERREQUEST']._serialized_start=570
-  _globals['_ENDTRANSFERREQUEST']._serialized_end=611
-  _globals['_ENDTRANSFERREPLY']._serialized_start=613
-  _globals['_ENDTRANSFERREPLY']._serialized_end=631
-  _globals['_CHUNK']._serialized_start=634
-  _globals['_CHUNK']._serialized_end=765
-  _globals['_UPLOADREPLY']._serialized_start=767
-  _globals['_UPLOADREPLY']._serialized_end=798
-  _globals['_FETCHREQUEST']._serialized_start=800
-  _globals['_FETCHREQUEST']._serialized_end=903
-  _globals['_FILESERVICE']._serialized_start=906
-  _globals['_FILESERVICE']._serialized_end=1231
+  _globals['_CREATETRANSFERREQUEST']._serialized_end=309
+  _globals['_CREATETRANSFERREQUEST_MEMBERAREASENTRY']._serialized_start=259
+  _globals['_CREATETRANSFERREQUEST_MEMBERAREASENTRY']._serialized_end=309
+  _globals['_CREATETRANSFERREPLY']._serialized_start=312
+  _globals['_CREATETRANSFERREPLY']._serialized_end=503
+  _globals['_CREATETRANSFERREPLY_TOKENSENTRY']._serialized_start=458
+  _globals['_CREATETRANSFERREPLY_TOKENSENTRY']._serialized_end=503
+  _globals['_ADDTORRENTSREQUEST']._serialized_start=505
+  _globals['_ADDTORRENTSREQUEST']._serialized_end=567
+  _globals['_ADDTORRENTSREPLY']._serialized_start=569
+  _globals['_ADDTORRENTSREPLY']._serialized_end=587
+  _globals['_ENDTRANSFERREQUEST']._serialized_start=589
+  _globals['_ENDTRANSFERREQUEST']._serialized_end=630
+  _globals['_ENDTRANSFERREPLY']._serialized_start=632
+  _globals['_ENDTRANSFERREPLY']._serialized_end=650
+  _globals['_CHUNK']._serialized_start=653
+  _globals['_CHUNK']._serialized_end=784
+  _globals['_UPLOADREPLY']._serialized_start=786
+  _globals['_UPLOADREPLY']._serialized_end=817
+  _globals['_FETCHREQUEST']._serialized_start=819
+  _globals['_FETCHREQUEST']._serialized_end=922
+  _globals['_FILESERVICE']._serialized_start=925
+  _globals['_FILESERVICE']._serialized_end=1250
 # @@protoc_insertion_point(module_scope)

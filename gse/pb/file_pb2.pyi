@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CreateTransferRequest(_message.Message):
-    __slots__ = ("transfer_id", "area", "members", "timeout_seconds", "max_rate", "member_areas", "cross_area")
+    __slots__ = ("transfer_id", "area", "members", "timeout_seconds", "max_rate", "member_areas", "cross_area", "uploaders")
     class MemberAreasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class CreateTransferRequest(_message.Message):
     MAX_RATE_FIELD_NUMBER: _ClassVar[int]
     MEMBER_AREAS_FIELD_NUMBER: _ClassVar[int]
     CROSS_AREA_FIELD_NUMBER: _ClassVar[int]
+    UPLOADERS_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     area: int
     members: _containers.RepeatedScalarFieldContainer[str]
@@ -29,7 +30,8 @@ class CreateTransferRequest(_message.Message):
     max_rate: int
     member_areas: _containers.ScalarMap[str, int]
     cross_area: bool
-    def __init__(self, transfer_id: _Optional[str] = ..., area: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., timeout_seconds: _Optional[int] = ..., max_rate: _Optional[int] = ..., member_areas: _Optional[_Mapping[str, int]] = ..., cross_area: _Optional[bool] = ...) -> None: ...
+    uploaders: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, transfer_id: _Optional[str] = ..., area: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., timeout_seconds: _Optional[int] = ..., max_rate: _Optional[int] = ..., member_areas: _Optional[_Mapping[str, int]] = ..., cross_area: _Optional[bool] = ..., uploaders: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateTransferReply(_message.Message):
     __slots__ = ("tokens", "tracker_url", "rate_limit", "max_connections")

@@ -78,7 +78,10 @@ class ProxyFilesConfig:
 
 class RelayFileService(FileService):
     """The file server's direct-mode service, serving this area's members: what they fetch is fetched once
-    from upstream, what a source uploads here is forwarded upstream."""
+    from upstream, what a source uploads here is forwarded upstream. Only the uploaders the coordinator named
+    (RelayTransfer.uploaders: the source inside the area, or the relay of the area below on its way) may
+    upload; the upload is then forwarded with this proxy's own token, which the side above accepts because
+    this proxy is on the source's way too."""
 
     def __init__(self, cfg: FileServerConfig, tracker: Tracker, tracker_url: str, relay: "FileRelay"):
         super().__init__(cfg, tracker, tracker_url)
@@ -93,7 +96,7 @@ class RelayFileService(FileService):
             ev.set()
         return t
 
-    async def _member(self, context, transfer_id: str, token: str):
+    async def _member(self, context, transfer_id: str, token: str, upload: bool = False):
         """FileService._member, after waiting up to ARRIVAL_WAIT_S for a transfer not relayed yet: its
         coordinator tells this proxy and the members at once, on links that need not keep that order."""
         if transfer_id and transfer_id not in self.transfers:
@@ -103,7 +106,7 @@ class RelayFileService(FileService):
             except asyncio.TimeoutError:
                 if self.arrivals.get(transfer_id) is ev:
                     del self.arrivals[transfer_id]
-        return await super()._member(context, transfer_id, token)
+        return await super()._member(context, transfer_id, token, upload)
 
     async def Fetch(self, request, context):
         """The file service's Fetch for a member of the area, after asking the relay to fetch that entry from upstream
@@ -238,14 +241,15 @@ class FileRelay:
 
     async def relay(self, msg: apb.RelayTransfer) -> None:
         """Relay one transfer (see the module): the first RelayTransfer, sent when it starts, registers its area
-        swarm's members and tokens with the tracker and file service; the one carrying the source's entries joins
-        each torrent on both trackers (seeded from the cache when the file is there, else downloaded into it) and
-        fetches direct-mode files from upstream once (unless the source is on this side). Entries already
-        relayed are skipped."""
+        swarm's members, tokens and uploaders with the tracker and file service; the one carrying the source's
+        entries joins each torrent on both trackers (seeded from the cache when the file is there, else downloaded
+        into it) and fetches direct-mode files from upstream once (unless the source is on this side). Entries
+        already relayed are skipped."""
         async with self._lock:
             st = self.relayed.get(msg.transfer_id)
             if st is None:
-                self.service.create(msg.transfer_id, msg.area, dict(msg.members), msg.timeout_seconds)
+                self.service.create(msg.transfer_id, msg.area, dict(msg.members), msg.timeout_seconds,
+                                    uploaders=msg.uploaders)
                 st = self.relayed[msg.transfer_id] = _Relayed(msg, [])
                 RELAYS.set(len(self.relayed))
                 log.info("transfer relayed", extra={"transfer_id": msg.transfer_id, "members": len(msg.members),

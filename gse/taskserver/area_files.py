@@ -82,6 +82,11 @@ class AreaPlan:
         """The source is in `area` or below it: the relay of `area` gets the file from below, never from above."""
         return area == self.source_area or area in self._source_way()
 
+    def uploaders(self, source: str) -> list[str]:
+        """The members that may upload the transfer's direct-mode entries (spec section 12): the source, and the
+        relay of every area on its way up below the top (each forwards the source's uploads to the swarm above)."""
+        return [source] + [self.member(self.relays[a].node_id) for a in self._source_way() if a in self.relays]
+
     def upstream(self, area: int) -> tuple[str, str]:
         """Where the relay of `area` fetches from: ("", "") for the top of the chain."""
         return ("", "") if area == self.top else self.endpoint(self.parents[area])

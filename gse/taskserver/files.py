@@ -172,7 +172,8 @@ class FileCoordinator:
             reply = await self.peers.file(address).CreateTransfer(fpb.CreateTransferRequest(
                 transfer_id=spec.transfer_id, area=spec.area, members=members, timeout_seconds=spec.timeout_seconds,
                 max_rate=max(spec.upload_rate, spec.download_rate), cross_area=spec.cross_area,
-                member_areas=area_plan.member_areas(spec.source_agent) if area_plan else {}), timeout=10,
+                member_areas=area_plan.member_areas(spec.source_agent) if area_plan else {},
+                uploaders=area_plan.uploaders(spec.source_agent) if area_plan else [spec.source_agent]), timeout=10,
                 metadata=trace_metadata())
         except grpc.aio.AioRpcError as exc:
             return [(spec.source_agent, ErrorCode.FAILED, f"file server {address}: {exc.code().name}: {exc.details()}")]
@@ -264,13 +265,14 @@ class FileCoordinator:
         return []
 
     async def _start_relays(self, t: Transfer) -> None:
-        """Tell each area's relay proxy its part (area_files.py): once when the transfer starts (its members and
-        tokens: the relays on the source's way take its uploads from then on), and again with the source's
-        entries once its manifest is in. The targets behind a relay that cannot be reached cannot be reached
-        either."""
+        """Tell each area's relay proxy its part (area_files.py): once when the transfer starts (its members,
+        tokens and uploaders: the relays on the source's way take its uploads from then on), and again with the
+        source's entries once its manifest is in. The targets behind a relay that cannot be reached cannot be
+        reached either."""
         p, spec = t.plan, t.spec
         by_node: dict[str, list[str]] = {}
         frames = {}
+        uploaders = p.uploaders(spec.source_agent)
         for area, rec in p.relays.items():
             up_fs, up_tracker = p.upstream(area)
             swarm = p.swarm_members(area, spec.source_agent, list(spec.target_agents))
@@ -278,8 +280,8 @@ class FileCoordinator:
                 transfer_id=spec.transfer_id, task_id=spec.task_id, area=area, member=p.member(rec.node_id),
                 members={m: t.tokens[m] for m in swarm if m in t.tokens}, entries=t.entries,
                 upstream_fileserver=up_fs, upstream_tracker_url=up_tracker, timeout_seconds=spec.timeout_seconds,
-                rate=t.rate, max_connections=t.max_connections,
-                source_inside=p.on_source_way(area))).SerializeToString()
+                rate=t.rate, max_connections=t.max_connections, source_inside=p.on_source_way(area),
+                uploaders=[m for m in uploaders if m in swarm])).SerializeToString()
             by_node.setdefault(rec.node, []).append(p.member(rec.node_id))
         missed: set[str] = set()
         for area, frame in frames.items():
@@ -304,10 +306,13 @@ class FileCoordinator:
         if t.plan is not None:
             await self._send_area_targets(t, now)
             return
+        # The targets' tokens only: the source's would let a target upload what the others receive (a push has
+        # no tokens at all).
+        target_tokens = {a: t.tokens[a] for a in spec.target_agents if a in t.tokens}
         frame = apb.ServerFrame(file_target=apb.FileTarget(
             task_id=spec.task_id, transfer_id=spec.transfer_id, coordinator=self.node_id, dest_dir=spec.dest_dir,
             dest_name=spec.dest_name, owner=spec.owner, permission=spec.permission, auto_mkdir=spec.auto_mkdir,
-            entries=t.entries, fileserver=t.fileserver, tracker_url=t.tracker_url, tokens=t.tokens,
+            entries=t.entries, fileserver=t.fileserver, tracker_url=t.tracker_url, tokens=target_tokens,
             download_rate=_cap(spec.download_rate, t.rate), upload_rate=_cap(spec.upload_rate, t.rate),
             timeout_seconds=spec.timeout_seconds, source_agent_id=spec.source_agent, source_dir=t.source_dir,
             max_connections=t.max_connections, task_index=spec.task_index, request_id=t.request_id)).SerializeToString()
