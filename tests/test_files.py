@@ -331,6 +331,46 @@ def test_terminate_and_timeout_leave_nothing(fc, fapi, src, tmp_path):
     assert not (tmp_path / "o" / "big.bin").exists()
 
 
+def test_terminate_named_targets_only_the_others_finish(fc, fapi, src, tmp_path):
+    """async_terminate_transfer_file with `agents` naming one target of three: that target's item ends with 126
+    (status 4, stopped) and its download stops on the agent (its journal and partial files go), while the other
+    two carry on to completion. Then bk-job's stop of a whole task (FileGseTaskStopCommand names the source and
+    every target) ends a transfer whole."""
+    a = ids(fc)
+    dest = tmp_path / "p"
+    tid = send(fapi, [task(a[0], src, "big.bin", a[1:4], dest)], download_speed=0.5)
+    wait_for(lambda: any(i["content"]["progress"] > 0 for i in fapi.call(
+        RESULT, {"task_id": tid, "agents": [{"bk_agent_id": a[1]}]})["data"]["result"]), 60, "progress")
+    ft = target_journal(fc, a[1], tid)
+    r = fapi.call(STOP, {"task_id": tid, "agents": [{"bk_agent_id": a[1]}]})
+    assert r["code"] == 0 and r["data"]["result"]["task_id"] == tid, r
+    (item,) = wait_done(fapi, tid, [a[1]], timeout=30)
+    assert (item["error_code"], item["content"]["status"]) == (126, 4), item
+    wait_for(lambda: target_journal(fc, a[1], tid) is None, 15, "the stopped target to drop the transfer")
+    tag = hashlib.md5(f"{ft.transfer_id}/{a[1]}".encode()).hexdigest()[:12]
+    wait_for(lambda: not [p for p in leftovers(dest) if tag in p], 15, "the stopped target's partial files removed")
+    others = fapi.call(RESULT, {"task_id": tid, "agents": [{"bk_agent_id": x} for x in a[2:4]]})["data"]["result"]
+    assert [i["error_code"] for i in others] == [115, 115], others       # not stopped: still running
+    items = wait_done(fapi, tid, a[2:4], timeout=90)
+    assert [i["error_code"] for i in items] == [0, 0], items
+    assert md5(dest / "big.bin") == md5(src / "big.bin")
+    (item,) = wait_done(fapi, tid, [a[1]], timeout=10)
+    assert item["error_code"] == 126, item                               # it stays stopped
+    wait_for(lambda: leftovers(dest) == [], 15, "partial files removed")
+
+    # bk-job's body: the source and every target of the task -> the whole transfer ends
+    tid = send(fapi, [task(a[0], src, "big.bin", a[1:3], tmp_path / "w")], download_speed=0.5)
+    wait_for(lambda: any(i["content"]["progress"] > 0 for i in fapi.call(
+        RESULT, {"task_id": tid, "agents": [{"bk_agent_id": a[1]}]})["data"]["result"]), 60, "progress")
+    stop = {"task_id": tid, "agents": [{"bk_agent_id": x, "bk_container_id": None, "user": None, "pwd": None}
+                                       for x in a[0:3]]}
+    assert fapi.call(STOP, stop)["code"] == 0
+    items = wait_done(fapi, tid, a[1:3], timeout=30)
+    assert [i["error_code"] for i in items] == [126, 126], items
+    wait_for(lambda: leftovers(tmp_path / "w") == [], 15, "partial files removed")
+    assert not (tmp_path / "w" / "big.bin").exists()
+
+
 def test_gse_push_cli(fc, src, tmp_path):
     import sys
     a = fc.agents

@@ -49,6 +49,16 @@ class FileEndpoints:
 
     # ---- parsing ----------------------------------------------------------------------------------
 
+    def _agents(self, body: dict) -> list[str]:
+        """The optional `agents: [{bk_agent_id, ...}]` of a result or terminate request (spec §4), as the
+        bk_agent_ids named (an id or "cloud:ip"), in order; other keys of each object are not used."""
+        out = []
+        for i, a in enumerate(v.lst(body, "agents", required=False, non_empty=False, max_len=self.t.max_hosts)):
+            if not isinstance(a, dict):
+                raise BadRequest(f"'agents[{i}]' must be an object with bk_agent_id")
+            out.append(v.agent_ids({"x": [v.string(a, "bk_agent_id", where=f"agents[{i}].")]}, "x")[0])
+        return out
+
     @staticmethod
     def _dir(d: dict, field: str, where: str) -> str:
         value = v.string(d, field, where=where)
@@ -288,11 +298,7 @@ class FileEndpoints:
         meta = await self.t._meta(task_id, TaskNotKnown)
         if meta.kind not in ("file", "push"):
             raise BadRequest(f"'task_id' {task_id} is not a file transfer")
-        requested = []
-        for i, a in enumerate(v.lst(body, "agents", required=False, non_empty=False, max_len=self.t.max_hosts)):
-            if not isinstance(a, dict):
-                raise BadRequest(f"'agents[{i}]' must be an object with bk_agent_id")
-            requested.append(v.agent_ids({"x": [v.string(a, "bk_agent_id", where=f"agents[{i}].")]}, "x")[0])
+        requested = self._agents(body)
         if body.get("agent_id_list"):
             requested += v.agent_ids(body, "agent_id_list", max_len=self.t.max_hosts)
         requested = list(dict.fromkeys(requested))
@@ -320,14 +326,21 @@ class FileEndpoints:
         return {"result": out}
 
     async def async_terminate_transfer_file(self, body: dict, _req):
-        """async_terminate_transfer_file (spec §4): `{task_id, agents?}` -> `{result: {task_id}}`. Every transfer of
-        the task is terminated on its coordinating task server (whole transfers: the `agents` list is not used); its
-        unfinished items end with 126. BadRequest for an unknown task id or one that is not a transfer."""
+        """async_terminate_transfer_file (spec §4): `{task_id, agents?: [{bk_agent_id}]}` -> `{result: {task_id}}`.
+        With `agents` naming some targets, only their items end (126, ScriptStatus STOPPED) and their downloads
+        stop on the agents; the other targets carry on to completion. With no `agents`, or with the source or
+        every target of a transfer among them (bk-job names the source and every target of the task), that whole
+        transfer ends: its unfinished items end with 126. Each transfer of the task is terminated on its
+        coordinating task server; agents that are not in a transfer change nothing of it. BadRequest for an
+        unknown task id, one that is not a transfer, or a bad agent id."""
         task_id = self.t._task_id(body)
         meta = await self.t._meta(task_id)
         if meta.kind not in ("file", "push"):
             raise BadRequest(f"'task_id' {task_id} is not a file transfer")
+        requested = self._agents(body)
+        real = await self.t.view.resolve(requested) if requested else {}
+        agent_ids = list(dict.fromkeys(real.get(r, r) for r in requested))
         for index, node in (meta.coordinators or {}).items():
-            await self.t.servers.terminate_transfer(node, f"{task_id}/{index}")
+            await self.t.servers.terminate_transfer(node, f"{task_id}/{index}", agent_ids)
         return {"result": {"task_id": task_id}}
 

@@ -109,9 +109,12 @@ class TaskServers:
                                                    "targets": len(spec.target_agents)})
         return failures
 
-    async def terminate_transfer(self, node: str, transfer_id: str) -> list[tuple[str, int, str]]:
-        """Terminate one transfer on its coordinating task server."""
-        return await self._call(node, "TerminateTransfer", pb.TerminateRequest(task_id=transfer_id), [])
+    async def terminate_transfer(self, node: str, transfer_id: str,
+                                 agent_ids: list[str] | None = None) -> list[tuple[str, int, str]]:
+        """Terminate one transfer on its coordinating task server: whole, or for the targets `agent_ids` only
+        (bk_agent_ids; the coordinator ends the whole transfer when they name its source or every target)."""
+        return await self._call(node, "TerminateTransfer",
+                                pb.TerminateRequest(task_id=transfer_id, agent_ids=agent_ids or []), [])
 
     async def close(self) -> None:
         """Close the channels to the task servers, the blocking channels and the sender threads."""

@@ -94,7 +94,8 @@ class TaskServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def TerminateTransfer(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """task_id is the transfer id; agent_ids names the targets to end (none: the whole transfer).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -63,6 +63,7 @@ class Transfer:
     targets_sent: bool = False
     plan: AreaPlan | None = None        # the swarms of the areas it touches (None: all of area 0, or crossing)
     request_id: str = ""            # the API request that made it (from the trace of StartTransfer)
+    stopped: set[str] = field(default_factory=set)     # targets terminated by request while the others go on
 
     def trace(self):
         """`with t.trace():` the log lines inside name the transfer's task and request."""
@@ -115,10 +116,12 @@ class FileCoordinator:
                 missed.extend(ids)
         return missed
 
-    def _targets_by_node(self, t: Transfer) -> dict[str, list[str]]:
+    def _targets_by_node(self, t: Transfer, only=None) -> dict[str, list[str]]:
+        """The targets still in the transfer (of `only`, if given), grouped by the task server holding them."""
         by_node: dict[str, list[str]] = {}
         for aid in t.spec.target_agents:
-            by_node.setdefault(t.spec.target_nodes.get(aid, ""), []).append(aid)
+            if aid not in t.stopped and (only is None or aid in only):
+                by_node.setdefault(t.spec.target_nodes.get(aid, ""), []).append(aid)
         return by_node
 
     def _item(self, t: Transfer, target: str, entry, **kw) -> FileItem:
@@ -136,6 +139,8 @@ class FileCoordinator:
     async def _write_items(self, t: Transfer, make, progress: bool = False) -> None:
         ops = []
         for target in t.spec.target_agents:
+            if progress and target in t.stopped:
+                continue                # its outcome is written: terminated by request
             items = {}
             for entry in t.entries or [None]:
                 index = entry.index if entry else -1
@@ -303,12 +308,15 @@ class FileCoordinator:
         unreachable ones are answered 117 at once (65535 when no proxy can relay the file into their area)."""
         now = int(time.time() * 1000)
         spec = t.spec
+        # Targets terminated before they were told are told nothing; their entries end as terminated.
+        await self._fail_targets(t, {a: (ErrorCode.TERMINATED, "terminated") for a in t.stopped}, now,
+                                 ScriptStatus.STOPPED)
         if t.plan is not None:
             await self._send_area_targets(t, now)
             return
         # The targets' tokens only: the source's would let a target upload what the others receive (a push has
         # no tokens at all).
-        target_tokens = {a: t.tokens[a] for a in spec.target_agents if a in t.tokens}
+        target_tokens = {a: t.tokens[a] for a in spec.target_agents if a in t.tokens and a not in t.stopped}
         frame = apb.ServerFrame(file_target=apb.FileTarget(
             task_id=spec.task_id, transfer_id=spec.transfer_id, coordinator=self.node_id, dest_dir=spec.dest_dir,
             dest_name=spec.dest_name, owner=spec.owner, permission=spec.permission, auto_mkdir=spec.auto_mkdir,
@@ -331,13 +339,15 @@ class FileCoordinator:
                                         "not_attached": len(missed)})
         await self._fail_targets(t, {aid: (ErrorCode.AGENT_OFFLINE, "agent is offline") for aid in missed}, now)
 
-    async def _fail_targets(self, t: Transfer, why: dict[str, tuple[int, str]], now: int) -> None:
+    async def _fail_targets(self, t: Transfer, why: dict[str, tuple[int, str]], now: int,
+                            status: int = ScriptStatus.FAILED) -> None:
+        """End every entry of the targets of `why` (target -> (code, message)) with that outcome."""
         if not why:
             return
         spec = t.spec
         ops = [FileResults.update(spec.task_id, aid, {
             item_name(spec.task_index, e.index, progress=True): self._item(
-                t, aid, e, status=ScriptStatus.FAILED, error_code=code, error_msg=msg, end_time=now)
+                t, aid, e, status=status, error_code=code, error_msg=msg, end_time=now)
             for e in t.entries}, self.ttl).op() for aid, (code, msg) in why.items()]
         await self.db.execute(ops)
 
@@ -356,7 +366,8 @@ class FileCoordinator:
         for (area, user), by_node in groups.items():
             fileserver, tracker_url = p.endpoint(area)
             swarm = [a for ids in by_node.values() for a in ids]
-            swarm_all = [a for a in spec.target_agents if p.target_area.get(a, 0) == area and a not in p.unreachable]
+            swarm_all = [a for a in spec.target_agents if p.target_area.get(a, 0) == area and a not in p.unreachable
+                         and a not in t.stopped]
             frame = apb.ServerFrame(file_target=apb.FileTarget(
                 task_id=spec.task_id, transfer_id=spec.transfer_id, coordinator=self.node_id, dest_dir=spec.dest_dir,
                 dest_name=spec.dest_name, owner=spec.owner, permission=spec.permission, auto_mkdir=spec.auto_mkdir,
@@ -429,28 +440,46 @@ class FileCoordinator:
                 log.warning("file server did not end the transfer", extra={"error": exc.code().name})
         log.info("transfer ended", extra={"transfer_id": t.spec.transfer_id, "terminated": terminated})
 
-    async def terminate(self, transfer_id: str) -> bool:
-        """TerminateTransfer: items not final end with STOPPED/126, the transfer ends, and the items are settled once
-        more SETTLE_S later. False when the transfer is not coordinated here."""
+    async def terminate(self, transfer_id: str, agents=()) -> bool:
+        """TerminateTransfer (async_terminate_transfer_file, spec §4). With no `agents` (bk_agent_ids), or when they
+        name the source or every target, the whole transfer: items not final end with STOPPED/126, the transfer
+        ends, and the items are settled once more SETTLE_S later. Otherwise only the targets named: their items
+        not final end with STOPPED/126, they are sent EndTransfer (terminated: the download stops and its partial
+        files go) and are settled later, and the other targets carry on; agents not in the transfer are ignored.
+        False when the transfer is not coordinated here."""
         t = self.transfers.get(transfer_id)
         if t is None:
             return False
+        named = set(agents)
+        targets = set(t.spec.target_agents)
         # In the trace of the terminate request (TerminateTransfer's metadata).
+        if named and t.spec.source_agent not in named and not targets <= named:
+            only = [a for a in t.spec.target_agents if a in named and a not in t.stopped]
+            log.info("targets terminated by request", extra={"transfer_id": transfer_id, "targets": len(only)})
+            if only:
+                by_node = self._targets_by_node(t, set(only))
+                t.stopped.update(only)
+                await self._finish_open_items(t, ScriptStatus.STOPPED, ErrorCode.TERMINATED, "terminated", targets=only)
+                frame = apb.ServerFrame(end_transfer=apb.EndTransfer(
+                    transfer_id=transfer_id, task_id=t.spec.task_id, terminated=True)).SerializeToString()
+                await self._send(frame, by_node)
+                self._settle(t, ScriptStatus.STOPPED, ErrorCode.TERMINATED, "terminated", targets=only)
+            return True
         log.info("transfer terminated by request", extra={"transfer_id": transfer_id})
         await self._finish_open_items(t, ScriptStatus.STOPPED, ErrorCode.TERMINATED, "terminated")
         await self.end(t, terminated=True)
         self._settle(t, ScriptStatus.STOPPED, ErrorCode.TERMINATED, "terminated")
         return True
 
-    def _settle(self, t: Transfer, status: int, code: int, message: str) -> None:
-        """Once more, SETTLE_S after a transfer ended early: a progress report an agent sent just before it
-        heard of the end may be stored (by whichever task server holds it, batched) after the outcome was
-        written; an item it left running gets the outcome again."""
+    def _settle(self, t: Transfer, status: int, code: int, message: str, targets: list[str] | None = None) -> None:
+        """Once more, SETTLE_S after a transfer (or `targets` of it) ended early: a progress report an agent sent
+        just before it heard of the end may be stored (by whichever task server holds it, batched) after the
+        outcome was written; an item it left running gets the outcome again."""
         async def again() -> None:
             """Write the outcome once more over items still open."""
             await asyncio.sleep(SETTLE_S)
             try:
-                await self._finish_open_items(t, status, code, message)
+                await self._finish_open_items(t, status, code, message, targets=targets)
             except Exception:  # noqa: BLE001 - best effort; the items were written once already
                 log.exception("settling a transfer's items failed", extra={"transfer_id": t.spec.transfer_id})
         task = asyncio.ensure_future(again())
@@ -458,10 +487,10 @@ class FileCoordinator:
         task.add_done_callback(self._settling.discard)
 
     async def _finish_open_items(self, t: Transfer, status: int, code: int, message: str,
-                                 index: int | None = None) -> None:
-        """Items not final yet (of entry `index` only, if given) end with `code` (timeout, terminate, a
-        changed source)."""
-        targets = list(t.spec.target_agents)
+                                 index: int | None = None, targets: list[str] | None = None) -> None:
+        """Items not final yet (of entry `index` only, and of `targets` only, if given) end with `code` (timeout,
+        terminate, a changed source)."""
+        targets = list(t.spec.target_agents) if targets is None else targets
         res = await self.db.execute([FileResults.read(t.spec.task_id, a) for a in targets])
         now = int(time.time() * 1000)
         ops = []

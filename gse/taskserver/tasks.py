@@ -128,8 +128,9 @@ class TaskService(pb_grpc.TaskServiceServicer):
         return pb.DispatchReply(failures=[pb.AgentFailure(agent_id=a, code=c, message=m) for a, c, m in failures])
 
     async def TerminateTransfer(self, request, context):
-        """Terminate the transfer coordinated here; one failure when it is not."""
-        found = await self.files.terminate(request.task_id)
+        """Terminate the transfer `task_id` (a transfer id) coordinated here, whole or for the targets `agent_ids`
+        only (see FileCoordinator.terminate); one failure when it is not coordinated here."""
+        found = await self.files.terminate(request.task_id, request.agent_ids)
         failures = [] if found else [pb.AgentFailure(code=ErrorCode.AGENT_OFFLINE, message="no such live transfer here")]
         return pb.DispatchReply(failures=failures)
 
