@@ -200,7 +200,7 @@ class DataEndpoints:
         operator = dr.operator(body)
         cond = _condition(body)
         plat = _plat(cond)
-        sid = dr._int(cond, "stream_to_id", "condition.", minimum=1)
+        sid = v.integer(cond, "stream_to_id", where="condition.", minimum=1)
         spec = v.obj(body, "specification")
         st = dr.stream_to(spec.get("stream_to"), "specification.stream_to")
         store = await self._store()
@@ -224,7 +224,7 @@ class DataEndpoints:
         dr.operator(body)
         cond = _condition(body)
         plat = _plat(cond)
-        sid = dr._int(cond, "stream_to_id", "condition.", minimum=1)
+        sid = v.integer(cond, "stream_to_id", where="condition.", minimum=1)
         store = await self._store()
         _doc, version = await self._streamto(store, sid, plat)
         users = await self._routes_using(store, sid)
@@ -239,7 +239,7 @@ class DataEndpoints:
         stream_to, operator, updated_ms}]` sorted by id, with passwords masked."""
         cond = _condition(body)
         plat = _plat(cond)
-        sid = dr._int(cond, "stream_to_id", "condition.", required=False, minimum=1)
+        sid = v.integer(cond, "stream_to_id", where="condition.", required=False, default=None, minimum=1)
         wanted = dr.label(cond, "condition.")
         docs = await (await self._store()).all(STREAMTO_DIR)
         out = []
@@ -274,8 +274,8 @@ class DataEndpoints:
         already has a route is BadRequest, and so is a route entry naming a stream_to that does not exist."""
         operator = dr.operator(body)
         md = dr.metadata(body)
-        channel = dr._int(body["metadata"], "channel_id", "metadata.", required=False, minimum=0,
-                          maximum=MAX_CHANNEL_ID, default=0)
+        channel = v.integer(body["metadata"], "channel_id", where="metadata.", required=False, minimum=0,
+                            maximum=MAX_CHANNEL_ID, default=0)
         filters = dr.stream_filters(body.get("stream_filters"))
         store = await self._store()
         entries = dr.route_entries(body.get("route"), filters, await store.all(STREAMTO_DIR))
@@ -302,7 +302,7 @@ class DataEndpoints:
         operator = dr.operator(body)
         cond = _condition(body)
         plat = _plat(cond)
-        cid = dr._int(cond, "channel_id", "condition.", minimum=1, maximum=MAX_CHANNEL_ID)
+        cid = v.integer(cond, "channel_id", where="condition.", minimum=1, maximum=MAX_CHANNEL_ID)
         spec = v.obj(body, "specification")
         filters = dr.stream_filters(spec.get("stream_filters"), "specification.stream_filters")
         store = await self._store()
@@ -321,7 +321,7 @@ class DataEndpoints:
         dr.operator(body)
         cond = _condition(body)
         plat = _plat(cond)
-        cid = dr._int(cond, "channel_id", "condition.", minimum=1, maximum=MAX_CHANNEL_ID)
+        cid = v.integer(cond, "channel_id", where="condition.", minimum=1, maximum=MAX_CHANNEL_ID)
         store = await self._store()
         _doc, version = await self._route(store, cid, plat)
         await store.delete(ROUTE_DIR, cid, version)
@@ -332,7 +332,8 @@ class DataEndpoints:
         operator, updated_ms}]` sorted by channel_id."""
         cond = _condition(body)
         plat = _plat(cond)
-        cid = dr._int(cond, "channel_id", "condition.", required=False, minimum=1, maximum=MAX_CHANNEL_ID)
+        cid = v.integer(cond, "channel_id", where="condition.", required=False, default=None, minimum=1,
+                        maximum=MAX_CHANNEL_ID)
         wanted = dr.label(cond, "condition.")
         store = await self._store()
         if cid is not None:

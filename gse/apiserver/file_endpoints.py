@@ -68,11 +68,12 @@ class FileEndpoints:
 
     @staticmethod
     def _permission(d: dict, field: str, where: str) -> int:
-        perm = d.get(field, 0) or 0
-        if isinstance(perm, str) and perm.isdigit():
-            perm = int(perm)
-        if isinstance(perm, bool) or not isinstance(perm, int) or any(c not in "01234567" for c in str(perm)) \
-                or len(str(perm)) > 4:
+        perm = d.get(field, 0) or 0         # absent, null, "" or 0: the source's mode
+        try:
+            perm = v.integer_value(perm, f"{where}{field}", minimum=0, maximum=7777)
+        except BadRequest:
+            perm = -1
+        if perm < 0 or any(c not in "01234567" for c in str(perm)):
             raise BadRequest(f"'{where}{field}' must be chmod digits such as 644")
         return perm
 

@@ -130,13 +130,16 @@ class TaskEndpoints:
             if tid not in tasks:
                 raise BadRequest(f"'{where}atomic_task_id' {tid} is not one of the atomic_tasks")
             deps = v.lst(r, "atomic_task_id_idx", required=False, non_empty=False, max_len=1000)
+            dep_ids = []
             for j, d in enumerate(deps):
-                if isinstance(d, bool) or not isinstance(d, int) or d not in tasks:
+                d = v.integer_value(d, f"{where}atomic_task_id_idx[{j}]")
+                dep_ids.append(d)
+                if d not in tasks:
                     raise BadRequest(f"'{where}atomic_task_id_idx[{j}]' is not one of the atomic_tasks")
                 if d == tid:
                     raise BadRequest(f"'{where}atomic_task_id_idx[{j}]': a task cannot depend on itself")
             known = set(tasks[tid].depends_on)
-            tasks[tid].depends_on.extend(d for d in dict.fromkeys(deps) if d not in known)
+            tasks[tid].depends_on.extend(d for d in dict.fromkeys(dep_ids) if d not in known)
         cycle = dependency_cycle({t: list(a.depends_on) for t, a in tasks.items()})
         if cycle:
             raise BadRequest(f"'atomic_tasks_relations' has a cycle: {' -> '.join(map(str, cycle))}")

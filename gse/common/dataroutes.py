@@ -16,7 +16,8 @@ Normalised documents (stored as JSON under <root>/config/data/, see gse.common.d
 Decisions beyond the spec: a redis route takes `data_type` pubsub (default) | list (RPUSH) | stream (XADD);
 a file route takes an optional `file_name` (default `channel_<channel_id>.log`) under the stream_to's
 `data_log_path`; report_mode pulsar is refused as not supported. Filters with `field_in: protocol` see the
-fields [data_id, bk_cloud_id, ip, bk_agent_id] of the batch the record came in.
+fields [data_id, bk_cloud_id, ip, bk_agent_id] of the batch the record came in. Integers follow the API's one
+rule (gse.apiserver.validate.integer: numeric strings and integral numbers count, booleans do not).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import ipaddress
 import os
 import re
 from typing import Any
+
+from gse.apiserver import validate as v
 
 from .errors import BadRequest
 
@@ -56,25 +59,6 @@ def _str(d: dict, key: str, where: str, *, required: bool = True, max_len: int =
         raise BadRequest(f"'{name}' must be a string")
     if len(value) > max_len:
         raise BadRequest(f"'{name}' is longer than {max_len} characters")
-    return value
-
-
-def _int(d: dict, key: str, where: str, *, required: bool = True, minimum: int | None = None,
-         maximum: int | None = None, default: int | None = None) -> int | None:
-    value = d.get(key)
-    name = f"{where}{key}"
-    if value is None:
-        if required:
-            raise BadRequest(f"'{name}' is required")
-        return default
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"'{name}' must be an integer")
-    if minimum is not None and value < minimum:
-        raise BadRequest(f"'{name}' must be at least {minimum}")
-    if maximum is not None and value > maximum:
-        raise BadRequest(f"'{name}' must be at most {maximum}")
     return value
 
 
@@ -118,7 +102,7 @@ def _addresses(d: dict, where: str) -> list[dict]:
         except ValueError:
             if not re.match(r"^[A-Za-z0-9.\-]+$", host):
                 raise BadRequest(f"'{w}ip' is neither an IP address nor a host name: {host!r}") from None
-        out.append({"ip": host, "port": _int(a, "port", w, minimum=1, maximum=65535)})
+        out.append({"ip": host, "port": v.integer(a, "port", where=w, minimum=1, maximum=65535)})
     return out
 
 
@@ -182,7 +166,7 @@ def stream_filters(value: Any, where: str = "stream_filters") -> list[dict]:
         dtype = _str(f, "field_data_type", w, required=False, max_len=16) or "string"
         if dtype not in FIELD_TYPES:
             raise BadRequest(f"'{w}field_data_type' must be int, string or bytes")
-        index = _int(f, "field_index", w, minimum=0, maximum=10_000)
+        index = v.integer(f, "field_index", where=w, minimum=0, maximum=10_000)
         if field_in == "protocol" and index >= len(PROTOCOL_FIELDS):
             raise BadRequest(f"'{w}field_index' {index} is not a protocol field (0-{len(PROTOCOL_FIELDS) - 1}: "
                              f"{', '.join(PROTOCOL_FIELDS)})")
@@ -218,7 +202,7 @@ def route_entries(value: Any, filters: list[dict], streamtos: dict[int, dict], w
         name = _str(e, "name", w, required=False, max_len=255) or f"route{i}"
         st = _obj(e.get("stream_to"), f"{w}stream_to")
         sw = f"{w}stream_to."
-        sid = _int(st, "stream_to_id", sw, minimum=1)
+        sid = v.integer(st, "stream_to_id", where=sw, minimum=1)
         doc = streamtos.get(sid)
         if doc is None:
             raise BadRequest(f"'{sw}stream_to_id' {sid} does not exist (add it with add_streamto first)")
@@ -233,9 +217,10 @@ def route_entries(value: Any, filters: list[dict], streamtos: dict[int, dict], w
             if not re.match(r"^[A-Za-z0-9._\-]+$", topic):
                 raise BadRequest(f"'{kw}topic_name' may hold only letters, digits, '.', '_' and '-'")
             target["kafka"] = {"topic_name": topic,
-                               "partition": _int(k, "partition", kw, required=False, minimum=0, maximum=1_000_000),
+                               "partition": v.integer(k, "partition", where=kw, required=False, default=None,
+                                                      minimum=0, maximum=1_000_000),
                                "data_set": _str(k, "data_set", kw, required=False, max_len=255),
-                               "biz_id": _int(k, "biz_id", kw, required=False, default=0)}
+                               "biz_id": v.integer(k, "biz_id", where=kw, required=False, default=0)}
         elif mode == "redis":
             r = _obj(st.get("redis"), f"{sw}redis")
             rw = f"{sw}redis."
@@ -244,7 +229,7 @@ def route_entries(value: Any, filters: list[dict], streamtos: dict[int, dict], w
                 raise BadRequest(f"'{rw}data_type' must be pubsub, list or stream")
             target["redis"] = {"channel_name": _str(r, "channel_name", rw, max_len=1024), "data_type": dtype,
                                "data_set": _str(r, "data_set", rw, required=False, max_len=255),
-                               "biz_id": _int(r, "biz_id", rw, required=False, default=0)}
+                               "biz_id": v.integer(r, "biz_id", where=rw, required=False, default=0)}
         else:
             fobj = _obj(st.get("file"), f"{sw}file", required=False)
             fname = _str(fobj, "file_name", f"{sw}file.", required=False, max_len=255)
