@@ -136,7 +136,7 @@ class FakeCmdb:
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
-            self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+            self.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
             ready.set()
             await self._stop.wait()
             await runner.cleanup()

@@ -174,7 +174,7 @@ async def test_data_and_dispatch_message_through_the_proxy(area_net):
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/cb"
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/cb"
     try:
         c.zk_put_config("message_slots", {"slotn": {"callback_url": url, "token": "tk"}})
         agent = area_net["agents"][0]

@@ -636,13 +636,15 @@ class Agent(Service):
         elif kind == "proc_ack":
             self.procs.on_ack(frame.proc_ack)
         elif kind == "host_identity":
-            self._spawn(self._host_identity(frame.host_identity))
+            self.spawn(self._host_identity(frame.host_identity))
         elif kind == "operate":
             self.operations.on_operate(frame.operate)
         else:
             log.debug("unhandled frame", extra={"kind": kind})
 
-    def _spawn(self, coro) -> None:
+    def spawn(self, coro) -> None:
+        """Run `coro` in the background of the agent (held until done, cancelled when the agent stops): for
+        handlers of frames that must not hold up the link's reader (agent operations, host identity)."""
         t = asyncio.ensure_future(coro)
         self._background.add(t)
         t.add_done_callback(self._background.discard)

@@ -59,9 +59,9 @@ class Operations:
         if op.op == RESTART:
             self.restart(op)
         elif op.op == RELOAD:
-            self.agent._spawn(self.reload(op))
+            self.agent.spawn(self.reload(op))
         elif op.op == UPGRADE:
-            self.agent._spawn(self.upgrader.run(op, self.result))
+            self.agent.spawn(self.upgrader.run(op, self.result))
         else:
             self.result(op, error_code=ErrorCode.FAILED, error_msg=f"unknown operation type {op.op}")
 

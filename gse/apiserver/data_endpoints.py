@@ -65,10 +65,10 @@ class RouteStore:
         integer id are skipped. Unavailable when ZooKeeper fails a read."""
         zk = self.d.zk
         try:
-            names = await self.d._aio(zk.get_children_async(self._path(kind)))
+            names = await self.d.aio(zk.get_children_async(self._path(kind)))
         except NoNodeError:
             return {}
-        results = await asyncio.gather(*[self.d._aio(zk.get_async(self._path(kind, n))) for n in names
+        results = await asyncio.gather(*[self.d.aio(zk.get_async(self._path(kind, n))) for n in names
                                          if n.isdigit()], return_exceptions=True)
         out = {}
         for res in results:
@@ -88,7 +88,7 @@ class RouteStore:
     async def get(self, kind: str, ident: int) -> tuple[dict, int] | None:
         """(the document, its ZooKeeper version) of `kind`/`ident`, None when there is none."""
         try:
-            data, stat = await self.d._aio(self.d.zk.get_async(self._path(kind, ident)))
+            data, stat = await self.d.aio(self.d.zk.get_async(self._path(kind, ident)))
         except NoNodeError:
             return None
         return json.loads(data), stat.version
@@ -96,7 +96,7 @@ class RouteStore:
     async def create(self, kind: str, ident: int, doc: dict) -> bool:
         """Create the document; False when `ident` is taken already."""
         try:
-            await self.d._aio(self.d.zk.create_async(self._path(kind, ident), _dump(doc)))
+            await self.d.aio(self.d.zk.create_async(self._path(kind, ident), _dump(doc)))
             return True
         except NodeExistsError:
             return False
@@ -105,7 +105,7 @@ class RouteStore:
         """Replace the document if it is still at `version`. Conflict when another request changed or deleted it
         meanwhile."""
         try:
-            await self.d._aio(self.d.zk.set_async(self._path(kind, ident), _dump(doc), version=version))
+            await self.d.aio(self.d.zk.set_async(self._path(kind, ident), _dump(doc), version=version))
         except BadVersionError:
             raise Conflict("the definition was changed by another request at the same time; try again") from None
         except NoNodeError:
@@ -115,7 +115,7 @@ class RouteStore:
         """Delete the document if it is still at `version` (one already gone is fine). Conflict when another request
         changed it meanwhile."""
         try:
-            await self.d._aio(self.d.zk.delete_async(self._path(kind, ident), version=version))
+            await self.d.aio(self.d.zk.delete_async(self._path(kind, ident), version=version))
         except BadVersionError:
             raise Conflict("the definition was changed by another request at the same time; try again") from None
         except NoNodeError:
@@ -123,8 +123,8 @@ class RouteStore:
 
     async def allocate(self, kind: str) -> int:
         """A fresh number from a ZooKeeper sequential node (unique across API servers)."""
-        path = await self.d._aio(self.d.zk.create_async(f"{self._path(SEQ_DIR)}/{kind}/n-", b"", sequence=True))
-        await self.d._aio(self.d.zk.delete_async(path))
+        path = await self.d.aio(self.d.zk.create_async(f"{self._path(SEQ_DIR)}/{kind}/n-", b"", sequence=True))
+        await self.d.aio(self.d.zk.delete_async(path))
         return int(path.rsplit("-", 1)[1])
 
 
@@ -146,7 +146,7 @@ def _condition(body: dict) -> dict:
 
 
 def _plat(cond: dict) -> str:
-    return dr._str(cond, "plat_name", "condition.", max_len=128)
+    return v.string(cond, "plat_name", where="condition.", max_len=128)
 
 
 class DataEndpoints:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 
 from gse.common import patterns
 from gse.common.errors import BadRequest, ErrorCode, ScriptStatus, TaskNotKnown, item_error_code
@@ -60,13 +59,6 @@ class FileEndpoints:
         return out
 
     @staticmethod
-    def _dir(d: dict, field: str, where: str) -> str:
-        value = v.string(d, field, where=where)
-        if not os.path.isabs(value) or ".." in value.split("/"):
-            raise BadRequest(f"'{where}{field}' must be an absolute path without '..'")
-        return os.path.normpath(value)
-
-    @staticmethod
     def _permission(d: dict, field: str, where: str) -> int:
         perm = d.get(field, 0) or 0         # absent, null, "" or 0: the source's mode
         try:
@@ -112,9 +104,9 @@ class FileEndpoints:
             out.append({
                 "source_agent": v.agent_ids({"x": [v.string(sa, "bk_agent_id", where=f"{w}source.agent.")]}, "x")[0],
                 "source_user": v.string(sa, "user", required=False, default="root", where=f"{w}source.agent.") or "root",
-                "source_dir": self._dir(src, "store_dir", f"{w}source."),
+                "source_dir": v.abs_dir(src, "store_dir", where=f"{w}source."),
                 "source_name": name, "md5": v.string(src, "md5", required=False, where=f"{w}source.", max_len=64),
-                "dest_dir": self._dir(dst, "store_dir", f"{w}target."), "dest_name": tgt_name,
+                "dest_dir": v.abs_dir(dst, "store_dir", where=f"{w}target."), "dest_name": tgt_name,
                 "owner": v.string(dst, "owner", required=False, where=f"{w}target.", max_len=64),
                 "permission": perm, "agents": agents,
             })
@@ -154,7 +146,8 @@ class FileEndpoints:
                 except BadRequest as exc:
                     raise BadRequest(f"'{w}agent_id_list' or '{w}agents': {exc}") from None
                 agents += [(a, "root") for a in ids]
-            out.append({"file_name": name, "store_dir": self._dir(t, "store_dir", w), "content": data, "md5": md5,
+            out.append({"file_name": name, "store_dir": v.abs_dir(t, "store_dir", where=w), "content": data,
+                        "md5": md5,
                         "owner": v.string(t, "owner", required=False, where=w, max_len=64),
                         "permission": self._permission(t, "right", w),
                         "agents": list(dict.fromkeys(agents))})
@@ -224,7 +217,7 @@ class FileEndpoints:
                      targets: list[str], initial_ops: list, specs: list[tuple[int, str, pb.TransferSpec]]) -> None:
         """Store the task (kind file or push) and its initial items, then start each transfer on its
         coordinating task server; a transfer that cannot start ends its targets' items with the reason."""
-        await self.t._write([TaskRecord.update(task_id, ttl_ms=self.t.ttl, kind=kind, created=now_ms(),
+        await self.t.store([TaskRecord.update(task_id, ttl_ms=self.t.ttl, kind=kind, created=now_ms(),
                                                request_id=req.request_id, coordinators=coordinators,
                                                targets=targets, tasks=n_tasks).op(), *initial_ops])
         log.info("transfer accepted", extra={"kind": kind, "tasks": n_tasks, "transfers": len(specs)})
@@ -242,7 +235,7 @@ class FileEndpoints:
                                 status=ScriptStatus.FAILED, error_code=code, error_msg=msg, end_time=now_ms())
                 ops.append(FileResults.update(task_id, target, {
                     item_name(i, -1): item, item_name(i, -1, progress=True): item}, self.t.ttl).op())
-            await self.t._write(ops)
+            await self.t.store(ops)
 
     async def async_push_file(self, body: dict, req):
         """`{timeout_seconds, auto_mkdir, tasks: [{file_name, store_dir, file_content, md5?, owner, right,
@@ -295,8 +288,8 @@ class FileEndpoints:
     async def get_transfer_file_result(self, body: dict, _req):
         """`{task_id, agents?: [{bk_agent_id}] | agent_id_list?: [ids]}` -> `{result: [{bk_agent_id, error_code,
         error_msg, content}]}` (spec §4); `agent_id_list` is the CMDB's form; neither: every target."""
-        task_id = self.t._task_id(body)
-        meta = await self.t._meta(task_id, TaskNotKnown)
+        task_id = self.t.task_id_of(body)
+        meta = await self.t.task_record(task_id, TaskNotKnown)
         if meta.kind not in ("file", "push"):
             raise BadRequest(f"'task_id' {task_id} is not a file transfer")
         requested = self._agents(body)
@@ -334,8 +327,8 @@ class FileEndpoints:
         transfer ends: its unfinished items end with 126. Each transfer of the task is terminated on its
         coordinating task server; agents that are not in a transfer change nothing of it. BadRequest for an
         unknown task id, one that is not a transfer, or a bad agent id."""
-        task_id = self.t._task_id(body)
-        meta = await self.t._meta(task_id)
+        task_id = self.t.task_id_of(body)
+        meta = await self.t.task_record(task_id)
         if meta.kind not in ("file", "push"):
             raise BadRequest(f"'task_id' {task_id} is not a file transfer")
         requested = self._agents(body)

@@ -129,7 +129,7 @@ class FleetEndpoints:
             raise BadRequest("'sha256' must be 64 hex digits")
         pkg = {"version": v.string(body, "version", max_len=64), "sha256": sha,
                "file_name": v.string(body, "file_name", max_len=255),
-               "store_dir": self.files._dir(body, "store_dir", ""),
+               "store_dir": v.abs_dir(body, "store_dir"),
                "source_agent": v.agent_ids({"x": [v.string(body, "source_agent")]}, "x")[0],
                "size": v.integer(body, "size", required=False, default=0, minimum=0)}
         if "/" in pkg["file_name"]:

@@ -130,7 +130,7 @@ class ApiServerService(Service):
         await self.runner.setup()
         site = web.TCPSite(self.runner, c.host, c.port, backlog=1024)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = self.runner.addresses[0][1]
         await self.api.bodies.start()       # the body-parsing worker, before anyone is told to come
         await self.discovery.register(self.name, self.node_id, {
             "url": f"http://{join_host_port(c.advertise_host or c.host, self.port)}",

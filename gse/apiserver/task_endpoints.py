@@ -190,7 +190,7 @@ class TaskEndpoints:
         for (node, user), ids in by_node_user.items():
             by_user[user][node] = ids
         # Stored before it is dispatched: a store that fails answers an error and no agent runs anything.
-        await self._write(ops)
+        await self.store(ops)
         log.info("task accepted", extra={"kind": "script", "targets": len(targets), "offline": len(offline),
                                          "atomic_tasks": len(atomic), "warnings": len(warnings)})
         frames = {user: task_frame(apb.TaskRequest(task_id=task_id, user=user, atomic_tasks=atomic, created_ms=at,
@@ -263,7 +263,7 @@ class TaskEndpoints:
 
     async def _fail_items(self, task_id: str, atomic_ids: list[int], failures: list[tuple[str, int, str]]) -> None:
         end = now_ms()
-        await self._write([TaskItem.update(task_id, aid, tid, ttl_ms=self.ttl, status=ScriptStatus.FAILED,
+        await self.store([TaskItem.update(task_id, aid, tid, ttl_ms=self.ttl, status=ScriptStatus.FAILED,
                                            error_code=code, error_msg=msg, end_time=end).op()
                            for aid, code, msg in failures for tid in atomic_ids])
 
@@ -282,7 +282,7 @@ class TaskEndpoints:
     async def get_execute_script_result(self, body: dict, _req):
         """`{task_id, agent_tasks: [{bk_agent_id, atomic_tasks: [{atomic_task_id, offset, limit}]}]}` ->
         `{result: [...]}` (spec §4); `offset`/`limit` page the output in bytes."""
-        task_id = self._task_id(body)
+        task_id = self.task_id_of(body)
         wanted = []
         for i, at in enumerate(v.lst(body, "agent_tasks", max_len=self.max_hosts)):
             where = f"agent_tasks[{i}]."
@@ -299,7 +299,7 @@ class TaskEndpoints:
                                          maximum=MAX_OFFSET),
                                v.integer(item, "limit", required=False, default=0, where=w2, minimum=0,
                                          maximum=MAX_OFFSET)))
-        meta = await self._meta(task_id, TaskNotKnown)
+        meta = await self.task_record(task_id, TaskNotKnown)
         if meta.kind not in ("", "script"):
             raise BadRequest(f"'task_id' {task_id} is not a script task")
         if not wanted:      # no atomic tasks named: every atomic task of the task, whole output
@@ -386,8 +386,8 @@ class TaskEndpoints:
         """async_terminate_execute_script (spec §4): `{task_id, agents: [{bk_agent_id}]}` -> `{result: {task_id}}`.
         The terminate goes to the task servers holding those of the agents that are alive (their running items end
         with 126); offline agents are skipped. BadRequest for an unknown task id or a bad agent id."""
-        task_id = self._task_id(body)
-        await self._meta(task_id)
+        task_id = self.task_id_of(body)
+        await self.task_record(task_id)
         ids = []
         for i, a in enumerate(v.lst(body, "agents", max_len=self.max_hosts)):
             if not isinstance(a, dict):
@@ -421,15 +421,17 @@ class TaskEndpoints:
         """Dispatched to a live agent no longer than offline_grace ago (so it cannot read as gone yet)."""
         return item.dispatch_time > 0 and at_ms - item.dispatch_time <= self.offline_grace_ms
 
-    def _task_id(self, body: dict) -> str:
+    def task_id_of(self, body: dict) -> str:
+        """The `task_id` of a result or terminate request (spec §4; script and file tasks alike), put in the
+        request's trace; BadRequest when it is missing or not a task id."""
         task_id = v.string(body, "task_id", max_len=128)
         if not valid_task_id(task_id):
             raise BadRequest("'task_id' is not a task id")
         set_trace(task_id=task_id)
         return task_id
 
-    async def _meta(self, task_id: str, unknown: type[GseError] | None = None) -> TaskRecord:
-        """The task's record; an unknown id raises `unknown(task_id)` (result reads: TaskNotKnown) or, for
+    async def task_record(self, task_id: str, unknown: type[GseError] | None = None) -> TaskRecord:
+        """The task's record (kind, coordinators, targets...); an unknown id raises `unknown(task_id)` (result reads: TaskNotKnown) or, for
         operations on a task, a BadRequest."""
         (r,) = await self.db.execute([TaskRecord.read(task_id)])
         meta = TaskRecord.decode(r)
@@ -449,8 +451,9 @@ class TaskEndpoints:
             out.append(Target(r, rec.agent_id if rec else "", c, u, rec))
         return out
 
-    async def _write(self, ops) -> None:
-        """Store ops; Unavailable (503) when dbproxy could not reach a replica, GseError when it refused."""
+    async def store(self, ops) -> None:
+        """Store dbproxy `ops` (task records and items, in batches of 20,000); Unavailable (503) when dbproxy could
+        not reach a replica, GseError when it refused."""
         for i in range(0, len(ops), 20_000):
             res = await self.db.execute(ops[i:i + 20_000])
             bad = [r for r in res if not r.ok]

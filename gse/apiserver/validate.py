@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 from typing import Any
 
@@ -55,6 +56,16 @@ def string(body: dict, field: str, *, required: bool = True, default: str = "", 
     if len(value) > max_len:
         raise BadRequest(f"'{name}' is longer than {max_len} characters")
     return value
+
+
+def abs_dir(body: dict, field: str, *, where: str = "") -> str:
+    """`body[field]` as a normalised absolute directory without '..' components (a file transfer's or push's
+    `store_dir`, spec §4); BadRequest naming `<where><field>` when it is missing, empty or relative, or
+    escapes with '..' (1000400)."""
+    value = string(body, field, where=where)
+    if not os.path.isabs(value) or ".." in value.split("/"):
+        raise BadRequest(f"'{where}{field}' must be an absolute path without '..'")
+    return os.path.normpath(value)
 
 
 def integer(body: dict, field: str, *, required: bool = True, default: int | None = 0, minimum: int | None = None,

@@ -64,7 +64,11 @@ class Discovery:
         """The ZooKeeper path of `parts` under the root: `path("taskserver", node)` -> "/gse/taskserver/<node>"."""
         return "/".join([self.root, *parts])
 
-    def _aio(self, async_result) -> asyncio.Future:
+    def aio(self, async_result) -> asyncio.Future:
+        """A kazoo IAsyncResult (what `zk.get_async(path)` and the other `*_async` calls return) as a future
+        on this Discovery's loop: `data, stat = await d.aio(d.zk.get_async(path))` gives its value, or raises
+        its exception (kazoo's NoNodeError, BadVersionError, ...), without blocking the loop on a kazoo
+        thread."""
         loop = self.loop
         fut = loop.create_future()
 
@@ -167,19 +171,19 @@ class Discovery:
         parent = path.rsplit("/", 1)[0]
         await self._ensure_path(parent)
         try:
-            await self._aio(self.zk.create_async(path, data, ephemeral=True))
+            await self.aio(self.zk.create_async(path, data, ephemeral=True))
             log.info("registered", extra={"path": path})
         except NodeExistsError:
-            stat = await self._aio(self.zk.exists_async(path))
+            stat = await self.aio(self.zk.exists_async(path))
             if stat is not None and stat.ephemeralOwner == self.zk.client_id[0]:
-                await self._aio(self.zk.set_async(path, data))
+                await self.aio(self.zk.set_async(path, data))
                 return
             # A node left by our previous (expired) session: replace it.
             try:
-                await self._aio(self.zk.delete_async(path))
+                await self.aio(self.zk.delete_async(path))
             except NoNodeError:
                 pass
-            await self._aio(self.zk.create_async(path, data, ephemeral=True))
+            await self.aio(self.zk.create_async(path, data, ephemeral=True))
             log.info("registered (replaced a stale node)", extra={"path": path})
 
     # ---- registration -----------------------------------------------------------------------------
@@ -207,7 +211,7 @@ class Discovery:
             return          # applied by _restore() once connected again
         try:
             try:
-                await self._aio(self.zk.set_async(path, data))
+                await self.aio(self.zk.set_async(path, data))
             except NoNodeError:
                 await self._create_ephemeral(path, data)
         except KazooException as exc:
@@ -219,7 +223,7 @@ class Discovery:
         self._registrations.pop(path, None)
         if self.connected:
             try:
-                await self._aio(self.zk.delete_async(path))
+                await self.aio(self.zk.delete_async(path))
             except KazooException:
                 pass        # gone already, or goes with the session
 
@@ -253,8 +257,8 @@ class Discovery:
     async def _refresh_service(self, service: str, children: list[str] | None = None) -> None:
         try:
             if children is None:
-                children = await self._aio(self.zk.get_children_async(self.path(service)))
-            futs = [self._aio(self.zk.get_async(self.path(service, c))) for c in children]
+                children = await self.aio(self.zk.get_children_async(self.path(service)))
+            futs = [self.aio(self.zk.get_async(self.path(service, c))) for c in children]
             results = await asyncio.gather(*futs, return_exceptions=True)
         except Exception as exc:  # noqa: BLE001 - keep the last view while ZooKeeper is away
             log.debug("service refresh failed", extra={"service": service, "error": repr(exc)})
@@ -327,13 +331,13 @@ class Discovery:
         path = self.path("config", name)
         data = json.dumps(value, sort_keys=True).encode()
         await self._ensure_path(path)
-        await self._aio(self.zk.set_async(path, data))
+        await self.aio(self.zk.set_async(path, data))
 
     async def get_json(self, path: str) -> Any:
         """The JSON document at the absolute path `path`; None when the node is missing or empty. ValueError when its
         data is not JSON."""
         try:
-            data, _ = await self._aio(self.zk.get_async(path))
+            data, _ = await self.aio(self.zk.get_async(path))
         except NoNodeError:
             return None
         return json.loads(data) if data else None

@@ -119,7 +119,7 @@ class TokenStore:
 
     async def check_agent(self, agent_id: str) -> bool:
         """True when `agent_id` is already enrolled."""
-        return await self.d._aio(self.d.zk.exists_async(self.d.path(AGENTS, agent_id))) is not None
+        return await self.d.aio(self.d.zk.exists_async(self.d.path(AGENTS, agent_id))) is not None
 
     async def consume(self, token: str, agent_id: str, peer: str, enrolled: bool, key_id: str = "") -> dict:
         """Consume `token` for `agent_id` (atomically, once in the whole cluster); returns its record.
@@ -130,7 +130,7 @@ class TokenStore:
             raise EnrollError("token_unknown", "the enrollment token is not one `gse certs token` made")
         path = self.d.path(TOKENS, token_hash(token))
         try:
-            data, stat = await self.d._aio(self.d.zk.get_async(path))
+            data, stat = await self.d.aio(self.d.zk.get_async(path))
         except NoNodeError:
             raise EnrollError("token_unknown", "the enrollment token is unknown (never made, or pruned)") from None
         try:
@@ -152,7 +152,7 @@ class TokenStore:
                                           f"made for it (gse certs token --agent-id {agent_id})")
         rec.update(used_ms=now, used_by=agent_id, used_from=peer, used_key=key_id)
         try:
-            await self.d._aio(self.d.zk.set_async(path, json.dumps(rec, sort_keys=True).encode(), stat.version))
+            await self.d.aio(self.d.zk.set_async(path, json.dumps(rec, sort_keys=True).encode(), stat.version))
         except (BadVersionError, NoNodeError):
             raise EnrollError("token_used", "the enrollment token was used at the same moment elsewhere") from None
         return rec
@@ -163,6 +163,6 @@ class TokenStore:
         data = json.dumps({"serial": serial, "at_ms": _now_ms(), "peer": peer,
                            "token": token_hash(token)[:12]}, sort_keys=True).encode()
         try:
-            await self.d._aio(self.d.zk.create_async(path, data, makepath=True))
+            await self.d.aio(self.d.zk.create_async(path, data, makepath=True))
         except NodeExistsError:
-            await self.d._aio(self.d.zk.set_async(path, data))
+            await self.d.aio(self.d.zk.set_async(path, data))

@@ -393,7 +393,7 @@ class FileServerService(Service):
         await self.tracker_runner.setup()
         site = web.TCPSite(self.tracker_runner, c.host, c.tracker_port)
         await site.start()
-        self.tracker_port = site._server.sockets[0].getsockname()[1]
+        self.tracker_port = self.tracker_runner.addresses[0][1]
         tracker_url = f"http://{join_host_port(self.advertise, self.tracker_port)}/announce"
         tracker.public_url = tracker_url
         self.service = FileService(c, tracker, tracker_url)

@@ -172,7 +172,7 @@ class FileRelay:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, c.tracker_port)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]
+        port = self._runner.addresses[0][1]
         self.tracker_url = self.tracker.public_url = f"http://{join_host_port(self.advertise, port)}/announce"
         self.cache.mkdir(parents=True, exist_ok=True, mode=0o700)
         fs_cfg = FileServerConfig(data_dir=str(self.cache.parent / "relay-direct"),

@@ -220,13 +220,18 @@ class AgentAccess:
                             rl.session.last_seen = now
         self.paused.clear()
 
-    def _refuse(self, link, reason: str, label: str, code: str = "") -> None:
+    def refuse(self, link, reason: str, label: str, code: str = "") -> None:
+        """Refuse an agent link (or a proxy's, gse/taskserver/relay_access.py): counted under `label`
+        (gse_taskserver_agent_refused_total), logged, then a Refused frame with `reason` and `code` (what the
+        agent shows and acts on) and the link closed."""
         REFUSED.labels(label).inc()
         log.warning("agent link refused", extra={"peer": link.peer, "reason": reason})
         link.write(pb.ServerFrame(refused=pb.Refused(reason=reason, code=code)).SerializeToString())
         link.close()
 
-    def _spawn(self, coro) -> None:
+    def spawn(self, coro) -> None:
+        """Run `coro` (a check or an answer that must not hold up the links' reader) in the background, held
+        until done."""
         t = asyncio.ensure_future(coro)
         self._checks.add(t)
         t.add_done_callback(self._checks.discard)
@@ -237,7 +242,7 @@ class AgentAccess:
         if self.enroller is None or first.WhichOneof("body") != "enroll":
             why = "a certificate is required" + (" (or an Enroll frame)" if self.enroller is not None else "")
             roles.REFUSED.labels("agent_link", link.identity.label).inc()
-            self._refuse(link, why, "role", "role")
+            self.refuse(link, why, "role", "role")
             return
         self.pending.add(link)
 
@@ -247,7 +252,7 @@ class AgentAccess:
             finally:
                 self.pending.discard(link)
                 link.close()
-        self._spawn(answer())
+        self.spawn(answer())
 
     def _hello(self, link, first, checked: bool = False) -> None:
         self.unattached.pop(link, None)
@@ -256,25 +261,25 @@ class AgentAccess:
             self.relays.hello(link, first.proxy_hello)
             return
         if kind != "hello":
-            self._refuse(link, "the first frame must be a hello", "bad_hello")
+            self.refuse(link, "the first frame must be a hello", "bad_hello")
             return
         hello = first.hello
         if not valid_agent_id(hello.agent_id):
-            self._refuse(link, "bk_agent_id must be 1-64 printable characters", "bad_agent_id")
+            self.refuse(link, "bk_agent_id must be 1-64 printable characters", "bad_agent_id")
             return
         refused = area_refusal(hello.agent_id, hello.cloud_id, self.area)
         if refused is not None:
-            self._refuse(link, refused[1], refused[0], refused[0])
+            self.refuse(link, refused[1], refused[0], refused[0])
             return
         refused = self.identity.check(link, hello.agent_id, self.sessions)
         if refused is not None:
             if refused[0] == "role":
                 roles.REFUSED.labels("agent_link", link.identity.label).inc()
-            self._refuse(link, refused[1], refused[0], refused[0])
+            self.refuse(link, refused[1], refused[0], refused[0])
             return
         if not checked and self.identity.needs_remote_check(link):
             self.pending.add(link)
-            self._spawn(self._hello_checked(link, first))
+            self.spawn(self._hello_checked(link, first))
             return
         if self.balancer is not None and hello.redirects == 0:
             target = self.balancer.redirect_target(hello.cloud_id, self.load + 1)
@@ -328,7 +333,7 @@ class AgentAccess:
         if link.closed:
             return
         if refused is not None:
-            self._refuse(link, refused[1], refused[0], refused[0])
+            self.refuse(link, refused[1], refused[0], refused[0])
             return
         self._hello(link, first, checked=True)
 

@@ -259,7 +259,7 @@ class Relays:
                          f"area {self.area} itself"), "area"
         if why:
             RELAY_REFUSED.labels(code).inc()
-            access._refuse(link, why, "proxy", code)
+            access.refuse(link, why, "proxy", code)
             return
         mux = ProxySession(self, link, hello)
         link.session = mux
@@ -441,7 +441,7 @@ class Relays:
             if not mux.closed:
                 mux.queue(sender, body)
                 mux.queue_end(sender)
-        self.access._spawn(answer())
+        self.access.spawn(answer())
 
     def _ended(self, mux: ProxySession, name: str) -> None:
         """The proxy says this agent (or proxy) left it."""
