@@ -344,6 +344,50 @@ def test_proc_one_shot_runs_once(pc, papi, tmp_path):
     assert data[f"{aid}:{NS}:{name}"]["error_code"] == 65535
 
 
+def test_proc_health_cmd_failure_restarts_the_process(pc, papi, tmp_path, rds, routes):
+    """health_cmd runs every health_check_secs while a supervised process runs; a failing check is a death: the
+    process is taken down and started again (new pid, process_restart_success naming the health check). Once the
+    check passes again the process stays up."""
+    aid = pc.agents[0].info["bk_agent_id"]
+    name = f"hc{uuid.uuid4().hex[:6]}"
+    key = f"{aid}:{NS}:{name}"
+    p = make_plugin(tmp_path, name)
+    marker, checks = p.dir / "unhealthy", p.dir / "checks"
+    spec = p.spec(start_check_secs=1, health_check_secs=1)
+    spec["control"]["health_cmd"] = (f"if [ -e {marker} ]; then echo fail >> {checks}; exit 1; fi; "
+                                     f"echo ok >> {checks}")
+
+    def oks() -> int:
+        return checks.read_text().split().count("ok") if checks.exists() else 0
+
+    assert codes(result(papi, multi(papi, name, 0, [aid], spec))) == {key: 0}
+    first = p.pid()
+    wait_for(lambda: oks() >= 2, 15, "two passing health checks", interval=0.1)
+    assert p.alive() and p.pid() == first                 # passing checks leave it alone
+    # the check starts failing: restarted under a new pid, and the event and the status say so
+    marker.touch()
+    wait_for(lambda: p.alive() and p.pid() != first, 15, "the plugin restarted after its health check failed",
+             interval=0.1)
+    assert "fail" in checks.read_text().split()
+    ev = wait_for(lambda: [e for e in events(rds, routes["events"], name)
+                           if e["event_name"] == "process_restart_success"], 15, "the restart event")
+    assert "health_cmd" in ev[0]["event"]["content"] and ev[0]["dimension"]["bk_agent_id"] == aid, ev
+    s = wait_status(papi, name, [aid], lambda i: i["status"] == 1 and i["pid"] not in (first, -1), "the new pid")
+    assert s[aid]["isauto"] is True and "health_cmd" in s[aid]["message"], s
+    # the check passes again: it stays up under the same pid through the next checks
+    marker.unlink()
+    seen = len(checks.read_text().split())
+    wait_for(lambda: "ok" in checks.read_text().split()[seen:], 15, "a passing check after the fix", interval=0.1)
+    wait_for(p.alive, 10, "the plugin running")
+    pid, n, restarts = p.pid(), oks(), len(events(rds, routes["events"], name))
+    wait_for(lambda: oks() >= n + 3, 15, "three more passing checks", interval=0.1)
+    assert p.alive() and p.pid() == pid
+    assert len(events(rds, routes["events"], name)) == restarts
+    wait_status(papi, name, [aid], lambda i: i["status"] == 1 and i["pid"] == pid, "the status of the kept pid")
+    assert codes(result(papi, multi(papi, name, 1, [aid]))) == {key: 0}
+    assert not p.alive()
+
+
 def test_proc_resource_limit_breach_sends_an_event(pc, papi, tmp_path, rds, routes):
     aid = pc.agents[0].info["bk_agent_id"]
     name = f"rl{uuid.uuid4().hex[:6]}"

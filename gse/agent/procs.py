@@ -16,7 +16,9 @@ scheduled processes, health checks, resource limits, status reports, events, and
   hour while it keeps failing).
 - **One-shot** (auto_type 2): start succeeds when `start_cmd` exits 0; nothing keeps it alive. **Scheduled**
   (auto_type 0): `start_cmd` runs at each time of `crontab_rule` (croniter) unless it is still running.
-- **Health**: `health_cmd` every `health_check_secs` while running; a failure is treated as a death.
+- **Health**: `health_cmd` every `health_check_secs` while running; a failure is treated as a death: the process
+  is taken down (stop_cmd, then SIGKILL) and keep-alive starts it again, its `process_restart_success` event
+  naming the failed check.
 - **Resources** (`cpu`, `mem` in percent of the host): cgroup v2 where the host has it (proc_host.CgroupV2),
   else measured every `sample_interval_s`; `resource_breach_samples` samples in a row over a limit send
   `process_resource_limit_exceed` and restart the process (supervised ones; others are reported only).
@@ -139,6 +141,7 @@ class Proc:
     cg_counters: tuple = (0, 0)
     next_health: float = 0.0
     next_cron: float = 0.0
+    down_why: str = ""              # why the agent took it down (health, resources): the restart event says so
     reported: tuple | None = None
     reported_at: float = 0.0
 
@@ -606,6 +609,7 @@ class ProcManager:
             if alive != was:
                 self._changed(p)
             if alive:
+                p.down_why = ""
                 if p.isauto and not p.armed and p.spec.auto_type == RESIDENT:
                     p.armed = True
                     self._save()
@@ -619,7 +623,8 @@ class ProcManager:
                 continue
             if p.spec.auto_type == RESIDENT and p.armed and now >= p.next_try:
                 p.busy = True
-                self._spawn(self._restart(p, "process exited" if was else "process not running"))
+                why = p.down_why or ("process exited" if was else "process not running")
+                self._spawn(self._restart(p, why))
             elif p.spec.auto_type == SCHEDULED and p.spec.crontab_rule and p.next_cron and time.time() >= p.next_cron:
                 self._schedule_cron(p)
                 p.busy = True
@@ -685,14 +690,16 @@ class ProcManager:
             return
         log.warning("health check failed; restarting", extra={"proc": p.name, "exit_code": res.exit_code})
         p.message = f"health_cmd failed: {res.problem or f'exit {res.exit_code}'}"
-        await self._force_down(p)
+        await self._force_down(p, p.message)
 
-    async def _force_down(self, p: Proc) -> None:
-        """Take a misbehaving supervised process down (stop_cmd, then SIGKILL); keep-alive starts it again."""
+    async def _force_down(self, p: Proc, why: str) -> None:
+        """Take a misbehaving supervised process down (stop_cmd, then SIGKILL); keep-alive starts it again, its
+        restart event giving `why`."""
         async with p.lock:
             p.busy = True
             try:
                 if self._alive(p):
+                    p.down_why = why
                     code, _m, _o = await self._stop(p, p.spec.stop_cmd, signal.SIGTERM)
                     if code != ErrorCode.OK and p.pid > 0:
                         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -740,7 +747,7 @@ class ProcManager:
                 self._event(p, "process_resource_limit_exceed", text)
                 p.message = text
                 if p.isauto and p.cgroup is None and not p.busy:
-                    self._spawn(self._force_down(p))
+                    self._spawn(self._force_down(p, "over its resource limits"))
 
     # ---- events and alarms ------------------------------------------------------------------------
 
