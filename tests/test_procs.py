@@ -344,6 +344,73 @@ def test_proc_one_shot_runs_once(pc, papi, tmp_path):
     assert data[f"{aid}:{NS}:{name}"]["error_code"] == 65535
 
 
+def test_proc_scheduled_runs_at_each_time_of_its_rule(pc, papi, tmp_path):
+    """auto_type 0: start puts the process on its crontab_rule (croniter's 6th field is seconds) without running it;
+    start_cmd then runs at each time of the rule, one run at a time: a time that comes while a run still goes is
+    skipped, not run late when that run ends. Stop takes it off the schedule."""
+    aid = pc.agents[1].info["bk_agent_id"]
+    name = f"cr{uuid.uuid4().hex[:6]}"
+    key = f"{aid}:{NS}:{name}"
+    d = tmp_path / name
+    d.mkdir()
+    period, length = 6, 9           # each run outlasts one period: every other time of the rule finds it running
+    (d / "job.sh").write_text("#!/bin/sh\n"
+                              "[ -e running ] && echo overlap >> overlaps\n"
+                              "touch running\n"
+                              "date +%s.%N >> begins\n"
+                              f"sleep {length}\n"
+                              "rm -f running\n"
+                              "echo end >> ends\n")
+    os.chmod(d / "job.sh", 0o755)
+    spec = {"identity": {"index_key": "", "proc_name": name, "setup_path": str(d), "pid_path": str(d / "job.pid"),
+                         "user": "root"},
+            "control": {"start_cmd": "./job.sh", "stop_cmd": "", "restart_cmd": "", "reload_cmd": "", "kill_cmd": "",
+                        "version_cmd": "", "health_cmd": ""},
+            "alive_monitor_policy": {"auto_type": 0, "crontab_rule": f"* * * * * */{period}", "start_check_secs": 1,
+                                     "op_timeout": 20}}
+    # a rule croniter refuses is refused by the API, naming the field
+    bad = json.loads(json.dumps(spec))
+    bad["alive_monitor_policy"]["crontab_rule"] = "61 * * * *"
+    r = papi.call(f"{V2}/operate_proc_multi", {"proc_operate_req": [
+        {"meta": {"namespace": NS, "name": name}, "op_type": 0, "agent_id_list": [aid], "spec": bad}]})
+    assert r["code"] == 1000400 and "crontab_rule" in r["message"], r
+
+    # auto_type 0 without a rule: a clear per-target error, nothing scheduled
+    norule = json.loads(json.dumps(spec))
+    norule["alive_monitor_policy"]["crontab_rule"] = ""
+    data = result(papi, multi(papi, name, 0, [aid], norule))
+    assert data[key]["error_code"] == 65535 and "crontab_rule" in data[key]["error_msg"], data
+
+    def begins() -> list[float]:
+        path = d / "begins"
+        return [float(x) for x in path.read_text().split()] if path.exists() else []
+
+    t0 = time.monotonic()
+    data = result(papi, multi(papi, name, 0, [aid], spec))
+    assert codes(data) == {key: 0}, data
+    assert time.monotonic() - t0 < length                 # start arms the schedule, it does not wait for a run
+    value = json.loads(data[key]["content"])["value"][0]
+    assert value["isAuto"] is True and "next run" in value["result"], value
+    wait_for(lambda: len(begins()) >= 3, 5 * period + 3 * length, "three scheduled runs", interval=0.2)
+    runs = begins()
+    # Every run began shortly after a time of the rule (whole multiples of `period` s; 3 s leaves room for a busy
+    # host): a run started as soon as the one before ended would begin length % period = 3 s after one, plus lags.
+    assert all(b % period < 3.0 for b in runs), [round(b % period, 2) for b in runs]
+    # the time that came during each run was skipped: runs are two periods apart
+    assert all(round((b - a) / period) == 2 for a, b in zip(runs, runs[1:])), runs
+    assert not (d / "overlaps").exists()                  # never two runs at once
+    s = wait_status(papi, name, [aid], lambda i: i["last_start_time"] >= int(runs[1]), "last run in the status")
+    assert s[aid]["isauto"] is True and s[aid]["status"] == 2       # nothing stays running between runs
+    # stop: off the schedule (a run in progress ends first); nothing runs at the next time of the rule
+    data = result(papi, multi(papi, name, 1, [aid]))
+    assert codes(data) in ({key: 0}, {key: 829}), data    # 829: nothing was running (clients count it as success)
+    n = len(begins())
+    assert len((d / "ends").read_text().split()) == n     # the run going when stop came ended first
+    wait_status(papi, name, [aid], lambda i: i["isauto"] is False, "off the schedule")
+    time.sleep(period + 1)                                # one time of the rule passes: the window of the check
+    assert len(begins()) == n and not (d / "running").exists()
+
+
 def test_proc_health_cmd_failure_restarts_the_process(pc, papi, tmp_path, rds, routes):
     """health_cmd runs every health_check_secs while a supervised process runs; a failing check is a death: the
     process is taken down and started again (new pid, process_restart_success naming the health check). Once the

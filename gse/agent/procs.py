@@ -15,7 +15,10 @@ scheduled processes, health checks, resource limits, status reports, events, and
   `start_retries` failures sends the `process_restart_failed` event and a type-101 alarm (then at most once an
   hour while it keeps failing).
 - **One-shot** (auto_type 2): start succeeds when `start_cmd` exits 0; nothing keeps it alive. **Scheduled**
-  (auto_type 0): `start_cmd` runs at each time of `crontab_rule` (croniter) unless it is still running.
+  (auto_type 0): start (and register for supervision, and restart) puts the process on its `crontab_rule`
+  (croniter: five fields, or six with seconds last) without running it; `start_cmd` then runs at each time of the
+  rule, killed at `op_timeout`. A time that comes while a run still goes (or while `pid_path` names a running
+  process) is skipped, not run late. Stop and kill take it off the schedule; a run in progress ends first.
 - **Health**: `health_cmd` every `health_check_secs` while running; a failure is treated as a death: the process
   is taken down (stop_cmd, then SIGKILL) and keep-alive starts it again, its `process_restart_success` event
   naming the failed check.
@@ -140,7 +143,7 @@ class Proc:
     cgroup: object = None
     cg_counters: tuple = (0, 0)
     next_health: float = 0.0
-    next_cron: float = 0.0
+    next_cron: float = 0.0          # s since the epoch; 0 = not on a schedule
     down_why: str = ""              # why the agent took it down (health, resources): the restart event says so
     reported: tuple | None = None
     reported_at: float = 0.0
@@ -482,7 +485,10 @@ class ProcManager:
             self.procs[p.key] = p
             self._alive(p)
         else:
+            rule_changed = (p.spec.auto_type, p.spec.crontab_rule) != (op.spec.auto_type, op.spec.crontab_rule)
             p.spec, p.source = op.spec, "api"
+            if rule_changed and p.isauto:
+                self._schedule_cron(p)
             if op.labels_json:
                 p.labels_json = op.labels_json
             if op.registered_at:
@@ -536,33 +542,49 @@ class ProcManager:
         if op_type == OP_STATUS:
             return ErrorCode.OK, "", self._status_content(p, p.name)
         if op_type == OP_SUPERVISE:
+            if s.auto_type == SCHEDULED:
+                return self._arm_schedule(p)
             p.isauto = True
             p.armed = self._alive(p)
             p.failures = 0
             return ErrorCode.OK, "", ""
         if op_type == OP_UNSUPERVISE:
             p.isauto = p.armed = False
+            p.next_cron = 0.0
             return ErrorCode.OK, "", ""
         if op_type == OP_START:
             if s.auto_type != ONE_SHOT and self._alive(p):
-                p.isauto = p.armed = True
+                p.isauto, p.armed = True, s.auto_type == RESIDENT
+                if s.auto_type == SCHEDULED:
+                    self._arm_schedule(p)
                 return ErrorCode.PROC_ALREADY_RUNNING, f"already running (pid {p.pid})", ""
+            if s.auto_type == SCHEDULED:
+                return self._arm_schedule(p)
             code, msg, out = await self._start(p)
             if code == ErrorCode.OK:
                 p.isauto, p.armed, p.failures = True, s.auto_type == RESIDENT, 0
-                self._schedule_cron(p)
             return code, msg, out
         if op_type in (OP_STOP, OP_KILL):
             was = p.isauto
             p.isauto = p.armed = False
+            p.next_cron = 0.0
             if not self._alive(p):
                 return ErrorCode.PROC_NOT_RUNNING, "not running", ""
             code, msg, out = await self._stop(p, s.stop_cmd if op_type == OP_STOP else s.kill_cmd,
                                               signal.SIGTERM if op_type == OP_STOP else signal.SIGKILL)
             if code != ErrorCode.OK:
                 p.isauto = was
+                self._schedule_cron(p)
             return code, msg, out
         if op_type == OP_RESTART:
+            if s.auto_type == SCHEDULED:
+                out = ""
+                if self._alive(p):
+                    code, msg, out = await self._stop(p, s.stop_cmd, signal.SIGTERM)
+                    if code != ErrorCode.OK:
+                        return code, msg, out
+                code, msg, out2 = self._arm_schedule(p)
+                return code, msg, out + out2
             if s.restart_cmd:
                 code, msg, out = await self._start(p, s.restart_cmd)
             else:
@@ -600,8 +622,13 @@ class ProcManager:
                 log.exception("supervision pass failed")
 
     def _check(self) -> None:
-        now = time.monotonic()
+        now, wall = time.monotonic(), time.time()
         for p in list(self.procs.values()):
+            # A time of the rule is used up whether it runs or is skipped (a run still going, the process running):
+            # a skipped time is never run late.
+            due = bool(p.isauto and p.spec.auto_type == SCHEDULED and p.next_cron and wall >= p.next_cron)
+            if due:
+                self._schedule_cron(p)
             if p.busy:
                 continue
             was = p.running
@@ -625,8 +652,7 @@ class ProcManager:
                 p.busy = True
                 why = p.down_why or ("process exited" if was else "process not running")
                 self._spawn(self._restart(p, why))
-            elif p.spec.auto_type == SCHEDULED and p.spec.crontab_rule and p.next_cron and time.time() >= p.next_cron:
-                self._schedule_cron(p)
+            elif due:
                 p.busy = True
                 self._spawn(self._scheduled_run(p))
 
@@ -663,7 +689,13 @@ class ProcManager:
             self._changed(p)
 
     def _schedule_cron(self, p: Proc) -> None:
-        if p.spec.auto_type != SCHEDULED or not p.spec.crontab_rule:
+        """Set `next_cron` to the rule's next time after now (0 with `message` saying why when there is none)."""
+        if p.spec.auto_type != SCHEDULED:
+            p.next_cron = 0.0
+            return
+        if not p.spec.crontab_rule:
+            p.next_cron = 0.0
+            p.message = "a scheduled process (auto_type 0) needs a crontab_rule"
             return
         from croniter import croniter
         try:
@@ -672,11 +704,24 @@ class ProcManager:
             p.next_cron = 0.0
             p.message = f"crontab_rule {p.spec.crontab_rule!r} is not valid: {exc}"
 
+    def _arm_schedule(self, p: Proc) -> tuple[int, str, str]:
+        """Put a scheduled process (auto_type 0) on its crontab_rule, supervised; nothing runs now. (code, message,
+        output): 65535 when the rule is missing or not valid."""
+        self._schedule_cron(p)
+        if not p.next_cron:
+            return ErrorCode.FAILED, p.message, ""
+        p.isauto, p.armed, p.failures = True, False, 0
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.next_cron))
+        return ErrorCode.OK, "", f"scheduled by crontab_rule {p.spec.crontab_rule!r}; next run at {at}"
+
     async def _scheduled_run(self, p: Proc) -> None:
         try:
             async with p.lock:
-                res = await self._run(p, p.spec.start_cmd, _secs(p.spec.op_timeout, DEF_TIMEOUT))
+                if not p.isauto:
+                    return          # taken off the schedule while this run waited for the lock
                 p.last_start = int(time.time())
+                self._changed(p)
+                res = await self._run(p, p.spec.start_cmd, _secs(p.spec.op_timeout, DEF_TIMEOUT))
                 p.message = "" if res.ok else (res.problem or f"scheduled run exited with {res.exit_code}")
         finally:
             p.busy = False
@@ -793,9 +838,14 @@ class ProcManager:
                             source=p.source, registered_at=p.registered_at, labels_json=p.labels_json,
                             mem_bytes=mem_bytes)
 
+    def _sig(self, p: Proc) -> tuple:
+        """What a report is sent again for when it changes (figures aside): running, isauto, pid, version, message
+        and the last start (a scheduled run changes only that)."""
+        return p.running, p.isauto, p.pid, self._version_of(p), p.message, p.last_start
+
     def _changed(self, p: Proc, figures_only: bool = False) -> None:
         """Report the registration's state if it changed (figures alone: at most every status_min_interval_s)."""
-        sig = (p.running, p.isauto, p.pid, self._version_of(p), p.message)
+        sig = self._sig(p)
         if p.reported == sig:
             if not figures_only or time.monotonic() - p.reported_at < self.cfg.status_min_interval_s:
                 return
@@ -807,7 +857,7 @@ class ProcManager:
         self._attached = True
         states = [self._state(p) for p in self.procs.values()]
         for p in self.procs.values():
-            p.reported, p.reported_at = (p.running, p.isauto, p.pid, self._version_of(p), p.message), time.monotonic()
+            p.reported, p.reported_at = self._sig(p), time.monotonic()
         self._dirty_states.clear()
         report = pb.ProcReport(results=list(self.results.values()), states=states, full=True)
         self.send(pb.AgentFrame(proc_report=report))
@@ -842,7 +892,7 @@ class ProcManager:
                                                   report_time=int(time.time())))
                 continue
             report.states.append(self._state(p))
-            p.reported, p.reported_at = (p.running, p.isauto, p.pid, self._version_of(p), p.message), time.monotonic()
+            p.reported, p.reported_at = self._sig(p), time.monotonic()
         if not report.results and not report.states:
             return
         if self.send(pb.AgentFrame(proc_report=report)):
