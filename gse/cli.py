@@ -8,6 +8,7 @@ import json
 import signal
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -28,7 +29,18 @@ def api_call(url: str, app_code: str, app_secret: str, path: str, body: dict, ti
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as exc:
-        return json.loads(exc.read())
+        body = exc.read()
+        try:
+            return json.loads(body)
+        except ValueError:
+            return {"result": False, "code": exc.code, "message": f"HTTP {exc.code}: {body[:200]!r}", "data": None}
+
+
+def _chmod_digits(text: str) -> str:
+    """argparse type of `--mode`: chmod digits (3 or 4 octal digits, e.g. 644), or "" for the source's mode."""
+    if text and not (3 <= len(text) <= 4 and all(c in "01234567" for c in text)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not chmod digits such as 644")
+    return text
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -537,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("source", help="SRC_AGENT:/path (agent id or cloud:ip; the path may be a dir or a pattern)")
     push.add_argument("target", help="TARGETS:/dir (ids, cloud:ip, all or an ip glob, comma separated)")
     push.add_argument("--owner", default="")
-    push.add_argument("--mode", default="", help="chmod digits, e.g. 644 (default: the source's mode)")
+    push.add_argument("--mode", default="", type=_chmod_digits,
+                      help="chmod digits, e.g. 644 (default: the source's mode)")
     push.add_argument("--speed", type=float, default=0, help="MB/s per host, 0 = unlimited")
     push.add_argument("--user", default="root")
     push.add_argument("--timeout", type=int, default=3600)
@@ -582,7 +595,15 @@ def main(argv=None) -> int:
         argv, command = argv[:i], argv[i + 1:]
     args = build_parser().parse_args(argv)
     args.command = command
-    return args.func(args)
+    try:
+        return args.func(args)
+    except urllib.error.URLError as exc:            # the API server is not there (HTTPError is answered above)
+        print(f"gse: cannot reach the API server: {exc.reason}", file=sys.stderr)
+    except TimeoutError:
+        print("gse: the API server did not answer in time", file=sys.stderr)
+    except json.JSONDecodeError as exc:
+        print(f"gse: the API server's answer is not JSON ({exc.msg})", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -27,6 +27,12 @@ from gse.common.tls import CA, init_certs
 ZK_CLASSPATH = "/usr/share/java/zookeeper.jar:/usr/share/java/zookeeper-jute.jar:/usr/share/java/*:/etc/zookeeper/conf"
 
 
+# Who stops first: agents (their last results still reach a live cluster), then the daemons they talk to, then
+# the infrastructure under those.
+STOP_ORDER = {"agent": 0, "proxy": 1, "apiserver": 1, "alarm": 1, "syncdata": 1, "procmgr": 2, "taskserver": 2,
+              "fileserver": 2, "dataserver": 2, "dbproxy": 3, "redis": 4, "kafka": 4, "zookeeper": 5}
+
+
 class ClusterError(RuntimeError):
     """A process of the local cluster could not start, exited early, or did not become ready in time."""
 
@@ -542,12 +548,14 @@ class Cluster:
     def start_agent(self, index: int | None = None, ip: str | None = None, wait: bool = True,
                     config: dict | None = None, netns: str = "", private_mount: str = "", **overrides) -> Proc:
         """Start agent `index` (default: the next) at `ip` (default 127.0.0.<10 + index>) from `config`, or from
-        agent_config(**overrides) when no config is given (then `overrides` are not used); in network namespace
-        `netns` when given. An agent using the shared certificate first turns shared-certificate mode on in ZooKeeper.
+        agent_config(**overrides) when no config is given (TypeError for overrides beside a config); in network
+        namespace `netns` when given. An agent using the shared certificate first turns shared-certificate mode on in ZooKeeper.
         Waits for its /healthz when `wait`, and in every case up to 15 s for its bk_agent_id, kept in
         `info['bk_agent_id']`; ClusterError on timeout or exit."""
         index = len(self.agents) + 1 if index is None else index
         ip = ip or f"127.0.0.{10 + index}"
+        if config is not None and overrides:
+            raise TypeError(f"start_agent: {sorted(overrides)} go to agent_config; with config= put them in it")
         cfg = config or self.agent_config(index, ip, **overrides)
         if cfg["tls"]["cert"] == str(self.certs_dir / "agent.crt") and not self._shared_on:
             self.zk_put_config("agent_auth", {"shared_certificate": True})
@@ -678,9 +686,7 @@ class Cluster:
 
     def stop(self) -> None:
         """Stop everything: agents first, infrastructure last."""
-        order = {"agent": 0, "proxy": 1, "apiserver": 1, "alarm": 1, "syncdata": 1, "procmgr": 2, "taskserver": 2,
-                 "fileserver": 2, "dataserver": 2, "dbproxy": 3, "redis": 4, "kafka": 4, "zookeeper": 5}
-        for p in sorted(self.procs, key=lambda p: order.get(p.kind, 1)):
+        for p in sorted(self.procs, key=lambda p: STOP_ORDER.get(p.kind, 1)):
             p.stop()
 
     def logs(self, lines: int = 30) -> str:
@@ -691,9 +697,7 @@ class Cluster:
 def stop_from_description(path: str | os.PathLike, timeout: float = 15.0) -> int:
     """`gse dev down`: stop what a detached `gse dev up` started, from its cluster.json."""
     desc = json.loads(Path(path).read_text())
-    order = {"agent": 0, "proxy": 1, "apiserver": 1, "alarm": 1, "syncdata": 1, "procmgr": 2, "taskserver": 2,
-             "fileserver": 2, "dataserver": 2, "dbproxy": 3, "redis": 4, "kafka": 4, "zookeeper": 5}
-    procs = sorted(desc.get("processes", []), key=lambda p: order.get(p["kind"], 1))
+    procs = sorted(desc.get("processes", []), key=lambda p: STOP_ORDER.get(p["kind"], 1))
     stopped = 0
     for p in procs:
         try:

@@ -291,3 +291,12 @@ def test_agent_port_refuses_bad_links_and_keeps_serving(make_cluster):
         assert f'gse_taskserver_agent_refused_total{{reason="{reason}"}} 1.0' in metrics, reason
     assert "gse_taskserver_agent_sessions 1.0" in metrics
     assert good.alive() and "detached" not in good.log_path.read_text()
+
+
+def test_the_first_server_is_chosen_from_any_form_of_agent_id():
+    from gse.agent.agent import first_server
+    # A certificate may name an agent 'agent-x' (not hex): the choice must not raise, and must spread.
+    for agent_id in ("agentxyzagentxyz", "agent-7", "0123456789abcdef0123456789abcdef", "z" * 64):
+        assert first_server(agent_id, 3) == first_server(agent_id, 3) in (0, 1, 2)
+    spread = {first_server(f"host-{i}", 4) for i in range(200)}
+    assert spread == {0, 1, 2, 3}

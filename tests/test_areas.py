@@ -481,3 +481,14 @@ def test_a_source_inside_a_cascaded_area_sends_direct_and_bittorrent_entries_up_
         forwarded = [float(line.split()[-1]) for line in _metrics(p).splitlines()
                      if line.startswith("gse_proxy_file_forwarded_bytes_total ")]
         assert forwarded and forwarded[0] >= len(b"from inside area 2\n"), (p.name, forwarded)
+def test_a_relayed_data_stream_with_a_cloud_id_that_is_no_number_is_refused_with_a_reason(tmp_path):
+    from gse.common.datastate import MD_AGENT_ID, MD_CLOUD_ID
+    from gse.common.roles import AGENT, PROXY, Identity
+    from gse.proxy.data import DataRelay, ProxyDataConfig
+    relay = DataRelay(ProxyDataConfig(), data_dir=str(tmp_path), tls=None, node_id="proxy-1a", area=1,
+                      ip="127.0.0.1")
+    for peer in (Identity(AGENT, "a1"), Identity(PROXY, area=2)):
+        why = relay._refusal(peer, {MD_AGENT_ID: "a1", MD_CLOUD_ID: "one"})
+        assert "bk_cloud_id" in why, why
+    assert relay._refusal(Identity(AGENT, "a1"), {MD_AGENT_ID: "a1", MD_CLOUD_ID: "1"}) == ""
+    assert "area 2" in relay._refusal(Identity(AGENT, "a1"), {MD_AGENT_ID: "a1", MD_CLOUD_ID: "2"})

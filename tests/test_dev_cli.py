@@ -72,3 +72,13 @@ def test_certs_init(tmp_path):
         {str(v) for v in sans.get_values_for_type(x509.IPAddress)}
     assert {"gse-server", "127.0.0.1", "10.9.8.7", "gse.example"} <= names
     assert oct((tmp_path / "c" / "ca.key").stat().st_mode & 0o777) == oct(0o600)
+
+
+def test_the_cli_says_plainly_when_the_api_server_is_not_there_or_the_mode_is_not_chmod_digits():
+    api = ["--api-url", "http://127.0.0.1:9", "--app-code", "a", "--app-secret", "b"]
+    r = subprocess.run([sys.executable, "-m", "gse.cli", "run", *api, "all", "--", "true"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "cannot reach the API server" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "gse.cli", "push", *api, "--mode", "abc", "a:/x", "b:/y"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "not chmod digits" in r.stderr and "Traceback" not in r.stderr, r.stderr

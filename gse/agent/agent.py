@@ -23,6 +23,7 @@ import random
 import socket
 import time
 import uuid
+import zlib
 from pathlib import Path
 
 import psutil
@@ -251,6 +252,12 @@ def _same_key(cert_pem: bytes, key) -> bool:
     fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     pub = x509.load_pem_x509_certificate(cert_pem).public_key()
     return pub.public_bytes(*fmt) == key.public_key().public_bytes(*fmt)
+
+
+def first_server(agent_id: str, servers: int) -> int:
+    """Index (0..servers-1) of the server an agent dials first: spread by its id, whatever the id's form (hex, or a
+    certificate's name such as 'agent-x'), the same for the same agent every time."""
+    return zlib.crc32(agent_id.encode()) % servers
 
 
 class Agent(Service):
@@ -485,7 +492,7 @@ class Agent(Service):
         in a row, then the next server after a back-off (full jitter, never narrower than the spread the last server
         asked for). Returns only when cancelled."""
         c = self.config
-        idx = int(self.agent_id[:8], 16) % len(c.servers) if self.agent_id[:8].isalnum() else 0
+        idx = first_server(self.agent_id, len(c.servers))
         # Full jitter, never narrower than the spread the last server asked for (`floor_s`, kept current by
         # _set_spread): when a server holding thousands of agents dies, they come back to its peers at a rate
         # the peers can take.

@@ -39,12 +39,10 @@ from gse.common import framelink, roles
 from gse.common.address import split_host_port
 from gse.common.backoff import Backoff
 from gse.common.config import ConfigError, check_addresses
-from gse.common.records import valid_agent_id
+from gse.common.records import PROXY_PREFIX, proxy_target, valid_agent_id
 from gse.pb import agent_pb2 as pb
 
 log = logging.getLogger("gse.proxy.access")
-
-PROXY_PREFIX = "proxy:"
 
 AGENTS = Gauge("gse_proxy_agents", "Agent links held (this proxy's own area)")
 CHILDREN = Gauge("gse_proxy_cascaded_proxies", "Proxies of cascaded areas attached to this proxy")
@@ -54,11 +52,6 @@ FRAMES = Counter("gse_proxy_frames_total", "Frames relayed", ["direction"])
 HELD = Gauge("gse_proxy_held_frames", "Agent frames held while no upstream link is up")
 HELD_DROPPED = Counter("gse_proxy_held_dropped_total", "Held agent frames dropped (over the bound)")
 REATTACHED = Counter("gse_proxy_reattached_total", "Agents attached again through another upstream link")
-
-
-def proxy_target(node_id: str) -> str:
-    """How a proxy is named where agent ids go (Relay agent_ids, RelayEnd): "proxy:<node_id>"."""
-    return PROXY_PREFIX + node_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,7 +360,7 @@ class AreaAccess:
 
     # ---- frames from upstream ---------------------------------------------------------------------------
 
-    def from_upstream(self, u: Uplink, frame: pb.ServerFrame) -> None:
+    def from_upstream(self, u: Uplink | None, frame: pb.ServerFrame) -> None:
         """A ServerFrame from upstream link `u` (None: a frame relayed to this proxy itself): Relay and RelayEnd go
         down to the agents they name, data_servers and area_hosts to their callbacks, a second Welcome (the parent
         proxy re-attached) sends every hello of this link again, other kinds to `on_control` (the file relay)."""
@@ -385,7 +378,8 @@ class AreaAccess:
             if self.on_area_hosts is not None:
                 self.on_area_hosts(frame.area_hosts)
         elif kind == "refused":
-            log.error("upstream refused this proxy", extra={"server": u.server, "reason": frame.refused.reason})
+            log.error("upstream refused this proxy", extra={"server": u.server if u is not None else "relayed",
+                                                              "reason": frame.refused.reason})
         elif kind == "welcome" and u is not None:
             # Our parent proxy attached us again upstream (it lost its own link): the task server there
             # knows none of ours yet, so their hellos go again.

@@ -210,13 +210,13 @@ class DataRelay:
         agent_id = md.get(MD_AGENT_ID, "")
         if not valid_agent_id(agent_id):
             return f"metadata {MD_AGENT_ID} must be a bk_agent_id"
+        cloud = md.get(MD_CLOUD_ID, "0") or "0"
+        if not (cloud.isdigit() and len(cloud) < 10):
+            return f"metadata {MD_CLOUD_ID} must be a bk_cloud_id (a non-negative number)"
+        cloud = int(cloud)
         if peer.role == roles.AGENT:
             if peer.agent_id != agent_id:
                 return f"the stream names agent {agent_id} but the certificate is agent {peer.agent_id or '(none)'}"
-            try:
-                cloud = int(md.get(MD_CLOUD_ID, "0"))
-            except ValueError:
-                return f"metadata {MD_CLOUD_ID} must be a number"
             return roles.relay_claim_refusal(self.area, cloud, what=f"agent {agent_id}")
         if peer.area == roles.NO_AREA or peer.area == self.area:
             return "a proxy relaying data here must be of an area cascaded behind this proxy's"

@@ -385,8 +385,9 @@ class FileRelay:
         blob = t.blob(index)
         call = self._stub(msg.upstream_fileserver).Fetch(fpb.FetchRequest(
             transfer_id=msg.transfer_id, index=index, offset=0, token=self._token(msg), wait_seconds=60))
-        fd = os.open(blob.path, os.O_WRONLY | os.O_CREAT, 0o600)
+        fd = -1
         try:
+            fd = os.open(blob.path, os.O_WRONLY | os.O_CREAT, 0o600)
             async for chunk in call:
                 if chunk.zeros:
                     if os.fstat(fd).st_size < chunk.offset + chunk.zeros:
@@ -404,8 +405,13 @@ class FileRelay:
             log.warning("direct entry not fetched from upstream", extra={
                 "transfer_id": msg.transfer_id, "index": index, "error": f"{exc.code().name}: {exc.details()}"})
             st.fetchers.pop(index, None)        # a later fetch tries again
+        except Exception:
+            st.fetchers.pop(index, None)        # (the cache's disk, say): a later fetch tries again
+            raise
         finally:
-            os.close(fd)
+            call.cancel()
+            if fd >= 0:
+                os.close(fd)
 
     def forward(self, transfer_id: str, index: int) -> None:
         """An upload into this relay (from a source inside the area) finished: send it on upstream."""

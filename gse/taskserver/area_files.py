@@ -21,12 +21,9 @@ import dataclasses
 import logging
 
 from gse.common import dbclient as db
-from gse.common.records import AgentRecord, AreaParents, ProxyIndex, ProxyRecord, now_ms, region_chain
+from gse.common.records import AgentRecord, AreaParents, ProxyIndex, ProxyRecord, now_ms, proxy_target, region_chain
 
 log = logging.getLogger("gse.taskserver.area_files")
-
-PROXY_MEMBER = "proxy:"
-
 
 @dataclasses.dataclass
 class AreaPlan:
@@ -43,7 +40,7 @@ class AreaPlan:
     @staticmethod
     def member(node_id: str) -> str:
         """The member name of the relay proxy `node_id` in a transfer: "proxy:<node_id>"."""
-        return PROXY_MEMBER + node_id
+        return proxy_target(node_id)
 
     def relay_members(self) -> list[str]:
         """The member names of every area's relay proxy in this plan."""

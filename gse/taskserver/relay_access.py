@@ -36,23 +36,17 @@ from prometheus_client import Counter, Gauge
 from gse.common import roles
 from gse.common.address import split_host_port
 from gse.common.errors import GseError
-from gse.common.records import (AreaHosts, AreaParents, ProxyIndex, ProxyRecord,
-                                now_ms, valid_agent_id)
+from gse.common.records import (PROXY_PREFIX, AreaHosts, AreaParents, ProxyIndex, ProxyRecord,
+                                now_ms, proxy_target, valid_agent_id)
 from gse.pb import agent_pb2 as pb
 
 log = logging.getLogger("gse.taskserver.relay")
-
-PROXY_PREFIX = "proxy:"
 
 PROXIES = Gauge("gse_taskserver_proxies", "Proxies attached (directly or cascaded behind another)")
 RELAYED = Gauge("gse_taskserver_relayed_agents", "Agents attached through proxies")
 RELAY_FRAMES = Counter("gse_taskserver_relay_frames_total", "Relay envelopes", ["direction"])
 RELAY_REFUSED = Counter("gse_taskserver_relay_refused_total", "Relayed hellos refused", ["reason"])
 
-
-def proxy_target(node_id: str) -> str:
-    """How a proxy is named where agent ids go (a Relay's agent_ids, TaskService dispatch targets)."""
-    return PROXY_PREFIX + node_id
 
 
 class RelayedLink:
@@ -242,7 +236,6 @@ class Relays:
                                                         # hold several links to one task server)
         self.proxies: dict[str, ProxyPeer] = {}         # every proxy reachable here, by node id
         self.on_proxy_attach = None                     # (ProxyPeer) -> None: e.g. send it the data servers
-        self.parents: dict[int, int] = {}               # area -> parent area, as the proxies here attached
         self._attached = asyncio.Event()                # a proxy attached: tell it its area's hosts soon
 
     # ---- a proxy's own link -------------------------------------------------------------------------
@@ -285,7 +278,6 @@ class Relays:
             old.mux.peers.pop(peer.node_id, None)
         self.proxies[peer.node_id] = peer
         peer.mux.peers[peer.node_id] = peer
-        self.parents[peer.area] = parent_area
         PROXIES.set(len(self.proxies))
         self._attached.set()
         h, at = peer.hello, now_ms()
@@ -557,13 +549,3 @@ class Relays:
         """Close every proxy link (the task server is stopping; the proxies reconnect to a peer)."""
         for mux in list(self.muxes.values()):
             mux.close()
-
-    @property
-    def relayed_count(self) -> int:
-        """How many agents are attached here through proxies, over every proxy link."""
-        return sum(len(m.agents) for m in self.muxes.values())
-
-    def area_parents(self) -> dict[int, int]:
-        """area -> parent area (this server's own area for one whose proxy dials it directly), as the proxies
-        here announced themselves; a copy."""
-        return dict(self.parents)

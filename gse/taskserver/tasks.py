@@ -18,7 +18,7 @@ from prometheus_client import Counter, Histogram
 
 from gse.common.errors import ErrorCode
 from gse.common.logs import trace
-from gse.common.records import TaskItem, TaskOutput
+from gse.common.records import PROXY_PREFIX, TaskItem, TaskOutput
 from gse.pb import agent_pb2 as apb
 from gse.pb import taskserver_pb2 as pb
 from gse.pb import taskserver_pb2_grpc as pb_grpc
@@ -78,7 +78,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
         relays = self.access.relays
         for aid in agent_ids:
             s = sessions.get(aid)
-            if s is None and aid.startswith("proxy:"):     # a proxy itself (relay_access.proxy_target)
+            if s is None and aid.startswith(PROXY_PREFIX):     # a proxy itself (records.proxy_target)
                 s = relays.target(aid)
             if s is None or not s.send(frame):
                 failures.append(pb.AgentFailure(agent_id=aid, code=ErrorCode.AGENT_OFFLINE,

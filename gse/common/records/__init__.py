@@ -32,14 +32,14 @@ each module documents its keys, writers and readers.
 
 from .agent import (SESSION_FIELDS, AgentAddress, AgentIndex, AgentRecord, HostSnapshotRecord, now_ms,
                     valid_agent_id)
-from .area import AreaHosts, AreaParents, ProxyIndex, ProxyRecord, region_chain
+from .area import PROXY_PREFIX, AreaHosts, AreaParents, ProxyIndex, ProxyRecord, proxy_target, region_chain
 from .base import DAY_MS, HashWrite, Json, hash_record, json_document
 from .file import DIRECT_MAX, FileItem, FileResults, item_name
 from .proc import (ProcGroups, ProcIndex, ProcOpenTasks, ProcRecord, ProcResult, ProcResults, ProcTask,
                    TaskTarget)
 from .task import RESULT_TTL_MS, TaskItem, TaskOutput, TaskRecord, new_task_id, valid_task_id
 
-__all__ = ["AreaHosts", "AreaParents", "ProxyIndex", "ProxyRecord", "region_chain", "AgentAddress", "AgentIndex", "AgentRecord", "DAY_MS", "DIRECT_MAX", "FileItem", "FileResults",
+__all__ = ["PROXY_PREFIX", "AreaHosts", "AreaParents", "ProxyIndex", "ProxyRecord", "proxy_target", "region_chain", "AgentAddress", "AgentIndex", "AgentRecord", "DAY_MS", "DIRECT_MAX", "FileItem", "FileResults",
            "HashWrite", "HostSnapshotRecord", "ProcGroups", "ProcIndex", "ProcOpenTasks",
            "ProcRecord", "ProcResult", "ProcResults", "ProcTask", "TaskTarget", "Json", "RESULT_TTL_MS", "SESSION_FIELDS", "TaskItem", "TaskOutput",
            "TaskRecord", "hash_record", "item_name", "json_document", "new_task_id", "now_ms", "valid_agent_id",

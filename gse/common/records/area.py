@@ -23,6 +23,15 @@ from .agent import SESSION_TTL_MS, now_ms
 from .base import hash_record
 
 
+PROXY_PREFIX = "proxy:"
+
+
+def proxy_target(node_id: str) -> str:
+    """How a proxy is named where agent ids go: "proxy:<node_id>" in Relay agent_ids and RelayEnd, TaskService
+    dispatch targets, and a relayed transfer's swarm members (bk_agent_ids never contain a colon)."""
+    return PROXY_PREFIX + node_id
+
+
 @hash_record(prefix="gse:proxy:", ttl_ms=SESSION_TTL_MS)
 @dataclasses.dataclass(slots=True)
 class ProxyRecord:
