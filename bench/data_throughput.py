@@ -228,8 +228,7 @@ class Bench:
         procs = [c.start_agent(wait=False) for _ in range(self.args.agents)]
         for p in procs:
             c.wait_healthy(p)
-        wait_for(lambda: metrics(self.ds.info["metrics_port"]).get("gse_dataserver_agent_streams", 0)
-                 >= self.args.agents, 30, "agents streaming to the data server")
+        # An agent opens its data stream with its first batch: each run's warm-up covers that.
         rport = self.out_redis.info["port"]
         self.redis_sid = self.api("/api/v2/data/add_streamto", {"operation": OP, "metadata": {"plat_name": "bench"},
                                   "stream_to": {"name": "redis-out", "report_mode": "redis", "redis": {

@@ -523,8 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--taskservers", type=int, default=2)
     up.add_argument("--redis", type=int, default=2, help="Redis nodes behind dbproxy (replicas = min(2, n))")
     up.add_argument("--heartbeat", type=float, default=10.0, help="agent heartbeat interval, seconds")
-    up.add_argument("--areas", type=int, default=0,
-                    help="cloud areas 1..N, each with a proxy and its own agents (spec section 12)")
+    up.add_argument("--areas", type=int, default=1,
+                    help="cloud areas 1..N, each with a proxy and its own agents (spec section 12); 0 for none")
     up.add_argument("--area-agents", type=int, default=2, help="agents per cloud area (besides the proxy host's)")
     up.add_argument("--dir", default=".gse-dev")
     up.add_argument("--detach", action="store_true")
