@@ -175,17 +175,17 @@ class TaskEndpoints:
                 offline.add(n)
         # Items of reachable agents get only fields that results never write (no status), so that this
         # write may land before or after the agents' results: an item without a status reads as dispatched.
+        # Encoded once, written under each item's key.
+        dispatched = TaskItem.update(task_id, "", 0, ttl_ms=self.ttl, dispatch_time=at, warning=warning_text)
+        unreachable = TaskItem.update(task_id, "", 0, ttl_ms=self.ttl, status=ScriptStatus.FAILED,
+                                      error_code=ErrorCode.AGENT_OFFLINE, error_msg="agent is offline",
+                                      end_time=at, warning=warning_text)
+        item_key = TaskItem.key
         for n, t in enumerate(targets):
             aid = t.agent_id or t.requested
+            w = unreachable if n in offline else dispatched
             for a in atomic:
-                if n in offline:
-                    w = TaskItem.update(task_id, aid, a.atomic_task_id, ttl_ms=self.ttl, status=ScriptStatus.FAILED,
-                                        error_code=ErrorCode.AGENT_OFFLINE, error_msg="agent is offline",
-                                        end_time=at, warning=warning_text)
-                else:
-                    w = TaskItem.update(task_id, aid, a.atomic_task_id, ttl_ms=self.ttl, dispatch_time=at,
-                                        warning=warning_text)
-                ops.append(w.op())
+                ops.append(w.at(item_key(task_id, aid, a.atomic_task_id)).op())
         by_user: dict[str, dict[str, list[str]]] = defaultdict(dict)
         for (node, user), ids in by_node_user.items():
             by_user[user][node] = ids

@@ -99,6 +99,11 @@ class HashWrite(NamedTuple):
         """The dbproxy HSET (it also refreshes the key's TTL when `ttl_ms` > 0)."""
         return db.Op(kind=db.K.HSET, key=self.key, fields=self.fields, ttl_ms=self.ttl_ms)
 
+    def at(self, key: str) -> "HashWrite":
+        """The same fields and TTL under another key: one encoding for many records written alike (every item of
+        a broadcast gets the same dispatch fields). The fields dict is shared: do not change it afterwards."""
+        return HashWrite(key, self.fields, self.ttl_ms)
+
 
 def _codec(field: dataclasses.Field) -> tuple[Callable, Callable]:
     name = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
@@ -121,13 +126,15 @@ def hash_record(*, prefix: str, ttl_ms: int):
         codecs = {f.name: _codec(f) for f in dataclasses.fields(cls)}
         encoders = {n: c[0] for n, c in codecs.items()}
         decoders = {n: c[1] for n, c in codecs.items()}
+        field_decoders = tuple(decoders.items())
+        checked: set[tuple[str, ...]] = set()          # name lists `pick` has validated already
         cls.PREFIX = prefix
         cls.TTL_MS = ttl_ms
         cls.FIELDS = tuple(codecs)
 
         def key(*parts) -> str:
             """The record's key: the prefix followed by `parts` joined with ":"."""
-            return prefix + ":".join(str(p) for p in parts)
+            return prefix + ":".join(map(str, parts))
 
         def encode(values: dict[str, Any]) -> dict[str, bytes]:
             """Field values -> their stored bytes; KeyError for a field the record does not declare."""
@@ -148,10 +155,13 @@ def hash_record(*, prefix: str, ttl_ms: int):
         def pick(*parts, names: Iterable[str]) -> db.Op:
             """The HMGET op for `names` of the record at `parts` (decode with `decode(result, names)`); KeyError for
             an unknown field."""
-            names = list(names)
-            unknown = [n for n in names if n not in decoders]
-            if unknown:
-                raise KeyError(f"{cls.__name__} has no field {unknown[0]!r}")
+            names = names if isinstance(names, tuple) else tuple(names)
+            if names not in checked:
+                unknown = [n for n in names if n not in decoders]
+                if unknown:
+                    raise KeyError(f"{cls.__name__} has no field {unknown[0]!r}")
+                if len(checked) < 64:           # the name lists of the code: a few; never grows without bound
+                    checked.add(names)
             return db.Op(kind=db.K.HMGET, key=key(*parts), names=names)
 
         def decode(result, names: Iterable[str] | None = None):
@@ -159,19 +169,26 @@ def hash_record(*, prefix: str, ttl_ms: int):
             (or the read failed: `result.ok` false)."""
             if not (result.ok and result.found):
                 return None
-            if names is None:
-                raw = result.fields
-            else:
-                raw = {n: v for n, v, p in zip(names, result.values, result.present) if p}
             values = {}
-            for n, b in raw.items():
-                dec = decoders.get(n)
-                if dec is None:
-                    continue
-                try:
-                    values[n] = dec(b)
-                except ValueError:
-                    continue        # a malformed value reads as the default, never as a crash of the reader
+            if names is None:
+                # Declared fields looked up in the result's map: no copy of the map, unknown fields never visited
+                # (measured 5.3 -> 3.3 us for a TaskItem against iterating the map's items).
+                get = result.fields.get
+                for n, dec in field_decoders:
+                    b = get(n)
+                    if b is not None:
+                        try:
+                            values[n] = dec(b)
+                        except ValueError:
+                            pass        # a malformed value reads as the default, never as a crash of the reader
+            else:
+                for n, b, present in zip(names, result.values, result.present):
+                    dec = decoders.get(n) if present else None
+                    if dec is not None:
+                        try:
+                            values[n] = dec(b)
+                        except ValueError:
+                            pass
             return cls(**values)
 
         def write_all(self, *parts, ttl_ms: int | None = None) -> HashWrite:
