@@ -190,3 +190,32 @@ def test_dial_times_out_against_a_silent_server(certs):
                                  server_hostname="127.0.0.1", timeout=0.5)
         silent.close()
     asyncio.run(main())
+
+
+def test_a_coalescing_link_keeps_order_sends_few_writes_and_flushes_on_close(certs):
+    """Small frames written in one loop turn leave together (few transport writes); a large frame or close in
+    between keeps the order; memoryviews are copied before the call returns."""
+    async def main():
+        srv_h = Recorder()
+        server, port = await serve(certs, srv_h)
+        link = await framelink.dial(framelink.client_context(material(certs, "agent")), "127.0.0.1", port,
+                                    Recorder(), server_hostname="127.0.0.1")
+        link.coalesce = True
+        writes = []                                   # the coalesced sends (each one writelines call)
+        real_writelines = link.transport.writelines
+        link.transport.writelines = lambda chunks: (writes.append(len(chunks)), real_writelines(chunks))
+        scratch = bytearray(b"x" * 100)
+        small = []
+        for i in range(2000):
+            scratch[:8] = f"{i:08d}".encode()
+            small.append(bytes(scratch))
+            assert link.write(memoryview(scratch))    # reused buffer: what was written must not change
+        big = os.urandom(20000)
+        assert link.write(big)                        # sends what gathered first, then itself
+        assert link.write(b"after")
+        link.close()                                  # sends the gathered frame before close_notify
+        await srv_h.wait(lambda: len(srv_h.frames) == len(small) + 2 or srv_h.lost)
+        assert srv_h.frames == [*small, big, b"after"]
+        assert len(writes) == 3, writes               # the 2,000, the big one, "after": not one send per frame
+        server.close()
+    asyncio.run(main())

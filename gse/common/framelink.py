@@ -42,6 +42,7 @@ HDR = struct.Struct(">I")
 MAX_FRAME = 64 * 1024 * 1024        # as gRPC's message limit between the daemons
 SLICE = 4096                        # bytes fed to TLS at a time (measured: keeps an idle link at ~30 KB)
 MAX_BUFFERED = 64 * 1024 * 1024     # a peer that leaves this much unread is cut (server side)
+COALESCE_MAX = 256 * 1024           # a coalescing link sends at once when this much has gathered
 
 _SHARED = bytearray(64 * 1024)      # every link of the process decrypts into this (one event loop thread)
 _SHARED_MV = memoryview(_SHARED)
@@ -118,7 +119,8 @@ class FrameLink(asyncio.Protocol):
     """One TLS connection carrying frames, on either side."""
 
     __slots__ = ("ctx", "handler", "hostname", "transport", "inc", "out", "obj", "ready", "rest", "session",
-                 "waiter", "paused", "drained", "peer", "server_side", "error", "identity")
+                 "waiter", "paused", "drained", "peer", "server_side", "error", "identity", "coalesce",
+                 "_pending", "_pending_size")
 
     def __init__(self, ctx: ssl.SSLContext, handler, *, server_hostname: str | None = None,
                  waiter: asyncio.Future | None = None):
@@ -137,6 +139,11 @@ class FrameLink(asyncio.Protocol):
         self.peer = "unknown"
         self.error = ""                         # why the link ended, when it was not a clean close
         self.identity = roles.NO_CERTIFICATE    # server side: what the peer's certificate says, once TLS is up
+        # A link that carries many agents' frames (a proxy's, either side) gathers the small frames written in
+        # one turn of the event loop into few TLS records and one send: see `write`.
+        self.coalesce = False
+        self._pending: list[bytes] | None = None
+        self._pending_size = 0
 
     # ---- asyncio.Protocol ------------------------------------------------------------------------------
 
@@ -306,6 +313,19 @@ class FrameLink(asyncio.Protocol):
         size = len(body)
         if size > MAX_FRAME:
             raise ValueError(f"frame of {size} bytes (at most {MAX_FRAME})")
+        if self.coalesce and size + 4 <= SLICE:
+            pending = self._pending
+            if pending is None:
+                pending = self._pending = []
+                asyncio.get_running_loop().call_soon(self._send_pending)
+            pending.append(HDR.pack(size))
+            pending.append(bytes(body))
+            self._pending_size += size + 4
+            if self._pending_size >= COALESCE_MAX:
+                self._send_pending()
+            return True
+        if self._pending:
+            self._send_pending()                # frames keep their order
         if size + 4 <= SLICE:
             obj.write(HDR.pack(size) + body)
             self.transport.write(self.out.read())
@@ -324,6 +344,22 @@ class FrameLink(asyncio.Protocol):
             return False
         return True
 
+    def _send_pending(self) -> None:
+        """Send the frames gathered by a coalescing link: SLICE-sized TLS records, one transport write."""
+        pending, self._pending, self._pending_size = self._pending, None, 0
+        obj = self.obj
+        if not pending or obj is None:
+            return
+        data = b"".join(pending)
+        chunks = []
+        for i in range(0, len(data), SLICE):
+            obj.write(data[i:i + SLICE])
+            chunks.append(self.out.read())
+        self.transport.writelines(chunks)
+        if self.server_side and self.transport.get_write_buffer_size() > MAX_BUFFERED:
+            log.warning("link: the peer does not read; closing", extra={"peer": self.peer})
+            self.abort()
+
     async def drain(self) -> None:
         """Wait until the transport's buffer is below its high-water mark again."""
         if not self.paused or self.obj is None:
@@ -337,6 +373,8 @@ class FrameLink(asyncio.Protocol):
         obj = self.obj
         if obj is None:
             return
+        if self._pending:
+            self._send_pending()
         self.obj = None
         if self.ready:
             try:

@@ -116,8 +116,10 @@ class Uplink:
 
     # framelink handler (the upstream side of this link)
     def link_open(self, link) -> None:
-        """framelink's callback when the upstream link is up; nothing to do until the Welcome."""
-        pass
+        """framelink's callback when the upstream link is up: it carries many agents' frames, so small frames
+        written in one turn of the event loop go out together (FrameLink.coalesce); the rest waits for the
+        Welcome."""
+        link.coalesce = True
 
     def link_frame(self, link, body) -> None:
         """One ServerFrame from upstream: the first answers the ProxyHello (Welcome or Refused); the rest go to
@@ -588,6 +590,7 @@ class AreaAccess:
         relay = pb.AgentFrame(relay=pb.Relay(agent_ids=[name], via=self.node_id, peer=link.peer,
                                              serial=ident.serial, frame=bytes(body))).SerializeToString()
         d = Down(link, "proxy", name, relay, hello.area)
+        link.coalesce = True            # the cascaded area's agents' frames go down this one link
         d.proxies[hello.node_id] = hello.area
         self.parents[hello.area] = self.area
         self._take(d)

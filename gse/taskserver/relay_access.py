@@ -256,6 +256,7 @@ class Relays:
             return
         mux = ProxySession(self, link, hello)
         link.session = mux
+        link.coalesce = True            # many agents' frames on one link: small ones go out together
         self.muxes[id(link)] = mux
         self._add_proxy(mux.root, parent_area=self.area)
         log.info("proxy attached", extra={"proxy": hello.node_id, "area": hello.area, "peer": link.peer})
