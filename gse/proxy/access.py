@@ -188,6 +188,7 @@ class AreaAccess:
         self.uplinks = [Uplink(self, i) for i in range(upstream.links)]
         self.down: dict[str, Down] = {}         # name -> the downstream link it is behind (agents, proxies)
         self.routes: dict[str, Down] = {}       # any relayed name -> the downstream link to write it to
+        self.children: set[str] = set()         # the names in `down` that are cascaded proxies (a few)
         self.enrolling: dict[str, Down] = {}
         self.unattached: dict = {}              # link -> when it connected, until its first frame
         self.held: deque[tuple[str, bytes]] = deque()  # (name, Relay body) while no upstream link is up
@@ -214,7 +215,7 @@ class AreaAccess:
     @property
     def agent_count(self) -> int:
         """How many agents of this area hold a link here (cascaded proxies not counted)."""
-        return sum(1 for d in self.down.values() if d.kind == "agent")
+        return len(self.down) - len(self.children)
 
     def health(self) -> dict:
         """The agent access in the proxy's /healthz: area, agents, cascaded proxies, each upstream link (server, node,
@@ -572,6 +573,8 @@ class AreaAccess:
             old.link.close()
         self.down[d.name] = d
         self.routes[d.name] = d
+        if d.kind == "proxy":
+            self.children.add(d.name)
         u = self._pick()
         self._assign(d, u)
         if u is not None:
@@ -707,8 +710,12 @@ class AreaAccess:
     def _forget(self, d: Down) -> None:
         if self.down.get(d.name) is d:
             del self.down[d.name]
-        for name in [n for n, r in self.routes.items() if r is d]:
-            del self.routes[name]
+            self.children.discard(d.name)
+        if d.kind == "proxy":           # a cascaded proxy routes the names of its areas too: a few links, a scan
+            for name in [n for n, r in self.routes.items() if r is d]:
+                del self.routes[name]
+        elif self.routes.get(d.name) is d:     # an agent routes its own name only (thousands of links: no scan)
+            del self.routes[d.name]
         self._assign(d, None)
         AGENTS.set(self.agent_count)
         CHILDREN.set(len(self.down) - self.agent_count)
