@@ -6,6 +6,7 @@ other's state. When a test fails, the logs of every process it started are print
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -20,6 +21,34 @@ import pytest
 from gse.devcluster import Cluster, wait_for
 
 HEARTBEAT_S = 1.0
+
+
+class FrameInbox:
+    """A framelink handler for tests that speak the agent link by hand: keeps every ServerFrame it gets (decoded)
+    and sets `lost` when the link ends."""
+
+    def __init__(self):
+        self.frames: list = []
+        self.lost = asyncio.Event()
+
+    def link_open(self, link):
+        pass
+
+    def link_frame(self, link, body):
+        from gse.pb import agent_pb2
+        self.frames.append(agent_pb2.ServerFrame.FromString(body))
+
+    def link_lost(self, link, exc):
+        self.lost.set()
+
+    async def wait(self, pred, timeout=10.0) -> bool:
+        """Until `pred(frames)` holds (True) or the link is lost first (False); TimeoutError after `timeout` s."""
+        async with asyncio.timeout(timeout):
+            while not pred(self.frames):
+                if self.lost.is_set():
+                    return False
+                await asyncio.sleep(0.01)
+        return True
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import time
 
-from conftest import HEARTBEAT_S, api_for, start_agents
+from conftest import HEARTBEAT_S, FrameInbox, api_for, start_agents
 
 from gse.common.address import split_host_port
 from gse.devcluster import wait_for
@@ -248,21 +248,8 @@ def test_agent_port_refuses_bad_links_and_keeps_serving(make_cluster):
     tls = TLSMaterial((certs / "ca.crt").read_bytes(), (certs / "agent.crt").read_bytes(),
                       (certs / "agent.key").read_bytes())
 
-    class Inbox:
-        def __init__(self):
-            self.frames, self.lost = [], asyncio.Event()
-
-        def link_open(self, link):
-            pass
-
-        def link_frame(self, link, body):
-            self.frames.append(pb.ServerFrame.FromString(body))
-
-        def link_lost(self, link, exc):
-            self.lost.set()
-
     async def attempt(first: bytes | None) -> tuple[list, float]:
-        inbox = Inbox()
+        inbox = FrameInbox()
         link = await framelink.dial(framelink.client_context(tls), host, int(port), inbox, server_hostname=host)
         t0 = time.monotonic()
         if first is not None:

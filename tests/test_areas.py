@@ -11,7 +11,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import api_for
+from conftest import FrameInbox, api_for
 
 from gse.common import framelink
 from gse.common.tls import TLSMaterial
@@ -115,29 +115,6 @@ def test_an_agent_of_another_area_is_refused_by_the_proxy_with_a_reason(area_clu
     assert api.states([stray.info["bk_agent_id"]]) == {}
 
 
-class _Inbox:
-    def __init__(self):
-        self.frames: list[pb.ServerFrame] = []
-        self.lost = asyncio.Event()
-
-    def link_open(self, link):
-        pass
-
-    def link_frame(self, link, body):
-        self.frames.append(pb.ServerFrame.FromString(body))
-
-    def link_lost(self, link, exc):
-        self.lost.set()
-
-    async def wait(self, pred, timeout=10.0):
-        async with asyncio.timeout(timeout):
-            while not pred(self.frames):
-                if self.lost.is_set():
-                    return False
-                await asyncio.sleep(0.01)
-        return True
-
-
 def test_the_task_server_checks_what_a_proxy_claims(area_cluster):
     """A proxy certificate names its area; a proxy link claims only agents of its own area (and proxies of
     other areas behind it); an agent certificate cannot open a proxy link."""
@@ -155,7 +132,7 @@ def test_the_task_server_checks_what_a_proxy_claims(area_cluster):
 
     async def scenario():
         async def dial(tls):
-            inbox = _Inbox()
+            inbox = FrameInbox()
             link = await framelink.dial(framelink.client_context(tls), ts[0], int(ts[1]), inbox,
                                         server_hostname="gse-server")
             return link, inbox

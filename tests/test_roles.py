@@ -13,6 +13,7 @@ import stat
 
 import grpc
 import pytest
+from conftest import FrameInbox
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gse.common import framelink, roles, rpc
@@ -163,21 +164,8 @@ def test_agent_port_takes_only_agent_and_proxy_certificates(make_cluster):
     ts = c.start_taskserver()
     host, port = split_host_port(ts.info["address"])
 
-    class Inbox:
-        def __init__(self):
-            self.frames, self.lost = [], asyncio.Event()
-
-        def link_open(self, link):
-            pass
-
-        def link_frame(self, link, body):
-            self.frames.append(apb.ServerFrame.FromString(body))
-
-        def link_lost(self, link, exc):
-            self.lost.set()
-
     async def hello(name: str) -> list:
-        inbox = Inbox()
+        inbox = FrameInbox()
         tls = TLSMaterial.from_dir(c.certs_dir, name)
         link = await framelink.dial(framelink.client_context(tls), host, int(port), inbox, server_hostname=host)
         link.write(apb.AgentFrame(hello=apb.AgentHello(agent_id="a" * 32, ip="127.0.0.9")).SerializeToString())

@@ -13,7 +13,7 @@ import urllib.request
 
 import grpc
 import pytest
-from conftest import api_for
+from conftest import FrameInbox, api_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gse.cli import main as gse
@@ -25,27 +25,13 @@ from gse.devcluster import wait_for
 from gse.pb import agent_pb2 as pb
 
 
-class Inbox:
-    def __init__(self):
-        self.frames, self.lost = [], asyncio.Event()
-
-    def link_open(self, link):
-        pass
-
-    def link_frame(self, link, body):
-        self.frames.append(pb.ServerFrame.FromString(body))
-
-    def link_lost(self, link, exc):
-        self.lost.set()
-
-
 async def _exchange(address: str, tls: TLSMaterial | None, frame: pb.AgentFrame, local_ip: str = "",
                     keep: bool = False):
     """Open a link (no client certificate when `tls` has none), send one frame, return (first answer or None,
     link, inbox). Unless `keep`, waits for the link to end."""
     host, port = split_host_port(address)
     ctx = framelink.client_context(tls, with_certificate=bool(tls.cert))
-    inbox = Inbox()
+    inbox = FrameInbox()
     link = await framelink.dial(ctx, host, port, inbox, server_hostname="gse-server", local_ip=local_ip)
     link.write(frame.SerializeToString())
     async with asyncio.timeout(10):
