@@ -74,6 +74,7 @@ def cmd_dev_up(args) -> int:
         url = cluster.api_url()
 
         def all_alive():
+            """list_agent_state's answer once every agent shows status 2 (alive), else None (wait_for polls)."""
             r = api_call(url, cluster.app_code, cluster.app_secret, "/api/v2/cluster/list_agent_state",
                          {"agent_id_list": ids})
             return r if r.get("code") == 0 and all(a["status_code"] == 2 for a in r["data"]) \

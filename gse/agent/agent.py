@@ -224,9 +224,10 @@ class _Inbox:
         self.queue: asyncio.Queue = asyncio.Queue()
 
     def link_open(self, link) -> None:
-        pass
+        """framelink callback: nothing to do until the first frame."""
 
     def link_frame(self, link, body) -> None:
+        """One ServerFrame, parsed and queued; an undecodable frame closes the link (the agent dials again)."""
         try:
             self.queue.put_nowait(pb.ServerFrame.FromString(body))
         except DecodeError:
@@ -234,9 +235,11 @@ class _Inbox:
             link.close()
 
     def link_lost(self, link, exc) -> None:
+        """framelink callback: the link is gone; `get` answers None after the frames already queued."""
         self.queue.put_nowait(None)
 
     async def get(self) -> pb.ServerFrame | None:
+        """The next frame in arrival order, or None once the link is gone."""
         return await self.queue.get()
 
 

@@ -318,6 +318,7 @@ class DataPipeline:
         records = ob.records
 
         def payload(batch_id: int) -> bytes:
+            """The sealed batch as the spool keeps it, under the batch id the spool gives it."""
             return pb.DataBatch(batch_id=batch_id, data_id=data_id, records=records,
                                 arrival_ms=ob.arrival).SerializeToString()
 

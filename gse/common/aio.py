@@ -28,6 +28,7 @@ def spawn(work: Awaitable[Any], what: str = "") -> asyncio.Future:
 
 def _done(what: str):
     def done(fut: asyncio.Future) -> None:
+        """Let go of the finished task; log its exception (a cancelled one is no failure)."""
         _RUNNING.discard(fut)
         if not fut.cancelled() and fut.exception() is not None:
             log.error("background work failed", extra={"work": what or repr(fut), "error": repr(fut.exception())})

@@ -33,15 +33,19 @@ class _Child:
         self.sum = 0.0
 
     def inc(self, amount: float = 1) -> None:
+        """Counter or gauge: add `amount`."""
         self.value += amount
 
     def dec(self, amount: float = 1) -> None:
+        """Gauge: subtract `amount`."""
         self.value -= amount
 
     def set(self, value: float) -> None:
+        """Gauge: the value now."""
         self.value = float(value)
 
     def observe(self, amount: float) -> None:
+        """Histogram: count `amount` (seconds, bytes...) in its bucket, its sum and the count (`value`)."""
         self.buckets[bisect.bisect_left(self.upper, amount)] += 1
         self.sum += amount
         self.value += 1
@@ -65,6 +69,8 @@ class _Metric:
             _METRICS.append(self)
 
     def labels(self, *values, **kw) -> _Child:
+        """The child for these label values (positional in `labelnames` order, or by name), made on first use;
+        ValueError when their number is not the metric's (as prometheus_client's labels())."""
         if kw:
             values = tuple(kw[n] for n in self.labelnames)
         key = tuple(str(v) for v in values)
@@ -77,15 +83,19 @@ class _Metric:
 
     # the label-less metric is its own child
     def inc(self, amount: float = 1) -> None:
+        """A label-less metric: add `amount` (see _Child.inc)."""
         self.children[()].inc(amount)
 
     def dec(self, amount: float = 1) -> None:
+        """A label-less gauge: subtract `amount`."""
         self.children[()].dec(amount)
 
     def set(self, value: float) -> None:
+        """A label-less gauge: the value now."""
         self.children[()].set(value)
 
     def observe(self, amount: float) -> None:
+        """A label-less histogram: count `amount` in its bucket."""
         self.children[()].observe(amount)
 
 
