@@ -40,25 +40,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from gse.cli import api_call  # noqa: E402
 from gse.common.address import split_host_port  # noqa: E402
 from gse.devcluster import Cluster, wait_for  # noqa: E402
-from simagents import agent_id, prepare, spawn_workers, stop_workers  # noqa: E402
+from simagents import agent_id, alive_count, api, prepare, spawn_workers, stop_workers  # noqa: E402
 
-CHUNK = 5000
 OP = {"operator_name": "bench"}
-
-
-def call(c: Cluster, path: str, body: dict) -> dict:
-    return api_call(c.api_url(), c.app_code, c.app_secret, path, body, timeout=120)
-
-
-def alive(c: Cluster, ids: list[str]) -> int:
-    n = 0
-    for i in range(0, len(ids), CHUNK):
-        r = call(c, "/api/v2/cluster/list_agent_state", {"agent_id_list": ids[i:i + CHUNK]})
-        n += sum(1 for d in (r.get("data") or []) if d["status_code"] == 2)
-    return n
 
 
 def healthz(port: int) -> dict:
@@ -71,12 +57,12 @@ def healthz(port: int) -> dict:
 
 def route_to_kafka(c: Cluster, topic: str) -> None:
     host, port = split_host_port(c.kafka)
-    r = call(c, "/api/v2/data/add_streamto", {"operation": OP, "metadata": {"plat_name": "bkmonitor"},
+    r = api(c, "/api/v2/data/add_streamto", {"operation": OP, "metadata": {"plat_name": "bkmonitor"},
                                                "stream_to": {"name": "alarms", "report_mode": "kafka",
                                                              "kafka": {"storage_address": [{"ip": host,
                                                                                             "port": int(port)}]}}})
     sid = r["data"]["stream_to_id"]
-    r = call(c, "/api/v2/data/add_route", {
+    r = api(c, "/api/v2/data/add_route", {
         "operation": OP, "metadata": {"plat_name": "bkmonitor", "channel_id": 1000}, "stream_filters": [],
         "route": [{"name": "k", "stream_to": {"stream_to_id": sid, "kafka": {"topic_name": topic}}}]})
     assert r["code"] == 0, r
@@ -156,7 +142,7 @@ def main() -> int:
         idents = prepare(c, n, workers, tag, base, "issued")
         procs = spawn_workers(n, workers, ts.info["address"], str(c.certs_dir), tag, base, args.heartbeat,
                               ramp_rate=args.ramp, identities=idents)
-        wait_for(lambda: alive(c, ids) == n, 900, f"{n} agents alive", interval=2.0)
+        wait_for(lambda: alive_count(c, ids) == n, 900, f"{n} agents alive", interval=2.0)
         print(f"attach: all {n} alive in {time.monotonic() - t0:.1f} s", flush=True)
         lead = wait_for(lambda: next((a for a in alarms if healthz(a.info["metrics_port"]).get("leader")), None),
                         30, "an alarm leader")

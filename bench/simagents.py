@@ -468,6 +468,24 @@ def start_for(c, n: int, servers: list[str], directory: str, mode: str = "issued
     return [agent_id(tag, i) for i in range(n)], procs
 
 
+API_CHUNK = 5000        # agents per list_agent_state call (the API server's max_hosts_per_call)
+
+
+def api(c, path: str, body: dict) -> dict:
+    """One API call to cluster `c` (gse.devcluster.Cluster) as its app; the decoded envelope (120 s timeout)."""
+    from gse.cli import api_call         # the simulator processes never need it
+    return api_call(c.api_url(), c.app_code, c.app_secret, path, body, timeout=120)
+
+
+def alive_count(c, ids: list[str]) -> int:
+    """How many of `ids` list_agent_state shows alive (status 2), asked API_CHUNK at a time."""
+    n = 0
+    for i in range(0, len(ids), API_CHUNK):
+        r = api(c, "/api/v2/cluster/list_agent_state", {"agent_id_list": ids[i:i + API_CHUNK]})
+        n += sum(1 for d in (r.get("data") or []) if d["status_code"] == 2)
+    return n
+
+
 def stop_workers(procs: list) -> None:
     import subprocess
     for p in procs:

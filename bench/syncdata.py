@@ -34,29 +34,16 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 from fakecmdb import FakeCmdb  # noqa: E402
 
-from gse.cli import api_call  # noqa: E402
 from gse.devcluster import Cluster, wait_for  # noqa: E402
-from simagents import agent_id, agent_ip, prepare, spawn_workers, stop_workers  # noqa: E402
+from simagents import (API_CHUNK, agent_id, agent_ip, alive_count, api, prepare, spawn_workers,  # noqa: E402
+                       stop_workers)
 
-CHUNK = 5000
-
-
-def call(c: Cluster, path: str, body: dict) -> dict:
-    return api_call(c.api_url(), c.app_code, c.app_secret, path, body, timeout=120)
-
-
-def alive(c: Cluster, ids: list[str]) -> int:
-    n = 0
-    for i in range(0, len(ids), CHUNK):
-        r = call(c, "/api/v2/cluster/list_agent_state", {"agent_id_list": ids[i:i + CHUNK]})
-        n += sum(1 for d in (r.get("data") or []) if d["status_code"] == 2)
-    return n
 
 
 def results(c: Cluster, ids: list[str]) -> dict[str, dict]:
     out = {}
-    for i in range(0, len(ids), CHUNK):
-        r = call(c, "/api/v2/cluster/get_host_identity_result", {"agent_id_list": ids[i:i + CHUNK]})
+    for i in range(0, len(ids), API_CHUNK):
+        r = api(c, "/api/v2/cluster/get_host_identity_result", {"agent_id_list": ids[i:i + API_CHUNK]})
         for d in r.get("data") or []:
             out[d["bk_agent_id"]] = d
     return out
@@ -102,7 +89,7 @@ def main() -> int:
         t0 = time.monotonic()
         procs = spawn_workers(n, workers, ts.info["address"], str(c.certs_dir), tag, base, 10.0,
                               ramp_rate=args.ramp, identities=idents)
-        wait_for(lambda: alive(c, ids) == n, 900, f"{n} agents alive", interval=2.0)
+        wait_for(lambda: alive_count(c, ids) == n, 900, f"{n} agents alive", interval=2.0)
         print(f"attach: all {n} alive in {time.monotonic() - t0:.1f} s", flush=True)
 
         t0 = time.monotonic()

@@ -14,7 +14,6 @@ import re
 import signal
 import time
 import uuid
-from collections import defaultdict
 
 import pytest
 

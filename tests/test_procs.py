@@ -472,7 +472,7 @@ def test_proc_resource_limit_breach_sends_an_event(pc, papi, tmp_path, rds, rout
              20, "the restart after the breach")
     spec["resource"] = {"cpu": 0, "mem": 0}
     result(papi, multi(papi, name, 1, [aid], spec))
-    os.system(f"pkill -f 'bytearray\\(150' >/dev/null 2>&1")
+    os.system("pkill -f 'bytearray\\(150' >/dev/null 2>&1")
 
 
 # ---- auto-load --------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import signal
 import subprocess
 import sys
 import time
@@ -94,7 +93,7 @@ def test_dependency_order_and_failure_propagation(tc, tapi, tmp_path):
     a = ids(tc)[0]
     log = tmp_path / "order.log"
     cmds = [f"sleep 0.3; echo first >> {log}", f"echo second >> {log}", f"echo third >> {log}; exit 4",
-            f"echo never >> {log}", f"echo independent"]
+            f"echo never >> {log}", "echo independent"]
     tid = submit(tapi, [a], cmds, relations=[(1, [0]), (2, [1]), (3, [2, 0])])
     res = wait_done(tapi, tid, [a], 5)
     assert log.read_text().split() == ["first", "second", "third"]

@@ -4,7 +4,6 @@ pool of channels by address."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Iterable
 
 import grpc

@@ -16,7 +16,6 @@ import socket
 import time
 
 from gse import __version__
-from gse.common import dbclient as db
 from gse.common import roles, rpc
 from gse.common.address import join_host_port
 from gse.common.config import ConfigError, DbProxyClientConfig

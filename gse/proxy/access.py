@@ -39,7 +39,7 @@ from gse.common import framelink, roles
 from gse.common.address import split_host_port
 from gse.common.backoff import Backoff
 from gse.common.config import ConfigError, check_addresses
-from gse.common.records import PROXY_PREFIX, proxy_target, valid_agent_id
+from gse.common.records import proxy_target, valid_agent_id
 from gse.pb import agent_pb2 as pb
 
 log = logging.getLogger("gse.proxy.access")

@@ -237,10 +237,11 @@ class FileCoordinator:
                     fpb.AddTorrentsRequest(transfer_id=t.spec.transfer_id, info_hashes=hashes), timeout=10,
                     metadata=trace_metadata())
         except grpc.aio.AioRpcError as exc:
+            why = f"file server refused the torrents: {exc.details()}"
             await self._write_items(t, lambda target, e: self._item(t, target, e))
             await self._write_items(t, lambda target, e: self._item(
                 t, target, e, status=ScriptStatus.FAILED, error_code=ErrorCode.FAILED,
-                error_msg=f"file server refused the torrents: {exc.details()}", end_time=now), progress=True)
+                error_msg=why, end_time=now), progress=True)
             await self.end(t, terminated=True)
             return
         await self._write_items(t, lambda target, e: self._item(t, target, e))
