@@ -23,6 +23,25 @@ from gse.devcluster import Cluster, wait_for
 HEARTBEAT_S = 1.0
 
 
+async def start_callback_server(*names: str):
+    """A local HTTP server standing in for a platform's message-slot callback (spec section 9): a POST to
+    `<base>/<name>` lands, decoded from JSON, in `posts[name]` and is answered `{"result": true}`. Returns
+    (base, posts, runner); the caller ends it with `await runner.cleanup()`."""
+    from aiohttp import web
+    posts = {n: asyncio.Queue() for n in names}
+
+    async def callback(request):
+        await posts[request.match_info["which"]].put(await request.json())
+        return web.json_response({"result": True})
+
+    app = web.Application()
+    app.router.add_post("/cb/{which}", callback)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return f"http://127.0.0.1:{runner.addresses[0][1]}/cb", posts, runner
+
+
 class FrameInbox:
     """A framelink handler for tests that speak the agent link by hand: keeps every ServerFrame it gets (decoded)
     and sets `lost` when the link ends."""

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import api_for, _new_cluster
+from conftest import _new_cluster, api_for, start_callback_server
 
 from gse.common.tls import init_certs
 from gse.devcluster import free_port, wait_for
@@ -142,7 +142,6 @@ def test_files_cross_the_proxy_s_uplink_once_by_bittorrent_and_direct(area_net, 
 
 async def test_data_and_dispatch_message_through_the_proxy(area_net):
     import redis
-    from aiohttp import web
 
     from gse.testing.plugin import MessageClient, ReportClient
     from test_data_flow import add_route, add_streamto, to_redis, wait_routes
@@ -163,18 +162,8 @@ async def test_data_and_dispatch_message_through_the_proxy(area_net):
                             "every record through the proxy")
     rds.close()
 
-    posts: asyncio.Queue = asyncio.Queue()
-
-    async def callback(request):
-        await posts.put(await request.json())
-        return web.json_response({"result": True})
-    app = web.Application()
-    app.router.add_post("/cb", callback)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}/cb"
+    base, posts, runner = await start_callback_server("n")
+    url = f"{base}/n"
     try:
         c.zk_put_config("message_slots", {"slotn": {"callback_url": url, "token": "tk"}})
         agent = area_net["agents"][0]
@@ -188,7 +177,7 @@ async def test_data_and_dispatch_message_through_the_proxy(area_net):
         assert payload == b"ping"
         await plugin.respond({"name": "netplugin", "transmit_type": "", "topic": "", "message_id": "m-n",
                               "session_id": meta["session_id"]}, b"pong")
-        got = await asyncio.wait_for(posts.get(), 20)
+        got = await asyncio.wait_for(posts["n"].get(), 20)
         assert got == {"message_id": "m-n", "bk_agent_id": aid, "content": "pong"}
         await plugin.close()
     finally:

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 import redis
-from aiohttp import web
 from kazoo.client import KazooClient
 
-from conftest import ApiClient, Baseline, _new_cluster, api_for
+from conftest import ApiClient, Baseline, _new_cluster, api_for, start_callback_server
 
 from gse.common.address import split_host_port
 from gse.common.datastate import CHANNEL_DATASERVER_OPS
@@ -345,19 +344,8 @@ async def test_malformed_and_oversized_frames_close_only_that_connection(dc, dap
 
 
 async def test_dispatch_message_round_trip_to_the_slot_callback(dc, dapi):
-    posts: asyncio.Queue = asyncio.Queue()
-
-    async def callback(request):
-        await posts.put(await request.json())
-        return web.json_response({"result": True})
-
-    app = web.Application()
-    app.router.add_post("/cb", callback)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/cb"
+    base, posts, runner = await start_callback_server("7")
+    url = f"{base}/7"
     zk = KazooClient(hosts=dc.zookeeper)
     zk.start(10)
     try:
@@ -382,7 +370,7 @@ async def test_dispatch_message_round_trip_to_the_slot_callback(dc, dapi):
         assert meta["message_id"] == "m-1" and payload == "ping é".encode()
         await plugin.respond({"name": "myplugin", "transmit_type": "", "topic": "", "message_id": "m-1",
                               "session_id": meta["session_id"]}, "pong é".encode())
-        got = await asyncio.wait_for(posts.get(), 15)
+        got = await asyncio.wait_for(posts["7"].get(), 15)
         assert got == {"message_id": "m-1", "bk_agent_id": aid, "content": "pong é"}
 
         r = await asyncio.to_thread(dispatch, {**body, "token": "wrong"})
@@ -402,19 +390,7 @@ async def test_plugin_message_sent_on_its_own_reaches_the_slot_of_its_plugin_nam
     """Spec section 9, with bk-gse-sdk's exact shapes: SendMessage without a dispatch before it (meta `{name,
     transmit_type: 0, topic: "", message_id, session_id: ""}`) is posted to the callback of the slot registered
     for the plugin's name; the SDK's reply to a dispatch (also session_id "") goes to the dispatching slot."""
-    posts: dict[str, asyncio.Queue] = {"mon": asyncio.Queue(), "other": asyncio.Queue(), "disp": asyncio.Queue()}
-
-    async def callback(request):
-        await posts[request.match_info["which"]].put(await request.json())
-        return web.json_response({"result": True})
-
-    app = web.Application()
-    app.router.add_post("/cb/{which}", callback)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/cb"
+    base, posts, runner = await start_callback_server("mon", "other", "disp")
     zk = KazooClient(hosts=dc.zookeeper)
     zk.start(10)
     plugin = None
