@@ -54,6 +54,11 @@ STATE="$HOME_DIR/upgrade.state"
 
 state_get() { sed -n "s/^$1=//p" "$STATE" 2>/dev/null | head -n 1; }
 
+# The watchdog runs beside the agent that rewrites the file (renamed over whole): it reads the file once per look
+# and takes every value from that one copy, never a state of one version and a deadline of the next.
+state_read() { SNAP=$(cat "$STATE" 2>/dev/null); }
+snap_get() { printf '%s\n' "$SNAP" | sed -n "s/^$1=//p" | head -n 1; }
+
 state_set() {   # key=value pairs replacing the file (written whole, then renamed)
     tmp="$HOME_DIR/.upgrade.state.$$"
     : > "$tmp" && for kv in "$@"; do echo "$kv" >> "$tmp"; done && mv -f "$tmp" "$STATE"
@@ -69,9 +74,11 @@ roll_back() {
 
 if [ "$1" = "--upgrade-watchdog" ]; then
     pid=$2; shift 2
-    while [ "$(state_get state)" = "trial" ]; do
-        now=$(date +%s); deadline=$(state_get deadline)
+    while state_read && [ "$(snap_get state)" = "trial" ]; do
+        now=$(date +%s); deadline=$(snap_get deadline)
         if ! kill -0 "$pid" 2>/dev/null || [ "$now" -ge "${deadline:-0}" ]; then
+            # a confirmation written since the look above wins: the new version attached in time
+            state_read && [ "$(snap_get state)" = "trial" ] || exit 0
             if kill -0 "$pid" 2>/dev/null; then
                 kill -TERM "$pid" 2>/dev/null
                 i=0; while kill -0 "$pid" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done

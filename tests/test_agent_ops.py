@@ -247,3 +247,48 @@ def test_packaged_agent_upgrades_and_rolls_back_broken_versions(oc, tmp_path):
     wait_for(lambda: api.states([aid])[aid]["status_code"] == 2, 60, "the refused upgrade over")
     assert os.readlink(inst.home / "current") == "versions/1.1.0" and not (inst.home / "versions" / "1.4.0").exists()
     wait_for(lambda: "checksum mismatch" in inst.log(), 15, "the refusal in the agent's log")
+
+
+def test_upgrade_watchdog_never_takes_a_confirmation_for_a_trial_without_a_deadline(tmp_path):
+    """The watchdog runs beside the new version, which replaces upgrade.state (trial -> done, the deadline gone)
+    while the watchdog looks: a look must see one version of the file, never `trial` from the old one and no
+    deadline from the new one (that read as "deadline passed" and killed a confirmed agent). Eight watchdogs in turn
+    watch while the file flips between the two versions as fast as it can be replaced; each must end (it saw the
+    confirmation) with the watched process (a sleep standing in for the agent) alive and nothing rolled back."""
+    home = tmp_path / "agent"
+    (home / "bin").mkdir(parents=True)
+    for v in ("1.0.0", "1.1.0"):
+        (home / "versions" / v).mkdir(parents=True)
+    os.symlink("versions/1.1.0", home / "current")
+    launcher = home / "bin" / "gse_agent"
+    launcher.write_text(package.LAUNCHER)
+    launcher.chmod(0o755)
+    trial = f"state=trial\nto=1.1.0\nfrom=1.0.0\ndeadline={int(time.time()) + 3600}\nstarts=1\nrequest=r1\n"
+    done = "state=done\nto=1.1.0\nfrom=1.0.0\nrequest=r1\n"
+    for name, text in (("trial", trial), ("done", done)):
+        (home / name).write_text(text)
+    state = home / "upgrade.state"
+
+    def put(name: str) -> None:
+        shutil.copyfile(home / name, home / ".next")
+        os.replace(home / ".next", state)
+
+    watched = subprocess.Popen(["sleep", "60"])
+    try:
+        for _ in range(8):
+            put("trial")
+            # INVOCATION_ID: as under systemd, so a watchdog that wrongly rolled back starts nothing itself
+            dog = subprocess.Popen([str(launcher), "--upgrade-watchdog", str(watched.pid)],
+                                   env={**os.environ, "INVOCATION_ID": "test"}, stderr=subprocess.PIPE, text=True)
+            end = time.monotonic() + 10.0
+            while dog.poll() is None and time.monotonic() < end:
+                put("done")
+                put("trial")
+            put("done")
+            assert dog.wait(timeout=10) == 0
+            assert "rolled back" not in dog.stderr.read()
+            assert watched.poll() is None, "the watchdog killed an agent whose trial was confirmed"
+            assert "state=done" in state.read_text() and os.readlink(home / "current") == "versions/1.1.0"
+    finally:
+        watched.kill()
+        watched.wait()
