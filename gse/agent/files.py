@@ -1118,11 +1118,13 @@ class FileManager:
                     now = time.monotonic()
                     stalled = now - last["at"] > self.cfg.bt_stall_s
                     failing = last["failures"] >= limit
-                    if _unavailable(torrent):
+                    gap, gaining = torrent.piece_gaps()
+                    if gap and not gaining:
                         last.setdefault("unavailable_since", now)
-                    else:
+                    else:           # no gap, or a peer gained pieces meanwhile: it may bring the missing ones yet
                         last.pop("unavailable_since", None)
-                    # pieces no peer has (e.g. a source that no longer has them), for as long as a stall
+                    # pieces no peer has (e.g. a source that no longer has them) while no peer gains any, for as
+                    # long as a stall
                     orphaned = now - last.get("unavailable_since", now) > self.cfg.bt_stall_s
                     if stalled or failing or orphaned:
                         reason = (f"{last['failures']} piece hash failures" if failing else
@@ -1359,18 +1361,6 @@ async def _cancel(tasks) -> None:
             t.cancel()
     if tasks:
         await asyncio.wait(tasks, timeout=10)
-
-
-def _unavailable(torrent) -> bool:
-    """Whether some piece the download lacks is had by no connected peer (0 when not known)."""
-    h = torrent.handle
-    if h is None or not h.is_valid():
-        return False
-    try:
-        avail = h.piece_availability()
-        return any(a == 0 and not h.have_piece(i) for i, a in enumerate(avail))
-    except RuntimeError:
-        return False
 
 
 def _md5_zeros(h, n: int) -> None:

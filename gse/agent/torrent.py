@@ -173,6 +173,7 @@ class Torrent:
         self._pending: dict[str, asyncio.Future] = {}  # "rename" / "remove" / "delete" waiters
         self._stripe: list[int] = []   # pieces this download takes first (from the source), see download()
         self._held: set[int] = set()   # pieces not wanted yet: no other target has them so far
+        self._downloading_pieces = 0   # pieces the connected non-seed peers had at the last piece_gaps()
 
     @property
     def path(self) -> str:
@@ -196,6 +197,24 @@ class Torrent:
                             self._total_size if self.complete else 0, 0, 0, 0, 0, self.hash_failures,
                             "seeding" if self.complete else "starting", self.complete, self.error, self.tracker_error)
         return self._last
+
+    def piece_gaps(self) -> tuple[bool, bool]:
+        """`(gap, gaining)`: whether some piece this download lacks is had by no connected peer (none connected:
+        every lacking piece), and whether the connected peers that are still downloading (no seeds: a proxy's
+        relay fetching from the area below, another target) have more pieces together than at the previous call,
+        i.e. may bring the missing piece yet. A sum, not per peer: libtorrent gives a peer that connects again a
+        new peer id. Call it at a steady pace (the caller's one-second look). (False, False) when not known."""
+        h = self.handle
+        if h is None or self.removed or not h.is_valid():
+            return False, False
+        try:
+            avail = h.piece_availability()
+            gap = any(a == 0 and not h.have_piece(i) for i, a in enumerate(avail))
+            downloading = sum(p.num_pieces for p in h.get_peer_info() if not p.flags & lt.peer_info.seed)
+        except RuntimeError:
+            return False, False
+        gaining, self._downloading_pieces = downloading > self._downloading_pieces, downloading
+        return gap, gaining
 
     def set_limits(self, *, download_rate: int | None = None, upload_rate: int | None = None,
                    max_connections: int | None = None) -> None:
