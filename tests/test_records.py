@@ -44,10 +44,10 @@ def test_unknown_names_are_a_programming_error_on_every_call():
 
 
 def test_one_encoding_written_under_many_keys():
-    w = TaskItem.update("t", "", 0, ttl_ms=1000, dispatch_time=5, warning="w")
+    w = TaskItem.update("t", "", 0, ttl_ms=1000, status=5, error_msg="w")
     ops = [w.at(TaskItem.key("t", a, 0)).op() for a in ("a1", "a2")]
     assert [o.key for o in ops] == [TaskItem.key("t", "a1", 0), TaskItem.key("t", "a2", 0)]
-    assert all(dict(o.fields) == {"dispatch_time": b"5", "warning": b"w"} and o.ttl_ms == 1000 for o in ops)
+    assert all(dict(o.fields) == {"status": b"5", "error_msg": b"w"} and o.ttl_ms == 1000 for o in ops)
 
 
 def test_a_field_type_without_a_codec_is_refused_when_the_record_is_declared():

@@ -391,6 +391,23 @@ def test_result_codes_unknown_task_is_1000115_running_items_115_under_code_0(tc,
     assert r["code"] == 1000400 and "task_id" in r["message"]
 
 
+def test_items_not_written_yet_read_as_dispatched_only_for_the_task_s_targets(tc, tapi):
+    """Only the task record (naming its targets) is stored before the dispatch: a target's item its task server has
+    not written yet reads as dispatched (115 under code 0); another agent, or an atomic task the task does not
+    have, reads as not part of the task (the caller must not poll for it for ever)."""
+    a, other = ids(tc)[:2]
+    tid = submit(tapi, [a], ["sleep 2"])
+    r = tapi.call(RESULT, {"task_id": tid, "agent_tasks": [
+        {"bk_agent_id": a, "atomic_tasks": [{"atomic_task_id": 0}, {"atomic_task_id": 7}]},
+        {"bk_agent_id": other, "atomic_tasks": [{"atomic_task_id": 0}]}]})
+    assert r["code"] == 0, r
+    mine, unknown_atomic, not_target = r["data"]["result"]
+    assert mine["error_code"] == 115 and mine["status"] in (0, 1), mine
+    for e in (unknown_atomic, not_target):
+        assert e["status"] == 5 and e["error_code"] != 115 and "not part of the task" in e["error_msg"], e
+    assert wait_done(tapi, tid, [a], 1)[(a, 0)]["error_code"] == 0
+
+
 def test_gse_run_cli(tc, tmp_path):
     env = {**os.environ}
     args = [sys.executable, "-m", "gse.cli", "run", "--api-url", tc.api_url(), "--app-code", tc.app_code,

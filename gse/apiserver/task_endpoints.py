@@ -3,6 +3,11 @@ async_terminate_execute_script, served at both /api/v2/task/<name> and /api/v2/t
 
 Dispatch is one call per task server holding targets (agents grouped by server and run-as user), never one
 per agent; agents that are offline get error 117 at once.
+
+What is stored before the dispatch is one write, whatever the number of targets: the task record naming every
+target (and the 117 items of offline targets). Items are written by the task servers from the agents' reports;
+a target's item not written yet reads as dispatched (its dispatch time is the task's creation, its warning the
+task's). A store that fails answers an error and dispatches nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import asyncio
 import logging
 import os
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 
 from gse.common.errors import (BadRequest, Blocked, ErrorCode, GseError, ScriptStatus, TaskNotKnown,
@@ -39,6 +44,10 @@ NO_OUTPUT = dpb.Result(ok=True)        # what an item without output reads as
 MAX_ITEMS_PER_READ = 100_000
 READ_BUDGET = 64 * 1024 * 1024
 MAX_OFFSET = 2 ** 40     # output offsets and limits: far beyond any item's output, well inside Redis' int64
+# What a script result read takes of the task record: not the targets (a broadcast's are hundreds of KB), which
+# are read only when some item asked for is not written yet.
+SCRIPT_META = ("kind", "created", "atomic_ids", "warnings")
+TARGET_CACHE = 32        # tasks whose target sets a result reader keeps (they never change)
 
 
 @dataclass
@@ -65,6 +74,7 @@ class TaskEndpoints:
         self.offline_grace_ms = offline_grace_ms
         self.default_limit = default_limit
         self._background: set[asyncio.Task] = set()
+        self._targets: OrderedDict[str, frozenset[str]] = OrderedDict()
 
     def register(self, api: Api) -> None:
         """Serve the script endpoints at /api/v2/task/<name> and /api/v2/task/extensions/<name>."""
@@ -165,7 +175,7 @@ class TaskEndpoints:
         warning_text = "; ".join(f"{w.name}: {w.message}" for w in warnings)
         ops = [TaskRecord.update(task_id, ttl_ms=self.ttl, kind="script", created=at, request_id=req.request_id,
                                  atomic_ids=[t.atomic_task_id for t in atomic], agent_count=len(targets),
-                                 warnings=warning_text).op()]
+                                 warnings=warning_text, targets=[t.agent_id or t.requested for t in targets]).op()]
         by_node_user: dict[tuple[str, str], list[str]] = defaultdict(list)
         offline: set[int] = set()
         for n, t in enumerate(targets):
@@ -173,19 +183,15 @@ class TaskEndpoints:
                 by_node_user[(t.record.node, t.user)].append(t.agent_id)
             else:
                 offline.add(n)
-        # Items of reachable agents get only fields that results never write (no status), so that this
-        # write may land before or after the agents' results: an item without a status reads as dispatched.
-        # Encoded once, written under each item's key.
-        dispatched = TaskItem.update(task_id, "", 0, ttl_ms=self.ttl, dispatch_time=at, warning=warning_text)
+        # Items of reachable agents are not written here: the task record names them, and their results write
+        # them. Offline ones end at once (encoded once, written under each item's key).
         unreachable = TaskItem.update(task_id, "", 0, ttl_ms=self.ttl, status=ScriptStatus.FAILED,
-                                      error_code=ErrorCode.AGENT_OFFLINE, error_msg="agent is offline",
-                                      end_time=at, warning=warning_text)
+                                      error_code=ErrorCode.AGENT_OFFLINE, error_msg="agent is offline", end_time=at)
         item_key = TaskItem.key
-        for n, t in enumerate(targets):
-            aid = t.agent_id or t.requested
-            w = unreachable if n in offline else dispatched
+        for n in offline:
+            t = targets[n]
             for a in atomic:
-                ops.append(w.at(item_key(task_id, aid, a.atomic_task_id)).op())
+                ops.append(unreachable.at(item_key(task_id, t.agent_id or t.requested, a.atomic_task_id)).op())
         by_user: dict[str, dict[str, list[str]]] = defaultdict(dict)
         for (node, user), ids in by_node_user.items():
             by_user[user][node] = ids
@@ -299,7 +305,7 @@ class TaskEndpoints:
                                          maximum=MAX_OFFSET),
                                v.integer(item, "limit", required=False, default=0, where=w2, minimum=0,
                                          maximum=MAX_OFFSET)))
-        meta = await self.task_record(task_id, TaskNotKnown)
+        meta = await self.task_record(task_id, TaskNotKnown, names=SCRIPT_META)
         if meta.kind not in ("", "script"):
             raise BadRequest(f"'task_id' {task_id} is not a script task")
         if not wanted:      # no atomic tasks named: every atomic task of the task, whole output
@@ -321,6 +327,11 @@ class TaskEndpoints:
         real = {r: real.get(r, r) for r in requested}
         res = await self.db.execute([TaskItem.read(task_id, real[aid], tid) for aid, _c, tid, _o, _l in wanted])
         items = [TaskItem.decode(r) for r in res]
+        if any(f is None for f in items):
+            # Not written yet: dispatched when the agent is a target (its result has not come), else not the task's.
+            targets, atomic_ids = await self._target_set(task_id), set(meta.atomic_ids or [])
+            items = [f if f is not None or real[w[0]] not in targets or w[2] not in atomic_ids else TaskItem()
+                     for w, f in zip(wanted, items)]
         # Output is read only for items that have some past the offset (`out_end`, written with every chunk,
         # or the final `output_size`): most items of a big task that is being polled have none yet.
         need = [n for n, f in enumerate(items) if f is not None and f.output_known > wanted[n][3]]
@@ -342,7 +353,7 @@ class TaskEndpoints:
         # broadcast being polled reads no session records at all in its first `offline_grace_s`.
         at_ms = now_ms()
         unfinished = {real[w[0]] for w, f in zip(wanted, items)
-                      if f is not None and not f.final and not self._within_grace(f, at_ms)}
+                      if f is not None and not f.final and not self._within_grace(meta, at_ms)}
 
         async def session_records() -> dict:
             """The session fields of the agents with unfinished items, in one batch."""
@@ -366,7 +377,7 @@ class TaskEndpoints:
                 status, msg = ScriptStatus.RUNNING, ""
             elif not f.final:
                 record = records.get(real[aid])
-                gone = not self._within_grace(f, at_ms) and (
+                gone = not self._within_grace(meta, at_ms) and (
                     record is None or (not record.alive(at_ms) and at_ms - record.deadline > self.offline_grace_ms))
                 if gone:
                     status, code, msg = (ScriptStatus.FAILED, ErrorCode.AGENT_OFFLINE,
@@ -375,8 +386,8 @@ class TaskEndpoints:
                          start_time=f.start_time,
                          end_time=f.end_time, script_exit_code=f.exit_code, tag="",
                          screen=page_text(screen, limit or self.default_limit))
-            if f.warning:
-                entry["warning"] = f.warning
+            if meta.warnings:
+                entry["warning"] = meta.warnings
             if f.truncated:
                 entry["truncated"] = True
             out.append(entry)
@@ -417,9 +428,26 @@ class TaskEndpoints:
             return True
         return f.end_time > 0 and at_ms - f.end_time > self.OUTPUT_LAG_MS
 
-    def _within_grace(self, item: TaskItem, at_ms: int) -> bool:
-        """Dispatched to a live agent no longer than offline_grace ago (so it cannot read as gone yet)."""
-        return item.dispatch_time > 0 and at_ms - item.dispatch_time <= self.offline_grace_ms
+    def _within_grace(self, meta: TaskRecord, at_ms: int) -> bool:
+        """The task was dispatched (to agents that were alive) no longer than offline_grace ago, so none of its
+        targets can read as gone yet."""
+        return meta.created > 0 and at_ms - meta.created <= self.offline_grace_ms
+
+    async def _target_set(self, task_id: str) -> frozenset[str]:
+        """The bk_agent_ids a script task was sent to (its record's `targets`; empty for a task stored without
+        them), kept for the last TARGET_CACHE tasks read: a task's targets never change."""
+        got = self._targets.get(task_id)
+        if got is None:
+            names = ("targets",)
+            (r,) = await self.db.execute([TaskRecord.pick(task_id, names=names)])
+            rec = TaskRecord.decode(r, names)
+            got = frozenset(rec.targets or []) if rec is not None else frozenset()
+            self._targets[task_id] = got
+            while len(self._targets) > TARGET_CACHE:
+                self._targets.popitem(last=False)
+        else:
+            self._targets.move_to_end(task_id)
+        return got
 
     def task_id_of(self, body: dict) -> str:
         """The `task_id` of a result or terminate request (spec §4; script and file tasks alike), put in the
@@ -430,11 +458,13 @@ class TaskEndpoints:
         set_trace(task_id=task_id)
         return task_id
 
-    async def task_record(self, task_id: str, unknown: type[GseError] | None = None) -> TaskRecord:
-        """The task's record (kind, coordinators, targets...); an unknown id raises `unknown(task_id)` (result reads: TaskNotKnown) or, for
-        operations on a task, a BadRequest."""
-        (r,) = await self.db.execute([TaskRecord.read(task_id)])
-        meta = TaskRecord.decode(r)
+    async def task_record(self, task_id: str, unknown: type[GseError] | None = None,
+                          names: tuple[str, ...] | None = None) -> TaskRecord:
+        """The task's record (kind, coordinators, targets...; only `names` when given); an unknown id raises
+        `unknown(task_id)` (result reads: TaskNotKnown) or, for operations on a task, a BadRequest."""
+        op = TaskRecord.read(task_id) if names is None else TaskRecord.pick(task_id, names=names)
+        (r,) = await self.db.execute([op])
+        meta = TaskRecord.decode(r, names)
         if meta is None:
             if unknown is not None:
                 raise unknown(task_id)

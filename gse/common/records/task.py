@@ -4,10 +4,11 @@
   gse:ti:<task_id>:<bk_agent_id>:<atomic_id>  TaskItem (hash): one item's status, codes, times, output size
   gse:to:<task_id>:<bk_agent_id>:<atomic_id>  TaskOutput (string): the item's output, written at offsets
 
-Writers: the API server writes the task and each item's dispatch fields (or its 117 when the agent is
-offline); the task server holding the agent writes results and output from the agent's reports. The two
-never write the same fields, so their writes may land in any order: an item without `status` reads as
-dispatched. Readers: get_execute_script_result, get_transfer_file_result, the file coordinator.
+Writers: the API server writes the task (naming every target) before dispatching it, and the items of
+targets that are offline (117); the task server holding an agent writes its items' results and output from
+the agent's reports. A target's item not written yet reads as dispatched, with the task's creation as its
+dispatch time and the task's warnings. Readers: get_execute_script_result, get_transfer_file_result, the file
+coordinator.
 """
 
 from __future__ import annotations
@@ -47,18 +48,17 @@ class TaskRecord:
     warnings: str = ""              # high-risk rule warnings, "; "-joined
     # files
     coordinators: Json = None       # {"<tasks[] index>": node id of the task server coordinating it}
-    targets: Json = None            # [bk_agent_id, ...]: every agent with result items (default of result reads)
+    targets: Json = None            # [bk_agent_id, ...]: every target (files: what a result read without agents
+                                    # reads; scripts: whose unwritten items read as dispatched)
     tasks: int = 0                  # how many tasks[] items
 
 
 @hash_record(prefix="gse:ti:", ttl_ms=RESULT_TTL_MS)
 @dataclasses.dataclass(slots=True)
 class TaskItem:
-    """One atomic task on one agent (key parts: task_id, bk_agent_id, atomic_task_id). Times in ms."""
-    # written by the API server at dispatch
-    dispatch_time: int = 0
-    warning: str = ""
-    # written by the task server from the agent's reports (or by the API server: 117 for offline agents)
+    """One atomic task on one agent (key parts: task_id, bk_agent_id, atomic_task_id). Times in ms. Written by
+    the task server from the agent's reports, or by the API server (117: the agent was offline at dispatch, or
+    no task server took it)."""
     status: int = ScriptStatus.DISPATCHED
     error_code: int = ErrorCode.RUNNING
     error_msg: str = ""
