@@ -26,7 +26,6 @@ import grpc
 
 from gse.common.errors import BadRequest, TaskNotKnown, Unavailable
 from gse.common.logs import set_trace
-from gse.common.records import valid_task_id
 from gse.common.rpc import ChannelPool, trace_metadata
 from gse.common.tls import TLSMaterial
 from gse.pb import agent_pb2 as apb
@@ -281,9 +280,7 @@ class ProcEndpoints:
         return {"task_id": reply.task_id}
 
     async def _results(self, body: dict) -> pb.TargetResults:
-        task_id = v.string(body, "task_id", max_len=128)
-        if not valid_task_id(task_id):
-            raise BadRequest("'task_id' is not a task id")
+        task_id = v.task_id(body)
         set_trace(task_id=task_id)
         res = await self.pm.call("Result", pb.ResultRequest(task_id=task_id))
         if not res.known:

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from gse.common.errors import (BadRequest, Blocked, ErrorCode, GseError, ScriptStatus, TaskNotKnown,
                                Unavailable, item_error_code)
 from gse.common.logs import set_trace
-from gse.common.records import (SESSION_FIELDS, AgentRecord, TaskItem, TaskOutput, TaskRecord, new_task_id, now_ms,
-                                valid_task_id)
+from gse.common.records import SESSION_FIELDS, AgentRecord, TaskItem, TaskOutput, TaskRecord, new_task_id, now_ms
 from gse.common import wire
 from gse.common.screen import whole_chars
 from gse.common.taskgraph import dependency_cycle
@@ -452,9 +451,7 @@ class TaskEndpoints:
     def task_id_of(self, body: dict) -> str:
         """The `task_id` of a result or terminate request (spec §4; script and file tasks alike), put in the
         request's trace; BadRequest when it is missing or not a task id."""
-        task_id = v.string(body, "task_id", max_len=128)
-        if not valid_task_id(task_id):
-            raise BadRequest("'task_id' is not a task id")
+        task_id = v.task_id(body)
         set_trace(task_id=task_id)
         return task_id
 

@@ -9,7 +9,7 @@ import re
 from typing import Any
 
 from gse.common.address import parse_host_id
-from gse.common.records import valid_agent_id
+from gse.common.records import valid_agent_id, valid_task_id
 from gse.common.errors import BadRequest
 
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
@@ -55,6 +55,15 @@ def string(body: dict, field: str, *, required: bool = True, default: str = "", 
         raise BadRequest(f"'{name}' must not be empty")
     if len(value) > max_len:
         raise BadRequest(f"'{name}' is longer than {max_len} characters")
+    return value
+
+
+def task_id(body: dict, field: str = "task_id") -> str:
+    """The task id in `body[field]` (spec §4, §8: result, terminate and process result reads); BadRequest when it
+    is missing or not a task id (`records.valid_task_id`)."""
+    value = string(body, field, max_len=128)
+    if not valid_task_id(value):
+        raise BadRequest(f"'{field}' is not a task id")
     return value
 
 
