@@ -227,8 +227,12 @@ def test_identity_documents_are_canonical_and_checked():
     assert render({**host, "bk_agent_id": "ab" * 16}, rels).ref == "ab" * 16
     with pytest.raises(IdentityError, match="associations"):
         make({"bk_host_id": 1, "bk_host_innerip": "10.0.0.1"}, "file")
-    with pytest.raises(IdentityError, match="bk_host_id"):
-        make({"bk_host_id": "x", "associations": {}}, "file")
+    # the project's one integer rule: CMDB ids as numbers or digit strings; fractions and booleans refused
+    assert make({"bk_host_id": "7", "bk_cloud_id": 2.0, "bk_host_innerip": "10.0.0.1", "associations": {}},
+                "file").cloud_id == 2
+    for bad in ("x", 5.5, True, "0x10"):
+        with pytest.raises(IdentityError, match="bk_host_id"):
+            make({"bk_host_id": bad, "associations": {}}, "file")
 
 
 def test_file_source_reports_changes_and_removals(tmp_path):

@@ -17,7 +17,7 @@ Decisions beyond the spec: a redis route takes `data_type` pubsub (default) | li
 a file route takes an optional `file_name` (default `channel_<channel_id>.log`) under the stream_to's
 `data_log_path`; report_mode pulsar is refused as not supported. Filters with `field_in: protocol` see the
 fields [data_id, bk_cloud_id, ip, bk_agent_id] of the batch the record came in. Integers follow the API's one
-rule (gse.apiserver.validate.integer: numeric strings and integral numbers count, booleans do not).
+rule (gse.common.integers: numeric strings and integral numbers count, booleans do not).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import os
 import re
 from typing import Any
 
-from gse.apiserver import validate as v
+from gse.common import integers as v
 
 from .errors import BadRequest
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from gse.common.address import parse_host_id
+from gse.common.errors import BadRequest
+from gse.common.integers import integer_value
 from gse.common.records import valid_agent_id
 
 PROCESS_KEYS = ("bk_process_id", "bk_process_name", "bind_ip", "port", "protocol", "bk_func_name",
@@ -45,12 +47,11 @@ class Identity:
 
 
 def _int(value: Any, what: str) -> int:
-    if isinstance(value, bool):
-        raise IdentityError(f"{what} must be an integer")
+    """`value` by the project's one integer rule (gse.common.integers); IdentityError naming `what` otherwise."""
     try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise IdentityError(f"{what} must be an integer, not {value!r}") from None
+        return integer_value(value, what)
+    except BadRequest as exc:
+        raise IdentityError(f"{exc}, not {value!r}"[:200]) from None
 
 
 def inner_ips(value: Any) -> list[str]:
