@@ -191,8 +191,9 @@ def test_finished_item_whose_output_has_not_landed_reads_as_running(tc, tapi):
     from gse.common.tls import TLSMaterial
 
     a = ids(tc)[0]
-    tid = submit(tapi, [a], ["echo landed"])
-    assert wait_done(tapi, tid, [a], 1)[(a, 0)]["screen"] == "landed\n"
+    # more output than an item holds itself (INLINE_OUTPUT_MAX): it is written apart, and may land late
+    tid = submit(tapi, [a], ["head -c 5000 /dev/zero | tr '\\0' x"])
+    assert wait_done(tapi, tid, [a], 1)[(a, 0)]["screen"] == "x" * 5000
     d = tc.certs_dir
     tls = TLSMaterial.from_dir(d, "server")
 
@@ -210,6 +211,32 @@ def test_finished_item_whose_output_has_not_landed_reads_as_running(tc, tapi):
     asyncio.run(write([TaskItem.update(tid, a, 0, end_time=int(time.time() * 1000) - 60_000).op()]))
     r = results(tapi, tid, [a], 1)
     assert r["code"] == 0 and r["data"]["result"][0]["status"] == 2 and r["data"]["result"][0]["screen"] == ""
+
+
+def test_short_output_kept_in_its_item_pages_like_any_other(tc, tapi):
+    """An output that came whole with its final result is kept in the item itself (no TaskOutput key): it reads,
+    pages by offset and limit, and counts as landed exactly like output stored apart."""
+    import asyncio
+
+    from gse.common import dbclient as db
+    from gse.common.records import TaskItem, TaskOutput
+    from gse.common.tls import TLSMaterial
+
+    a = ids(tc)[0]
+    tid = submit(tapi, [a], ["printf 0123456789"])
+    assert wait_done(tapi, tid, [a], 1)[(a, 0)]["screen"] == "0123456789"
+    r = results(tapi, tid, [a], 1, offset=3, limit=4)
+    assert r["code"] == 0 and r["data"]["result"][0]["screen"] == "3456", r
+
+    async def read():
+        client = db.DbClient(TLSMaterial.from_dir(tc.certs_dir, "server"), [p.info["address"] for p in tc.dbproxies])
+        try:
+            return await client.execute([TaskItem.read(tid, a, 0), db.exists(TaskOutput.key(tid, a, 0))])
+        finally:
+            await client.close()
+
+    item, output_key = asyncio.run(read())
+    assert TaskItem.decode(item).output == b"0123456789" and output_key.integer == 0
 
 
 def test_output_bound(tc, tapi):

@@ -332,8 +332,9 @@ class TaskEndpoints:
             items = [f if f is not None or real[w[0]] not in targets or w[2] not in atomic_ids else TaskItem()
                      for w, f in zip(wanted, items)]
         # Output is read only for items that have some past the offset (`out_end`, written with every chunk,
-        # or the final `output_size`): most items of a big task that is being polled have none yet.
-        need = [n for n, f in enumerate(items) if f is not None and f.output_known > wanted[n][3]]
+        # or the final `output_size`) and do not hold it themselves (`output`): most items of a big task that is
+        # being polled have none yet, most finished ones of short commands hold theirs.
+        need = [n for n, f in enumerate(items) if f is not None and f.output_known > wanted[n][3] and not f.output]
 
         async def outputs() -> dict:
             """The output pages of the items in `need`, read in one batch: item index -> the GETRANGE result."""
@@ -359,6 +360,10 @@ class TaskEndpoints:
             return await self.view.records(list(unfinished), SESSION_FIELDS) if unfinished else {}
 
         screens, records = await asyncio.gather(outputs(), session_records())
+        for n, f in enumerate(items):
+            if f is not None and f.output:
+                off, limit = wanted[n][3], wanted[n][4] or self.default_limit
+                screens[n] = dpb.Result(ok=True, found=True, value=f.output[off:off + limit + 3])
         out = []
         for n, (aid, container, tid, off, limit) in enumerate(wanted):
             f, screen = items[n], screens.get(n, NO_OUTPUT)

@@ -238,14 +238,18 @@ class ResultRecorder:
         writer; final results are acknowledged once stored."""
         aid = session.agent_id
         ttl = self.ttl_ms
+        inline = TaskItem.inline_outputs(report) if report.results else {}
         ops = []
+        chunks = []
         for out in report.outputs:
             OUTPUT_BYTES.inc(len(out.data))
-            ops.append(TaskOutput.write(out.task_id, aid, out.atomic_task_id, out.offset, out.data, ttl))
+            if (out.task_id, out.atomic_task_id) not in inline:
+                chunks.append(out)
+                ops.append(TaskOutput.write(out.task_id, aid, out.atomic_task_id, out.offset, out.data, ttl))
         if ops:
             self.writer.add(ops)
             # Readers fetch output only for items that have some (`out_end` merges into the item's hash write).
-            for out in report.outputs:
+            for out in chunks:
                 self.writer.put(TaskItem.update(out.task_id, aid, out.atomic_task_id, ttl_ms=ttl,
                                                 out_end=out.offset + len(out.data)))
         finals = []
@@ -259,6 +263,10 @@ class ResultRecorder:
                 fields["end_time"] = r.end_time_ms
             if r.has_exit_code:
                 fields["exit_code"] = r.exit_code
+            if inline:
+                whole = inline.get((r.task_id, r.atomic_task_id))
+                if whole is not None:
+                    fields["output"] = whole
             self.writer.put(TaskItem.update(r.task_id, aid, r.atomic_task_id, ttl_ms=ttl, **fields))
             if r.final:
                 finals.append(apb.ItemRef(task_id=r.task_id, atomic_task_id=r.atomic_task_id))

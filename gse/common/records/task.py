@@ -2,7 +2,8 @@
 
   gse:task:<task_id>                          TaskRecord (hash): kind, creation, atomic ids, targets
   gse:ti:<task_id>:<bk_agent_id>:<atomic_id>  TaskItem (hash): one item's status, codes, times, output size
-  gse:to:<task_id>:<bk_agent_id>:<atomic_id>  TaskOutput (string): the item's output, written at offsets
+  gse:to:<task_id>:<bk_agent_id>:<atomic_id>  TaskOutput (string): the item's output, written at offsets (none
+                                              when the item holds its whole output itself, `TaskItem.output`)
 
 Writers: the API server writes the task (naming every target) before dispatching it, and the items of
 targets that are offline (117); the task server holding an agent writes its items' results and output from
@@ -23,6 +24,9 @@ from gse.common.errors import FINAL_STATUSES, ErrorCode, ScriptStatus
 from .base import DAY_MS, Json, hash_record
 
 RESULT_TTL_MS = DAY_MS
+# An output of at most this many bytes that arrives whole with its item's final result is kept in the item
+# (`TaskItem.output`): one write and one read per item instead of two each (most commands print a line or two).
+INLINE_OUTPUT_MAX = 4096
 
 
 def new_task_id(kind: str = "GSETASK") -> str:
@@ -68,12 +72,29 @@ class TaskItem:
     output_size: int = 0            # bytes of output the agent produced, when final
     truncated: bool = False         # the output went past the task's limit
     out_end: int = 0                # output bytes stored so far (readers skip the output read when 0)
+    output: bytes = b""             # the whole output, when it came with the final result (INLINE_OUTPUT_MAX)
 
     @property
     def final(self) -> bool:
         """The item's status is final (success, timeout, stopped, failed, agent restarted): it will not change any
         more."""
         return self.status in FINAL_STATUSES
+
+    @staticmethod
+    def inline_outputs(report) -> dict[tuple[str, int], bytes]:
+        """{(task_id, atomic_task_id): output} for the items of an agent's TaskReport whose final result
+        (not truncated, output_size <= INLINE_OUTPUT_MAX) comes with their whole output as one chunk at offset 0:
+        written into the item (`output`) and never to a TaskOutput key."""
+        sizes = {(r.task_id, r.atomic_task_id): r.output_size for r in report.results
+                 if r.final and not r.truncated and 0 < r.output_size <= INLINE_OUTPUT_MAX}
+        if not sizes:
+            return {}
+        chunks: dict[tuple[str, int], object] = {}
+        for out in report.outputs:
+            k = (out.task_id, out.atomic_task_id)
+            if k in sizes:
+                chunks[k] = None if k in chunks else out        # more than one chunk: stored the usual way
+        return {k: o.data for k, o in chunks.items() if o is not None and o.offset == 0 and len(o.data) == sizes[k]}
 
     @property
     def output_known(self) -> int:
