@@ -520,3 +520,34 @@ def test_result_delivered_after_reconnect_to_another_task_server(make_cluster):
     res = wait_done(api, tid, [a], 1, timeout=40)[(a, 0)]
     assert res["status"] == 2 and res["screen"] == "before\nafter\n"
     assert api.infos([a])[a]["parent_port"] != port
+
+
+def test_a_target_list_dbproxy_cannot_read_is_an_outage_never_an_empty_task():
+    """The result read falls back to the task's target list for items not written yet: when dbproxy cannot read
+    it (no replica up), the call answers Unavailable and keeps nothing, so the next poll reads it again instead
+    of every unwritten item reading as "not part of the task" for the task's life."""
+    import asyncio
+    import json as _json
+
+    from gse.apiserver.task_endpoints import TaskEndpoints
+    from gse.common.errors import Unavailable
+    from gse.pb import dbproxy_pb2 as dpb
+
+    class Db:
+        def __init__(self):
+            self.up = False
+
+        async def execute(self, ops):
+            if not self.up:
+                return [dpb.Result(ok=False, retryable=True, error="no replica of the key is up") for _ in ops]
+            return [dpb.Result(ok=True, found=True, values=[_json.dumps(["a1", "a2"]).encode()], present=[True])
+                    for _ in ops]
+
+    class View:
+        db = Db()
+
+    t = TaskEndpoints(View(), None, None, max_hosts=10, result_ttl_ms=1000, offline_grace_ms=1000)
+    with pytest.raises(Unavailable):
+        asyncio.run(t._target_set("GSETASK:x"))
+    View.db.up = True
+    assert asyncio.run(t._target_set("GSETASK:x")) == {"a1", "a2"}

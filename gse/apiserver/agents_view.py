@@ -26,7 +26,7 @@ class AgentsView:
         if not uniq:
             return {}
         results = await self.db.execute([AgentAddress.read(c, ip) for c, ip in uniq])
-        _check_reads(results)
+        check_reads(results)
         return {h: aid for h, r in zip(uniq, results) if (aid := AgentAddress.decode(r)) is not None}
 
     async def resolve(self, requested: list[str]) -> dict[str, str]:
@@ -43,11 +43,11 @@ class AgentsView:
             return {}
         if fields:
             results = await self.db.execute([AgentRecord.pick(a, names=fields) for a in uniq])
-            _check_reads(results)
+            check_reads(results)
             recs = {a: AgentRecord.decode(r, fields) for a, r in zip(uniq, results)}
         else:
             results = await self.db.execute([AgentRecord.read(a) for a in uniq])
-            _check_reads(results)
+            check_reads(results)
             recs = {a: AgentRecord.decode(r) for a, r in zip(uniq, results)}
         out = {}
         for a, rec in recs.items():
@@ -78,8 +78,9 @@ class AgentsView:
         return {a: s for a, r in zip(uniq, results) if (s := HostSnapshotRecord.decode(r)) is not None}
 
 
-def _check_reads(results) -> None:
-    """A read dbproxy could not answer (no replica of the key up) is an outage, not an unknown agent."""
+def check_reads(results, what: str = "agent state") -> None:
+    """A read dbproxy could not answer (no replica of the key up) is an outage, not an unknown agent or item:
+    Unavailable (503, the caller asks again) naming `what`."""
     for r in results:
         if not r.ok and r.retryable:
-            raise Unavailable(f"agent state cannot be read now: {r.error}")
+            raise Unavailable(f"{what} cannot be read now: {r.error}")

@@ -30,7 +30,7 @@ from gse.pb import agent_pb2 as apb
 from gse.pb import dbproxy_pb2 as dpb
 
 from . import validate as v
-from .agents_view import AgentsView
+from .agents_view import AgentsView, check_reads
 from .app import Api
 from .command_guard import CommandGuard
 from .taskservers import TaskServers
@@ -46,7 +46,10 @@ MAX_OFFSET = 2 ** 40     # output offsets and limits: far beyond any item's outp
 # What a script result read takes of the task record: not the targets (a broadcast's are hundreds of KB), which
 # are read only when some item asked for is not written yet.
 SCRIPT_META = ("kind", "created", "atomic_ids", "warnings")
-TARGET_CACHE = 32        # tasks whose target sets a result reader keeps (they never change)
+# Target sets a result reader keeps (a task's never change), bounded by their agents in all (~110 bytes each):
+# many big tasks with items not written yet (chained steps, agents' busy script slots) polled in turn must not
+# read their target lists on every poll.
+TARGET_CACHE_AGENTS = 300_000
 
 
 @dataclass
@@ -74,6 +77,7 @@ class TaskEndpoints:
         self.default_limit = default_limit
         self._background: set[asyncio.Task] = set()
         self._targets: OrderedDict[str, frozenset[str]] = OrderedDict()
+        self._targets_size = 0
 
     def register(self, api: Api) -> None:
         """Serve the script endpoints at /api/v2/task/<name> and /api/v2/task/extensions/<name>."""
@@ -325,6 +329,7 @@ class TaskEndpoints:
         real = await self.view.resolve(requested)
         real = {r: real.get(r, r) for r in requested}
         res = await self.db.execute([TaskItem.read(task_id, real[aid], tid) for aid, _c, tid, _o, _l in wanted])
+        check_reads(res, "task results")
         items = [TaskItem.decode(r) for r in res]
         if any(f is None for f in items):
             # Not written yet: dispatched when the agent is a target (its result has not come), else not the task's.
@@ -402,7 +407,7 @@ class TaskEndpoints:
         The terminate goes to the task servers holding those of the agents that are alive (their running items end
         with 126); offline agents are skipped. BadRequest for an unknown task id or a bad agent id."""
         task_id = self.task_id_of(body)
-        await self.task_record(task_id)
+        await self.task_record(task_id, names=("kind",))
         ids = []
         for i, a in enumerate(v.lst(body, "agents", max_len=self.max_hosts)):
             if not isinstance(a, dict):
@@ -439,18 +444,23 @@ class TaskEndpoints:
 
     async def _target_set(self, task_id: str) -> frozenset[str]:
         """The bk_agent_ids a script task was sent to (its record's `targets`; empty for a task stored without
-        them), kept for the last TARGET_CACHE tasks read: a task's targets never change."""
+        them), kept for the tasks read last up to TARGET_CACHE_AGENTS agents in all: a task's targets never
+        change. Unavailable when dbproxy cannot read the record now (nothing is kept then)."""
         got = self._targets.get(task_id)
-        if got is None:
-            names = ("targets",)
-            (r,) = await self.db.execute([TaskRecord.pick(task_id, names=names)])
-            rec = TaskRecord.decode(r, names)
-            got = frozenset(rec.targets or []) if rec is not None else frozenset()
-            self._targets[task_id] = got
-            while len(self._targets) > TARGET_CACHE:
-                self._targets.popitem(last=False)
-        else:
+        if got is not None:
             self._targets.move_to_end(task_id)
+            return got
+        names = ("targets",)
+        (r,) = await self.db.execute([TaskRecord.pick(task_id, names=names)])
+        if not r.ok:
+            raise Unavailable(f"the task's targets cannot be read now: {r.error}")
+        rec = TaskRecord.decode(r, names)
+        got = frozenset(rec.targets or []) if rec is not None else frozenset()
+        if rec is not None:
+            self._targets[task_id] = got
+            self._targets_size += len(got)
+            while self._targets_size > TARGET_CACHE_AGENTS and len(self._targets) > 1:
+                self._targets_size -= len(self._targets.popitem(last=False)[1])
         return got
 
     def task_id_of(self, body: dict) -> str:

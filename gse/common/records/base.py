@@ -100,8 +100,8 @@ class HashWrite(NamedTuple):
         return db.Op(kind=db.K.HSET, key=self.key, fields=self.fields, ttl_ms=self.ttl_ms)
 
     def at(self, key: str) -> "HashWrite":
-        """The same fields and TTL under another key: one encoding for many records written alike (every item of
-        a broadcast gets the same dispatch fields). The fields dict is shared: do not change it afterwards."""
+        """The same fields and TTL under another key: one encoding for many records written alike (the 117 items of
+        a task's offline targets). The fields dict is shared: do not change it afterwards."""
         return HashWrite(key, self.fields, self.ttl_ms)
 
 
