@@ -52,12 +52,11 @@ LAUNCHER = r'''#!/bin/sh
 HOME_DIR=$(cd "$(dirname "$0")/.." && pwd -P)
 STATE="$HOME_DIR/upgrade.state"
 
-state_get() { sed -n "s/^$1=//p" "$STATE" 2>/dev/null | head -n 1; }
-
-# The watchdog runs beside the agent that rewrites the file (renamed over whole): it reads the file once per look
-# and takes every value from that one copy, never a state of one version and a deadline of the next.
+# The agent rewrites the file (renamed over whole) while the watchdog looks: each look reads it once
+# (state_read) and takes every value from that one copy (state_get), never a state of one version and a
+# deadline of the next.
 state_read() { SNAP=$(cat "$STATE" 2>/dev/null); }
-snap_get() { printf '%s\n' "$SNAP" | sed -n "s/^$1=//p" | head -n 1; }
+state_get() { printf '%s\n' "$SNAP" | sed -n "s/^$1=//p" | head -n 1; }
 
 state_set() {   # key=value pairs replacing the file (written whole, then renamed)
     tmp="$HOME_DIR/.upgrade.state.$$"
@@ -74,11 +73,11 @@ roll_back() {
 
 if [ "$1" = "--upgrade-watchdog" ]; then
     pid=$2; shift 2
-    while state_read && [ "$(snap_get state)" = "trial" ]; do
-        now=$(date +%s); deadline=$(snap_get deadline)
+    while state_read && [ "$(state_get state)" = "trial" ]; do
+        now=$(date +%s); deadline=$(state_get deadline)
         if ! kill -0 "$pid" 2>/dev/null || [ "$now" -ge "${deadline:-0}" ]; then
             # a confirmation written since the look above wins: the new version attached in time
-            state_read && [ "$(snap_get state)" = "trial" ] || exit 0
+            state_read && [ "$(state_get state)" = "trial" ] || exit 0
             if kill -0 "$pid" 2>/dev/null; then
                 kill -TERM "$pid" 2>/dev/null
                 i=0; while kill -0 "$pid" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
@@ -95,6 +94,7 @@ if [ "$1" = "--upgrade-watchdog" ]; then
     exit 0
 fi
 
+state_read
 if [ "$(state_get state)" = "trial" ]; then
     starts=$(state_get starts); now=$(date +%s)
     if [ "${starts:-0}" -ge 1 ] || [ "$now" -ge "$(state_get deadline)" ]; then
@@ -196,6 +196,7 @@ def runtime_distributions(root: str = "gse", unused: set[str] = frozenset()) -> 
     seen: dict[str, md.Distribution] = {}
 
     def walk(name: str) -> None:
+        """Add the distribution `name` and, depth first, what it requires at run time (no extras) to `seen`."""
         key = re.sub(r"[-_.]+", "-", name).lower()
         if key in seen:
             return
@@ -227,6 +228,8 @@ def _copy_stdlib(dest: Path) -> str:
     src = base / "lib" / ver
 
     def ignore(d, names):
+        """copytree's filter: at the top of the standard library what STDLIB_SKIP names, config-* and static
+        archives; below it only __pycache__."""
         skip = {n for n in names if n in STDLIB_SKIP or n.startswith("config-") or n.endswith(".a")}
         return skip if Path(d) == src else {n for n in names if n == "__pycache__"}
 

@@ -57,28 +57,3 @@ def test_a_field_type_without_a_codec_is_refused_when_the_record_is_declared():
         class Bad:
             when: list = dataclasses.field(default_factory=list)
 
-
-def test_inline_outputs_only_whole_small_outputs_with_their_final_result():
-    from gse.common.records.task import INLINE_OUTPUT_MAX
-    from gse.pb import agent_pb2 as apb
-
-    def report(*items):
-        r = apb.TaskReport()
-        for tid, atomic, chunks, size, final, truncated in items:
-            for off, data in chunks:
-                r.outputs.add(task_id=tid, atomic_task_id=atomic, offset=off, data=data)
-            r.results.add(task_id=tid, atomic_task_id=atomic, status=2, output_size=size, final=final,
-                          truncated=truncated)
-        return r
-
-    big = b"x" * (INLINE_OUTPUT_MAX + 1)
-    got = TaskItem.inline_outputs(report(
-        ("t", 0, [(0, b"whole\n")], 6, True, False),                  # kept in the item
-        ("t", 1, [(0, b"ab"), (2, b"cd")], 4, True, False),           # two chunks
-        ("t", 2, [(0, b"run")], 3, False, False),                     # not final yet
-        ("t", 3, [(4, b"tail")], 8, True, False),                     # the rest of what came before
-        ("t", 4, [(0, b"cut")], 3, True, True),                       # truncated
-        ("t", 5, [(0, big)], len(big), True, False),                  # too big
-        ("t", 6, [], 0, True, False)))                                # no output at all
-    assert got == {("t", 0): b"whole\n"}
-    assert TaskItem.inline_outputs(apb.TaskReport()) == {}

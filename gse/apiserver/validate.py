@@ -14,7 +14,6 @@ from gse.common.integers import integer, integer_value
 __all__ = ["abs_dir", "agent_ids", "hosts", "integer", "integer_value", "lst", "obj", "string", "task_id"]
 
 
-
 def obj(body: Any, field: str) -> dict:
     """`body[field]` as an object; BadRequest naming the field when it is missing or not an object."""
     value = body.get(field) if isinstance(body, dict) else None

@@ -142,13 +142,16 @@ def _families(describe: bool = False):
 
 class _Collector:
     def collect(self):
+        """prometheus_client's collector call at scrape time: every lazy metric's families with their samples."""
         return _families()
 
     def describe(self):
+        """prometheus_client's registration call: the families without samples (their names and types)."""
         return _families(describe=True)
 
     @property
     def metrics(self) -> list[_Metric]:
+        """The lazy metrics made so far, in the order they were made."""
         return list(_METRICS)
 
 

@@ -19,6 +19,7 @@ from prometheus_client import Counter, Histogram
 from gse.common.errors import ErrorCode
 from gse.common.logs import trace
 from gse.common.records import PROXY_PREFIX, TaskItem, TaskOutput
+from gse.common.records.task import INLINE_OUTPUT_MAX
 from gse.pb import agent_pb2 as apb
 from gse.pb import taskserver_pb2 as pb
 from gse.pb import taskserver_pb2_grpc as pb_grpc
@@ -224,6 +225,22 @@ class AckBatcher:
 
 
 
+def inline_outputs(report: apb.TaskReport) -> dict[tuple[str, int], bytes]:
+    """{(task_id, atomic_task_id): output} for the items of an agent's TaskReport whose final result (not
+    truncated, output_size <= INLINE_OUTPUT_MAX) comes with their whole output as one chunk at offset 0: written
+    into the item (`TaskItem.output`) and never to a TaskOutput key."""
+    sizes = {(r.task_id, r.atomic_task_id): r.output_size for r in report.results
+             if r.final and not r.truncated and 0 < r.output_size <= INLINE_OUTPUT_MAX}
+    if not sizes:
+        return {}
+    chunks: dict[tuple[str, int], apb.TaskOutput | None] = {}
+    for out in report.outputs:
+        k = (out.task_id, out.atomic_task_id)
+        if k in sizes:
+            chunks[k] = None if k in chunks else out        # more than one chunk: stored the usual way
+    return {k: o.data for k, o in chunks.items() if o is not None and o.offset == 0 and len(o.data) == sizes[k]}
+
+
 class ResultRecorder:
     """Writes agents' task reports; acknowledges final results once stored (through `acks`)."""
 
@@ -238,16 +255,13 @@ class ResultRecorder:
         writer; final results are acknowledged once stored."""
         aid = session.agent_id
         ttl = self.ttl_ms
-        inline = TaskItem.inline_outputs(report) if report.results else {}
-        ops = []
-        chunks = []
+        inline = inline_outputs(report)
         for out in report.outputs:
             OUTPUT_BYTES.inc(len(out.data))
-            if (out.task_id, out.atomic_task_id) not in inline:
-                chunks.append(out)
-                ops.append(TaskOutput.write(out.task_id, aid, out.atomic_task_id, out.offset, out.data, ttl))
-        if ops:
-            self.writer.add(ops)
+        chunks = [out for out in report.outputs if (out.task_id, out.atomic_task_id) not in inline]
+        if chunks:
+            self.writer.add([TaskOutput.write(out.task_id, aid, out.atomic_task_id, out.offset, out.data, ttl)
+                             for out in chunks])
             # Readers fetch output only for items that have some (`out_end` merges into the item's hash write).
             for out in chunks:
                 self.writer.put(TaskItem.update(out.task_id, aid, out.atomic_task_id, ttl_ms=ttl,
@@ -263,10 +277,9 @@ class ResultRecorder:
                 fields["end_time"] = r.end_time_ms
             if r.has_exit_code:
                 fields["exit_code"] = r.exit_code
-            if inline:
-                whole = inline.get((r.task_id, r.atomic_task_id))
-                if whole is not None:
-                    fields["output"] = whole
+            whole = inline.get((r.task_id, r.atomic_task_id))
+            if whole is not None:
+                fields["output"] = whole
             self.writer.put(TaskItem.update(r.task_id, aid, r.atomic_task_id, ttl_ms=ttl, **fields))
             if r.final:
                 finals.append(apb.ItemRef(task_id=r.task_id, atomic_task_id=r.atomic_task_id))

@@ -80,22 +80,6 @@ class TaskItem:
         more."""
         return self.status in FINAL_STATUSES
 
-    @staticmethod
-    def inline_outputs(report) -> dict[tuple[str, int], bytes]:
-        """{(task_id, atomic_task_id): output} for the items of an agent's TaskReport whose final result
-        (not truncated, output_size <= INLINE_OUTPUT_MAX) comes with their whole output as one chunk at offset 0:
-        written into the item (`output`) and never to a TaskOutput key."""
-        sizes = {(r.task_id, r.atomic_task_id): r.output_size for r in report.results
-                 if r.final and not r.truncated and 0 < r.output_size <= INLINE_OUTPUT_MAX}
-        if not sizes:
-            return {}
-        chunks: dict[tuple[str, int], object] = {}
-        for out in report.outputs:
-            k = (out.task_id, out.atomic_task_id)
-            if k in sizes:
-                chunks[k] = None if k in chunks else out        # more than one chunk: stored the usual way
-        return {k: o.data for k, o in chunks.items() if o is not None and o.offset == 0 and len(o.data) == sizes[k]}
-
     @property
     def output_known(self) -> int:
         """The output bytes known to exist (stored so far, or the final size)."""
